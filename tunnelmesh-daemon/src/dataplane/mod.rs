@@ -1,0 +1,64 @@
+//! The data plane: one worker thread per core, each owning a TUN queue and a UDP socket.
+//!
+//! Workers move packets between the TUN device and the network: read a batch from the TUN queue,
+//! seal each packet in place, `sendmmsg` the batch; `recvmmsg` a batch, open each in place, check
+//! the inner source against the sender's allowed IPs, write it to the TUN queue. No allocation, no
+//! lock, no channel on that path: keys, endpoints and the index table are read through `ArcSwap`
+//! snapshots. Handshake messages and "need a session" go to the handshake thread.
+
+mod worker;
+
+use std::{
+    io,
+    net::{Ipv6Addr, SocketAddr, UdpSocket},
+    os::fd::OwnedFd,
+    sync::Arc,
+    thread::JoinHandle,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::device::Device;
+
+/// Packets per `recvmmsg`/`sendmmsg` call and per TUN read burst.
+pub const BATCH: usize = 64;
+/// Socket buffer size requested for each worker socket.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Bind `count` dual-stack UDP sockets sharing `port` with SO_REUSEPORT (the kernel spreads
+/// peers over them by flow hash). Port 0 picks one free port for all.
+pub fn bind_sockets(port: u16, count: usize) -> io::Result<Vec<UdpSocket>> {
+    let mut sockets = Vec::with_capacity(count);
+    let mut port = port;
+    for _ in 0..count {
+        let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_only_v6(false)?;
+        socket.set_reuse_port(true)?;
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+        socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        let socket: UdpSocket = socket.into();
+        port = socket.local_addr()?.port();
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+/// Start one worker per (TUN queue, socket) pair.
+pub fn start(
+    dev: Arc<Device>,
+    queues: Vec<OwnedFd>,
+    sockets: Vec<UdpSocket>,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    queues
+        .into_iter()
+        .zip(sockets)
+        .enumerate()
+        .map(|(i, (tun, udp))| {
+            let worker = worker::Worker::new(dev.clone(), tun, udp);
+            std::thread::Builder::new()
+                .name(format!("tm-worker-{i}"))
+                .spawn(move || worker.run())
+        })
+        .collect()
+}

@@ -1,0 +1,244 @@
+//! One data-plane worker: the hot loop.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    os::fd::{AsFd, OwnedFd},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use tracing::error;
+
+use super::BATCH;
+use crate::{
+    device::{ActivityStamps, Counters, Device, Event, IndexEntry, KeySet},
+    routing::inner_addrs,
+    session::{DecryptError, sealed_len},
+    sys::{mmsg::Batch, poll, tun},
+    wire::{self, Kind},
+};
+
+/// How long a worker sleeps in `poll` before rechecking the shutdown flag.
+const POLL_TIMEOUT: Duration = Duration::from_millis(200);
+/// At most one "stale session" hint per worker per this interval.
+const STALE_HINT_INTERVAL: Duration = Duration::from_millis(500);
+
+pub struct Worker {
+    dev: Arc<Device>,
+    tun: OwnedFd,
+    udp: UdpSocket,
+    rx: Batch,
+    tx: Batch,
+    last_stale_hint: Option<Instant>,
+}
+
+impl Worker {
+    pub fn new(dev: Arc<Device>, tun: OwnedFd, udp: UdpSocket) -> Self {
+        let slot = sealed_len(dev.mtu) + 64;
+        Worker {
+            rx: Batch::new(BATCH, slot),
+            tx: Batch::new(BATCH, slot),
+            dev,
+            tun,
+            udp,
+            last_stale_hint: None,
+        }
+    }
+
+    pub fn run(mut self) {
+        while !self.dev.shutdown.load(Ordering::Relaxed) {
+            let ready = match poll::readable([self.tun.as_fd(), self.udp.as_fd()], POLL_TIMEOUT) {
+                Ok(r) => r,
+                Err(e) => {
+                    error!("worker poll failed: {e}");
+                    return;
+                }
+            };
+            if ready[1] {
+                self.receive();
+            }
+            if ready[0] {
+                self.transmit();
+            }
+        }
+    }
+
+    /// TUN → network: read a burst, seal in place, send as one batch.
+    fn transmit(&mut self) {
+        let mtu = self.dev.mtu;
+        loop {
+            let now = Instant::now();
+            let mut n = 0;
+            while n < BATCH {
+                let buf = self.tx.buf_mut(n);
+                let len = match tun::read(
+                    &self.tun,
+                    &mut buf[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + mtu],
+                ) {
+                    Ok(Some(len)) => len,
+                    Ok(None) => break,
+                    Err(e) => {
+                        error!("reading the TUN device failed: {e}");
+                        break;
+                    }
+                };
+                if let Some((sealed, dst)) = seal_outbound(&self.dev, self.tx.buf_mut(n), len, now)
+                {
+                    self.tx.set_send(n, sealed, dst);
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                let _ = self.tx.send(self.udp.as_fd(), n);
+            }
+            if n < BATCH {
+                return;
+            }
+        }
+    }
+
+    /// Network → TUN: receive a batch, open each data message in place, deliver.
+    fn receive(&mut self) {
+        loop {
+            let got = match self.rx.recv(self.udp.as_fd()) {
+                Ok(n) => n,
+                Err(e) => {
+                    error!("receiving from the UDP socket failed: {e}");
+                    return;
+                }
+            };
+            if got == 0 {
+                return;
+            }
+            let now = Instant::now();
+            let sessions = self.dev.sessions.load();
+            for i in 0..got {
+                let (msg, src) = self.rx.packet_mut(i);
+                match wire::classify(msg) {
+                    Err(_) => Counters::bump(&self.dev.counters.rx_malformed),
+                    Ok(Kind::Data) => match sessions.get(&wire::receiver_index(msg)) {
+                        Some(entry) => open_inbound(&self.dev, &self.tun, entry, msg, src, now),
+                        None => {
+                            Counters::bump(&self.dev.counters.rx_unknown_index);
+                            if self
+                                .last_stale_hint
+                                .is_none_or(|t| now.duration_since(t) >= STALE_HINT_INTERVAL)
+                            {
+                                self.last_stale_hint = Some(now);
+                                let _ = self.dev.events.try_send(Event::StaleSession(src));
+                            }
+                        }
+                    },
+                    Ok(_) => {
+                        let event = Event::Handshake {
+                            msg: msg.to_vec(),
+                            src,
+                        };
+                        if self.dev.events.try_send(event).is_err() {
+                            Counters::bump(&self.dev.counters.handshake_queue_full);
+                        }
+                    }
+                }
+            }
+            if got < BATCH {
+                return;
+            }
+        }
+    }
+}
+
+/// Route and seal one packet read from TUN into `buf[16..16 + len]`; the destination to send to.
+#[inline]
+fn seal_outbound(
+    dev: &Device,
+    buf: &mut [u8],
+    len: usize,
+    now: Instant,
+) -> Option<(usize, SocketAddr)> {
+    let packet = &buf[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + len];
+    let Some(p) = inner_addrs(packet).and_then(|(_, dst, _)| dev.routes.lookup(dst)) else {
+        Counters::bump(&dev.counters.tx_no_route);
+        return None;
+    };
+    let peer = &dev.peers[p];
+    let keys = peer.keys.load();
+    let Some(key) = keys.current.as_ref().filter(|k| k.can_send(now)) else {
+        dev.stage(p, packet);
+        dev.request_session(p);
+        return None;
+    };
+    let Some(endpoint) = peer.endpoint.load().as_deref().copied() else {
+        Counters::bump(&dev.counters.tx_dropped);
+        return None;
+    };
+    let sealed = key.seal(buf, len, now).ok()?;
+    let stamp = dev.clock.stamp(now);
+    ActivityStamps::touch(&peer.activity.data_sent, stamp);
+    ActivityStamps::touch(&peer.activity.any_sent, stamp);
+    peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+    Some((sealed, endpoint))
+}
+
+/// Open one data message and deliver its inner packet if its source belongs to the sender.
+#[inline]
+fn open_inbound(
+    dev: &Device,
+    tun_fd: &OwnedFd,
+    entry: &IndexEntry,
+    msg: &mut [u8],
+    src: SocketAddr,
+    now: Instant,
+) {
+    let counters = &dev.counters;
+    let plain_len = match entry.keypair.open(msg, now) {
+        Ok((len, _)) => len,
+        Err(DecryptError::Replay) => return Counters::bump(&counters.rx_replayed),
+        Err(DecryptError::Auth) => return Counters::bump(&counters.rx_auth_failed),
+        Err(DecryptError::Expired) => return Counters::bump(&counters.rx_unknown_index),
+    };
+    let peer = &dev.peers[entry.peer];
+    // First data on a responder key confirms it: promote it to current.
+    let keys = peer.keys.load();
+    if keys
+        .next
+        .as_ref()
+        .is_some_and(|k| Arc::ptr_eq(k, &entry.keypair))
+    {
+        peer.keys.rcu(|ks| {
+            if ks
+                .next
+                .as_ref()
+                .is_some_and(|k| Arc::ptr_eq(k, &entry.keypair))
+            {
+                KeySet {
+                    current: ks.next.clone(),
+                    previous: ks.current.clone(),
+                    next: None,
+                }
+            } else {
+                (**ks).clone()
+            }
+        });
+        let _ = dev.events.try_send(Event::KeyConfirmed(entry.peer));
+    }
+    // Authenticated roaming: the endpoint follows the last authenticated packet.
+    if peer.endpoint.load().as_deref() != Some(&src) {
+        peer.endpoint.store(Some(Arc::new(src)));
+    }
+    let stamp = dev.clock.stamp(now);
+    ActivityStamps::touch(&peer.activity.any_received, stamp);
+    if plain_len == 0 {
+        return; // keepalive
+    }
+    ActivityStamps::touch(&peer.activity.data_received, stamp);
+    let plain = &msg[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + plain_len];
+    let Some((inner_src, _, total)) = inner_addrs(plain) else {
+        return Counters::bump(&counters.rx_bad_inner);
+    };
+    if dev.routes.lookup(inner_src) != Some(entry.peer) {
+        return Counters::bump(&counters.rx_spoofed_source);
+    }
+    if tun::write(tun_fd, &plain[..total]).is_ok() {
+        peer.rx_bytes.fetch_add(total as u64, Ordering::Relaxed);
+    }
+}

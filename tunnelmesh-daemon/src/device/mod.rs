@@ -1,0 +1,232 @@
+//! The shared state of a running mesh interface: peers, their keys and endpoints, the session
+//! index table, counters.
+//!
+//! Two kinds of thread touch it. Data-plane workers read it on every packet without locks
+//! (`ArcSwap` snapshots, atomics) and only write atomics, plus the rare endpoint change on
+//! roaming and the promotion of a confirmed responder key. The handshake thread
+//! ([`handshaker`]) owns everything else: handshake state, timers, cookies, and it is the only
+//! writer of keys and of the index table. Workers reach it through a bounded channel of
+//! [`Event`]s.
+
+pub mod handshaker;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::{
+    identity::PublicIdentity,
+    routing::AllowedIps,
+    session::{Activity, Keypair},
+};
+
+/// Packets queued per peer while its handshake completes.
+pub const MAX_STAGED: usize = 128;
+
+/// Monotonic milliseconds since the device started; 0 means "never".
+#[derive(Clone, Copy)]
+pub struct Clock {
+    epoch: Instant,
+}
+
+impl Clock {
+    pub fn new(epoch: Instant) -> Self {
+        Clock { epoch }
+    }
+    /// Milliseconds since the epoch, plus one so that 0 stays "never".
+    pub fn stamp(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+    pub fn instant(&self, stamp: u64) -> Option<Instant> {
+        (stamp != 0).then(|| self.epoch + Duration::from_millis(stamp - 1))
+    }
+}
+
+/// The keys of one peer: `current` sends; `previous` still receives; `next` is a responder key
+/// awaiting the peer's first data packet (key confirmation).
+#[derive(Default, Clone)]
+pub struct KeySet {
+    pub current: Option<Arc<Keypair>>,
+    pub previous: Option<Arc<Keypair>>,
+    pub next: Option<Arc<Keypair>>,
+}
+
+/// Latest activity times of a peer, written by workers (relaxed atomics, `Clock` stamps).
+#[derive(Default)]
+pub struct ActivityStamps {
+    pub data_sent: AtomicU64,
+    pub data_received: AtomicU64,
+    pub any_sent: AtomicU64,
+    pub any_received: AtomicU64,
+}
+
+impl ActivityStamps {
+    /// Store `stamp` unless a later one is there already (avoids needless cache-line writes).
+    #[inline]
+    pub fn touch(slot: &AtomicU64, stamp: u64) {
+        if slot.load(Ordering::Relaxed) < stamp {
+            slot.store(stamp, Ordering::Relaxed);
+        }
+    }
+
+    pub fn snapshot(&self, clock: &Clock) -> Activity {
+        let get = |a: &AtomicU64| clock.instant(a.load(Ordering::Relaxed));
+        Activity {
+            data_sent: get(&self.data_sent),
+            data_received: get(&self.data_received),
+            any_sent: get(&self.any_sent),
+            any_received: get(&self.any_received),
+        }
+    }
+}
+
+/// One configured peer.
+pub struct Peer {
+    pub name: String,
+    pub identity: PublicIdentity,
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: Option<Duration>,
+    pub endpoint: ArcSwapOption<SocketAddr>,
+    pub keys: ArcSwap<KeySet>,
+    pub activity: ActivityStamps,
+    pub rx_bytes: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Unix time (seconds) of the last completed handshake; 0 if none.
+    pub last_handshake_unix: AtomicU64,
+    /// Packets waiting for a session (slow path only).
+    pub staged: Mutex<VecDeque<Vec<u8>>>,
+    /// Set by a worker that asked the handshake thread for a session; cleared when served.
+    pub session_requested: AtomicBool,
+}
+
+impl Peer {
+    pub fn new(
+        name: String,
+        identity: PublicIdentity,
+        allowed_ips: Vec<IpNet>,
+        endpoint: Option<SocketAddr>,
+        persistent_keepalive: Option<Duration>,
+    ) -> Self {
+        Peer {
+            name,
+            identity,
+            allowed_ips,
+            persistent_keepalive,
+            endpoint: ArcSwapOption::from(endpoint.map(Arc::new)),
+            keys: ArcSwap::from_pointee(KeySet::default()),
+            activity: ActivityStamps::default(),
+            rx_bytes: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            last_handshake_unix: AtomicU64::new(0),
+            staged: Mutex::new(VecDeque::new()),
+            session_requested: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A receive key and the peer it belongs to, found by the index in a message.
+pub struct IndexEntry {
+    pub peer: usize,
+    pub keypair: Arc<Keypair>,
+}
+
+/// What workers tell the handshake thread.
+pub enum Event {
+    /// A handshake message (initiation, response or cookie reply) from `src`.
+    Handshake { msg: Vec<u8>, src: SocketAddr },
+    /// Peer `0` has packets to send but no usable key.
+    NeedSession(usize),
+    /// Peer `0` confirmed its `next` key by sending data on it.
+    KeyConfirmed(usize),
+    /// A data message for an index we do not know came from `0`: the sender has a session we
+    /// lost (we restarted). If it is a peer's endpoint, re-handshake at once.
+    StaleSession(SocketAddr),
+}
+
+/// Drop and error counters of the interface, as shown by `tunnelmesh status`.
+#[derive(Default, Serialize)]
+pub struct Counters {
+    /// Datagrams that are not a valid message (bad type/length).
+    pub rx_malformed: AtomicU64,
+    /// Data messages naming no session we have.
+    pub rx_unknown_index: AtomicU64,
+    /// Data messages that did not authenticate.
+    pub rx_auth_failed: AtomicU64,
+    /// Replayed or too-old data messages.
+    pub rx_replayed: AtomicU64,
+    /// Decrypted packets whose inner source is not an allowed IP of the sender.
+    pub rx_spoofed_source: AtomicU64,
+    /// Decrypted packets that are not IPv4/IPv6.
+    pub rx_bad_inner: AtomicU64,
+    /// Handshake messages with a bad mac1, from an unknown key, or that do not decrypt.
+    pub handshake_rejected: AtomicU64,
+    /// Initiations whose timestamp was not newer than the last (replays).
+    pub handshake_replayed: AtomicU64,
+    /// Cookie replies sent because we were under load.
+    pub cookie_replies_sent: AtomicU64,
+    /// Handshake messages dropped because the handshake queue was full.
+    pub handshake_queue_full: AtomicU64,
+    /// Outbound packets to an address no peer owns.
+    pub tx_no_route: AtomicU64,
+    /// Outbound packets dropped: peer has no endpoint, or its queue overflowed.
+    pub tx_dropped: AtomicU64,
+}
+
+impl Counters {
+    #[inline]
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A running mesh interface.
+pub struct Device {
+    pub interface: String,
+    pub mtu: usize,
+    pub listen_port: u16,
+    pub local: PublicIdentity,
+    pub peers: Vec<Peer>,
+    pub by_key: HashMap<[u8; 32], usize>,
+    pub routes: AllowedIps<usize>,
+    pub sessions: ArcSwap<HashMap<u32, Arc<IndexEntry>>>,
+    pub counters: Counters,
+    pub clock: Clock,
+    pub events: crossbeam_channel::Sender<Event>,
+    pub shutdown: AtomicBool,
+    pub started: Instant,
+}
+
+impl Device {
+    /// Ask the handshake thread for a session with `peer`, once until it is served.
+    pub fn request_session(&self, peer: usize) {
+        if !self.peers[peer]
+            .session_requested
+            .swap(true, Ordering::AcqRel)
+        {
+            let _ = self.events.try_send(Event::NeedSession(peer));
+        }
+    }
+
+    /// Queue a packet for `peer` until its handshake completes (slow path).
+    pub fn stage(&self, peer: usize, packet: &[u8]) {
+        let mut staged = self.peers[peer]
+            .staged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if staged.len() >= MAX_STAGED {
+            staged.pop_front();
+            Counters::bump(&self.counters.tx_dropped);
+        }
+        staged.push_back(packet.to_vec());
+    }
+}

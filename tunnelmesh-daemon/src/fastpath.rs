@@ -1,0 +1,333 @@
+//! The eBPF fast path: loads the embedded kernel programs, attaches them, pins their maps.
+//!
+//! Today: the XDP underlay shield on the underlay interfaces. Its per-reason counters are pinned
+//! at `/sys/fs/bpf/tunnelmesh/<interface>/shield_counters` (BTF-described, so
+//! `bpftool map dump pinned …` prints them). Dropping [`Shield`] detaches the programs and removes
+//! the pins. If eBPF cannot be loaded the daemon keeps running: the same header checks run in
+//! userspace on every datagram.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::PerCpuArray,
+    programs::{Xdp, XdpMode},
+};
+use tunnelmesh_common::shield::{
+    SHIELD_COUNTERS_MAP, SHIELD_PORT_GLOBAL, SHIELD_PROGRAM, ShieldReason,
+};
+
+/// The kernel programs, built by `cargo xtask build-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TUNNELMESH_EBPF_OBJECT"));
+
+/// Where TunnelMesh pins its maps.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/tunnelmesh";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FastpathError {
+    #[error(
+        "loading the eBPF object failed: {0} (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("the XDP shield program failed to load or attach on {interface}: {source}")]
+    Program {
+        interface: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "pinning the shield counters at {path} failed: {reason} (is bpffs mounted at /sys/fs/bpf?)"
+    )]
+    Pin { path: String, reason: String },
+    #[error("reading the shield counters failed: {0}")]
+    Map(#[from] aya::maps::MapError),
+}
+
+/// Load the object with the mesh port set, the shield program loaded but not attached.
+pub fn load_shield(port: u16) -> Result<Ebpf, FastpathError> {
+    let port_be = port.to_be();
+    let mut ebpf = EbpfLoader::new()
+        .override_global(SHIELD_PORT_GLOBAL, &port_be, true)
+        .load(EBPF_OBJECT)?;
+    shield_program(&mut ebpf)
+        .load()
+        .map_err(|source| FastpathError::Program {
+            interface: "(load)".into(),
+            source,
+        })?;
+    Ok(ebpf)
+}
+
+/// The shield program of a loaded object.
+pub fn shield_program(ebpf: &mut Ebpf) -> &mut Xdp {
+    ebpf.program_mut(SHIELD_PROGRAM)
+        .and_then(|p| p.try_into().ok())
+        .expect("the embedded object contains the XDP shield")
+}
+
+/// Sum the per-CPU shield counters of a loaded object.
+pub fn shield_counters(ebpf: &Ebpf) -> Result<Vec<(ShieldReason, u64)>, FastpathError> {
+    let map = ebpf
+        .map(SHIELD_COUNTERS_MAP)
+        .expect("the embedded object has the counter map");
+    let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+    ShieldReason::ALL
+        .iter()
+        .map(|&r| Ok((r, counters.get(&(r as u32), 0)?.iter().sum())))
+        .collect()
+}
+
+/// The XDP shield attached to underlay interfaces.
+pub struct Shield {
+    ebpf: Ebpf,
+    pub interfaces: Vec<String>,
+    pub mode: &'static str,
+    pin_dir: PathBuf,
+}
+
+impl Shield {
+    /// Attach the shield for `port` on `interfaces`, pinning its counters under
+    /// `PIN_ROOT/<mesh_interface>/`.
+    pub fn attach(
+        port: u16,
+        interfaces: &[String],
+        mesh_interface: &str,
+    ) -> Result<Self, FastpathError> {
+        let mut ebpf = load_shield(port)?;
+        let mut mode = "driver";
+        for name in interfaces {
+            let cname = std::ffi::CString::new(name.as_str()).expect("interface names have no NUL");
+            let program = shield_program(&mut ebpf);
+            if program.attach(cname.as_c_str(), XdpMode::Driver).is_err() {
+                mode = "generic";
+                program
+                    .attach(cname.as_c_str(), XdpMode::Skb)
+                    .map_err(|source| FastpathError::Program {
+                        interface: name.clone(),
+                        source,
+                    })?;
+            }
+        }
+        let pin_dir = Path::new(PIN_ROOT).join(mesh_interface);
+        let pin = pin_dir.join("shield_counters");
+        let pin_err = |reason: String| FastpathError::Pin {
+            path: pin.display().to_string(),
+            reason,
+        };
+        std::fs::create_dir_all(&pin_dir).map_err(|e| pin_err(e.to_string()))?;
+        let _ = std::fs::remove_file(&pin);
+        ebpf.map(SHIELD_COUNTERS_MAP)
+            .expect("the embedded object has the counter map")
+            .pin(&pin)
+            .map_err(|e| pin_err(e.to_string()))?;
+        Ok(Shield {
+            ebpf,
+            interfaces: interfaces.to_vec(),
+            mode,
+            pin_dir,
+        })
+    }
+
+    /// Per-reason counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(ShieldReason, u64)>, FastpathError> {
+        shield_counters(&self.ebpf)
+    }
+}
+
+impl Drop for Shield {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.pin_dir.join("shield_counters"));
+        let _ = std::fs::remove_dir(&self.pin_dir);
+        let _ = std::fs::remove_dir(PIN_ROOT);
+        // The programs detach when `ebpf` (and with it the XDP links) drops.
+    }
+}
+
+/// Non-loopback interfaces that are up, except `mesh_interface` (the default shield targets).
+pub fn underlay_interfaces(mesh_interface: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n != "lo" && n != mesh_interface)
+        .filter(|n| {
+            std::fs::read_to_string(format!("/sys/class/net/{n}/operstate"))
+                .is_ok_and(|s| s.trim() != "down")
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    //! The shield run on crafted frames through BPF_PROG_TEST_RUN. Needs root (CAP_BPF); under
+    //! CI these tests fail rather than skip when the kernel refuses.
+    use super::*;
+    use aya::programs::{TestRun, TestRunOptions};
+    use tunnelmesh_common::wire;
+
+    const PORT: u16 = 51820;
+    /// `enum xdp_action` values.
+    const XDP_DROP: u32 = 1;
+    const XDP_PASS: u32 = 2;
+
+    fn frame_v4(dst_port: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 14];
+        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let total = 20 + 8 + payload.len();
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&[198, 18, 0, 1]);
+        ip[16..20].copy_from_slice(&[198, 18, 0, 2]);
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&40000u16.to_be_bytes());
+        f.extend_from_slice(&dst_port.to_be_bytes());
+        f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn frame_v6(dst_port: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 14];
+        f[12..14].copy_from_slice(&0x86DDu16.to_be_bytes());
+        let mut ip = [0u8; 40];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        ip[6] = 17;
+        ip[7] = 64;
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&40000u16.to_be_bytes());
+        f.extend_from_slice(&dst_port.to_be_bytes());
+        f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn message(msg_type: u8, len: usize) -> Vec<u8> {
+        let mut m = vec![0u8; len];
+        if len > 0 {
+            m[0] = msg_type;
+        }
+        m
+    }
+
+    fn run(ebpf: &mut Ebpf, frame: &[u8]) -> u32 {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        shield_program(ebpf)
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN must work (run as root)")
+            .return_value
+    }
+
+    #[test]
+    fn shield_passes_valid_messages_and_drops_impossible_ones_by_reason() {
+        let mut ebpf =
+            load_shield(PORT).expect("the shield must load (run as root on a BPF-capable kernel)");
+        let (pass, drop) = (XDP_PASS, XDP_DROP);
+        let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+            (
+                "initiation v4",
+                frame_v4(PORT, &message(wire::MSG_INITIATION, wire::INITIATION_LEN)),
+                pass,
+            ),
+            (
+                "response v6",
+                frame_v6(PORT, &message(wire::MSG_RESPONSE, wire::RESPONSE_LEN)),
+                pass,
+            ),
+            (
+                "cookie reply",
+                frame_v4(
+                    PORT,
+                    &message(wire::MSG_COOKIE_REPLY, wire::COOKIE_REPLY_LEN),
+                ),
+                pass,
+            ),
+            (
+                "keepalive",
+                frame_v4(PORT, &message(wire::MSG_DATA, 32)),
+                pass,
+            ),
+            (
+                "data 1420",
+                frame_v6(PORT, &message(wire::MSG_DATA, 32 + 1424)),
+                pass,
+            ),
+            ("other port junk", frame_v4(53, b"xyz"), pass),
+            ("empty", frame_v4(PORT, &[]), drop),
+            ("three bytes", frame_v4(PORT, &[4, 0, 0]), drop),
+            ("type 9", frame_v4(PORT, &message(9, 64)), drop),
+            (
+                "reserved set",
+                frame_v6(PORT, &{
+                    let mut m = message(wire::MSG_DATA, 48);
+                    m[2] = 1;
+                    m
+                }),
+                drop,
+            ),
+            (
+                "short initiation",
+                frame_v4(PORT, &message(wire::MSG_INITIATION, 147)),
+                drop,
+            ),
+            (
+                "data below keepalive size",
+                frame_v4(PORT, &message(wire::MSG_DATA, 31)),
+                drop,
+            ),
+            (
+                "unpadded data (boringtun does not pad)",
+                frame_v4(PORT, &message(wire::MSG_DATA, 41)),
+                pass,
+            ),
+            (
+                "truncated udp",
+                {
+                    let mut f = frame_v4(PORT, &message(wire::MSG_DATA, 32));
+                    f.truncate(14 + 20 + 8 + 10);
+                    f
+                },
+                drop,
+            ),
+        ];
+        for (name, frame, expected) in &cases {
+            assert_eq!(run(&mut ebpf, frame), *expected, "{name}");
+        }
+        let counters: std::collections::HashMap<_, _> =
+            shield_counters(&ebpf).unwrap().into_iter().collect();
+        assert_eq!(counters[&ShieldReason::Passed], 6);
+        assert_eq!(counters[&ShieldReason::TooShort], 2);
+        assert_eq!(counters[&ShieldReason::BadType], 2);
+        assert_eq!(counters[&ShieldReason::BadLength], 2);
+        assert_eq!(counters[&ShieldReason::Malformed], 1);
+    }
+
+    #[test]
+    fn the_shield_and_userspace_agree_on_every_message_size() {
+        let mut ebpf =
+            load_shield(PORT).expect("the shield must load (run as root on a BPF-capable kernel)");
+        for msg_type in 0..=5u8 {
+            for len in (0..200).chain([1436, 1452, 1456]) {
+                let msg = message(msg_type, len);
+                let kernel_passes = run(&mut ebpf, &frame_v4(PORT, &msg)) == XDP_PASS;
+                assert_eq!(
+                    kernel_passes,
+                    crate::wire::classify(&msg).is_ok(),
+                    "type {msg_type} len {len}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Configuring the mesh interface in the kernel: MTU, link state, addresses, routes.
+//!
+//! Uses iproute2's `ip` so every change is the same one an operator would type, and a failure
+//! shows `ip`'s own message. Routes are added for every peer's allowed IPs, so the kernel sends
+//! traffic for them to the mesh interface.
+
+use std::process::Command;
+
+use ipnet::IpNet;
+
+#[derive(Debug, thiserror::Error)]
+#[error("`ip {args}` failed: {message}")]
+pub struct NetconfError {
+    args: String,
+    message: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), NetconfError> {
+    let fail = |message: String| NetconfError {
+        args: args.join(" "),
+        message,
+    };
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| fail(format!("{e}; install iproute2")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+/// Bring `name` up with `mtu`, `addresses`, and routes for `routes`.
+pub fn configure(
+    name: &str,
+    mtu: usize,
+    addresses: &[IpNet],
+    routes: &[IpNet],
+) -> Result<(), NetconfError> {
+    ip(&["link", "set", "dev", name, "mtu", &mtu.to_string()])?;
+    for addr in addresses {
+        let a = addr.to_string();
+        match addr {
+            IpNet::V4(_) => ip(&["-4", "addr", "replace", &a, "dev", name])?,
+            IpNet::V6(_) => ip(&["-6", "addr", "replace", &a, "dev", name, "nodad"])?,
+        }
+    }
+    ip(&["link", "set", "dev", name, "up"])?;
+    for route in routes {
+        let r = route.trunc().to_string();
+        let family = if route.addr().is_ipv4() { "-4" } else { "-6" };
+        ip(&[family, "route", "replace", &r, "dev", name])?;
+    }
+    Ok(())
+}

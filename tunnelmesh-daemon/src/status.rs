@@ -1,0 +1,164 @@
+//! The local status socket: `tunnelmesh status` asks the running daemon over a unix socket.
+//!
+//! The daemon listens on `/run/tunnelmesh/<interface>.sock` (root only) and answers each
+//! connection with one JSON document describing the interface, its peers and its counters.
+
+use std::{
+    io::{Read, Write},
+    os::unix::{
+        fs::PermissionsExt,
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::{Counters, Device};
+
+/// Directory of the status sockets.
+pub const RUN_DIR: &str = "/run/tunnelmesh";
+
+pub fn socket_path(interface: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{interface}.sock"))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub fingerprint: String,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// Seconds since the last completed handshake, if any.
+    pub last_handshake_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FastpathStatus {
+    pub enforcement: String,
+    pub xdp_interfaces: Vec<String>,
+    pub xdp_mode: Option<String>,
+    pub shield: std::collections::BTreeMap<String, u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub interface: String,
+    pub fingerprint: String,
+    pub public_key: String,
+    pub listen_port: u16,
+    pub mtu: usize,
+    pub uptime_secs: u64,
+    pub counters: std::collections::BTreeMap<String, u64>,
+    pub fastpath: FastpathStatus,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// Build the status document.
+pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
+    let unix_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let counters = dev.counters.by_name();
+    Status {
+        interface: dev.interface.clone(),
+        fingerprint: dev.local.fingerprint(),
+        public_key: dev.local.noise_public_base64(),
+        listen_port: dev.listen_port,
+        mtu: dev.mtu,
+        uptime_secs: dev.started.elapsed().as_secs(),
+        counters,
+        fastpath: fastpath(),
+        peers: dev
+            .peers
+            .iter()
+            .map(|p| {
+                let hs = p.last_handshake_unix.load(Ordering::Relaxed);
+                PeerStatus {
+                    name: p.name.clone(),
+                    fingerprint: p.identity.fingerprint(),
+                    public_key: p.identity.noise_public_base64(),
+                    endpoint: p.endpoint.load().as_deref().map(|e| e.to_string()),
+                    allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                    last_handshake_secs: (hs != 0).then(|| unix_now.saturating_sub(hs)),
+                    rx_bytes: p.rx_bytes.load(Ordering::Relaxed),
+                    tx_bytes: p.tx_bytes.load(Ordering::Relaxed),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Serve status requests until the device shuts down.
+pub fn serve(
+    dev: Arc<Device>,
+    listener: UnixListener,
+    fastpath: Box<dyn Fn() -> FastpathStatus + Send>,
+) {
+    let _ = listener.set_nonblocking(true);
+    while !dev.shutdown.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let doc = serde_json::to_vec(&snapshot(&dev, &*fastpath)).unwrap_or_default();
+                let _ = stream.write_all(&doc);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Bind the status socket for `interface` (root-only permissions).
+pub fn bind(interface: &str) -> std::io::Result<UnixListener> {
+    std::fs::create_dir_all(RUN_DIR)?;
+    let path = socket_path(interface);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Ask the daemon of `interface` for its status.
+pub fn query(interface: &str) -> Result<Status, String> {
+    let path = socket_path(interface);
+    let mut stream = UnixStream::connect(&path).map_err(|e| {
+        format!("cannot reach the daemon of {interface} at {}: {e}; is `tunnelmesh up` running (and are you root)?", path.display())
+    })?;
+    let mut doc = Vec::new();
+    stream.read_to_end(&mut doc).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&doc).map_err(|e| format!("the daemon sent an unreadable status: {e}"))
+}
+
+/// Interfaces that have a status socket.
+pub fn running_interfaces() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(RUN_DIR)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .into_string()
+                .ok()?
+                .strip_suffix(".sock")
+                .map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+impl Counters {
+    /// Counter snapshot by name (for tests and tooling).
+    pub fn by_name(&self) -> std::collections::BTreeMap<String, u64> {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default()
+    }
+}

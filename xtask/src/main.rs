@@ -1,0 +1,355 @@
+//! `cargo xtask`: developer and CI tasks for TunnelMesh.
+//!
+//! `setup` installs, idempotently, everything the other tasks need: the pinned stable and nightly
+//! toolchains (automatic toolchain install is off on our machines, so `rustup toolchain install`
+//! is called explicitly), `bpf-linker` built against the pinned nightly's own LLVM, and the Debian
+//! packages the tests use. Every other task calls it first. This crate has no dependencies so it
+//! builds with any stable toolchain.
+
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+/// Stable toolchain for the workspace (aya 0.16 needs rustc >= 1.98).
+const STABLE: &str = "1.98.0";
+/// Nightly toolchain for the kernel programs (`-Z build-std`, rust-src).
+const NIGHTLY: &str = "nightly-2026-10-15";
+/// bpf-linker release.
+const BPF_LINKER: &str = "0.13.0";
+/// Debian packages the tests, demo and bench use.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "iperf3",
+    "bpftool",
+    "openssh-client",
+    "util-linux",
+    "procps",
+];
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("build-ebpf") => setup().and_then(|_| build_ebpf()),
+        Some("test") => setup()
+            .and_then(|_| build_ebpf())
+            .and_then(|_| test(&args[1..])),
+        Some("demo") => setup()
+            .and_then(|_| build_ebpf())
+            .and_then(|_| lab_binary("tunnelmesh-demo", &args[1..])),
+        Some("bench") => setup()
+            .and_then(|_| build_ebpf())
+            .and_then(|_| lab_binary("tunnelmesh-bench", &args[1..])),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <task>\n\n  setup        install pinned toolchains, bpf-linker and test packages (idempotent)\n  build-ebpf   build the kernel programs into target/bpf/tunnelmesh.bpf.o\n  test         run every test (fmt, clippy, unit, interop, BPF and network-namespace tests)\n  demo         two peers in network namespaces: ping and a TCP transfer through the tunnel\n  bench        throughput, latency and CPU of the tunnel against raw veth (table + JSON)"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed with {status}"))
+    }
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo(toolchain: &str) -> Command {
+    let mut c = Command::new("cargo");
+    c.arg(format!("+{toolchain}")).current_dir(root());
+    // Never let rustup try to fetch a toolchain on its own.
+    c.env("RUSTUP_AUTO_INSTALL", "0");
+    c
+}
+
+fn rustup_home() -> PathBuf {
+    env::var_os("RUSTUP_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".rustup"))
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cargo"))
+}
+
+fn home() -> PathBuf {
+    env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+// ---------------------------------------------------------------------------------------- setup
+
+fn setup() -> Result {
+    ensure_toolchain(STABLE, &["clippy", "rustfmt"])?;
+    ensure_toolchain(NIGHTLY, &["rust-src"])?;
+    ensure_bpf_linker()?;
+    ensure_apt_packages()
+}
+
+fn ensure_toolchain(name: &str, components: &[&str]) -> Result {
+    let installed = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    let have_toolchain = installed.lines().any(|l| l.starts_with(name));
+    let have_components = have_toolchain && {
+        let list = output(Command::new("rustup").args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            name,
+        ]))?;
+        components
+            .iter()
+            .all(|c| list.lines().any(|l| l.starts_with(c)))
+    };
+    if have_components {
+        return Ok(());
+    }
+    let mut cmd = Command::new("rustup");
+    cmd.args([
+        "toolchain",
+        "install",
+        name,
+        "--profile",
+        "minimal",
+        "--no-self-update",
+    ]);
+    for c in components {
+        cmd.args(["--component", c]);
+    }
+    run(&mut cmd)
+}
+
+/// The nightly's own libLLVM (`lib/libLLVM.so.<ver>-rust-…`) and its major version.
+fn nightly_llvm() -> Result<(PathBuf, String)> {
+    let lib = rustup_home()
+        .join("toolchains")
+        .join(format!("{NIGHTLY}-x86_64-unknown-linux-gnu"))
+        .join("lib");
+    let lib = if lib.exists() {
+        lib
+    } else {
+        // Other hosts (aarch64): find the toolchain folder by prefix.
+        fs::read_dir(rustup_home().join("toolchains"))
+            .map_err(|e| format!("cannot list rustup toolchains: {e}"))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(NIGHTLY))
+            })
+            .ok_or(format!("toolchain {NIGHTLY} is not installed"))?
+            .join("lib")
+    };
+    let so = fs::read_dir(&lib)
+        .map_err(|e| format!("cannot list {}: {e}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .ok_or(format!(
+            "{} has no libLLVM.so.*; is {NIGHTLY} complete?",
+            lib.display()
+        ))?;
+    let name = so.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let major = name
+        .trim_start_matches("libLLVM.so.")
+        .split(['.', '-'])
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    if major.is_empty() {
+        return Err(format!("cannot read the LLVM version from {name}"));
+    }
+    Ok((so, major))
+}
+
+/// Where bpf-linker is installed: keyed by the nightly and its LLVM, so a change rebuilds it.
+fn bpf_linker_root() -> Result<PathBuf> {
+    let (_, major) = nightly_llvm()?;
+    Ok(cargo_home()
+        .join("tunnelmesh")
+        .join(format!("bpf-linker-{BPF_LINKER}-{NIGHTLY}-llvm{major}")))
+}
+
+fn ensure_bpf_linker() -> Result {
+    let (so, major) = nightly_llvm()?;
+    let root = bpf_linker_root()?;
+    if root.join("bin/bpf-linker").exists() {
+        return Ok(());
+    }
+    // bpf-linker links against libLLVM; point it at the toolchain's copy through a prefix folder.
+    let prefix = root.join("llvm-prefix");
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib).map_err(|e| format!("cannot create {}: {e}", lib.display()))?;
+    for link in [
+        lib.join("libLLVM.so"),
+        lib.join(so.file_name().expect("file")),
+    ] {
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&so, &link)
+            .map_err(|e| format!("cannot link {}: {e}", link.display()))?;
+    }
+    run(cargo(STABLE)
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER,
+            "--locked",
+            "--no-default-features",
+        ])
+        .args(["--features", &format!("llvm-{major}")])
+        .arg("--root")
+        .arg(&root)
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn ensure_apt_packages() -> Result {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    run(&mut apt(&["update", "-q"]))?;
+    run(apt(&["install", "-y", "-q", "--no-install-recommends"]).args(&missing))
+}
+
+// ---------------------------------------------------------------------------------- build-ebpf
+
+fn build_ebpf() -> Result {
+    let linker_bin = bpf_linker_root()?.join("bin");
+    let path = env::join_paths(
+        std::iter::once(linker_bin)
+            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+    )
+    .map_err(|e| e.to_string())?;
+    let ebpf_dir = root().join("tunnelmesh-ebpf");
+    run(cargo(NIGHTLY)
+        .current_dir(&ebpf_dir)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .env("PATH", path)
+        // BTF so that bpftool prints the maps with their types.
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            ["-C", "debuginfo=2", "-C", "link-arg=--btf"].join("\x1f"),
+        ))?;
+    let built = ebpf_dir.join("target/bpfel-unknown-none/release/tunnelmesh-ebpf");
+    let dest_dir = root().join("target/bpf");
+    fs::create_dir_all(&dest_dir)
+        .map_err(|e| format!("cannot create {}: {e}", dest_dir.display()))?;
+    let dest = dest_dir.join("tunnelmesh.bpf.o");
+    // Copy only on change, so the daemon is not rebuilt needlessly.
+    let new = fs::read(&built).map_err(|e| format!("cannot read {}: {e}", built.display()))?;
+    if fs::read(&dest).ok().as_deref() != Some(&new[..]) {
+        fs::write(&dest, &new).map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+    }
+    eprintln!("xtask: kernel programs at {}", dest.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------- test
+
+fn test(extra: &[String]) -> Result {
+    run(cargo(STABLE).args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo(STABLE).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo(STABLE).args(["build", "--release", "-p", "tunnelmesh-daemon"]))?;
+    let bin = root().join("target/release/tunnelmesh");
+    run(cargo(STABLE)
+        .args(["test", "--workspace", "--release"])
+        .args(extra)
+        .args(["--", "--test-threads=1"])
+        .env("TUNNELMESH_BIN", &bin))
+}
+
+/// Run one of the lab binaries (demo, bench) from the tests crate, release build.
+fn lab_binary(name: &str, args: &[String]) -> Result {
+    run(cargo(STABLE).args(["build", "--release", "-p", "tunnelmesh-daemon"]))?;
+    let mut cmd = cargo(STABLE);
+    cmd.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "tunnelmesh-tests",
+        "--bin",
+        name,
+        "--",
+    ])
+    .args(args)
+    .env("TUNNELMESH_BIN", root().join("target/release/tunnelmesh"));
+    run(&mut cmd)
+}
