@@ -1,1 +1,483 @@
+//! The test lab: real `tunnelmesh` binaries in network namespaces joined by veth pairs.
+//!
+//! A [`Lab`] owns everything it creates — namespaces (with their veths), daemons, temporary keys
+//! and configs, and any BPF pins or status sockets a killed daemon left — and removes all of it
+//! on drop, also when a test panics. Namespace and interface names carry a per-lab prefix so labs
+//! never collide. Underlays use the 198.18.0.0/15 benchmark range; all traffic stays inside the
+//! lab's namespaces. A lab that cannot be built panics: tests never skip.
 
+use std::{
+    fs::{self, File},
+    io::{Read, Write},
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// Mesh UDP port used by nodes unless a test picks another.
+pub const PORT: u16 = 51820;
+
+/// The `tunnelmesh` binary under test.
+pub fn bin() -> PathBuf {
+    std::env::var_os("TUNNELMESH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/tunnelmesh"))
+}
+
+fn check(what: &str, out: std::io::Result<Output>) -> Output {
+    let out = out.unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run a host command that must succeed.
+pub fn host(args: &[&str]) -> Output {
+    check(&args.join(" "), Command::new(args[0]).args(&args[1..]).output())
+}
+
+/// One `tunnelmesh` node: its namespace, key, addresses and (when running) its process.
+pub struct Node {
+    pub name: String,
+    pub ns: String,
+    pub iface: String,
+    pub key: PathBuf,
+    pub public_line: String,
+    pub mesh4: Ipv4Addr,
+    pub mesh6: Ipv6Addr,
+    pub underlay: Ipv4Addr,
+    pub port: u16,
+    pub config: PathBuf,
+    log: PathBuf,
+    process: Option<Child>,
+}
+
+impl Node {
+    /// Socket address other nodes reach this one at.
+    pub fn endpoint(&self) -> String {
+        format!("{}:{}", self.underlay, self.port)
+    }
+}
+
+/// What a node's config says beyond its peers.
+#[derive(Clone)]
+pub struct NodeOptions {
+    pub mesh_key: [u8; 32],
+    pub no_ebpf: bool,
+    pub workers: usize,
+    pub extra: String,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            mesh_key: [7; 32],
+            no_ebpf: false,
+            workers: 0,
+            extra: String::new(),
+        }
+    }
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    namespaces: Vec<String>,
+    links: usize,
+    pub nodes: Vec<Node>,
+}
+
+impl Lab {
+    /// An empty lab. Requires root.
+    pub fn new() -> Lab {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the network-namespace lab needs root (run `cargo xtask test` as root)"
+        );
+        let n = LABS.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("t{:04x}{}", std::process::id() & 0xffff, n);
+        Lab {
+            prefix,
+            dir: tempfile::tempdir().expect("temp dir"),
+            namespaces: Vec::new(),
+            links: 0,
+            nodes: Vec::new(),
+        }
+    }
+
+    /// Create namespace `short` (returns its full name), with loopback up.
+    pub fn netns(&mut self, short: &str) -> String {
+        let name = format!("{}-{short}", self.prefix);
+        host(&["ip", "netns", "add", &name]);
+        self.namespaces.push(name.clone());
+        self.sh(&name, "ip link set lo up");
+        name
+    }
+
+    /// A veth pair between two namespaces with the given IPv4 /24 addresses.
+    pub fn link(&mut self, ns_a: &str, addr_a: Ipv4Addr, ns_b: &str, addr_b: Ipv4Addr) -> (String, String) {
+        self.links += 1;
+        let n = self.links;
+        let (ia, ib) = (format!("{}a{n}", self.prefix), format!("{}b{n}", self.prefix));
+        host(&[
+            "ip", "link", "add", &ia, "netns", ns_a, "type", "veth", "peer", "name", &ib, "netns", ns_b,
+        ]);
+        self.sh(
+            ns_a,
+            &format!("ip addr add {addr_a}/24 dev {ia} && ip link set {ia} up"),
+        );
+        self.sh(
+            ns_b,
+            &format!("ip addr add {addr_b}/24 dev {ib} && ip link set {ib} up"),
+        );
+        (ia, ib)
+    }
+
+    /// Run `sh -c script` in namespace `ns`; it must succeed.
+    pub fn sh(&self, ns: &str, script: &str) -> Output {
+        check(&format!("[{ns}] {script}"), self.sh_cmd(ns, script).output())
+    }
+
+    /// `sh -c script` in namespace `ns`, not yet run.
+    pub fn sh_cmd(&self, ns: &str, script: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{ns}")).args(["--", "sh", "-c", script]);
+        c
+    }
+
+    /// Whether `count` pings from `ns` to `dst` all succeed within `wait` seconds each.
+    pub fn ping(&self, ns: &str, dst: &str, count: u32) -> bool {
+        self.sh_cmd(ns, &format!("ping -n -q -c {count} -i 0.2 -W 2 {dst}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Ping until one reply arrives or `timeout` passes; returns the time it took.
+    pub fn ping_until_reply(&self, ns: &str, dst: &str, timeout: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            let ok = self
+                .sh_cmd(ns, &format!("ping -n -q -c 1 -W 1 {dst}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return Some(start.elapsed());
+            }
+        }
+        None
+    }
+
+    /// Add a node in namespace `ns`: a fresh ed25519 key from `ssh-keygen`, mesh address
+    /// 10.99.0.`index` / fd99::`index`.
+    pub fn node(&mut self, name: &str, ns: &str, underlay: Ipv4Addr, index: u8, port: u16) -> usize {
+        let key = self.dir.path().join(format!("{name}_ed25519"));
+        host(&[
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            &format!("{name}@lab"),
+            "-f",
+            key.to_str().unwrap(),
+        ]);
+        let public_line = fs::read_to_string(key.with_extension("pub")).unwrap_or_else(|_| {
+            fs::read_to_string(format!("{}.pub", key.display())).expect("ssh-keygen wrote the public key")
+        });
+        let node = Node {
+            iface: format!("{}{name}", self.prefix),
+            ns: ns.to_string(),
+            name: name.to_string(),
+            public_line: public_line.trim().to_string(),
+            mesh4: Ipv4Addr::new(10, 99, 0, index),
+            mesh6: format!("fd99::{index}").parse().unwrap(),
+            underlay,
+            port,
+            config: self.dir.path().join(format!("{name}.toml")),
+            log: self.dir.path().join(format!("{name}.log")),
+            key,
+            process: None,
+        };
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Write node `i`'s config listing `peers` (indices) as its peers.
+    pub fn configure(&self, i: usize, peers: &[usize], opts: &NodeOptions) {
+        let with_endpoints: Vec<(usize, String)> = peers.iter().map(|&p| (p, self.nodes[p].endpoint())).collect();
+        self.configure_with_endpoints(i, &with_endpoints, opts);
+    }
+
+    /// Write node `i`'s config listing `peers` with the endpoint to reach each at.
+    pub fn configure_with_endpoints(&self, i: usize, peers: &[(usize, String)], opts: &NodeOptions) {
+        let n = &self.nodes[i];
+        let mut text = format!(
+            "[interface]\nname = \"{}\"\nmesh_key = \"{}\"\naddresses = [\"{}/24\", \"{}/64\"]\nlisten_port = {}\nno_ebpf = {}\nworkers = {}\n{}\n",
+            n.iface,
+            BASE64.encode(opts.mesh_key),
+            n.mesh4,
+            n.mesh6,
+            n.port,
+            opts.no_ebpf,
+            opts.workers,
+            opts.extra
+        );
+        for (p, endpoint) in peers {
+            let peer = &self.nodes[*p];
+            text += &format!(
+                "\n[[peer]]\npublic_key = \"{}\"\nendpoint = \"{}\"\nallowed_ips = [\"{}/32\", \"{}/128\"]\n",
+                peer.public_line, endpoint, peer.mesh4, peer.mesh6
+            );
+        }
+        fs::write(&n.config, text).expect("write config");
+    }
+
+    /// Start node `i` and wait until its status socket answers.
+    pub fn start(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .expect("log file");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", n.ns))
+            .arg("--")
+            .arg(bin())
+            .args(["up", "--config"])
+            .arg(&n.config)
+            .arg("--identity")
+            .arg(&n.key)
+            .env("RUST_LOG", "info,tunnelmesh=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin().display()));
+        self.nodes[i].process = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.try_status(i).is_some() {
+                return;
+            }
+            if let Some(status) = self.nodes[i].process.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("node {} exited with {status}:\n{}", self.nodes[i].name, self.log(i));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!("node {} did not come up:\n{}", self.nodes[i].name, self.log(i));
+    }
+
+    /// Stop node `i` with SIGTERM (clean shutdown) and wait for it.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].process.take() {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("node {} did not stop within 5 s of SIGTERM", self.nodes[i].name);
+        }
+    }
+
+    /// Kill node `i` with SIGKILL (no cleanup by the daemon).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].process.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self, i: usize) -> String {
+        fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    fn try_status(&self, i: usize) -> Option<Value> {
+        let out = Command::new(bin())
+            .args(["status", "--json", "--interface", &self.nodes[i].iface])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    /// `tunnelmesh status --json` of node `i`.
+    pub fn status(&self, i: usize) -> Value {
+        self.try_status(i)
+            .unwrap_or_else(|| panic!("status of {} unavailable:\n{}", self.nodes[i].name, self.log(i)))
+    }
+
+    /// A counter of node `i`.
+    pub fn counter(&self, i: usize, name: &str) -> u64 {
+        self.status(i)["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    /// Status entry of `peer` as seen by node `i`.
+    pub fn peer_status(&self, i: usize, peer: usize) -> Value {
+        let fingerprint = self.fingerprint(peer);
+        self.status(i)["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["fingerprint"] == fingerprint.as_str()).cloned())
+            .unwrap_or_else(|| panic!("{} has no peer {}", self.nodes[i].name, self.nodes[peer].name))
+    }
+
+    /// `SHA256:…` of node `i`, from `ssh-keygen -lf`.
+    pub fn fingerprint(&self, i: usize) -> String {
+        let out = host(&["ssh-keygen", "-lf", self.nodes[i].key.to_str().unwrap()]);
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Run `f` on a thread inside namespace `ns` (sockets it creates live in that namespace).
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        ns: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let file = File::open(format!("/run/netns/{ns}")).expect("namespace exists");
+        thread::spawn(move || {
+            // SAFETY: `file` is an open namespace descriptor; setns only changes this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// Send `bytes` of pseudo-random data over TCP from node `from` to node `to` through the
+    /// tunnel; returns (sent hash, received hash, seconds).
+    pub fn tcp_transfer(&self, from: usize, to: usize, bytes: usize) -> ([u8; 32], [u8; 32], f64) {
+        let dst = self.nodes[to].mesh4;
+        let listener = self
+            .in_netns(&self.nodes[to].ns, move || {
+                std::net::TcpListener::bind((dst, 5001)).expect("bind in namespace")
+            })
+            .join()
+            .unwrap();
+        let receiver = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut hash = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match stream.read(&mut buf).expect("read") {
+                    0 => break,
+                    n => hash.update(&buf[..n]),
+                }
+            }
+            <[u8; 32]>::from(hash.finalize())
+        });
+        let stream = self
+            .in_netns(&self.nodes[from].ns, move || {
+                std::net::TcpStream::connect_timeout(&(dst, 5001).into(), Duration::from_secs(10))
+            })
+            .join()
+            .unwrap()
+            .expect("connect through the tunnel");
+        let start = Instant::now();
+        let mut stream = stream;
+        let mut hash = Sha256::new();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut chunk = vec![0u8; 1 << 16];
+        let mut left = bytes;
+        while left > 0 {
+            for word in chunk.chunks_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
+            }
+            let n = left.min(chunk.len());
+            stream.write_all(&chunk[..n]).expect("write through the tunnel");
+            hash.update(&chunk[..n]);
+            left -= n;
+        }
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let received = receiver.join().expect("receiver");
+        (hash.finalize().into(), received, start.elapsed().as_secs_f64())
+    }
+
+    /// Two namespaces `a` and `b` on one veth (198.18.`net`.1 / .2), a node in each, configured
+    /// as each other's peer and started.
+    pub fn pair(net: u8, opts_a: &NodeOptions, opts_b: &NodeOptions) -> (Lab, usize, usize) {
+        let mut lab = Lab::new();
+        let (na, nb) = (lab.netns("a"), lab.netns("b"));
+        let (ua, ub) = (Ipv4Addr::new(198, 18, net, 1), Ipv4Addr::new(198, 18, net, 2));
+        lab.link(&na, ua, &nb, ub);
+        let a = lab.node("a", &na, ua, 1, PORT);
+        let b = lab.node("b", &nb, ub, 2, PORT);
+        lab.configure(a, &[b], opts_a);
+        lab.configure(b, &[a], opts_b);
+        lab.start(a);
+        lab.start(b);
+        (lab, a, b)
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Lab::new()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            if let Some(mut child) = self.nodes[i].process.take() {
+                // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if thread::panicking() {
+                eprintln!("---- log of node {} ----\n{}", self.nodes[i].name, self.log(i));
+            }
+            let iface = &self.nodes[i].iface;
+            let _ = fs::remove_file(format!("/sys/fs/bpf/tunnelmesh/{iface}/shield_counters"));
+            let _ = fs::remove_dir(format!("/sys/fs/bpf/tunnelmesh/{iface}"));
+            let _ = fs::remove_file(format!("/run/tunnelmesh/{iface}.sock"));
+        }
+        for ns in self.namespaces.drain(..) {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+    }
+}

@@ -74,10 +74,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 Some(i) => i,
                 None => match status::running_interfaces().as_slice() {
                     [one] => one.clone(),
-                    [] => bail!(
-                        "no tunnelmesh interface is running (no socket in {})",
-                        status::RUN_DIR
-                    ),
+                    [] => bail!("no tunnelmesh interface is running (no socket in {})", status::RUN_DIR),
                     many => bail!(
                         "several interfaces are running ({}); pick one with --interface",
                         many.join(", ")
@@ -127,9 +124,6 @@ fn print_status(s: &status::Status) {
             Some(s) => println!("  latest handshake: {s} s ago"),
             None => println!("  latest handshake: never"),
         }
-        println!(
-            "  transfer: {} B received, {} B sent",
-            p.rx_bytes, p.tx_bytes
-        );
+        println!("  transfer: {} B received, {} B sent", p.rx_bytes, p.tx_bytes);
     }
 }

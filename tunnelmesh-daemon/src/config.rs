@@ -55,12 +55,16 @@ pub struct MeshKey(pub Zeroizing<[u8; 32]>);
 impl TryFrom<String> for MeshKey {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        let bytes = BASE64
-            .decode(s.trim())
-            .map_err(|_| "mesh_key is not valid base64; generate one with `wg genpsk` or `head -c32 /dev/urandom | base64`".to_string())?;
-        let key: [u8; 32] = bytes
-            .try_into()
-            .map_err(|b: Vec<u8>| format!("mesh_key must decode to 32 bytes, not {}; generate one with `head -c32 /dev/urandom | base64`", b.len()))?;
+        let bytes = BASE64.decode(s.trim()).map_err(|_| {
+            "mesh_key is not valid base64; generate one with `wg genpsk` or `head -c32 /dev/urandom | base64`"
+                .to_string()
+        })?;
+        let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+            format!(
+                "mesh_key must decode to 32 bytes, not {}; generate one with `head -c32 /dev/urandom | base64`",
+                b.len()
+            )
+        })?;
         Ok(MeshKey(Zeroizing::new(key)))
     }
 }
@@ -149,8 +153,7 @@ impl Config {
             path: path.to_path_buf(),
             message,
         };
-        let text =
-            std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
         Self::parse(&text).map_err(err)
     }
 
@@ -172,7 +175,10 @@ impl Config {
             ));
         }
         if config.interface.addresses.is_empty() {
-            return Err("[interface] addresses is empty; give the node's mesh address, e.g. addresses = [\"10.99.0.1/24\"]".into());
+            return Err(
+                "[interface] addresses is empty; give the node's mesh address, e.g. addresses = [\"10.99.0.1/24\"]"
+                    .into(),
+            );
         }
         let mut seen = std::collections::HashSet::new();
         for peer in &config.peers {
@@ -233,12 +239,9 @@ mod tests {
             e.contains("line 2") && e.contains("mesh_key") && e.contains("32 bytes"),
             "{e}"
         );
-        let e = Config::parse(&config(
-            "",
-            "public_key = \"ssh-rsa AAAA\"\nallowed_ips = []",
-        ))
-        .err()
-        .unwrap();
+        let e = Config::parse(&config("", "public_key = \"ssh-rsa AAAA\"\nallowed_ips = []"))
+            .err()
+            .unwrap();
         assert!(e.contains("line 6") && e.contains("ed25519"), "{e}");
         let e = Config::parse(&config(
             "mtu = 100",

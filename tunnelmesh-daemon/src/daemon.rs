@@ -26,7 +26,7 @@ use crate::{
     config::Config,
     dataplane,
     device::{Clock, Counters, Device, Peer, handshaker::Handshaker},
-    fastpath::{self, Shield},
+    fastpath::Shield,
     identity::{DEFAULT_IDENTITY, Identity},
     netconf,
     noise::LocalStatic,
@@ -70,8 +70,7 @@ pub fn up(config_path: &Path, identity_override: Option<&Path>) -> Result<()> {
             route_list.push(*net);
         }
         by_key.insert(*key.noise_public(), i);
-        let keepalive = (pc.persistent_keepalive > 0)
-            .then(|| Duration::from_secs(pc.persistent_keepalive.into()));
+        let keepalive = (pc.persistent_keepalive > 0).then(|| Duration::from_secs(pc.persistent_keepalive.into()));
         peers.push(Peer::new(
             name,
             key.clone(),
@@ -107,11 +106,11 @@ pub fn up(config_path: &Path, identity_override: Option<&Path>) -> Result<()> {
         Err("disabled by no_ebpf".to_string())
     } else {
         let targets = if iface.xdp_interfaces.is_empty() {
-            fastpath::underlay_interfaces(&iface.name)
+            netconf::underlay_interfaces(&iface.name).map_err(|e| e.to_string())
         } else {
-            iface.xdp_interfaces.clone()
+            Ok(iface.xdp_interfaces.clone())
         };
-        Shield::attach(listen_port, &targets, &iface.name).map_err(|e| e.to_string())
+        targets.and_then(|t: Vec<String>| Shield::attach(listen_port, &t, &iface.name).map_err(|e| e.to_string()))
     };
     match &shield {
         Ok(s) => info!(interfaces = ?s.interfaces, mode = s.mode, "XDP shield attached"),
@@ -143,8 +142,7 @@ pub fn up(config_path: &Path, identity_override: Option<&Path>) -> Result<()> {
         psk: config.interface.mesh_key.0.clone(),
     };
     let handshake_socket = sockets[0].try_clone()?;
-    let status_listener = status::bind(&iface.name)
-        .context("cannot create the status socket under /run/tunnelmesh")?;
+    let status_listener = status::bind(&iface.name).context("cannot create the status socket under /run/tunnelmesh")?;
 
     let mut threads = dataplane::start(dev.clone(), queues, sockets)?;
     let handshaker = Handshaker::new(dev.clone(), local, handshake_socket, rx);
@@ -155,9 +153,8 @@ pub fn up(config_path: &Path, identity_override: Option<&Path>) -> Result<()> {
     );
     let shield = Arc::new(Mutex::new(shield));
     let shield_for_status = shield.clone();
-    let fastpath_status = Box::new(move || {
-        fastpath_status(&shield_for_status.lock().unwrap_or_else(|p| p.into_inner()))
-    });
+    let fastpath_status =
+        Box::new(move || fastpath_status(&shield_for_status.lock().unwrap_or_else(|p| p.into_inner())));
     let status_dev = dev.clone();
     threads.push(
         std::thread::Builder::new()
@@ -192,12 +189,7 @@ fn fastpath_status(shield: &Result<Shield, String>) -> FastpathStatus {
     match shield {
         Ok(s) => {
             let (shield, error) = match s.counters() {
-                Ok(c) => (
-                    c.into_iter()
-                        .map(|(r, n)| (r.name().to_string(), n))
-                        .collect(),
-                    None,
-                ),
+                Ok(c) => (c.into_iter().map(|(r, n)| (r.name().to_string(), n)).collect(), None),
                 Err(e) => (BTreeMap::new(), Some(e.to_string())),
             };
             FastpathStatus {

@@ -13,30 +13,26 @@ use aya::{
     maps::PerCpuArray,
     programs::{Xdp, XdpMode},
 };
-use tunnelmesh_common::shield::{
-    SHIELD_COUNTERS_MAP, SHIELD_PORT_GLOBAL, SHIELD_PROGRAM, ShieldReason,
-};
+use tunnelmesh_common::shield::{SHIELD_COUNTERS_MAP, SHIELD_PORT_GLOBAL, SHIELD_PROGRAM, ShieldReason};
 
 /// The kernel programs, built by `cargo xtask build-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TUNNELMESH_EBPF_OBJECT"));
 
+/// The BPF filesystem; mounted by the daemon if the system has not.
+const BPFFS: &str = "/sys/fs/bpf";
 /// Where TunnelMesh pins its maps.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/tunnelmesh";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FastpathError {
-    #[error(
-        "loading the eBPF object failed: {0} (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)"
-    )]
+    #[error("loading the eBPF object failed: {0} (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)")]
     Load(#[from] aya::EbpfError),
     #[error("the XDP shield program failed to load or attach on {interface}: {source}")]
     Program {
         interface: String,
         source: aya::programs::ProgramError,
     },
-    #[error(
-        "pinning the shield counters at {path} failed: {reason} (is bpffs mounted at /sys/fs/bpf?)"
-    )]
+    #[error("pinning the shield counters at {path} failed: {reason} (is bpffs mounted at /sys/fs/bpf?)")]
     Pin { path: String, reason: String },
     #[error("reading the shield counters failed: {0}")]
     Map(#[from] aya::maps::MapError),
@@ -87,11 +83,7 @@ pub struct Shield {
 impl Shield {
     /// Attach the shield for `port` on `interfaces`, pinning its counters under
     /// `PIN_ROOT/<mesh_interface>/`.
-    pub fn attach(
-        port: u16,
-        interfaces: &[String],
-        mesh_interface: &str,
-    ) -> Result<Self, FastpathError> {
+    pub fn attach(port: u16, interfaces: &[String], mesh_interface: &str) -> Result<Self, FastpathError> {
         let mut ebpf = load_shield(port)?;
         let mut mode = "driver";
         for name in interfaces {
@@ -113,6 +105,7 @@ impl Shield {
             path: pin.display().to_string(),
             reason,
         };
+        crate::sys::bpffs::ensure_mounted(Path::new(BPFFS)).map_err(|e| pin_err(format!("mounting bpffs: {e}")))?;
         std::fs::create_dir_all(&pin_dir).map_err(|e| pin_err(e.to_string()))?;
         let _ = std::fs::remove_file(&pin);
         ebpf.map(SHIELD_COUNTERS_MAP)
@@ -140,23 +133,6 @@ impl Drop for Shield {
         let _ = std::fs::remove_dir(PIN_ROOT);
         // The programs detach when `ebpf` (and with it the XDP links) drops.
     }
-}
-
-/// Non-loopback interfaces that are up, except `mesh_interface` (the default shield targets).
-pub fn underlay_interfaces(mesh_interface: &str) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n != "lo" && n != mesh_interface)
-        .filter(|n| {
-            std::fs::read_to_string(format!("/sys/class/net/{n}/operstate"))
-                .is_ok_and(|s| s.trim() != "down")
-        })
-        .collect();
-    names.sort();
-    names
 }
 
 #[cfg(test)]
@@ -232,8 +208,7 @@ mod tests {
 
     #[test]
     fn shield_passes_valid_messages_and_drops_impossible_ones_by_reason() {
-        let mut ebpf =
-            load_shield(PORT).expect("the shield must load (run as root on a BPF-capable kernel)");
+        let mut ebpf = load_shield(PORT).expect("the shield must load (run as root on a BPF-capable kernel)");
         let (pass, drop) = (XDP_PASS, XDP_DROP);
         let cases: Vec<(&str, Vec<u8>, u32)> = vec![
             (
@@ -248,22 +223,11 @@ mod tests {
             ),
             (
                 "cookie reply",
-                frame_v4(
-                    PORT,
-                    &message(wire::MSG_COOKIE_REPLY, wire::COOKIE_REPLY_LEN),
-                ),
+                frame_v4(PORT, &message(wire::MSG_COOKIE_REPLY, wire::COOKIE_REPLY_LEN)),
                 pass,
             ),
-            (
-                "keepalive",
-                frame_v4(PORT, &message(wire::MSG_DATA, 32)),
-                pass,
-            ),
-            (
-                "data 1420",
-                frame_v6(PORT, &message(wire::MSG_DATA, 32 + 1424)),
-                pass,
-            ),
+            ("keepalive", frame_v4(PORT, &message(wire::MSG_DATA, 32)), pass),
+            ("data 1420", frame_v6(PORT, &message(wire::MSG_DATA, 32 + 1424)), pass),
             ("other port junk", frame_v4(53, b"xyz"), pass),
             ("empty", frame_v4(PORT, &[]), drop),
             ("three bytes", frame_v4(PORT, &[4, 0, 0]), drop),
@@ -305,8 +269,7 @@ mod tests {
         for (name, frame, expected) in &cases {
             assert_eq!(run(&mut ebpf, frame), *expected, "{name}");
         }
-        let counters: std::collections::HashMap<_, _> =
-            shield_counters(&ebpf).unwrap().into_iter().collect();
+        let counters: std::collections::HashMap<_, _> = shield_counters(&ebpf).unwrap().into_iter().collect();
         assert_eq!(counters[&ShieldReason::Passed], 6);
         assert_eq!(counters[&ShieldReason::TooShort], 2);
         assert_eq!(counters[&ShieldReason::BadType], 2);
@@ -316,8 +279,7 @@ mod tests {
 
     #[test]
     fn the_shield_and_userspace_agree_on_every_message_size() {
-        let mut ebpf =
-            load_shield(PORT).expect("the shield must load (run as root on a BPF-capable kernel)");
+        let mut ebpf = load_shield(PORT).expect("the shield must load (run as root on a BPF-capable kernel)");
         for msg_type in 0..=5u8 {
             for len in (0..200).chain([1436, 1452, 1456]) {
                 let msg = message(msg_type, len);

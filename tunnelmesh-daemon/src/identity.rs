@@ -21,16 +21,9 @@ pub const DEFAULT_IDENTITY: &str = "/etc/ssh/ssh_host_ed25519_key";
 /// Why an identity could not be loaded. Every variant says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error(
-        "cannot read identity key {path}: {source}; pass --identity PATH to use another OpenSSH ed25519 key"
-    )]
-    Unreadable {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error(
-        "identity key {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
-    )]
+    #[error("cannot read identity key {path}: {source}; pass --identity PATH to use another OpenSSH ed25519 key")]
+    Unreadable { path: String, source: std::io::Error },
+    #[error("identity key {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
     Permissions { path: String, mode: u32 },
     #[error(
         "{path} is not an OpenSSH private key ({reason}); TunnelMesh needs an ed25519 key: run `ssh-keygen -t ed25519 -f {path}`"
@@ -46,9 +39,7 @@ pub enum IdentityError {
     EncryptedNoTerminal { path: String },
     #[error("wrong passphrase for identity key {path}")]
     WrongPassphrase { path: String },
-    #[error(
-        "{0:?} is not an OpenSSH ed25519 public key line ({1}); expected `ssh-ed25519 AAAA… [comment]`"
-    )]
+    #[error("{0:?} is not an OpenSSH ed25519 public key line ({1}); expected `ssh-ed25519 AAAA… [comment]`")]
     BadPublicLine(String, String),
 }
 
@@ -160,25 +151,18 @@ impl Identity {
             if !std::io::stdin().is_terminal() {
                 return Err(IdentityError::EncryptedNoTerminal { path: shown });
             }
-            let pass = Zeroizing::new(
-                rpassword::prompt_password(format!("Passphrase for {shown}: ")).map_err(
-                    |source| IdentityError::Unreadable {
-                        path: shown.clone(),
-                        source,
-                    },
-                )?,
-            );
-            key.decrypt(pass.as_bytes())
-                .map_err(|_| IdentityError::WrongPassphrase {
+            let pass = Zeroizing::new(rpassword::prompt_password(format!("Passphrase for {shown}: ")).map_err(
+                |source| IdentityError::Unreadable {
                     path: shown.clone(),
-                })?
+                    source,
+                },
+            )?);
+            key.decrypt(pass.as_bytes())
+                .map_err(|_| IdentityError::WrongPassphrase { path: shown.clone() })?
         } else {
             key
         };
-        Self::from_private(&key).map_err(|reason| IdentityError::NotOpenSsh {
-            path: shown,
-            reason,
-        })
+        Self::from_private(&key).map_err(|reason| IdentityError::NotOpenSsh { path: shown, reason })
     }
 
     fn from_private(key: &PrivateKey) -> Result<Self, String> {
@@ -187,8 +171,7 @@ impl Identity {
         };
         let public = PublicIdentity::from_ssh(key.public_key().clone())?;
         // X25519 secret = clamped first half of SHA-512(seed), the same scalar ed25519 signs with.
-        let digest: Zeroizing<[u8; 64]> =
-            Zeroizing::new(Sha512::digest(pair.private.as_ref()).into());
+        let digest: Zeroizing<[u8; 64]> = Zeroizing::new(Sha512::digest(pair.private.as_ref()).into());
         let mut secret = Zeroizing::new([0u8; 32]);
         secret.copy_from_slice(&digest[..32]);
         secret[0] &= 248;
@@ -262,11 +245,7 @@ mod tests {
             ("rsa", ["-t", "rsa", "-b", "2048"]),
             ("ecdsa", ["-t", "ecdsa", "-b", "256"]),
         ] {
-            let path = keygen(
-                dir.path(),
-                name,
-                &[args[0], args[1], args[2], args[3], "-N", ""],
-            );
+            let path = keygen(dir.path(), name, &[args[0], args[1], args[2], args[3], "-N", ""]);
             let err = Identity::load(&path).err().unwrap();
             assert!(matches!(err, IdentityError::NotEd25519 { .. }), "{err}");
             assert!(err.to_string().contains("ssh-keygen -t ed25519"), "{err}");
@@ -279,10 +258,7 @@ mod tests {
         let path = keygen(dir.path(), "enc", &["-t", "ed25519", "-N", "secret pass"]);
         // Under `cargo test` stdin is not a terminal.
         let err = Identity::load(&path).err().unwrap();
-        assert!(
-            matches!(err, IdentityError::EncryptedNoTerminal { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, IdentityError::EncryptedNoTerminal { .. }), "{err}");
     }
 
     #[test]

@@ -13,10 +13,7 @@ use rand::RngCore;
 use zeroize::Zeroizing;
 
 use crate::{
-    noise::{
-        CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, MacVerdict, Tai64n,
-        consume_initiation,
-    },
+    noise::{CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, MacVerdict, Tai64n, consume_initiation},
     session::Keypair,
     wire,
 };
@@ -88,10 +85,7 @@ fn exchange_data(keypair: &Keypair, theirs: &mut Tunn) {
                 assert_eq!(src, Ipv4Addr::new(10, 0, 0, 1));
                 assert_eq!(got, &packet[..], "payload {size}");
             }
-            other => panic!(
-                "boringtun did not accept our data message: {}",
-                describe(&other)
-            ),
+            other => panic!("boringtun did not accept our data message: {}", describe(&other)),
         }
     }
     // Theirs → ours.
@@ -103,9 +97,7 @@ fn exchange_data(keypair: &Keypair, theirs: &mut Tunn) {
         };
         let mut msg = msg;
         assert_eq!(wire::classify(&msg), Ok(wire::Kind::Data));
-        let (len, _) = keypair
-            .open(&mut msg, now)
-            .expect("we open boringtun's data message");
+        let (len, _) = keypair.open(&mut msg, now).expect("we open boringtun's data message");
         assert_eq!(&msg[16..16 + packet.len()], &packet[..]);
         assert_eq!(len, packet.len(), "boringtun does not pad");
     }
@@ -127,16 +119,12 @@ fn describe(r: &TunnResult<'_>) -> String {
 fn we_initiate_to_boringtun_and_exchange_data_both_ways() {
     let mut p = pair([42; 32], [42; 32]);
     let now = Instant::now();
-    let (handshake, mut init) =
-        InitiatorHandshake::start(&p.ours, &p.their_public, 1234, Tai64n::now());
+    let (handshake, mut init) = InitiatorHandshake::start(&p.ours, &p.their_public, 1234, Tai64n::now());
     CookieJar::new(&p.their_public).stamp(&mut init, now);
     let mut out = [0u8; 2048];
     let response = match p.theirs.decapsulate(None, &init, &mut out) {
         TunnResult::WriteToNetwork(m) => m.to_vec(),
-        other => panic!(
-            "boringtun did not answer our initiation: {}",
-            describe(&other)
-        ),
+        other => panic!("boringtun did not answer our initiation: {}", describe(&other)),
     };
     assert_eq!(wire::classify(&response), Ok(wire::Kind::Response));
     assert_eq!(wire::receiver_index(&response), 1234);
@@ -145,9 +133,7 @@ fn we_initiate_to_boringtun_and_exchange_data_both_ways() {
         checker.verify(&response, "198.18.0.2:51820".parse().unwrap(), false, now),
         MacVerdict::Accept
     );
-    let keys = handshake
-        .finish(&response)
-        .expect("boringtun's response authenticates");
+    let keys = handshake.finish(&response).expect("boringtun's response authenticates");
     let keypair = Keypair::new(&keys, now);
     exchange_data(&keypair, &mut p.theirs);
 }
@@ -176,18 +162,9 @@ fn boringtun_initiates_to_us_and_we_exchange_data_both_ways() {
     match p.theirs.decapsulate(None, &response, &mut out) {
         TunnResult::WriteToNetwork(m) => {
             let mut keepalive = m.to_vec();
-            assert_eq!(
-                keypair
-                    .open(&mut keepalive, now)
-                    .expect("keepalive opens")
-                    .0,
-                0
-            );
+            assert_eq!(keypair.open(&mut keepalive, now).expect("keepalive opens").0, 0);
         }
-        other => panic!(
-            "boringtun did not accept our response: {}",
-            describe(&other)
-        ),
+        other => panic!("boringtun did not accept our response: {}", describe(&other)),
     }
     exchange_data(&keypair, &mut p.theirs);
 }
@@ -197,8 +174,7 @@ fn a_different_mesh_key_never_yields_a_session_with_boringtun() {
     let mut p = pair([1; 32], [2; 32]);
     let now = Instant::now();
     // We initiate: boringtun answers, but the response cannot authenticate for us.
-    let (handshake, mut init) =
-        InitiatorHandshake::start(&p.ours, &p.their_public, 1, Tai64n::now());
+    let (handshake, mut init) = InitiatorHandshake::start(&p.ours, &p.their_public, 1, Tai64n::now());
     CookieJar::new(&p.their_public).stamp(&mut init, now);
     let mut out = [0u8; 2048];
     let response = match p.theirs.decapsulate(None, &init, &mut out) {

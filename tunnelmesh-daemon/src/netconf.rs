@@ -15,7 +15,7 @@ pub struct NetconfError {
     message: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), NetconfError> {
+fn ip_output(args: &[&str]) -> Result<String, NetconfError> {
     let fail = |message: String| NetconfError {
         args: args.join(" "),
         message,
@@ -25,21 +25,31 @@ fn ip(args: &[&str]) -> Result<(), NetconfError> {
         .output()
         .map_err(|e| fail(format!("{e}; install iproute2")))?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
+        Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_string()))
     }
 }
 
+fn ip(args: &[&str]) -> Result<(), NetconfError> {
+    ip_output(args).map(drop)
+}
+
+/// Interfaces of this network namespace that are up, except loopback and `mesh_interface`:
+/// the default targets of the XDP shield.
+pub fn underlay_interfaces(mesh_interface: &str) -> Result<Vec<String>, NetconfError> {
+    // `N: name[@peer]: <FLAGS> ...` per line.
+    let listing = ip_output(&["-o", "link", "show", "up"])?;
+    Ok(listing
+        .lines()
+        .filter_map(|line| line.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_string())
+        .filter(|name| name != "lo" && name != mesh_interface)
+        .collect())
+}
+
 /// Bring `name` up with `mtu`, `addresses`, and routes for `routes`.
-pub fn configure(
-    name: &str,
-    mtu: usize,
-    addresses: &[IpNet],
-    routes: &[IpNet],
-) -> Result<(), NetconfError> {
+pub fn configure(name: &str, mtu: usize, addresses: &[IpNet], routes: &[IpNet]) -> Result<(), NetconfError> {
     ip(&["link", "set", "dev", name, "mtu", &mtu.to_string()])?;
     for addr in addresses {
         let a = addr.to_string();

@@ -29,19 +29,11 @@ impl<T> Default for AllowedIps<T> {
 }
 
 fn mask4(addr: u32, len: u8) -> u32 {
-    if len == 0 {
-        0
-    } else {
-        addr & (u32::MAX << (32 - len))
-    }
+    if len == 0 { 0 } else { addr & (u32::MAX << (32 - len)) }
 }
 
 fn mask6(addr: u128, len: u8) -> u128 {
-    if len == 0 {
-        0
-    } else {
-        addr & (u128::MAX << (128 - len))
-    }
+    if len == 0 { 0 } else { addr & (u128::MAX << (128 - len)) }
 }
 
 impl<T: Copy> AllowedIps<T> {
@@ -54,19 +46,14 @@ impl<T: Copy> AllowedIps<T> {
         }
     }
 
-    fn insert_in<K: std::hash::Hash + Eq>(
-        table: &mut Vec<(u8, HashMap<K, T>)>,
-        len: u8,
-        key: K,
-        value: T,
-    ) {
+    fn insert_in<K: std::hash::Hash + Eq>(table: &mut Vec<(u8, HashMap<K, T>)>, len: u8, key: K, value: T) {
         match table.iter_mut().find(|(l, _)| *l == len) {
             Some((_, map)) => {
                 map.insert(key, value);
             }
             None => {
                 table.push((len, HashMap::from([(key, value)])));
-                table.sort_by(|a, b| b.0.cmp(&a.0));
+                table.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
             }
         }
     }
@@ -81,16 +68,12 @@ impl<T: Copy> AllowedIps<T> {
 
     pub fn lookup_v4(&self, ip: Ipv4Addr) -> Option<T> {
         let a = u32::from(ip);
-        self.v4
-            .iter()
-            .find_map(|(len, map)| map.get(&mask4(a, *len)).copied())
+        self.v4.iter().find_map(|(len, map)| map.get(&mask4(a, *len)).copied())
     }
 
     pub fn lookup_v6(&self, ip: Ipv6Addr) -> Option<T> {
         let a = u128::from(ip);
-        self.v6
-            .iter()
-            .find_map(|(len, map)| map.get(&mask6(a, *len)).copied())
+        self.v6.iter().find_map(|(len, map)| map.get(&mask6(a, *len)).copied())
     }
 }
 

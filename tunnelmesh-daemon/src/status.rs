@@ -62,9 +62,7 @@ pub struct Status {
 
 /// Build the status document.
 pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
-    let unix_now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let counters = dev.counters.by_name();
     Status {
         interface: dev.interface.clone(),
@@ -96,11 +94,7 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
 }
 
 /// Serve status requests until the device shuts down.
-pub fn serve(
-    dev: Arc<Device>,
-    listener: UnixListener,
-    fastpath: Box<dyn Fn() -> FastpathStatus + Send>,
-) {
+pub fn serve(dev: Arc<Device>, listener: UnixListener, fastpath: Box<dyn Fn() -> FastpathStatus + Send>) {
     let _ = listener.set_nonblocking(true);
     while !dev.shutdown.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -128,7 +122,10 @@ pub fn bind(interface: &str) -> std::io::Result<UnixListener> {
 pub fn query(interface: &str) -> Result<Status, String> {
     let path = socket_path(interface);
     let mut stream = UnixStream::connect(&path).map_err(|e| {
-        format!("cannot reach the daemon of {interface} at {}: {e}; is `tunnelmesh up` running (and are you root)?", path.display())
+        format!(
+            "cannot reach the daemon of {interface} at {}: {e}; is `tunnelmesh up` running (and are you root)?",
+            path.display()
+        )
     })?;
     let mut doc = Vec::new();
     stream.read_to_end(&mut doc).map_err(|e| e.to_string())?;

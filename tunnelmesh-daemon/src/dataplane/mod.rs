@@ -45,11 +45,7 @@ pub fn bind_sockets(port: u16, count: usize) -> io::Result<Vec<UdpSocket>> {
 }
 
 /// Start one worker per (TUN queue, socket) pair.
-pub fn start(
-    dev: Arc<Device>,
-    queues: Vec<OwnedFd>,
-    sockets: Vec<UdpSocket>,
-) -> io::Result<Vec<JoinHandle<()>>> {
+pub fn start(dev: Arc<Device>, queues: Vec<OwnedFd>, sockets: Vec<UdpSocket>) -> io::Result<Vec<JoinHandle<()>>> {
     queues
         .into_iter()
         .zip(sockets)

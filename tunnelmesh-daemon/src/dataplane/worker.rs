@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::error;
+use tracing::{debug, error};
 
 use super::BATCH;
 use crate::{
@@ -71,10 +71,7 @@ impl Worker {
             let mut n = 0;
             while n < BATCH {
                 let buf = self.tx.buf_mut(n);
-                let len = match tun::read(
-                    &self.tun,
-                    &mut buf[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + mtu],
-                ) {
+                let len = match tun::read(&self.tun, &mut buf[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + mtu]) {
                     Ok(Some(len)) => len,
                     Ok(None) => break,
                     Err(e) => {
@@ -82,14 +79,20 @@ impl Worker {
                         break;
                     }
                 };
-                if let Some((sealed, dst)) = seal_outbound(&self.dev, self.tx.buf_mut(n), len, now)
-                {
+                if let Some((sealed, dst)) = seal_outbound(&self.dev, self.tx.buf_mut(n), len, now) {
                     self.tx.set_send(n, sealed, dst);
                     n += 1;
                 }
             }
             if n > 0 {
-                let _ = self.tx.send(self.udp.as_fd(), n);
+                let outcome = self.tx.send(self.udp.as_fd(), n);
+                if outcome.failed > 0 {
+                    self.dev
+                        .counters
+                        .tx_send_failed
+                        .fetch_add(outcome.failed as u64, Ordering::Relaxed);
+                    debug!("{} of {n} datagrams not sent: {:?}", outcome.failed, outcome.last_error);
+                }
             }
             if n < BATCH {
                 return;
@@ -130,10 +133,7 @@ impl Worker {
                         }
                     },
                     Ok(_) => {
-                        let event = Event::Handshake {
-                            msg: msg.to_vec(),
-                            src,
-                        };
+                        let event = Event::Handshake { msg: msg.to_vec(), src };
                         if self.dev.events.try_send(event).is_err() {
                             Counters::bump(&self.dev.counters.handshake_queue_full);
                         }
@@ -149,12 +149,7 @@ impl Worker {
 
 /// Route and seal one packet read from TUN into `buf[16..16 + len]`; the destination to send to.
 #[inline]
-fn seal_outbound(
-    dev: &Device,
-    buf: &mut [u8],
-    len: usize,
-    now: Instant,
-) -> Option<(usize, SocketAddr)> {
+fn seal_outbound(dev: &Device, buf: &mut [u8], len: usize, now: Instant) -> Option<(usize, SocketAddr)> {
     let packet = &buf[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + len];
     let Some(p) = inner_addrs(packet).and_then(|(_, dst, _)| dev.routes.lookup(dst)) else {
         Counters::bump(&dev.counters.tx_no_route);
@@ -181,14 +176,7 @@ fn seal_outbound(
 
 /// Open one data message and deliver its inner packet if its source belongs to the sender.
 #[inline]
-fn open_inbound(
-    dev: &Device,
-    tun_fd: &OwnedFd,
-    entry: &IndexEntry,
-    msg: &mut [u8],
-    src: SocketAddr,
-    now: Instant,
-) {
+fn open_inbound(dev: &Device, tun_fd: &OwnedFd, entry: &IndexEntry, msg: &mut [u8], src: SocketAddr, now: Instant) {
     let counters = &dev.counters;
     let plain_len = match entry.keypair.open(msg, now) {
         Ok((len, _)) => len,
@@ -199,17 +187,9 @@ fn open_inbound(
     let peer = &dev.peers[entry.peer];
     // First data on a responder key confirms it: promote it to current.
     let keys = peer.keys.load();
-    if keys
-        .next
-        .as_ref()
-        .is_some_and(|k| Arc::ptr_eq(k, &entry.keypair))
-    {
+    if keys.next.as_ref().is_some_and(|k| Arc::ptr_eq(k, &entry.keypair)) {
         peer.keys.rcu(|ks| {
-            if ks
-                .next
-                .as_ref()
-                .is_some_and(|k| Arc::ptr_eq(k, &entry.keypair))
-            {
+            if ks.next.as_ref().is_some_and(|k| Arc::ptr_eq(k, &entry.keypair)) {
                 KeySet {
                     current: ks.next.clone(),
                     previous: ks.current.clone(),

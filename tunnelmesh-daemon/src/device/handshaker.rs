@@ -18,8 +18,7 @@ use tracing::{debug, info, warn};
 use super::{Counters, Device, Event, IndexEntry, KeySet};
 use crate::{
     noise::{
-        CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, MacVerdict, SessionKeys, Tai64n,
-        consume_initiation,
+        CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, MacVerdict, SessionKeys, Tai64n, consume_initiation,
     },
     session::{Keypair, REKEY_TIMEOUT, TimerAction, Timers, sealed_len, timers::CurrentKey},
     wire::{self, Kind},
@@ -61,12 +60,7 @@ fn dual_stack(addr: SocketAddr) -> SocketAddr {
 }
 
 impl Handshaker {
-    pub fn new(
-        dev: Arc<Device>,
-        local: LocalStatic,
-        socket: UdpSocket,
-        events: Receiver<Event>,
-    ) -> Self {
+    pub fn new(dev: Arc<Device>, local: LocalStatic, socket: UdpSocket, events: Receiver<Event>) -> Self {
         let now = Instant::now();
         let peers = dev
             .peers
@@ -222,17 +216,14 @@ impl Handshaker {
             return;
         }
         let receiver = wire::receiver_index(msg);
-        let Some(p) = self.peers.iter().position(|s| {
-            s.pending
-                .as_ref()
-                .is_some_and(|h| h.local_index() == receiver)
-        }) else {
+        let Some(p) = self
+            .peers
+            .iter()
+            .position(|s| s.pending.as_ref().is_some_and(|h| h.local_index() == receiver))
+        else {
             return Counters::bump(&self.dev.counters.handshake_rejected);
         };
-        let handshake = self.peers[p]
-            .pending
-            .take()
-            .expect("found by its pending handshake");
+        let handshake = self.peers[p].pending.take().expect("found by its pending handshake");
         let keys: SessionKeys = match handshake.finish(msg) {
             Ok(k) => k,
             Err(_) => return Counters::bump(&self.dev.counters.handshake_rejected),
@@ -258,28 +249,20 @@ impl Handshaker {
 
     fn on_cookie_reply(&mut self, msg: &[u8], now: Instant) {
         let receiver = wire::receiver_index(msg);
-        if let Some(st) = self.peers.iter_mut().find(|s| {
-            s.pending
-                .as_ref()
-                .is_some_and(|h| h.local_index() == receiver)
-        }) {
-            if !st.jar.consume_reply(msg, now) {
-                Counters::bump(&self.dev.counters.handshake_rejected);
-            }
+        let pending = self
+            .peers
+            .iter_mut()
+            .find(|s| s.pending.as_ref().is_some_and(|h| h.local_index() == receiver));
+        if !pending.is_some_and(|st| st.jar.consume_reply(msg, now)) {
+            Counters::bump(&self.dev.counters.handshake_rejected);
         }
     }
 
     /// Replace peer `p`'s key set with `update(old, keypair)` and index the new key.
-    fn install(
-        &mut self,
-        p: usize,
-        keypair: Arc<Keypair>,
-        update: impl Fn(&KeySet, Arc<Keypair>) -> KeySet,
-    ) {
+    fn install(&mut self, p: usize, keypair: Arc<Keypair>, update: impl Fn(&KeySet, Arc<Keypair>) -> KeySet) {
         let peer = &self.dev.peers[p];
         let index = keypair.local_index;
-        peer.keys
-            .store(Arc::new(update(&peer.keys.load(), keypair.clone())));
+        peer.keys.store(Arc::new(update(&peer.keys.load(), keypair.clone())));
         let mut table: HashMap<u32, Arc<IndexEntry>> = (**self.dev.sessions.load()).clone();
         table.insert(index, Arc::new(IndexEntry { peer: p, keypair }));
         self.dev.sessions.store(Arc::new(table));
@@ -307,9 +290,7 @@ impl Handshaker {
 
     fn session_established(&mut self, p: usize, now: Instant) {
         self.peers[p].timers.session_established(now);
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let peer = &self.dev.peers[p];
         peer.last_handshake_unix.store(unix, Ordering::Relaxed);
         peer.session_requested.store(false, Ordering::Release);
@@ -338,20 +319,14 @@ impl Handshaker {
             return;
         };
         let index = self.new_index();
-        let (handshake, mut msg) = InitiatorHandshake::start(
-            &self.local,
-            peer.identity.noise_public(),
-            index,
-            Tai64n::now(),
-        );
+        let (handshake, mut msg) =
+            InitiatorHandshake::start(&self.local, peer.identity.noise_public(), index, Tai64n::now());
         let st = &mut self.peers[p];
         st.jar.stamp(&mut msg, now);
         st.pending = Some(handshake);
         st.last_initiation_sent = Some(now);
-        st.timers.initiation_sent(
-            now,
-            Duration::from_millis(rand::thread_rng().gen_range(0..=333)),
-        );
+        st.timers
+            .initiation_sent(now, Duration::from_millis(rand::thread_rng().gen_range(0..=333)));
         if let Err(e) = self.socket.send_to(&msg, dual_stack(*endpoint)) {
             debug!(peer = %peer.name, %endpoint, "sending initiation failed: {e}");
         }
@@ -384,11 +359,7 @@ impl Handshaker {
             Some(TimerAction::SendKeepalive) => self.send_keepalive(p, now),
             Some(TimerAction::GiveUp) => {
                 warn!(peer = %peer.name, "handshake did not complete within 90 s; dropping queued packets");
-                let dropped = peer
-                    .staged
-                    .lock()
-                    .map(|mut q| q.drain(..).count())
-                    .unwrap_or(0);
+                let dropped = peer.staged.lock().map(|mut q| q.drain(..).count()).unwrap_or(0);
                 self.dev
                     .counters
                     .tx_dropped
@@ -406,9 +377,7 @@ impl Handshaker {
     /// Seal `len` bytes already in `scratch[16..]` on the current key and send them.
     fn send_sealed(&mut self, p: usize, len: usize, now: Instant) -> bool {
         let peer = &self.dev.peers[p];
-        let (Some(key), Some(endpoint)) =
-            (peer.keys.load().current.clone(), peer.endpoint.load_full())
-        else {
+        let (Some(key), Some(endpoint)) = (peer.keys.load().current.clone(), peer.endpoint.load_full()) else {
             return false;
         };
         let Ok(total) = key.seal(&mut self.scratch, len, now) else {
@@ -445,8 +414,7 @@ impl Handshaker {
             if sealed_len(packet.len()) > self.scratch.len() {
                 continue;
             }
-            self.scratch[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + packet.len()]
-                .copy_from_slice(packet);
+            self.scratch[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + packet.len()].copy_from_slice(packet);
             self.send_sealed(p, packet.len(), now);
         }
         !queued.is_empty()

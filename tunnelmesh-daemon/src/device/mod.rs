@@ -180,6 +180,8 @@ pub struct Counters {
     pub tx_no_route: AtomicU64,
     /// Outbound packets dropped: peer has no endpoint, or its queue overflowed.
     pub tx_dropped: AtomicU64,
+    /// Datagrams the kernel refused to send (no route to the endpoint, …).
+    pub tx_send_failed: AtomicU64,
 }
 
 impl Counters {
@@ -209,20 +211,14 @@ pub struct Device {
 impl Device {
     /// Ask the handshake thread for a session with `peer`, once until it is served.
     pub fn request_session(&self, peer: usize) {
-        if !self.peers[peer]
-            .session_requested
-            .swap(true, Ordering::AcqRel)
-        {
+        if !self.peers[peer].session_requested.swap(true, Ordering::AcqRel) {
             let _ = self.events.try_send(Event::NeedSession(peer));
         }
     }
 
     /// Queue a packet for `peer` until its handshake completes (slow path).
     pub fn stage(&self, peer: usize, packet: &[u8]) {
-        let mut staged = self.peers[peer]
-            .staged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut staged = self.peers[peer].staged.lock().unwrap_or_else(|p| p.into_inner());
         if staged.len() >= MAX_STAGED {
             staged.pop_front();
             Counters::bump(&self.counters.tx_dropped);

@@ -95,13 +95,7 @@ impl CookieChecker {
     }
 
     /// Check the macs of a handshake message (initiation or response) from `src`.
-    pub fn verify(
-        &mut self,
-        msg: &[u8],
-        src: SocketAddr,
-        under_load: bool,
-        now: Instant,
-    ) -> MacVerdict {
+    pub fn verify(&mut self, msg: &[u8], src: SocketAddr, under_load: bool, now: Instant) -> MacVerdict {
         let len = msg.len();
         let mac1 = mac(&self.mac1_key, &msg[wire::mac1_range(len)]);
         if !constant_time_eq(&mac1, &msg[len - 32..len - 16]) {
@@ -120,12 +114,7 @@ impl CookieChecker {
     }
 
     /// Build the cookie reply to `msg` (whose mac1 was valid) from `src`.
-    pub fn cookie_reply(
-        &mut self,
-        msg: &[u8],
-        src: SocketAddr,
-        now: Instant,
-    ) -> [u8; wire::COOKIE_REPLY_LEN] {
+    pub fn cookie_reply(&mut self, msg: &[u8], src: SocketAddr, now: Instant) -> [u8; wire::COOKIE_REPLY_LEN] {
         let len = msg.len();
         let cookie = self.cookie_for(src, now);
         let mut out = [0u8; wire::COOKIE_REPLY_LEN];
@@ -170,9 +159,7 @@ impl CookieJar {
         msg[len - 32..len - 16].copy_from_slice(&mac1);
         self.last_mac1 = Some(mac1);
         let mac2 = match self.cookie {
-            Some((cookie, at)) if now.duration_since(at) < COOKIE_LIFETIME => {
-                mac(&cookie, &msg[wire::mac2_range(len)])
-            }
+            Some((cookie, at)) if now.duration_since(at) < COOKIE_LIFETIME => mac(&cookie, &msg[wire::mac2_range(len)]),
             _ => [0u8; 16],
         };
         msg[len - 16..].copy_from_slice(&mac2);
@@ -233,10 +220,7 @@ mod tests {
         );
         let later = now + COOKIE_LIFETIME + Duration::from_secs(1);
         jar.stamp(&mut msg, later);
-        assert_eq!(
-            checker.verify(&msg, src, true, later),
-            MacVerdict::NeedCookie
-        );
+        assert_eq!(checker.verify(&msg, src, true, later), MacVerdict::NeedCookie);
     }
 
     #[test]

@@ -111,10 +111,7 @@ pub struct ReceivedInitiation {
 
 /// Decrypt an initiation addressed to us. The caller must then check that `remote_public` is a
 /// peer and `timestamp` is newer than that peer's last, before calling [`ReceivedInitiation::respond`].
-pub fn consume_initiation(
-    local: &LocalStatic,
-    msg: &[u8],
-) -> Result<ReceivedInitiation, HandshakeError> {
+pub fn consume_initiation(local: &LocalStatic, msg: &[u8]) -> Result<ReceivedInitiation, HandshakeError> {
     let mut state = builder(local).build_responder().expect("responder builds");
     let mut ts = [0u8; 12];
     let n = state
@@ -204,9 +201,6 @@ mod tests {
     fn an_initiation_for_someone_else_does_not_decrypt() {
         let (a, b, c) = (local(1, 9), local(2, 9), local(3, 9));
         let (_, init) = InitiatorHandshake::start(&a, &c.public, 1, Tai64n::default());
-        assert_eq!(
-            consume_initiation(&b, &init).err(),
-            Some(HandshakeError::Decrypt)
-        );
+        assert_eq!(consume_initiation(&b, &init).err(), Some(HandshakeError::Decrypt));
     }
 }

@@ -27,11 +27,7 @@ impl Tai64n {
 
     /// The label for the current wall-clock time.
     pub fn now() -> Self {
-        Self::from_unix(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default(),
-        )
+        Self::from_unix(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default())
     }
 }
 

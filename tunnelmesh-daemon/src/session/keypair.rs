@@ -81,16 +81,10 @@ impl Keypair {
 
     /// Seal in place. `buf[16..16 + payload_len]` holds the inner packet; `buf` must have room
     /// for padding and tag (`sealed_len(payload_len)` bytes). Returns the message length.
-    pub fn seal(
-        &self,
-        buf: &mut [u8],
-        payload_len: usize,
-        now: Instant,
-    ) -> Result<usize, DecryptError> {
+    pub fn seal(&self, buf: &mut [u8], payload_len: usize, now: Instant) -> Result<usize, DecryptError> {
         let total = sealed_len(payload_len);
         let counter = self.send_counter.fetch_add(1, Ordering::Relaxed);
-        if counter >= REJECT_AFTER_MESSAGES || now.duration_since(self.created) >= REJECT_AFTER_TIME
-        {
+        if counter >= REJECT_AFTER_MESSAGES || now.duration_since(self.created) >= REJECT_AFTER_TIME {
             return Err(DecryptError::Expired);
         }
         let body_end = total - wire::AEAD_TAG_LEN;
@@ -100,11 +94,7 @@ impl Keypair {
         buf[8..16].copy_from_slice(&counter.to_le_bytes());
         let tag = self
             .send
-            .encrypt_in_place_detached(
-                &nonce(counter),
-                &[],
-                &mut buf[wire::DATA_HEADER_LEN..body_end],
-            )
+            .encrypt_in_place_detached(&nonce(counter), &[], &mut buf[wire::DATA_HEADER_LEN..body_end])
             .expect("ChaCha20-Poly1305 encrypts any length below 256 GiB");
         buf[body_end..total].copy_from_slice(&tag);
         Ok(total)
@@ -114,8 +104,7 @@ impl Keypair {
     /// `msg[16..len - 16]`; returns its length and the counter.
     pub fn open(&self, msg: &mut [u8], now: Instant) -> Result<(usize, u64), DecryptError> {
         let counter = wire::le64(msg, 8);
-        if counter >= REJECT_AFTER_MESSAGES || now.duration_since(self.created) >= REJECT_AFTER_TIME
-        {
+        if counter >= REJECT_AFTER_MESSAGES || now.duration_since(self.created) >= REJECT_AFTER_TIME {
             return Err(DecryptError::Expired);
         }
         // Cheap pre-check so replayed floods cost no decryption.
@@ -137,12 +126,7 @@ impl Keypair {
                 &tag,
             )
             .map_err(|_| DecryptError::Auth)?;
-        if !self
-            .replay
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .accept(counter)
-        {
+        if !self.replay.lock().unwrap_or_else(|p| p.into_inner()).accept(counter) {
             return Err(DecryptError::Replay);
         }
         Ok((len - wire::DATA_MIN_LEN, counter))

@@ -64,10 +64,7 @@ impl ReplayWindow {
     }
 
     fn slot(counter: u64) -> (usize, u64) {
-        (
-            ((counter / 64) % WORDS as u64) as usize,
-            1u64 << (counter % 64),
-        )
+        (((counter / 64) % WORDS as u64) as usize, 1u64 << (counter % 64))
     }
 }
 
@@ -130,11 +127,7 @@ mod tests {
             } else {
                 greatest - counter < WINDOW && !seen.contains(&counter)
             };
-            assert_eq!(
-                w.accept(counter),
-                expect,
-                "counter {counter} greatest {greatest}"
-            );
+            assert_eq!(w.accept(counter), expect, "counter {counter} greatest {greatest}");
             if expect {
                 seen.insert(counter);
                 greatest = greatest.max(counter);

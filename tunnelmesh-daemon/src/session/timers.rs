@@ -14,8 +14,7 @@
 use std::time::{Duration, Instant};
 
 use super::{
-    KEEPALIVE_TIMEOUT, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME,
-    REKEY_ATTEMPT_TIME, REKEY_TIMEOUT,
+    KEEPALIVE_TIMEOUT, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT,
 };
 
 /// What the data plane observed for a peer (latest times of each kind of packet).
@@ -104,12 +103,7 @@ impl Timers {
     }
 
     /// Decide what to do at `now`. Call at least every few hundred milliseconds.
-    pub fn poll(
-        &mut self,
-        now: Instant,
-        seen: Activity,
-        current: Option<CurrentKey>,
-    ) -> Option<TimerAction> {
+    pub fn poll(&mut self, now: Instant, seen: Activity, current: Option<CurrentKey>) -> Option<TimerAction> {
         let elapsed = |t: Instant| now.saturating_duration_since(t);
 
         // Track the first data send that nothing has answered yet.
@@ -120,11 +114,9 @@ impl Timers {
             self.unanswered_since = None;
         }
         if self.unanswered_since.is_none() {
-            if let Some(sent) = seen.data_sent.filter(|&s| {
-                seen.any_received.is_none_or(|r| r < s) && self.sends_settled.is_none_or(|t| s > t)
-            }) {
-                self.unanswered_since = Some(sent);
-            }
+            self.unanswered_since = seen
+                .data_sent
+                .filter(|&s| seen.any_received.is_none_or(|r| r < s) && self.sends_settled.is_none_or(|t| s > t));
         }
 
         if let Some((started, last)) = self.attempt {
@@ -145,14 +137,10 @@ impl Timers {
                 Some(k) => {
                     let age = elapsed(k.created);
                     let sending = seen.data_sent.is_some_and(|t| t >= k.created);
-                    let receiving = seen
-                        .data_received
-                        .is_some_and(|t| elapsed(t) < KEEPALIVE_TIMEOUT);
+                    let receiving = seen.data_received.is_some_and(|t| elapsed(t) < KEEPALIVE_TIMEOUT);
                     k.is_initiator
-                        && ((sending
-                            && (age >= REKEY_AFTER_TIME || k.sent >= REKEY_AFTER_MESSAGES))
-                            || (receiving
-                                && age >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT))
+                        && ((sending && (age >= REKEY_AFTER_TIME || k.sent >= REKEY_AFTER_MESSAGES))
+                            || (receiving && age >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT))
                 }
             };
             let unanswered = self
@@ -169,26 +157,19 @@ impl Timers {
                     (Some(_), None) => true,
                     _ => false,
                 };
-                if owe_reply
-                    && seen
-                        .data_received
-                        .is_some_and(|r| elapsed(r) >= KEEPALIVE_TIMEOUT)
-                {
+                if owe_reply && seen.data_received.is_some_and(|r| elapsed(r) >= KEEPALIVE_TIMEOUT) {
                     return Some(TimerAction::SendKeepalive);
                 }
-                if let Some(interval) = self.persistent_keepalive {
-                    if seen.any_sent.is_none_or(|s| elapsed(s) >= interval) {
-                        return Some(TimerAction::SendKeepalive);
-                    }
+                if self
+                    .persistent_keepalive
+                    .is_some_and(|i| seen.any_sent.is_none_or(|s| elapsed(s) >= i))
+                {
+                    return Some(TimerAction::SendKeepalive);
                 }
             }
         }
 
-        if !self.keys_erased
-            && self
-                .last_session
-                .is_some_and(|t| elapsed(t) >= 3 * REJECT_AFTER_TIME)
-        {
+        if !self.keys_erased && self.last_session.is_some_and(|t| elapsed(t) >= 3 * REJECT_AFTER_TIME) {
             self.keys_erased = true;
             return Some(TimerAction::EraseKeys);
         }
@@ -215,10 +196,7 @@ mod tests {
         let t0 = Instant::now();
         let mut t = Timers::new(None);
         t.want_session();
-        assert_eq!(
-            t.poll(t0, Activity::default(), None),
-            Some(TimerAction::SendInitiation)
-        );
+        assert_eq!(t.poll(t0, Activity::default(), None), Some(TimerAction::SendInitiation));
         t.initiation_sent(t0, Duration::ZERO);
         assert_eq!(t.poll(t0 + 4 * S, Activity::default(), None), None);
         let mut now = t0 + REKEY_TIMEOUT;
@@ -333,9 +311,6 @@ mod tests {
             t.poll(t0 + 3 * REJECT_AFTER_TIME, Activity::default(), None),
             Some(TimerAction::EraseKeys)
         );
-        assert_eq!(
-            t.poll(t0 + 3 * REJECT_AFTER_TIME + S, Activity::default(), None),
-            None
-        );
+        assert_eq!(t.poll(t0 + 3 * REJECT_AFTER_TIME + S, Activity::default(), None), None);
     }
 }

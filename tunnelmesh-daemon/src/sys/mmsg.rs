@@ -115,36 +115,44 @@ impl Batch {
         Ok(got as usize)
     }
 
-    /// Send slots `0..n` (as set by [`Batch::set_send`]). Returns how many the kernel took.
-    pub fn send(&mut self, fd: BorrowedFd<'_>, n: usize) -> io::Result<usize> {
+    /// Send slots `0..n` (as set by [`Batch::set_send`]). A message the kernel refuses (say, an
+    /// unreachable destination) is skipped and counted; the rest of the batch still goes out.
+    pub fn send(&mut self, fd: BorrowedFd<'_>, n: usize) -> SendOutcome {
         self.prepare(n, false);
-        let mut sent = 0;
-        while sent < n {
-            // SAFETY: `hdrs[sent..n]` point at valid iovecs/addresses owned by `self`.
+        let mut outcome = SendOutcome::default();
+        let mut next = 0;
+        while next < n {
+            // SAFETY: `hdrs[next..n]` point at valid iovecs/addresses owned by `self`.
             let rc = unsafe {
                 libc::sendmmsg(
                     fd.as_raw_fd(),
-                    self.hdrs[sent..].as_mut_ptr(),
-                    (n - sent) as libc::c_uint,
+                    self.hdrs[next..].as_mut_ptr(),
+                    (n - next) as libc::c_uint,
                     0,
                 )
             };
             if rc < 0 {
                 let err = io::Error::last_os_error();
-                match err.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    // An unreachable or refused destination fails one message; skip it.
-                    _ if sent + 1 <= n => {
-                        sent += 1;
-                        continue;
-                    }
-                    _ => return Err(err),
+                if err.kind() != io::ErrorKind::Interrupted {
+                    next += 1;
+                    outcome.failed += 1;
+                    outcome.last_error = Some(err);
                 }
+                continue;
             }
-            sent += rc as usize;
+            next += rc as usize;
+            outcome.sent += rc as usize;
         }
-        Ok(sent)
+        outcome
     }
+}
+
+/// What a batched send did.
+#[derive(Debug, Default)]
+pub struct SendOutcome {
+    pub sent: usize,
+    pub failed: usize,
+    pub last_error: Option<io::Error>,
 }
 
 fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
@@ -164,12 +172,7 @@ fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
             let port = u16::from_be(a.sin6_port);
             Some(match ip.to_ipv4_mapped() {
                 Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
-                None => SocketAddr::V6(SocketAddrV6::new(
-                    ip,
-                    port,
-                    a.sin6_flowinfo,
-                    a.sin6_scope_id,
-                )),
+                None => SocketAddr::V6(SocketAddrV6::new(ip, port, a.sin6_flowinfo, a.sin6_scope_id)),
             })
         }
         _ => None,
@@ -187,8 +190,6 @@ fn to_storage(addr: SocketAddr, s: &mut libc::sockaddr_storage) {
     a.sin6_family = libc::AF_INET6 as libc::sa_family_t;
     a.sin6_port = port.to_be();
     a.sin6_flowinfo = 0;
-    a.sin6_addr = libc::in6_addr {
-        s6_addr: ip.octets(),
-    };
+    a.sin6_addr = libc::in6_addr { s6_addr: ip.octets() };
     a.sin6_scope_id = scope;
 }

@@ -3,6 +3,7 @@
 //! This is the only place with `unsafe` in the daemon. Every block carries a `// SAFETY:` line;
 //! everything above this module is safe Rust.
 
+pub mod bpffs;
 pub mod mmsg;
 pub mod poll;
 pub mod tun;

@@ -7,10 +7,7 @@ use std::{
 };
 
 /// Wait until any of `fds` is readable or `timeout` passes; returns which are readable.
-pub fn readable<const N: usize>(
-    fds: [BorrowedFd<'_>; N],
-    timeout: Duration,
-) -> io::Result<[bool; N]> {
+pub fn readable<const N: usize>(fds: [BorrowedFd<'_>; N], timeout: Duration) -> io::Result<[bool; N]> {
     let mut pfds = fds.map(|fd| libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,

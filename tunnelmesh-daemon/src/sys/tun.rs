@@ -66,9 +66,5 @@ pub fn read(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
 pub fn write(fd: &OwnedFd, packet: &[u8]) -> io::Result<()> {
     // SAFETY: `packet` is valid for reads of `packet.len()` bytes for the duration of the call.
     let n = unsafe { libc::write(fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
