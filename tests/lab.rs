@@ -317,6 +317,11 @@ impl Lab {
         }
     }
 
+    /// Process id of node `i`'s daemon, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].process.as_ref().map(Child::id)
+    }
+
     /// The daemon's log so far.
     pub fn log(&self, i: usize) -> String {
         fs::read_to_string(&self.nodes[i].log).unwrap_or_default()

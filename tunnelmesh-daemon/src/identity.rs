@@ -26,7 +26,7 @@ pub enum IdentityError {
     #[error("identity key {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
     Permissions { path: String, mode: u32 },
     #[error(
-        "{path} is not an OpenSSH private key ({reason}); TunnelMesh needs an ed25519 key: run `ssh-keygen -t ed25519 -f {path}`"
+        "{path} is not an OpenSSH private key ({reason}); TunnelMesh needs an ed25519 key: run `ssh-keygen -t ed25519 -f <new path>` and pass it with --identity"
     )]
     NotOpenSsh { path: String, reason: String },
     #[error(
@@ -41,6 +41,18 @@ pub enum IdentityError {
     WrongPassphrase { path: String },
     #[error("{0:?} is not an OpenSSH ed25519 public key line ({1}); expected `ssh-ed25519 AAAA… [comment]`")]
     BadPublicLine(String, String),
+}
+
+/// How OpenSSH users name a key type ("RSA", "ECDSA", …).
+fn algorithm_name(algorithm: &Algorithm) -> String {
+    match algorithm {
+        Algorithm::Rsa { .. } => "RSA".into(),
+        Algorithm::Ecdsa { .. } => "ECDSA".into(),
+        Algorithm::Dsa => "DSA".into(),
+        Algorithm::SkEd25519 => "a FIDO security-key ed25519 key (ed25519-sk)".into(),
+        Algorithm::SkEcdsaSha2NistP256 => "a FIDO security-key ECDSA key (ecdsa-sk)".into(),
+        other => other.to_string(),
+    }
 }
 
 /// The public half of a node identity: its SSH public key and the derived Noise key.
@@ -144,7 +156,7 @@ impl Identity {
         if key.algorithm() != Algorithm::Ed25519 {
             return Err(IdentityError::NotEd25519 {
                 path: shown,
-                algorithm: key.algorithm().to_string(),
+                algorithm: algorithm_name(&key.algorithm()),
             });
         }
         let key = if key.is_encrypted() {
