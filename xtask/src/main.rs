@@ -8,8 +8,9 @@
 
 use std::{
     env, fs,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 /// Stable toolchain for the workspace (aya 0.16 needs rustc >= 1.98).
@@ -36,9 +37,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
         Some("build-ebpf") => setup().and_then(|_| build_ebpf()),
-        Some("test") => setup()
-            .and_then(|_| build_ebpf())
-            .and_then(|_| test(&args[1..])),
+        Some("test") => setup().and_then(|_| build_ebpf()).and_then(|_| test(&args[1..])),
         Some("demo") => setup()
             .and_then(|_| build_ebpf())
             .and_then(|_| lab_binary("tunnelmesh-demo", &args[1..])),
@@ -70,9 +69,7 @@ fn root() -> PathBuf {
 
 fn run(cmd: &mut Command) -> Result {
     eprintln!("xtask: running {cmd:?}");
-    let status = cmd
-        .status()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let status = cmd.status().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -81,9 +78,7 @@ fn run(cmd: &mut Command) -> Result {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let out = cmd.output().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "{cmd:?} failed: {}",
@@ -132,29 +127,14 @@ fn ensure_toolchain(name: &str, components: &[&str]) -> Result {
     let installed = output(Command::new("rustup").args(["toolchain", "list"]))?;
     let have_toolchain = installed.lines().any(|l| l.starts_with(name));
     let have_components = have_toolchain && {
-        let list = output(Command::new("rustup").args([
-            "component",
-            "list",
-            "--installed",
-            "--toolchain",
-            name,
-        ]))?;
-        components
-            .iter()
-            .all(|c| list.lines().any(|l| l.starts_with(c)))
+        let list = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", name]))?;
+        components.iter().all(|c| list.lines().any(|l| l.starts_with(c)))
     };
     if have_components {
         return Ok(());
     }
     let mut cmd = Command::new("rustup");
-    cmd.args([
-        "toolchain",
-        "install",
-        name,
-        "--profile",
-        "minimal",
-        "--no-self-update",
-    ]);
+    cmd.args(["toolchain", "install", name, "--profile", "minimal", "--no-self-update"]);
     for c in components {
         cmd.args(["--component", c]);
     }
@@ -192,10 +172,7 @@ fn nightly_llvm() -> Result<(PathBuf, String)> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("libLLVM.so."))
         })
-        .ok_or(format!(
-            "{} has no libLLVM.so.*; is {NIGHTLY} complete?",
-            lib.display()
-        ))?;
+        .ok_or(format!("{} has no libLLVM.so.*; is {NIGHTLY} complete?", lib.display()))?;
     let name = so.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     let major = name
         .trim_start_matches("libLLVM.so.")
@@ -227,13 +204,9 @@ fn ensure_bpf_linker() -> Result {
     let prefix = root.join("llvm-prefix");
     let lib = prefix.join("lib");
     fs::create_dir_all(&lib).map_err(|e| format!("cannot create {}: {e}", lib.display()))?;
-    for link in [
-        lib.join("libLLVM.so"),
-        lib.join(so.file_name().expect("file")),
-    ] {
+    for link in [lib.join("libLLVM.so"), lib.join(so.file_name().expect("file"))] {
         let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(&so, &link)
-            .map_err(|e| format!("cannot link {}: {e}", link.display()))?;
+        std::os::unix::fs::symlink(&so, &link).map_err(|e| format!("cannot link {}: {e}", link.display()))?;
     }
     run(cargo(STABLE)
         .args([
@@ -277,11 +250,9 @@ fn ensure_apt_packages() -> Result {
 
 fn build_ebpf() -> Result {
     let linker_bin = bpf_linker_root()?.join("bin");
-    let path = env::join_paths(
-        std::iter::once(linker_bin)
-            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
-    )
-    .map_err(|e| e.to_string())?;
+    let path =
+        env::join_paths(std::iter::once(linker_bin).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())))
+            .map_err(|e| e.to_string())?;
     let ebpf_dir = root().join("tunnelmesh-ebpf");
     run(cargo(NIGHTLY)
         .current_dir(&ebpf_dir)
@@ -301,8 +272,7 @@ fn build_ebpf() -> Result {
         ))?;
     let built = ebpf_dir.join("target/bpfel-unknown-none/release/tunnelmesh-ebpf");
     let dest_dir = root().join("target/bpf");
-    fs::create_dir_all(&dest_dir)
-        .map_err(|e| format!("cannot create {}: {e}", dest_dir.display()))?;
+    fs::create_dir_all(&dest_dir).map_err(|e| format!("cannot create {}: {e}", dest_dir.display()))?;
     let dest = dest_dir.join("tunnelmesh.bpf.o");
     // Copy only on change, so the daemon is not rebuilt needlessly.
     let new = fs::read(&built).map_err(|e| format!("cannot read {}: {e}", built.display()))?;
@@ -328,11 +298,39 @@ fn test(extra: &[String]) -> Result {
     ]))?;
     run(cargo(STABLE).args(["build", "--release", "-p", "tunnelmesh-daemon"]))?;
     let bin = root().join("target/release/tunnelmesh");
-    run(cargo(STABLE)
-        .args(["test", "--workspace", "--release"])
+    let mut cmd = cargo(STABLE);
+    cmd.args(["test", "--workspace", "--release"])
         .args(extra)
         .args(["--", "--test-threads=1"])
-        .env("TUNNELMESH_BIN", &bin))
+        .env("TUNNELMESH_BIN", &bin)
+        .stdout(Stdio::piped());
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start cargo test: {e}"))?;
+    // Echo the output and add up every test binary's "test result:" line.
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        println!("{line}");
+        if let Some(summary) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                summary
+                    .split([';', '.'])
+                    .find_map(|part| part.trim().strip_suffix(word)?.trim().parse::<u64>().ok())
+            };
+            passed += count("passed").unwrap_or(0);
+            failed += count("failed").unwrap_or(0);
+            ignored += count("ignored").unwrap_or(0);
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() || failed > 0 {
+        return Err(format!("cargo test failed ({status})"));
+    }
+    if passed == 0 {
+        return Err("cargo test ran no test".into());
+    }
+    Ok(())
 }
 
 /// Run one of the lab binaries (demo, bench) from the tests crate, release build.
