@@ -68,7 +68,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("mesh public key: {}", id.public().noise_public_base64());
             Ok(())
         }
-        Command::Up { config, identity } => daemon::up(&config, identity.as_deref()),
+        Command::Up { config, identity } => daemon::up_static(&config, identity.as_deref()),
         Command::Status { interface, json } => {
             let interface = match interface {
                 Some(i) => i,
@@ -98,6 +98,13 @@ fn print_status(s: &status::Status) {
         s.interface, s.listen_port, s.mtu, s.uptime_secs
     );
     println!("  identity: {}", s.fingerprint);
+    println!("  addresses: {}", s.addresses.join(", "));
+    if let Some(c) = &s.coordinator {
+        println!("  coordinator: {} ({})", c.url, c.state);
+        if let Some(e) = &c.last_error {
+            println!("    last error: {e}");
+        }
+    }
     println!("  public key: {}", s.public_key);
     println!("  enforcement: {}", s.fastpath.enforcement);
     if !s.fastpath.xdp_interfaces.is_empty() {

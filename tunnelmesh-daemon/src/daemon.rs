@@ -10,11 +10,13 @@ use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
     sync::{Arc, Mutex, atomic::Ordering},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;
+use ipnet::IpNet;
 use signal_hook::{
     consts::{SIGINT, SIGTERM},
     iterator::Signals,
@@ -25,12 +27,11 @@ use zeroize::Zeroizing;
 use crate::{
     config::Config,
     dataplane,
-    device::{Clock, Counters, Device, Peer, handshaker::Handshaker},
+    device::{Clock, Counters, Device, PeerSpec, PeerTable, handshaker::Handshaker},
     fastpath::Shield,
     identity::{DEFAULT_IDENTITY, Identity},
     netconf,
-    noise::LocalStatic,
-    routing::AllowedIps,
+    noise::{LocalStatic, MeshKey},
     status::{self, FastpathStatus},
     sys::tun,
 };
@@ -38,21 +39,32 @@ use crate::{
 /// Queue of events from workers to the handshake thread.
 const EVENT_QUEUE: usize = 4096;
 
-pub fn up(config_path: &Path, identity_override: Option<&Path>) -> Result<()> {
+/// Everything needed to bring a mesh interface up, whatever its source (static file or
+/// coordinator).
+pub struct InterfacePlan {
+    pub name: String,
+    pub mtu: usize,
+    pub listen_port: u16,
+    pub workers: usize,
+    pub addresses: Vec<IpNet>,
+    /// Extra routes into the interface (static mode: every peer's allowed IPs).
+    pub routes: Vec<IpNet>,
+    pub xdp_interfaces: Vec<String>,
+    pub no_ebpf: bool,
+    pub peers: Vec<PeerSpec>,
+    pub mesh_keys: Vec<MeshKey>,
+}
+
+/// `tunnelmesh up --config FILE`.
+pub fn up_static(config_path: &Path, identity_override: Option<&Path>) -> Result<()> {
     let config = Config::load(config_path)?;
     let identity_path = identity_override
         .map(Path::to_path_buf)
         .or_else(|| config.interface.identity.clone())
         .unwrap_or_else(|| DEFAULT_IDENTITY.into());
     let identity = Identity::load(&identity_path)?;
-    let iface = &config.interface;
-    let mtu = config.mtu() as usize;
-
     let mut peers = Vec::new();
-    let mut by_key = HashMap::new();
-    let mut routes = AllowedIps::default();
-    let mut route_list = Vec::new();
-    for (i, pc) in config.peers.iter().enumerate() {
+    for pc in &config.peers {
         let key = &pc.public_key.get_ref().0;
         if key == identity.public() {
             bail!(
@@ -61,128 +73,163 @@ pub fn up(config_path: &Path, identity_override: Option<&Path>) -> Result<()> {
                 key.fingerprint()
             );
         }
-        let name = pc.name.clone().unwrap_or_else(|| match key.comment() {
-            "" => key.fingerprint(),
-            c => c.to_string(),
+        peers.push(PeerSpec {
+            name: pc.name.clone().unwrap_or_else(|| match key.comment() {
+                "" => key.fingerprint(),
+                c => c.to_string(),
+            }),
+            identity: key.clone(),
+            allowed_ips: pc.allowed_ips.clone(),
+            endpoint: pc.endpoint,
+            persistent_keepalive: (pc.persistent_keepalive > 0)
+                .then(|| Duration::from_secs(pc.persistent_keepalive.into())),
         });
-        for net in &pc.allowed_ips {
-            routes.insert(*net, i);
-            route_list.push(*net);
-        }
-        by_key.insert(*key.noise_public(), i);
-        let keepalive = (pc.persistent_keepalive > 0).then(|| Duration::from_secs(pc.persistent_keepalive.into()));
-        peers.push(Peer::new(
-            name,
-            key.clone(),
-            pc.allowed_ips.clone(),
-            pc.endpoint,
-            keepalive,
-        ));
     }
-
-    let workers = match iface.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
+    let iface = &config.interface;
+    let plan = InterfacePlan {
+        name: iface.name.clone(),
+        mtu: config.mtu() as usize,
+        listen_port: iface.listen_port,
+        workers: iface.workers,
+        addresses: iface.addresses.clone(),
+        routes: config
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect(),
+        xdp_interfaces: iface.xdp_interfaces.clone(),
+        no_ebpf: iface.no_ebpf,
+        peers,
+        mesh_keys: vec![iface.mesh_key.0.clone()],
     };
-    let queues = (0..workers)
-        .map(|_| tun::open_queue(&iface.name))
-        .collect::<std::io::Result<Vec<_>>>()
-        .with_context(|| {
+    let running = Interface::start(&identity, plan)?;
+    running.wait_for_signal()
+}
+
+/// A running mesh interface: its device, threads and fast path.
+pub struct Interface {
+    pub dev: Arc<Device>,
+    threads: Vec<JoinHandle<()>>,
+    shield: Arc<Mutex<Result<Shield, String>>>,
+}
+
+impl Interface {
+    /// Create the TUN device, sockets, fast path and threads described by `plan`.
+    pub fn start(identity: &Identity, plan: InterfacePlan) -> Result<Interface> {
+        if plan.mesh_keys.is_empty() {
+            bail!("no mesh key: a static config needs mesh_key, a coordinator sends it");
+        }
+        let workers = match plan.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let queues = (0..workers)
+            .map(|_| tun::open_queue(&plan.name))
+            .collect::<std::io::Result<Vec<_>>>()
+            .with_context(|| {
+                format!(
+                    "cannot create TUN device {} (needs root or CAP_NET_ADMIN, and /dev/net/tun)",
+                    plan.name
+                )
+            })?;
+        let sockets = dataplane::bind_sockets(plan.listen_port, workers).with_context(|| {
             format!(
-                "cannot create TUN device {} (needs root or CAP_NET_ADMIN, and /dev/net/tun)",
-                iface.name
+                "cannot bind UDP port {}; is another tunnelmesh or WireGuard using it? choose another listen port",
+                plan.listen_port
             )
         })?;
-    let sockets = dataplane::bind_sockets(iface.listen_port, workers).with_context(|| {
-        format!(
-            "cannot bind UDP port {}; is another tunnelmesh or WireGuard using it? set listen_port",
-            iface.listen_port
-        )
-    })?;
-    let listen_port = sockets[0].local_addr()?.port();
-    netconf::configure(&iface.name, mtu, &iface.addresses, &route_list)?;
+        let listen_port = sockets[0].local_addr()?.port();
+        netconf::configure(&plan.name, plan.mtu, &plan.addresses, &plan.routes)?;
 
-    let shield = if iface.no_ebpf {
-        Err("disabled by no_ebpf".to_string())
-    } else {
-        let targets = if iface.xdp_interfaces.is_empty() {
-            netconf::underlay_interfaces(&iface.name).map_err(|e| e.to_string())
+        let shield = if plan.no_ebpf {
+            Err("disabled by no_ebpf".to_string())
         } else {
-            Ok(iface.xdp_interfaces.clone())
+            let targets = if plan.xdp_interfaces.is_empty() {
+                netconf::underlay_interfaces(&plan.name).map_err(|e| e.to_string())
+            } else {
+                Ok(plan.xdp_interfaces.clone())
+            };
+            targets.and_then(|t: Vec<String>| Shield::attach(listen_port, &t, &plan.name).map_err(|e| e.to_string()))
         };
-        targets.and_then(|t: Vec<String>| Shield::attach(listen_port, &t, &iface.name).map_err(|e| e.to_string()))
-    };
-    match &shield {
-        Ok(s) => info!(interfaces = ?s.interfaces, mode = s.mode, "XDP shield attached"),
-        Err(e) => {
-            warn!("eBPF fast path unavailable ({e}); the daemon checks every datagram itself")
+        match &shield {
+            Ok(s) => info!(interfaces = ?s.interfaces, mode = s.mode, "XDP shield attached"),
+            Err(e) => warn!("eBPF fast path unavailable ({e}); the daemon checks every datagram itself"),
         }
+
+        let (tx, rx) = crossbeam_channel::bounded(EVENT_QUEUE);
+        let now = Instant::now();
+        let dev = Arc::new(Device {
+            interface: plan.name.clone(),
+            mtu: plan.mtu,
+            listen_port,
+            local: identity.public().clone(),
+            addresses: plan.addresses.clone(),
+            peers: ArcSwap::from_pointee(PeerTable::build(plan.peers, &PeerTable::default())),
+            mesh_keys: ArcSwap::from_pointee(plan.mesh_keys),
+            sessions: ArcSwap::from_pointee(HashMap::new()),
+            counters: Counters::default(),
+            clock: Clock::new(now),
+            events: tx,
+            shutdown: Default::default(),
+            started: now,
+            control: Default::default(),
+        });
+        let local = LocalStatic {
+            secret: Zeroizing::new(*identity.noise_secret()),
+            public: *identity.public().noise_public(),
+        };
+        let handshake_socket = sockets[0].try_clone()?;
+        let status_listener =
+            status::bind(&plan.name).context("cannot create the status socket under /run/tunnelmesh")?;
+
+        let mut threads = dataplane::start(dev.clone(), queues, sockets)?;
+        let handshaker = Handshaker::new(dev.clone(), local, handshake_socket, rx);
+        threads.push(
+            std::thread::Builder::new()
+                .name("tm-handshake".into())
+                .spawn(move || handshaker.run())?,
+        );
+        let shield = Arc::new(Mutex::new(shield));
+        let shield_for_status = shield.clone();
+        let fastpath_status =
+            Box::new(move || fastpath_status(&shield_for_status.lock().unwrap_or_else(|p| p.into_inner())));
+        let status_dev = dev.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("tm-status".into())
+                .spawn(move || status::serve(status_dev, status_listener, fastpath_status))?,
+        );
+        info!(
+            interface = %dev.interface,
+            port = listen_port,
+            fingerprint = %dev.local.fingerprint(),
+            public_key = %dev.local.noise_public_base64(),
+            peers = dev.peers.load().peers.len(),
+            workers,
+            "tunnelmesh is up"
+        );
+        Ok(Interface { dev, threads, shield })
     }
 
-    let (tx, rx) = crossbeam_channel::bounded(EVENT_QUEUE);
-    let now = Instant::now();
-    let dev = Arc::new(Device {
-        interface: iface.name.clone(),
-        mtu,
-        listen_port,
-        local: identity.public().clone(),
-        peers,
-        by_key,
-        routes,
-        sessions: ArcSwap::from_pointee(HashMap::new()),
-        counters: Counters::default(),
-        clock: Clock::new(now),
-        events: tx,
-        shutdown: Default::default(),
-        started: now,
-    });
-    let local = LocalStatic {
-        secret: Zeroizing::new(*identity.noise_secret()),
-        public: *identity.public().noise_public(),
-        psk: config.interface.mesh_key.0.clone(),
-    };
-    let handshake_socket = sockets[0].try_clone()?;
-    let status_listener = status::bind(&iface.name).context("cannot create the status socket under /run/tunnelmesh")?;
-
-    let mut threads = dataplane::start(dev.clone(), queues, sockets)?;
-    let handshaker = Handshaker::new(dev.clone(), local, handshake_socket, rx);
-    threads.push(
-        std::thread::Builder::new()
-            .name("tm-handshake".into())
-            .spawn(move || handshaker.run())?,
-    );
-    let shield = Arc::new(Mutex::new(shield));
-    let shield_for_status = shield.clone();
-    let fastpath_status =
-        Box::new(move || fastpath_status(&shield_for_status.lock().unwrap_or_else(|p| p.into_inner())));
-    let status_dev = dev.clone();
-    threads.push(
-        std::thread::Builder::new()
-            .name("tm-status".into())
-            .spawn(move || status::serve(status_dev, status_listener, fastpath_status))?,
-    );
-
-    info!(
-        interface = %dev.interface,
-        port = listen_port,
-        fingerprint = %dev.local.fingerprint(),
-        public_key = %dev.local.noise_public_base64(),
-        peers = dev.peers.len(),
-        workers,
-        "tunnelmesh is up"
-    );
-
-    let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let signal = signals.forever().next();
-    info!(?signal, "shutting down");
-    dev.shutdown.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
+    /// Run until SIGINT or SIGTERM, then shut down cleanly.
+    pub fn wait_for_signal(self) -> Result<()> {
+        let mut signals = Signals::new([SIGINT, SIGTERM])?;
+        let signal = signals.forever().next();
+        info!(?signal, "shutting down");
+        self.shutdown();
+        Ok(())
     }
-    // The status thread is gone, so this is the last reference: detach XDP, remove the pins.
-    drop(shield);
-    let _ = std::fs::remove_file(status::socket_path(&dev.interface));
-    Ok(())
+
+    /// Stop the threads, detach the fast path, remove the pins and the status socket.
+    pub fn shutdown(self) {
+        self.dev.shutdown.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        // The status thread is gone, so this is the last reference: detach XDP, remove the pins.
+        drop(self.shield);
+        let _ = std::fs::remove_file(status::socket_path(&self.dev.interface));
+    }
 }
 
 fn fastpath_status(shield: &Result<Shield, String>) -> FastpathStatus {

@@ -13,13 +13,16 @@ use rand::RngCore;
 use zeroize::Zeroizing;
 
 use crate::{
-    noise::{CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, MacVerdict, Tai64n, consume_initiation},
+    noise::{
+        CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, MacVerdict, MeshKey, Tai64n, consume_initiation,
+    },
     session::Keypair,
     wire,
 };
 
 struct Pair {
     ours: LocalStatic,
+    psk: MeshKey,
     theirs: Tunn,
     their_public: [u8; 32],
 }
@@ -31,7 +34,6 @@ fn pair(our_psk: [u8; 32], their_psk: [u8; 32]) -> Pair {
     let ours = LocalStatic {
         public: MontgomeryPoint::mul_base_clamped(our_secret).to_bytes(),
         secret: Zeroizing::new(our_secret),
-        psk: Zeroizing::new(our_psk),
     };
     let mut their_secret = [0u8; 32];
     rng.fill_bytes(&mut their_secret);
@@ -47,6 +49,7 @@ fn pair(our_psk: [u8; 32], their_psk: [u8; 32]) -> Pair {
     );
     Pair {
         ours,
+        psk: Zeroizing::new(our_psk),
         theirs,
         their_public,
     }
@@ -119,7 +122,7 @@ fn describe(r: &TunnResult<'_>) -> String {
 fn we_initiate_to_boringtun_and_exchange_data_both_ways() {
     let mut p = pair([42; 32], [42; 32]);
     let now = Instant::now();
-    let (handshake, mut init) = InitiatorHandshake::start(&p.ours, &p.their_public, 1234, Tai64n::now());
+    let (handshake, mut init) = InitiatorHandshake::start(&p.ours, &p.psk, &p.their_public, 1234, Tai64n::now());
     CookieJar::new(&p.their_public).stamp(&mut init, now);
     let mut out = [0u8; 2048];
     let response = match p.theirs.decapsulate(None, &init, &mut out) {
@@ -152,7 +155,7 @@ fn boringtun_initiates_to_us_and_we_exchange_data_both_ways() {
         checker.verify(&init, "198.18.0.2:51820".parse().unwrap(), false, now),
         MacVerdict::Accept
     );
-    let received = consume_initiation(&p.ours, &init).expect("we read boringtun's initiation");
+    let received = consume_initiation(&p.ours, &p.psk, &init).expect("we read boringtun's initiation");
     assert_eq!(received.remote_public, p.their_public);
     assert!(received.timestamp > Tai64n::default());
     let (mut response, keys) = received.respond(555);
@@ -174,7 +177,7 @@ fn a_different_mesh_key_never_yields_a_session_with_boringtun() {
     let mut p = pair([1; 32], [2; 32]);
     let now = Instant::now();
     // We initiate: boringtun answers, but the response cannot authenticate for us.
-    let (handshake, mut init) = InitiatorHandshake::start(&p.ours, &p.their_public, 1, Tai64n::now());
+    let (handshake, mut init) = InitiatorHandshake::start(&p.ours, &p.psk, &p.their_public, 1, Tai64n::now());
     CookieJar::new(&p.their_public).stamp(&mut init, now);
     let mut out = [0u8; 2048];
     let response = match p.theirs.decapsulate(None, &init, &mut out) {
@@ -188,7 +191,7 @@ fn a_different_mesh_key_never_yields_a_session_with_boringtun() {
         TunnResult::WriteToNetwork(m) => m.to_vec(),
         other => panic!("unexpected: {}", describe(&other)),
     };
-    let (mut response, _) = consume_initiation(&p.ours, &init).unwrap().respond(2);
+    let (mut response, _) = consume_initiation(&p.ours, &p.psk, &init).unwrap().respond(2);
     CookieJar::new(&p.their_public).stamp(&mut response, now);
     assert!(matches!(
         p.theirs.decapsulate(None, &response, &mut out),

@@ -16,7 +16,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::{Counters, Device};
+use crate::device::{ControlState, Counters, Device};
 
 /// Directory of the status sockets.
 pub const RUN_DIR: &str = "/run/tunnelmesh";
@@ -50,6 +50,8 @@ pub struct FastpathStatus {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
     pub interface: String,
+    pub addresses: Vec<String>,
+    pub coordinator: Option<ControlState>,
     pub fingerprint: String,
     pub public_key: String,
     pub listen_port: u16,
@@ -66,6 +68,8 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
     let counters = dev.counters.by_name();
     Status {
         interface: dev.interface.clone(),
+        addresses: dev.addresses.iter().map(|a| a.to_string()).collect(),
+        coordinator: dev.control.load().as_deref().cloned(),
         fingerprint: dev.local.fingerprint(),
         public_key: dev.local.noise_public_base64(),
         listen_port: dev.listen_port,
@@ -74,6 +78,8 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
         counters,
         fastpath: fastpath(),
         peers: dev
+            .peers
+            .load()
             .peers
             .iter()
             .map(|p| {

@@ -11,7 +11,7 @@ use tracing::{debug, error};
 
 use super::BATCH;
 use crate::{
-    device::{ActivityStamps, Counters, Device, Event, IndexEntry, KeySet},
+    device::{ActivityStamps, Counters, Device, Event, IndexEntry, KeySet, PeerTable},
     routing::inner_addrs,
     session::{DecryptError, sealed_len},
     sys::{mmsg::Batch, poll, tun},
@@ -68,6 +68,7 @@ impl Worker {
         let mtu = self.dev.mtu;
         loop {
             let now = Instant::now();
+            let table = self.dev.peers.load();
             let mut n = 0;
             while n < BATCH {
                 let buf = self.tx.buf_mut(n);
@@ -79,7 +80,7 @@ impl Worker {
                         break;
                     }
                 };
-                if let Some((sealed, dst)) = seal_outbound(&self.dev, self.tx.buf_mut(n), len, now) {
+                if let Some((sealed, dst)) = seal_outbound(&self.dev, &table, self.tx.buf_mut(n), len, now) {
                     self.tx.set_send(n, sealed, dst);
                     n += 1;
                 }
@@ -115,12 +116,13 @@ impl Worker {
             }
             let now = Instant::now();
             let sessions = self.dev.sessions.load();
+            let table = self.dev.peers.load();
             for i in 0..got {
                 let (msg, src) = self.rx.packet_mut(i);
                 match wire::classify(msg) {
                     Err(_) => Counters::bump(&self.dev.counters.rx_malformed),
                     Ok(Kind::Data) => match sessions.get(&wire::receiver_index(msg)) {
-                        Some(entry) => open_inbound(&self.dev, &self.tun, entry, msg, src, now),
+                        Some(entry) => open_inbound(&self.dev, &table, &self.tun, entry, msg, src, now),
                         None => {
                             Counters::bump(&self.dev.counters.rx_unknown_index);
                             if self
@@ -149,17 +151,22 @@ impl Worker {
 
 /// Route and seal one packet read from TUN into `buf[16..16 + len]`; the destination to send to.
 #[inline]
-fn seal_outbound(dev: &Device, buf: &mut [u8], len: usize, now: Instant) -> Option<(usize, SocketAddr)> {
+fn seal_outbound(
+    dev: &Device,
+    table: &PeerTable,
+    buf: &mut [u8],
+    len: usize,
+    now: Instant,
+) -> Option<(usize, SocketAddr)> {
     let packet = &buf[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + len];
-    let Some(p) = inner_addrs(packet).and_then(|(_, dst, _)| dev.routes.lookup(dst)) else {
+    let Some(peer) = inner_addrs(packet).and_then(|(_, dst, _)| table.route(dst)) else {
         Counters::bump(&dev.counters.tx_no_route);
         return None;
     };
-    let peer = &dev.peers[p];
     let keys = peer.keys.load();
     let Some(key) = keys.current.as_ref().filter(|k| k.can_send(now)) else {
-        dev.stage(p, packet);
-        dev.request_session(p);
+        dev.stage(peer, packet);
+        dev.request_session(peer);
         return None;
     };
     let Some(endpoint) = peer.endpoint.load().as_deref().copied() else {
@@ -176,7 +183,15 @@ fn seal_outbound(dev: &Device, buf: &mut [u8], len: usize, now: Instant) -> Opti
 
 /// Open one data message and deliver its inner packet if its source belongs to the sender.
 #[inline]
-fn open_inbound(dev: &Device, tun_fd: &OwnedFd, entry: &IndexEntry, msg: &mut [u8], src: SocketAddr, now: Instant) {
+fn open_inbound(
+    dev: &Device,
+    table: &PeerTable,
+    tun_fd: &OwnedFd,
+    entry: &IndexEntry,
+    msg: &mut [u8],
+    src: SocketAddr,
+    now: Instant,
+) {
     let counters = &dev.counters;
     let plain_len = match entry.keypair.open(msg, now) {
         Ok((len, _)) => len,
@@ -184,7 +199,7 @@ fn open_inbound(dev: &Device, tun_fd: &OwnedFd, entry: &IndexEntry, msg: &mut [u
         Err(DecryptError::Auth) => return Counters::bump(&counters.rx_auth_failed),
         Err(DecryptError::Expired) => return Counters::bump(&counters.rx_unknown_index),
     };
-    let peer = &dev.peers[entry.peer];
+    let peer = &entry.peer;
     // First data on a responder key confirms it: promote it to current.
     let keys = peer.keys.load();
     if keys.next.as_ref().is_some_and(|k| Arc::ptr_eq(k, &entry.keypair)) {
@@ -199,7 +214,7 @@ fn open_inbound(dev: &Device, tun_fd: &OwnedFd, entry: &IndexEntry, msg: &mut [u
                 (**ks).clone()
             }
         });
-        let _ = dev.events.try_send(Event::KeyConfirmed(entry.peer));
+        let _ = dev.events.try_send(Event::KeyConfirmed(peer.clone()));
     }
     // Authenticated roaming: the endpoint follows the last authenticated packet.
     if peer.endpoint.load().as_deref() != Some(&src) {
@@ -215,7 +230,7 @@ fn open_inbound(dev: &Device, tun_fd: &OwnedFd, entry: &IndexEntry, msg: &mut [u
     let Some((inner_src, _, total)) = inner_addrs(plain) else {
         return Counters::bump(&counters.rx_bad_inner);
     };
-    if dev.routes.lookup(inner_src) != Some(entry.peer) {
+    if !table.route(inner_src).is_some_and(|owner| Arc::ptr_eq(owner, peer)) {
         return Counters::bump(&counters.rx_spoofed_source);
     }
     if tun::write(tun_fd, &plain[..total]).is_ok() {

@@ -1,8 +1,10 @@
 //! The handshake thread: answers and starts handshakes, runs every peer's timers, installs keys.
 //!
 //! It is the only writer of peers' keys and of the session index table, so none of that needs a
-//! lock. It wakes on an [`Event`] from a worker or every [`TICK`] to poll the timers. Under load
-//! (a long event queue) it answers initiations with cookie replies instead of doing DH.
+//! lock. It wakes on an [`Event`] from a worker or the control plane, or every [`TICK`] to poll
+//! the timers. Under load (a long event queue) it answers initiations with cookie replies
+//! instead of doing DH. When a peer leaves the table (removed, revoked), its keys and index
+//! entries are dropped here, so its sessions end at once.
 
 use std::{
     collections::HashMap,
@@ -15,11 +17,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rand::Rng;
 use tracing::{debug, info, warn};
 
-use super::{Counters, Device, Event, IndexEntry, KeySet};
+use super::{Counters, Device, Event, IndexEntry, KeySet, Peer};
 use crate::{
-    noise::{
-        CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, MacVerdict, SessionKeys, Tai64n, consume_initiation,
-    },
+    noise::{CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, MacVerdict, Tai64n, consume_initiation},
     session::{Keypair, REKEY_TIMEOUT, TimerAction, Timers, sealed_len, timers::CurrentKey},
     wire::{self, Kind},
 };
@@ -39,6 +39,22 @@ struct PeerHandshake {
     greatest_timestamp: Tai64n,
     last_initiation_accepted: Option<Instant>,
     last_initiation_sent: Option<Instant>,
+    /// Initiations sent in this round; alternates the mesh keys during a rotation.
+    attempts: usize,
+}
+
+impl PeerHandshake {
+    fn new(peer: &Peer) -> Self {
+        PeerHandshake {
+            timers: Timers::new(peer.persistent_keepalive),
+            pending: None,
+            jar: CookieJar::new(peer.identity.noise_public()),
+            greatest_timestamp: Tai64n::default(),
+            last_initiation_accepted: None,
+            last_initiation_sent: None,
+            attempts: 0,
+        }
+    }
 }
 
 pub struct Handshaker {
@@ -47,7 +63,7 @@ pub struct Handshaker {
     socket: UdpSocket,
     events: Receiver<Event>,
     checker: CookieChecker,
-    peers: Vec<PeerHandshake>,
+    states: HashMap<[u8; 32], PeerHandshake>,
     scratch: Vec<u8>,
 }
 
@@ -59,32 +75,29 @@ fn dual_stack(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+fn key_of(peer: &Peer) -> [u8; 32] {
+    *peer.identity.noise_public()
+}
+
 impl Handshaker {
     pub fn new(dev: Arc<Device>, local: LocalStatic, socket: UdpSocket, events: Receiver<Event>) -> Self {
-        let now = Instant::now();
-        let peers = dev
-            .peers
-            .iter()
-            .map(|p| PeerHandshake {
-                timers: Timers::new(p.persistent_keepalive),
-                pending: None,
-                jar: CookieJar::new(p.identity.noise_public()),
-                greatest_timestamp: Tai64n::default(),
-                last_initiation_accepted: None,
-                last_initiation_sent: None,
-            })
-            .collect();
-        let checker = CookieChecker::new(&local.public, now);
-        let scratch = vec![0u8; dev.mtu + 64];
+        let checker = CookieChecker::new(&local.public, Instant::now());
+        let scratch = vec![0u8; sealed_len(dev.mtu) + 64];
         Handshaker {
             dev,
             local,
             socket,
             events,
             checker,
-            peers,
+            states: HashMap::new(),
             scratch,
         }
+    }
+
+    fn state(&mut self, peer: &Peer) -> &mut PeerHandshake {
+        self.states
+            .entry(key_of(peer))
+            .or_insert_with(|| PeerHandshake::new(peer))
     }
 
     /// Run until the device shuts down.
@@ -101,8 +114,9 @@ impl Handshaker {
             }
             let now = Instant::now();
             if now >= next_tick {
-                for p in 0..self.peers.len() {
-                    self.poll_timers(p, now);
+                let table = self.dev.peers.load_full();
+                for peer in &table.peers {
+                    self.poll_timers(peer, now);
                 }
                 next_tick = now + TICK;
             }
@@ -117,34 +131,38 @@ impl Handshaker {
                 Ok(Kind::CookieReply) => self.on_cookie_reply(&msg, now),
                 _ => Counters::bump(&self.dev.counters.rx_malformed),
             },
-            Event::NeedSession(p) => {
-                self.peers[p].timers.want_session();
-                self.poll_timers(p, now);
+            Event::NeedSession(peer) => {
+                self.state(&peer).timers.want_session();
+                self.poll_timers(&peer, now);
             }
-            Event::KeyConfirmed(p) => {
-                self.session_established(p, now);
-                self.prune_indices(p);
-                self.flush_staged(p, now);
+            Event::KeyConfirmed(peer) => {
+                self.session_established(&peer, now);
+                self.prune_indices();
+                self.flush_staged(&peer, now);
             }
             Event::StaleSession(src) => {
-                let Some(p) = self
-                    .dev
-                    .peers
-                    .iter()
-                    .position(|peer| peer.endpoint.load().as_deref() == Some(&src))
-                else {
+                let table = self.dev.peers.load_full();
+                let Some(peer) = table.peers.iter().find(|p| p.endpoint.load().as_deref() == Some(&src)) else {
                     return;
                 };
-                let st = &self.peers[p];
+                let st = self.state(peer);
                 let recently = st
                     .last_initiation_sent
                     .is_some_and(|t| now.duration_since(t) < REKEY_TIMEOUT);
                 if !st.timers.handshaking() && !recently {
-                    debug!(peer = %self.dev.peers[p].name, "peer uses a session we do not have; re-handshaking");
-                    self.initiate(p, now);
+                    debug!(peer = %peer.name, "peer uses a session we do not have; re-handshaking");
+                    self.initiate(peer, now);
                 }
             }
+            Event::PeersChanged => self.peers_changed(),
         }
+    }
+
+    /// Forget peers that left the table: their keys, index entries and handshake state.
+    fn peers_changed(&mut self) {
+        let table = self.dev.peers.load_full();
+        self.states.retain(|key, _| table.by_key.contains_key(key));
+        self.prune_indices();
     }
 
     /// mac1/mac2 gate shared by initiations and responses; true if the message may be processed.
@@ -169,16 +187,20 @@ impl Handshaker {
         if !self.macs_ok(msg, src, now) {
             return;
         }
-        let counters = &self.dev.counters;
-        let received = match consume_initiation(&self.local, msg) {
+        let dev = self.dev.clone();
+        let counters = &dev.counters;
+        // PSK enters only in the response, so the initiation reads the same under any mesh key.
+        let mesh_keys = dev.mesh_keys.load();
+        let received = match consume_initiation(&self.local, &mesh_keys[0], msg) {
             Ok(r) => r,
             Err(_) => return Counters::bump(&counters.handshake_rejected),
         };
-        let Some(&p) = self.dev.by_key.get(&received.remote_public) else {
+        let table = dev.peers.load_full();
+        let Some(peer) = table.get(&received.remote_public) else {
             // Not a member: ignore silently (no response, no cookie).
             return Counters::bump(&counters.handshake_rejected);
         };
-        let st = &mut self.peers[p];
+        let st = self.state(peer);
         if received.timestamp <= st.greatest_timestamp {
             return Counters::bump(&counters.handshake_replayed);
         }
@@ -192,19 +214,17 @@ impl Handshaker {
         st.last_initiation_accepted = Some(now);
         let index = self.new_index();
         let (mut response, keys) = received.respond(index);
-        self.peers[p].jar.stamp(&mut response, now);
+        self.state(peer).jar.stamp(&mut response, now);
         if self.socket.send_to(&response, dual_stack(src)).is_err() {
             return;
         }
-        let dev = self.dev.clone();
-        let peer = &dev.peers[p];
         peer.endpoint.store(Some(Arc::new(src)));
         let stamp = dev.clock.stamp(now);
         peer.activity.any_received.store(stamp, Ordering::Relaxed);
         peer.activity.any_sent.store(stamp, Ordering::Relaxed);
         // The key waits as `next` until the initiator's first data message confirms it.
         let keypair = Arc::new(Keypair::new(&keys, now));
-        self.install(p, keypair, |ks, kp| KeySet {
+        self.install(peer, keypair, |ks, kp| KeySet {
             next: Some(kp),
             ..ks.clone()
         });
@@ -216,82 +236,105 @@ impl Handshaker {
             return;
         }
         let receiver = wire::receiver_index(msg);
-        let Some(p) = self
-            .peers
+        let Some(key) = self
+            .states
             .iter()
-            .position(|s| s.pending.as_ref().is_some_and(|h| h.local_index() == receiver))
+            .find(|(_, s)| s.pending.as_ref().is_some_and(|h| h.local_index() == receiver))
+            .map(|(k, _)| *k)
         else {
             return Counters::bump(&self.dev.counters.handshake_rejected);
         };
-        let handshake = self.peers[p].pending.take().expect("found by its pending handshake");
-        let keys: SessionKeys = match handshake.finish(msg) {
+        let table = self.dev.peers.load_full();
+        let Some(peer) = table.get(&key) else {
+            return;
+        };
+        let handshake = self.state(peer).pending.take().expect("found by its pending handshake");
+        let keys = match handshake.finish(msg) {
             Ok(k) => k,
             Err(_) => return Counters::bump(&self.dev.counters.handshake_rejected),
         };
-        let peer = &self.dev.peers[p];
         peer.endpoint.store(Some(Arc::new(src)));
         peer.activity
             .any_received
             .store(self.dev.clock.stamp(now), Ordering::Relaxed);
         let keypair = Arc::new(Keypair::new(&keys, now));
-        self.install(p, keypair, |ks, kp| KeySet {
+        self.install(peer, keypair, |ks, kp| KeySet {
             current: Some(kp),
             previous: ks.current.clone(),
             next: ks.next.clone(),
         });
-        info!(peer = %self.dev.peers[p].name, %src, "session established (initiator)");
-        self.session_established(p, now);
-        if !self.flush_staged(p, now) {
+        info!(peer = %peer.name, %src, "session established (initiator)");
+        self.session_established(peer, now);
+        if !self.flush_staged(peer, now) {
             // Nothing queued: confirm the key to the responder with a keepalive.
-            self.send_keepalive(p, now);
+            self.send_sealed(peer, 0, now);
         }
     }
 
     fn on_cookie_reply(&mut self, msg: &[u8], now: Instant) {
         let receiver = wire::receiver_index(msg);
         let pending = self
-            .peers
-            .iter_mut()
+            .states
+            .values_mut()
             .find(|s| s.pending.as_ref().is_some_and(|h| h.local_index() == receiver));
         if !pending.is_some_and(|st| st.jar.consume_reply(msg, now)) {
             Counters::bump(&self.dev.counters.handshake_rejected);
         }
     }
 
-    /// Replace peer `p`'s key set with `update(old, keypair)` and index the new key.
-    fn install(&mut self, p: usize, keypair: Arc<Keypair>, update: impl Fn(&KeySet, Arc<Keypair>) -> KeySet) {
-        let peer = &self.dev.peers[p];
+    /// Replace `peer`'s key set with `update(old, keypair)` and index the new key.
+    fn install(&mut self, peer: &Arc<Peer>, keypair: Arc<Keypair>, update: impl Fn(&KeySet, Arc<Keypair>) -> KeySet) {
         let index = keypair.local_index;
         peer.keys.store(Arc::new(update(&peer.keys.load(), keypair.clone())));
         let mut table: HashMap<u32, Arc<IndexEntry>> = (**self.dev.sessions.load()).clone();
-        table.insert(index, Arc::new(IndexEntry { peer: p, keypair }));
+        table.insert(
+            index,
+            Arc::new(IndexEntry {
+                peer: peer.clone(),
+                keypair,
+            }),
+        );
         self.dev.sessions.store(Arc::new(table));
-        self.prune_indices(p);
+        self.prune_indices();
     }
 
-    /// Drop index-table entries of peer `p` whose keys it no longer holds.
-    fn prune_indices(&self, p: usize) {
-        let keys = self.dev.peers[p].keys.load();
-        let live: Vec<u32> = [&keys.current, &keys.previous, &keys.next]
-            .into_iter()
-            .flatten()
-            .map(|k| k.local_index)
-            .collect();
+    /// Drop index-table entries whose key their peer no longer holds, or whose peer left.
+    fn prune_indices(&self) {
+        let peers = self.dev.peers.load();
+        let live = |entry: &IndexEntry| {
+            let in_table = peers
+                .get(&key_of(&entry.peer))
+                .is_some_and(|p| Arc::ptr_eq(p, &entry.peer));
+            let keys = entry.peer.keys.load();
+            in_table
+                && [&keys.current, &keys.previous, &keys.next]
+                    .into_iter()
+                    .flatten()
+                    .any(|k| Arc::ptr_eq(k, &entry.keypair))
+        };
         let table = self.dev.sessions.load();
-        if table.iter().any(|(i, e)| e.peer == p && !live.contains(i)) {
+        if table.values().any(|e| !live(e)) {
+            // Peers that left lose their keys too, so nothing can send on them.
+            for entry in table
+                .values()
+                .filter(|e| !peers.get(&key_of(&e.peer)).is_some_and(|p| Arc::ptr_eq(p, &e.peer)))
+            {
+                entry.peer.keys.store(Arc::new(KeySet::default()));
+            }
             let pruned = table
                 .iter()
-                .filter(|(i, e)| e.peer != p || live.contains(i))
+                .filter(|(_, e)| live(e))
                 .map(|(i, e)| (*i, e.clone()))
                 .collect();
             self.dev.sessions.store(Arc::new(pruned));
         }
     }
 
-    fn session_established(&mut self, p: usize, now: Instant) {
-        self.peers[p].timers.session_established(now);
+    fn session_established(&mut self, peer: &Peer, now: Instant) {
+        let st = self.state(peer);
+        st.timers.session_established(now);
+        st.attempts = 0;
         let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let peer = &self.dev.peers[p];
         peer.last_handshake_unix.store(unix, Ordering::Relaxed);
         peer.session_requested.store(false, Ordering::Release);
     }
@@ -303,8 +346,8 @@ impl Handshaker {
         loop {
             let i: u32 = rng.r#gen();
             let pending = self
-                .peers
-                .iter()
+                .states
+                .values()
                 .any(|s| s.pending.as_ref().is_some_and(|h| h.local_index() == i));
             if !table.contains_key(&i) && !pending {
                 return i;
@@ -312,18 +355,23 @@ impl Handshaker {
         }
     }
 
-    fn initiate(&mut self, p: usize, now: Instant) {
-        let peer = &self.dev.peers[p];
+    fn initiate(&mut self, peer: &Peer, now: Instant) {
         let Some(endpoint) = peer.endpoint.load_full() else {
             debug!(peer = %peer.name, "no endpoint known; waiting for the peer to reach us");
             return;
         };
         let index = self.new_index();
+        // During a mesh-key rotation, alternate the keys: a peer that has not switched yet
+        // answers under the previous one.
+        let mesh_keys = self.dev.mesh_keys.load();
+        let attempts = self.state(peer).attempts;
+        let psk = &mesh_keys[attempts % mesh_keys.len()];
         let (handshake, mut msg) =
-            InitiatorHandshake::start(&self.local, peer.identity.noise_public(), index, Tai64n::now());
-        let st = &mut self.peers[p];
+            InitiatorHandshake::start(&self.local, psk, peer.identity.noise_public(), index, Tai64n::now());
+        let st = self.state(peer);
         st.jar.stamp(&mut msg, now);
         st.pending = Some(handshake);
+        st.attempts += 1;
         st.last_initiation_sent = Some(now);
         st.timers
             .initiation_sent(now, Duration::from_millis(rand::thread_rng().gen_range(0..=333)));
@@ -335,8 +383,7 @@ impl Handshaker {
             .store(self.dev.clock.stamp(now), Ordering::Relaxed);
     }
 
-    fn poll_timers(&mut self, p: usize, now: Instant) {
-        let peer = &self.dev.peers[p];
+    fn poll_timers(&mut self, peer: &Arc<Peer>, now: Instant) {
         let keys = peer.keys.load();
         if keys.current.is_none()
             && keys
@@ -353,10 +400,12 @@ impl Handshaker {
             sent: k.sent(),
         });
         let seen = peer.activity.snapshot(&self.dev.clock);
-        match self.peers[p].timers.poll(now, seen, current) {
+        match self.state(peer).timers.poll(now, seen, current) {
             None => {}
-            Some(TimerAction::SendInitiation) => self.initiate(p, now),
-            Some(TimerAction::SendKeepalive) => self.send_keepalive(p, now),
+            Some(TimerAction::SendInitiation) => self.initiate(peer, now),
+            Some(TimerAction::SendKeepalive) => {
+                self.send_sealed(peer, 0, now);
+            }
             Some(TimerAction::GiveUp) => {
                 warn!(peer = %peer.name, "handshake did not complete within 90 s; dropping queued packets");
                 let dropped = peer.staged.lock().map(|mut q| q.drain(..).count()).unwrap_or(0);
@@ -364,19 +413,20 @@ impl Handshaker {
                     .counters
                     .tx_dropped
                     .fetch_add(dropped as u64, Ordering::Relaxed);
-                self.peers[p].pending = None;
+                let st = self.state(peer);
+                st.pending = None;
+                st.attempts = 0;
                 peer.session_requested.store(false, Ordering::Release);
             }
             Some(TimerAction::EraseKeys) => {
                 peer.keys.store(Arc::new(KeySet::default()));
-                self.prune_indices(p);
+                self.prune_indices();
             }
         }
     }
 
     /// Seal `len` bytes already in `scratch[16..]` on the current key and send them.
-    fn send_sealed(&mut self, p: usize, len: usize, now: Instant) -> bool {
-        let peer = &self.dev.peers[p];
+    fn send_sealed(&mut self, peer: &Peer, len: usize, now: Instant) -> bool {
         let (Some(key), Some(endpoint)) = (peer.keys.load().current.clone(), peer.endpoint.load_full()) else {
             return false;
         };
@@ -399,13 +449,9 @@ impl Handshaker {
         true
     }
 
-    fn send_keepalive(&mut self, p: usize, now: Instant) {
-        self.send_sealed(p, 0, now);
-    }
-
     /// Send packets queued while the session was missing; false if there were none.
-    fn flush_staged(&mut self, p: usize, now: Instant) -> bool {
-        let queued: Vec<Vec<u8>> = self.dev.peers[p]
+    fn flush_staged(&mut self, peer: &Peer, now: Instant) -> bool {
+        let queued: Vec<Vec<u8>> = peer
             .staged
             .lock()
             .map(|mut q| q.drain(..).collect())
@@ -415,7 +461,7 @@ impl Handshaker {
                 continue;
             }
             self.scratch[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + packet.len()].copy_from_slice(packet);
-            self.send_sealed(p, packet.len(), now);
+            self.send_sealed(peer, packet.len(), now);
         }
         !queued.is_empty()
     }

@@ -23,6 +23,7 @@ use std::{
 use arc_swap::{ArcSwap, ArcSwapOption};
 use ipnet::IpNet;
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::{
     identity::PublicIdentity,
@@ -110,19 +111,13 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(
-        name: String,
-        identity: PublicIdentity,
-        allowed_ips: Vec<IpNet>,
-        endpoint: Option<SocketAddr>,
-        persistent_keepalive: Option<Duration>,
-    ) -> Self {
+    pub fn new(spec: PeerSpec) -> Self {
         Peer {
-            name,
-            identity,
-            allowed_ips,
-            persistent_keepalive,
-            endpoint: ArcSwapOption::from(endpoint.map(Arc::new)),
+            name: spec.name,
+            identity: spec.identity,
+            allowed_ips: spec.allowed_ips,
+            persistent_keepalive: spec.persistent_keepalive,
+            endpoint: ArcSwapOption::from(spec.endpoint.map(Arc::new)),
             keys: ArcSwap::from_pointee(KeySet::default()),
             activity: ActivityStamps::default(),
             rx_bytes: AtomicU64::new(0),
@@ -132,22 +127,101 @@ impl Peer {
             session_requested: AtomicBool::new(false),
         }
     }
+
+    /// Take an endpoint from configuration or the coordinator, unless the peer has proven a
+    /// different one recently (authenticated roaming wins over hearsay).
+    pub fn suggest_endpoint(&self, endpoint: SocketAddr) {
+        let current = self.endpoint.load();
+        if current.as_deref() == Some(&endpoint) {
+            return;
+        }
+        let heard_recently = self
+            .keys
+            .load()
+            .current
+            .as_ref()
+            .is_some_and(|k| k.created.elapsed() < crate::session::REJECT_AFTER_TIME);
+        if current.is_none() || !heard_recently {
+            self.endpoint.store(Some(Arc::new(endpoint)));
+        }
+    }
 }
 
 /// A receive key and the peer it belongs to, found by the index in a message.
 pub struct IndexEntry {
-    pub peer: usize,
+    pub peer: Arc<Peer>,
     pub keypair: Arc<Keypair>,
+}
+
+/// What a peer is, as configuration or the coordinator describes it.
+#[derive(Clone, Debug)]
+pub struct PeerSpec {
+    pub name: String,
+    pub identity: PublicIdentity,
+    pub allowed_ips: Vec<IpNet>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<Duration>,
+}
+
+/// The current set of peers, replaced as a whole when membership changes. `Peer` objects of keys
+/// that stay are carried over, so their sessions, endpoints and counters survive an update.
+#[derive(Default)]
+pub struct PeerTable {
+    pub peers: Vec<Arc<Peer>>,
+    pub by_key: HashMap<[u8; 32], usize>,
+    pub routes: AllowedIps<usize>,
+}
+
+impl PeerTable {
+    /// Build a table from `specs`, reusing peers of `previous` with the same key.
+    pub fn build(specs: Vec<PeerSpec>, previous: &PeerTable) -> Self {
+        let mut table = PeerTable::default();
+        for spec in specs {
+            let key = *spec.identity.noise_public();
+            if table.by_key.contains_key(&key) {
+                continue;
+            }
+            let peer = match previous.get(&key) {
+                Some(old) if old.allowed_ips == spec.allowed_ips => {
+                    if let Some(endpoint) = spec.endpoint {
+                        old.suggest_endpoint(endpoint);
+                    }
+                    old.clone()
+                }
+                _ => Arc::new(Peer::new(spec)),
+            };
+            let i = table.peers.len();
+            for net in &peer.allowed_ips {
+                table.routes.insert(*net, i);
+            }
+            table.by_key.insert(key, i);
+            table.peers.push(peer);
+        }
+        table
+    }
+
+    /// The peer with Noise public key `key`.
+    pub fn get(&self, key: &[u8; 32]) -> Option<&Arc<Peer>> {
+        self.by_key.get(key).map(|&i| &self.peers[i])
+    }
+
+    /// The peer owning inner address `ip` (cryptokey routing).
+    #[inline]
+    pub fn route(&self, ip: std::net::IpAddr) -> Option<&Arc<Peer>> {
+        self.routes.lookup(ip).map(|i| &self.peers[i])
+    }
 }
 
 /// What workers tell the handshake thread.
 pub enum Event {
     /// A handshake message (initiation, response or cookie reply) from `src`.
     Handshake { msg: Vec<u8>, src: SocketAddr },
-    /// Peer `0` has packets to send but no usable key.
-    NeedSession(usize),
-    /// Peer `0` confirmed its `next` key by sending data on it.
-    KeyConfirmed(usize),
+    /// The peer has packets to send but no usable key.
+    NeedSession(Arc<Peer>),
+    /// The peer confirmed its `next` key by sending data on it.
+    KeyConfirmed(Arc<Peer>),
+    /// The peer table or the mesh keys changed.
+    PeersChanged,
     /// A data message for an index we do not know came from `0`: the sender has a session we
     /// lost (we restarted). If it is a peer's endpoint, re-handshake at once.
     StaleSession(SocketAddr),
@@ -191,15 +265,30 @@ impl Counters {
     }
 }
 
+/// The coordinator connection, as `tunnelmesh status` reports it.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct ControlState {
+    pub url: String,
+    /// `connecting`, `connected`, `disconnected`, `refused`.
+    pub state: String,
+    pub last_error: Option<String>,
+    /// Unix time of the last update received.
+    pub last_update_unix: Option<u64>,
+}
+
 /// A running mesh interface.
 pub struct Device {
     pub interface: String,
     pub mtu: usize,
     pub listen_port: u16,
     pub local: PublicIdentity,
-    pub peers: Vec<Peer>,
-    pub by_key: HashMap<[u8; 32], usize>,
-    pub routes: AllowedIps<usize>,
+    /// Our own mesh addresses.
+    pub addresses: Vec<IpNet>,
+    /// Coordinator connection, when the mesh is coordinated.
+    pub control: ArcSwapOption<ControlState>,
+    pub peers: ArcSwap<PeerTable>,
+    /// Mesh keys (the Noise PSK), current first; during a rotation the previous one follows.
+    pub mesh_keys: ArcSwap<Vec<Zeroizing<[u8; 32]>>>,
     pub sessions: ArcSwap<HashMap<u32, Arc<IndexEntry>>>,
     pub counters: Counters,
     pub clock: Clock,
@@ -210,15 +299,26 @@ pub struct Device {
 
 impl Device {
     /// Ask the handshake thread for a session with `peer`, once until it is served.
-    pub fn request_session(&self, peer: usize) {
-        if !self.peers[peer].session_requested.swap(true, Ordering::AcqRel) {
-            let _ = self.events.try_send(Event::NeedSession(peer));
+    pub fn request_session(&self, peer: &Arc<Peer>) {
+        if !peer.session_requested.swap(true, Ordering::AcqRel) {
+            let _ = self.events.try_send(Event::NeedSession(peer.clone()));
         }
     }
 
+    /// Replace the peer set (keys that stay keep their sessions) and the mesh keys.
+    pub fn update(&self, specs: Vec<PeerSpec>, mesh_keys: Vec<Zeroizing<[u8; 32]>>) {
+        let table = PeerTable::build(specs, &self.peers.load());
+        self.peers.store(Arc::new(table));
+        if !mesh_keys.is_empty() {
+            self.mesh_keys.store(Arc::new(mesh_keys));
+        }
+        // The handshake thread drops the sessions of peers that left.
+        let _ = self.events.send(Event::PeersChanged);
+    }
+
     /// Queue a packet for `peer` until its handshake completes (slow path).
-    pub fn stage(&self, peer: usize, packet: &[u8]) {
-        let mut staged = self.peers[peer].staged.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn stage(&self, peer: &Peer, packet: &[u8]) {
+        let mut staged = peer.staged.lock().unwrap_or_else(|p| p.into_inner());
         if staged.len() >= MAX_STAGED {
             staged.pop_front();
             Counters::bump(&self.counters.tx_dropped);

@@ -23,13 +23,14 @@ pub enum HandshakeError {
     Decrypt,
 }
 
-/// Our static key material for handshakes.
+/// Our static key pair for handshakes.
 pub struct LocalStatic {
     pub secret: Zeroizing<[u8; 32]>,
     pub public: [u8; 32],
-    /// The mesh key, in the Noise PSK slot 2.
-    pub psk: Zeroizing<[u8; 32]>,
 }
+
+/// The mesh key, carried in Noise PSK slot 2.
+pub type MeshKey = Zeroizing<[u8; 32]>;
 
 /// Transport keys and indices of a completed handshake.
 pub struct SessionKeys {
@@ -42,12 +43,12 @@ pub struct SessionKeys {
     pub is_initiator: bool,
 }
 
-fn builder(local: &LocalStatic) -> snow::Builder<'_> {
+fn builder<'a>(local: &'a LocalStatic, psk: &'a MeshKey) -> snow::Builder<'a> {
     let params = PATTERN.parse().expect("pattern name is valid");
     snow::Builder::new(params)
         .prologue(IDENTIFIER)
         .and_then(|b| b.local_private_key(local.secret.as_slice()))
-        .and_then(|b| b.psk(2, &local.psk))
+        .and_then(|b| b.psk(2, psk))
         .expect("fixed-size keys are accepted")
 }
 
@@ -61,11 +62,12 @@ impl InitiatorHandshake {
     /// Build an initiation to `remote_public` (macs left zero; the caller stamps them).
     pub fn start(
         local: &LocalStatic,
+        psk: &MeshKey,
         remote_public: &[u8; 32],
         local_index: u32,
         timestamp: Tai64n,
     ) -> (Self, [u8; wire::INITIATION_LEN]) {
-        let mut state = builder(local)
+        let mut state = builder(local, psk)
             .remote_public_key(remote_public)
             .and_then(|b| b.build_initiator())
             .expect("initiator builds from fixed-size keys");
@@ -111,8 +113,12 @@ pub struct ReceivedInitiation {
 
 /// Decrypt an initiation addressed to us. The caller must then check that `remote_public` is a
 /// peer and `timestamp` is newer than that peer's last, before calling [`ReceivedInitiation::respond`].
-pub fn consume_initiation(local: &LocalStatic, msg: &[u8]) -> Result<ReceivedInitiation, HandshakeError> {
-    let mut state = builder(local).build_responder().expect("responder builds");
+pub fn consume_initiation(
+    local: &LocalStatic,
+    psk: &MeshKey,
+    msg: &[u8],
+) -> Result<ReceivedInitiation, HandshakeError> {
+    let mut state = builder(local, psk).build_responder().expect("responder builds");
     let mut ts = [0u8; 12];
     let n = state
         .read_message(&msg[wire::INITIATION_NOISE], &mut ts)
@@ -161,21 +167,24 @@ mod tests {
     use super::*;
     use curve25519_dalek::MontgomeryPoint;
 
-    pub(crate) fn local(seed: u8, psk: u8) -> LocalStatic {
+    fn local(seed: u8) -> LocalStatic {
         let secret = [seed; 32];
         LocalStatic {
             public: MontgomeryPoint::mul_base_clamped(secret).to_bytes(),
             secret: Zeroizing::new(secret),
-            psk: Zeroizing::new([psk; 32]),
         }
+    }
+
+    fn psk(byte: u8) -> MeshKey {
+        Zeroizing::new([byte; 32])
     }
 
     #[test]
     fn initiator_and_responder_derive_mirrored_keys() {
-        let (a, b) = (local(1, 9), local(2, 9));
+        let (a, b, k) = (local(1), local(2), psk(9));
         let ts = Tai64n::from_unix(std::time::Duration::from_secs(1_000));
-        let (hs, init) = InitiatorHandshake::start(&a, &b.public, 11, ts);
-        let received = consume_initiation(&b, &init).unwrap();
+        let (hs, init) = InitiatorHandshake::start(&a, &k, &b.public, 11, ts);
+        let received = consume_initiation(&b, &k, &init).unwrap();
         assert_eq!(received.remote_public, a.public);
         assert_eq!(received.timestamp, ts);
         let (resp, bk) = received.respond(22);
@@ -188,10 +197,10 @@ mod tests {
 
     #[test]
     fn a_node_with_another_mesh_key_completes_no_handshake() {
-        let (a, b) = (local(1, 9), local(2, 8));
-        let (hs, init) = InitiatorHandshake::start(&a, &b.public, 1, Tai64n::default());
+        let (a, b) = (local(1), local(2));
+        let (hs, init) = InitiatorHandshake::start(&a, &psk(9), &b.public, 1, Tai64n::default());
         // IKpsk2 mixes the PSK only into the response: the responder can read the initiation…
-        let received = consume_initiation(&b, &init).unwrap();
+        let received = consume_initiation(&b, &psk(8), &init).unwrap();
         let (resp, _) = received.respond(2);
         // …but the initiator cannot authenticate the response, so no session exists on either side.
         assert_eq!(hs.finish(&resp).err(), Some(HandshakeError::Decrypt));
@@ -199,8 +208,11 @@ mod tests {
 
     #[test]
     fn an_initiation_for_someone_else_does_not_decrypt() {
-        let (a, b, c) = (local(1, 9), local(2, 9), local(3, 9));
-        let (_, init) = InitiatorHandshake::start(&a, &c.public, 1, Tai64n::default());
-        assert_eq!(consume_initiation(&b, &init).err(), Some(HandshakeError::Decrypt));
+        let (a, b, c) = (local(1), local(2), local(3));
+        let (_, init) = InitiatorHandshake::start(&a, &psk(9), &c.public, 1, Tai64n::default());
+        assert_eq!(
+            consume_initiation(&b, &psk(9), &init).err(),
+            Some(HandshakeError::Decrypt)
+        );
     }
 }

@@ -10,5 +10,5 @@ pub mod handshake;
 pub mod tai64n;
 
 pub use cookie::{CookieChecker, CookieJar, MacVerdict};
-pub use handshake::{InitiatorHandshake, LocalStatic, SessionKeys, consume_initiation};
+pub use handshake::{InitiatorHandshake, LocalStatic, MeshKey, SessionKeys, consume_initiation};
 pub use tai64n::Tai64n;
