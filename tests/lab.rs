@@ -200,7 +200,7 @@ impl Lab {
             "-N",
             "",
             "-C",
-            &format!("{name}@lab"),
+            &format!("root@{name}"),
             "-f",
             key.to_str().unwrap(),
         ]);
@@ -255,8 +255,45 @@ impl Lab {
         fs::write(&n.config, text).expect("write config");
     }
 
-    /// Start node `i` and wait until its status socket answers.
+    /// Start node `i` from its static config and wait until its status socket answers.
     pub fn start(&mut self, i: usize) {
+        let args = vec![
+            "up".to_string(),
+            "--config".into(),
+            self.nodes[i].config.display().to_string(),
+        ];
+        self.spawn_node(i, args);
+        self.wait_up(i);
+    }
+
+    /// Start node `i` joining the coordinator `c`, with `extra` arguments; does not wait.
+    pub fn spawn_joining(&mut self, i: usize, c: &Coordinator, extra: &[&str]) {
+        let n = &self.nodes[i];
+        let mut args: Vec<String> = [
+            "up",
+            "--coordinator",
+            &c.url,
+            "--fingerprint",
+            &c.fingerprint,
+            "--interface",
+            &n.iface,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(["--listen-port".to_string(), n.port.to_string(), "--state-dir".into()]);
+        args.push(self.dir.path().join("state").display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn_node(i, args);
+    }
+
+    /// Start node `i` joining the coordinator `c` and wait until it is up.
+    pub fn join(&mut self, i: usize, c: &Coordinator, extra: &[&str]) {
+        self.spawn_joining(i, c, extra);
+        self.wait_up(i);
+    }
+
+    fn spawn_node(&mut self, i: usize, args: Vec<String>) {
         let n = &self.nodes[i];
         let log = File::options()
             .create(true)
@@ -267,8 +304,7 @@ impl Lab {
             .arg(format!("--net=/run/netns/{}", n.ns))
             .arg("--")
             .arg(bin())
-            .args(["up", "--config"])
-            .arg(&n.config)
+            .args(&args)
             .arg("--identity")
             .arg(&n.key)
             .env("RUST_LOG", "info,tunnelmesh=debug")
@@ -278,7 +314,11 @@ impl Lab {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin().display()));
         self.nodes[i].process = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
+    }
+
+    /// Wait until node `i` answers on its status socket.
+    pub fn wait_up(&mut self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if self.try_status(i).is_some() {
                 return;
@@ -289,6 +329,27 @@ impl Lab {
             thread::sleep(Duration::from_millis(50));
         }
         panic!("node {} did not come up:\n{}", self.nodes[i].name, self.log(i));
+    }
+
+    /// Wait for node `i` to exit by itself; its exit success and log.
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> (bool, String) {
+        let deadline = Instant::now() + timeout;
+        let mut child = self.nodes[i].process.take().expect("node was started");
+        loop {
+            if let Some(status) = child.try_wait().ok().flatten() {
+                return (status.success(), self.log(i));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "node {} did not exit within {timeout:?}:\n{}",
+                    self.nodes[i].name,
+                    self.log(i)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Stop node `i` with SIGTERM (clean shutdown) and wait for it.
@@ -437,6 +498,50 @@ impl Lab {
         (hash.finalize().into(), received, start.elapsed().as_secs_f64())
     }
 
+    /// A switch: namespace `sw` with a bridge, and one namespace per name plugged into it with
+    /// address 198.18.`net`.(i+1)/24. Returns the namespaces and addresses.
+    pub fn switched(&mut self, net: u8, names: &[&str]) -> Vec<(String, Ipv4Addr)> {
+        let sw = self.netns("sw");
+        self.sh(&sw, "ip link add br0 type bridge && ip link set br0 up");
+        let mut out = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let ns = self.netns(name);
+            let addr = Ipv4Addr::new(198, 18, net, i as u8 + 1);
+            self.links += 1;
+            let (inside, port) = (
+                format!("{}h{}", self.prefix, self.links),
+                format!("{}s{}", self.prefix, self.links),
+            );
+            host(&[
+                "ip", "link", "add", &inside, "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &sw,
+            ]);
+            self.sh(
+                &ns,
+                &format!("ip addr add {addr}/24 dev {inside} && ip link set {inside} up"),
+            );
+            self.sh(&sw, &format!("ip link set {port} master br0 && ip link set {port} up"));
+            out.push((ns, addr));
+        }
+        out
+    }
+
+    /// Start a coordinator in namespace `ns` listening on `addr`:8443 with `extra` arguments.
+    pub fn coordinator(&mut self, ns: &str, addr: Ipv4Addr, extra: &[&str]) -> Coordinator {
+        let data_dir = self.dir.path().join("coordinator");
+        let mut c = Coordinator {
+            ns: ns.to_string(),
+            url: format!("https://{addr}:8443"),
+            listen: format!("{addr}:8443"),
+            data_dir,
+            fingerprint: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: self.dir.path().join("coordinator.log"),
+            process: None,
+        };
+        c.start();
+        c
+    }
+
     /// Two namespaces `a` and `b` on one veth (198.18.`net`.1 / .2), a node in each, configured
     /// as each other's peer and started.
     pub fn pair(net: u8, opts_a: &NodeOptions, opts_b: &NodeOptions) -> (Lab, usize, usize) {
@@ -451,6 +556,92 @@ impl Lab {
         lab.start(a);
         lab.start(b);
         (lab, a, b)
+    }
+}
+
+/// A coordinator process of the lab.
+pub struct Coordinator {
+    pub ns: String,
+    pub url: String,
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub fingerprint: String,
+    extra: Vec<String>,
+    log: PathBuf,
+    process: Option<Child>,
+}
+
+impl Coordinator {
+    /// Start (or restart) and wait until it serves; learns its fingerprint.
+    pub fn start(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .arg("--")
+            .arg(bin())
+            .args([
+                "coordinator",
+                "--data-dir",
+                self.data_dir.to_str().unwrap(),
+                "--listen",
+                &self.listen,
+            ])
+            .args(&self.extra)
+            .env("RUST_LOG", "info,tunnelmesh=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start coordinator");
+        self.process = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(fp) = log.lines().rev().find_map(|l| l.strip_prefix("TLS fingerprint: ")) {
+                self.fingerprint = fp.trim().to_string();
+                return;
+            }
+            if let Some(status) = self.process.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("coordinator exited with {status}:\n{log}");
+            }
+            assert!(Instant::now() < deadline, "coordinator did not come up:\n{log}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.process.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Run `tunnelmesh coordinator ARGS --data-dir …` (operator commands); its output.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("coordinator")
+            .args(args)
+            .args(["--data-dir", self.data_dir.to_str().unwrap()])
+            .output()
+            .expect("run tunnelmesh coordinator")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("---- coordinator log ----\n{}", self.log());
+        }
+        self.kill();
     }
 }
 

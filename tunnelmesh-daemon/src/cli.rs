@@ -6,10 +6,61 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    daemon,
+    control, coordinator, daemon,
     identity::{DEFAULT_IDENTITY, Identity},
     status,
 };
+
+fn up(args: UpArgs) -> Result<()> {
+    if let Some(config) = &args.config {
+        return daemon::up_static(config, args.identity.as_deref());
+    }
+    let (Some(url), Some(fingerprint)) = (args.coordinator, args.fingerprint) else {
+        bail!("give --config FILE, or --coordinator URL with --fingerprint SHA256:…");
+    };
+    if args.listen_port == 0 {
+        bail!("--listen-port must be 1-65535");
+    }
+    let identity = Identity::load(
+        args.identity
+            .as_deref()
+            .unwrap_or(std::path::Path::new(DEFAULT_IDENTITY)),
+    )?;
+    let opts = control::JoinOptions {
+        url,
+        fingerprint,
+        token: args.token,
+        name: args.name,
+        interface: args.interface,
+        listen_port: args.listen_port,
+        mtu: args.mtu as usize,
+        workers: args.workers,
+        state_dir: args.state_dir,
+        no_ebpf: args.no_ebpf,
+    };
+    control::up(opts, identity)
+}
+
+fn coordinator_command(args: CoordinatorArgs) -> Result<()> {
+    match args.command {
+        None => coordinator::serve(coordinator::ServeOptions {
+            data_dir: args.data_dir,
+            listen: args.listen,
+            tls_cert: args.tls_cert,
+            tls_key: args.tls_key,
+            authorized_keys: args.authorized_keys,
+            ipv4_prefix: args.ipv4_prefix,
+            ipv6_prefix: args.ipv6_prefix,
+        }),
+        Some(CoordinatorCommand::Info) => coordinator::info(&args.data_dir),
+        Some(CoordinatorCommand::Token {
+            command: TokenCommand::Create { ttl, uses, tags },
+        }) => coordinator::token_create(&args.data_dir, coordinator::parse_duration(&ttl)?, uses, tags),
+        Some(CoordinatorCommand::Revoke { node }) => coordinator::revoke(&args.data_dir, &node),
+        Some(CoordinatorCommand::Remove { node }) => coordinator::remove(&args.data_dir, &node),
+        Some(CoordinatorCommand::RotateMeshKey) => coordinator::rotate_mesh_key(&args.data_dir),
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -29,15 +80,11 @@ enum Command {
         #[command(subcommand)]
         command: IdentityCommand,
     },
-    /// Bring up a mesh interface from a static config file and run until SIGINT/SIGTERM.
-    Up {
-        /// TOML config: [interface] and [[peer]] tables (see README).
-        #[arg(long)]
-        config: PathBuf,
-        /// OpenSSH ed25519 private key (default: the config's identity, else /etc/ssh/ssh_host_ed25519_key).
-        #[arg(long)]
-        identity: Option<PathBuf>,
-    },
+    /// Bring up a mesh interface — from a coordinator, or a static config file — and run until
+    /// SIGINT/SIGTERM.
+    Up(UpArgs),
+    /// Run the coordinator, or manage it (info, tokens, revocation, mesh-key rotation).
+    Coordinator(CoordinatorArgs),
     /// Show a running interface: peers, endpoints, handshakes, traffic, drop counters.
     Status {
         /// Mesh interface name (default: the only one running).
@@ -46,6 +93,107 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// TOML config with [interface] and [[peer]] tables (static mode; see README).
+    #[arg(long, conflicts_with_all = ["coordinator", "fingerprint", "token"], required_unless_present = "coordinator")]
+    config: Option<PathBuf>,
+    /// Coordinator URL, https://HOST:PORT.
+    #[arg(long, requires = "fingerprint")]
+    coordinator: Option<String>,
+    /// The coordinator's TLS fingerprint (SHA256:…), as `tunnelmesh coordinator` prints it.
+    #[arg(long)]
+    fingerprint: Option<String>,
+    /// Enrollment token, for a key not in the coordinator's authorized_keys.
+    #[arg(long)]
+    token: Option<String>,
+    /// Node name to ask for (default: from authorized_keys, else the key comment).
+    #[arg(long)]
+    name: Option<String>,
+    /// Mesh interface name.
+    #[arg(long, default_value = "tunnelmesh0")]
+    interface: String,
+    /// UDP port for tunnel traffic.
+    #[arg(long, default_value_t = crate::config::DEFAULT_PORT)]
+    listen_port: u16,
+    /// MTU of the mesh interface.
+    #[arg(long, default_value_t = crate::config::DEFAULT_MTU, value_parser = clap::value_parser!(u16).range(1280..=65000))]
+    mtu: u16,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Where the last coordinator state is cached.
+    #[arg(long, default_value = crate::control::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Do not load the eBPF fast path.
+    #[arg(long)]
+    no_ebpf: bool,
+    /// OpenSSH ed25519 private key (default: the config's identity, else /etc/ssh/ssh_host_ed25519_key).
+    #[arg(long)]
+    identity: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct CoordinatorArgs {
+    #[command(subcommand)]
+    command: Option<CoordinatorCommand>,
+    /// State directory: SQLite store, TLS certificate, coordinator key.
+    #[arg(long, global = true, default_value = coordinator::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Address to serve HTTPS on.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: std::net::SocketAddr,
+    /// PEM certificate chain (default: self-signed, generated on first start).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// OpenSSH authorized_keys of admitted peers (default: DATA_DIR/authorized_keys if present).
+    #[arg(long)]
+    authorized_keys: Option<PathBuf>,
+    /// IPv4 mesh prefix, fixed at first start.
+    #[arg(long)]
+    ipv4_prefix: Option<ipnet::Ipv4Net>,
+    /// IPv6 (ULA) mesh prefix, fixed at first start (default: a random fdXX:…::/64).
+    #[arg(long)]
+    ipv6_prefix: Option<ipnet::Ipv6Net>,
+}
+
+#[derive(Subcommand)]
+enum CoordinatorCommand {
+    /// Print the TLS fingerprint peers pin, the coordinator key and the prefixes.
+    Info,
+    /// Enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Revoke a node by name or fingerprint: every peer drops it, and it cannot rejoin.
+    Revoke { node: String },
+    /// Remove a node from the mesh: every peer drops it; it may rejoin if admitted again.
+    Remove { node: String },
+    /// Issue a new mesh key; the previous one stays valid for an overlap so no tunnel drops.
+    RotateMeshKey,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (only its hash is stored).
+    Create {
+        /// Lifetime: 90s, 15m, 2h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Tags given to nodes that join with it (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
     },
 }
 
@@ -68,7 +216,8 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("mesh public key: {}", id.public().noise_public_base64());
             Ok(())
         }
-        Command::Up { config, identity } => daemon::up_static(&config, identity.as_deref()),
+        Command::Up(args) => up(args),
+        Command::Coordinator(args) => coordinator_command(args),
         Command::Status { interface, json } => {
             let interface = match interface {
                 Some(i) => i,

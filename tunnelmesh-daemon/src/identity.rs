@@ -55,11 +55,17 @@ fn algorithm_name(algorithm: &Algorithm) -> String {
     }
 }
 
-/// The public half of a node identity: its SSH public key and the derived Noise key.
-#[derive(Clone, PartialEq, Eq)]
+/// The public half of a node identity: its SSH public key and the derived Noise key. Two
+/// identities are equal when their keys are (comments do not matter).
+#[derive(Clone)]
 pub struct PublicIdentity {
     ssh: PublicKey,
     noise: [u8; 32],
+}
+
+/// Verify an SSHSIG `signature` (armored) over `msg` for `namespace` by `key`.
+pub fn verify_signature(key: &PublicIdentity, namespace: &str, msg: &[u8], signature: &str) -> bool {
+    ssh_key::SshSig::from_pem(signature).is_ok_and(|sig| key.ssh.verify(namespace, msg, &sig).is_ok())
 }
 
 impl PublicIdentity {
@@ -99,6 +105,18 @@ impl PublicIdentity {
         self.ssh.fingerprint(HashAlg::Sha256).to_string()
     }
 
+    /// The `ssh-ed25519 AAAA…` line without comment.
+    pub fn ssh_line(&self) -> String {
+        let mut key = self.ssh.clone();
+        key.set_comment("");
+        key.to_openssh().expect("ed25519 keys encode")
+    }
+
+    /// The full OpenSSH public key line, comment included.
+    pub fn ssh_line_with_comment(&self) -> String {
+        self.ssh.to_openssh().expect("ed25519 keys encode")
+    }
+
     /// The key's comment, if any.
     pub fn comment(&self) -> &str {
         self.ssh.comment()
@@ -115,14 +133,23 @@ impl PublicIdentity {
     }
 }
 
+impl PartialEq for PublicIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        self.noise == other.noise
+    }
+}
+
+impl Eq for PublicIdentity {}
+
 impl fmt::Debug for PublicIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PublicIdentity({})", self.fingerprint())
     }
 }
 
-/// A node's own identity: the public part plus the derived X25519 secret.
+/// A node's own identity: the SSH key, its public part, and the derived X25519 secret.
 pub struct Identity {
+    key: PrivateKey,
     public: PublicIdentity,
     noise_secret: Zeroizing<[u8; 32]>,
 }
@@ -190,6 +217,7 @@ impl Identity {
         secret[31] &= 127;
         secret[31] |= 64;
         Ok(Identity {
+            key: key.clone(),
             public,
             noise_secret: secret,
         })
@@ -198,6 +226,22 @@ impl Identity {
     /// The public identity.
     pub fn public(&self) -> &PublicIdentity {
         &self.public
+    }
+
+    /// Sign `msg` for `namespace` (SSHSIG, as `ssh-keygen -Y sign` does); the armored signature.
+    pub fn sign(&self, namespace: &str, msg: &[u8]) -> String {
+        self.key
+            .sign(namespace, HashAlg::Sha512, msg)
+            .and_then(|sig| sig.to_pem(ssh_key::LineEnding::LF))
+            .expect("an ed25519 key always signs")
+    }
+
+    /// A fresh random identity (the coordinator's own key on first start).
+    pub fn generate(comment: &str) -> (Self, String) {
+        let mut key = PrivateKey::random(&mut rand::rngs::OsRng, Algorithm::Ed25519).expect("ed25519 keys generate");
+        key.set_comment(comment);
+        let pem = key.to_openssh(ssh_key::LineEnding::LF).expect("encodes").to_string();
+        (Self::from_private(&key).expect("ed25519"), pem)
     }
 
     /// The X25519 static secret for the Noise handshake.

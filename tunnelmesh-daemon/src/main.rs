@@ -10,6 +10,8 @@ use clap::Parser;
 
 mod cli;
 mod config;
+mod control;
+mod coordinator;
 mod daemon;
 mod dataplane;
 mod device;

@@ -251,7 +251,15 @@ impl Handshaker {
         let handshake = self.state(peer).pending.take().expect("found by its pending handshake");
         let keys = match handshake.finish(msg) {
             Ok(k) => k,
-            Err(_) => return Counters::bump(&self.dev.counters.handshake_rejected),
+            Err(_) => {
+                Counters::bump(&self.dev.counters.handshake_rejected);
+                // During a mesh-key rotation the peer may answer under the other key: try it now
+                // rather than after REKEY_TIMEOUT.
+                if self.dev.mesh_keys.load().len() > self.state(peer).attempts {
+                    self.initiate(peer, now);
+                }
+                return;
+            }
         };
         peer.endpoint.store(Some(Arc::new(src)));
         peer.activity

@@ -1,0 +1,312 @@
+//! The coordinator with real peers in network namespaces: membership, addressing, push updates,
+//! restarts, revocation and refusals.
+
+use std::{
+    fs,
+    time::{Duration, Instant},
+};
+
+use tunnelmesh_tests::{Coordinator, Lab};
+
+/// A switched lab: coordinator in the first namespace, `peers` nodes in the others.
+fn mesh(net: u8, peers: usize) -> (Lab, Coordinator, Vec<usize>) {
+    let mut lab = Lab::new();
+    let names: Vec<String> = std::iter::once("c".to_string())
+        .chain((1..=peers).map(|i| format!("p{i}")))
+        .collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let hosts = lab.switched(net, &name_refs);
+    let mut nodes = Vec::new();
+    for (i, (ns, addr)) in hosts.iter().enumerate().skip(1) {
+        nodes.push(lab.node(&format!("p{i}"), ns, *addr, i as u8, tunnelmesh_tests::PORT));
+    }
+    // p1 and p2 are admitted by authorized_keys (with names and tags); the rest use tokens.
+    let authorized = lab.dir.path().join("authorized_keys");
+    let lines: String = nodes
+        .iter()
+        .take(2)
+        .map(|&n| {
+            format!(
+                "tunnelmesh-name=\"{}\",tunnelmesh-tags=\"lab\" {}\n",
+                lab.nodes[n].name, lab.nodes[n].public_line
+            )
+        })
+        .collect();
+    fs::write(&authorized, lines).unwrap();
+    let (c_ns, c_addr) = hosts[0].clone();
+    let c = lab.coordinator(&c_ns, c_addr, &["--authorized-keys", authorized.to_str().unwrap()]);
+    (lab, c, nodes)
+}
+
+fn token(c: &Coordinator, uses: u32) -> String {
+    let out = c.admin(&["token", "create", "--ttl", "10m", "--uses", &uses.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Node `i`'s mesh IPv4 and IPv6 addresses, from its status.
+fn mesh_addrs(lab: &Lab, i: usize) -> (String, String) {
+    let st = lab.status(i);
+    let addrs: Vec<String> = st["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().split('/').next().unwrap().to_string())
+        .collect();
+    (addrs[0].clone(), addrs[1].clone())
+}
+
+fn peer_names(lab: &Lab, i: usize) -> Vec<String> {
+    let mut names: Vec<String> = lab.status(i)["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: not within {timeout:?}");
+}
+
+fn join_all(lab: &mut Lab, c: &Coordinator, nodes: &[usize]) {
+    let t = token(c, 10);
+    for (k, &n) in nodes.iter().enumerate() {
+        if k < 2 {
+            lab.join(n, c, &[])
+        } else {
+            lab.join(n, c, &["--token", &t])
+        }
+    }
+}
+
+#[test]
+fn four_peers_join_every_pair_pings_and_joins_and_leaves_propagate() {
+    let (mut lab, c, nodes) = mesh(30, 5);
+    let (first4, fifth) = (&nodes[..4], nodes[4]);
+    join_all(&mut lab, &c, first4);
+    assert_eq!(
+        peer_names(&lab, nodes[0]),
+        ["p2", "p3", "p4"],
+        "names from authorized_keys and key comments"
+    );
+    for &a in first4 {
+        for &b in first4 {
+            if a != b {
+                let (v4, _) = mesh_addrs(&lab, b);
+                assert!(
+                    lab.ping(&lab.nodes[a].ns, &v4, 1),
+                    "{} → {}",
+                    lab.nodes[a].name,
+                    lab.nodes[b].name
+                );
+            }
+        }
+    }
+    let (_, v6) = mesh_addrs(&lab, nodes[3]);
+    assert!(lab.ping(&lab.nodes[nodes[0]].ns, &v6, 2), "IPv6 across the mesh");
+    // Every address is distinct and inside the default prefix.
+    let mut all: Vec<String> = first4.iter().map(|&n| mesh_addrs(&lab, n).0).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 4);
+    assert!(all.iter().all(|a| a.starts_with("100.")), "{all:?}");
+
+    // A fifth node joins: everyone learns it and can reach it.
+    lab.join(fifth, &c, &["--token", &token(&c, 1)]);
+    let (v4_5, _) = mesh_addrs(&lab, fifth);
+    eventually("p1 learns p5", Duration::from_secs(5), || {
+        peer_names(&lab, nodes[0]).contains(&"p5".to_string())
+    });
+    assert!(lab.ping(&lab.nodes[nodes[0]].ns, &v4_5, 2));
+    // It is removed: everyone drops it.
+    let out = c.admin(&["remove", "p5"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let took = eventually("peers drop p5", Duration::from_secs(5), || {
+        first4.iter().all(|&n| !peer_names(&lab, n).contains(&"p5".to_string()))
+    });
+    eprintln!("removal reached every peer in {took:?}");
+    assert!(!lab.ping(&lab.nodes[nodes[0]].ns, &v4_5, 1));
+}
+
+#[test]
+fn the_coordinator_going_down_costs_no_packet_and_its_restart_keeps_every_address() {
+    let (mut lab, mut c, nodes) = mesh(31, 3);
+    join_all(&mut lab, &c, &nodes);
+    let before: Vec<(String, String)> = nodes.iter().map(|&n| mesh_addrs(&lab, n)).collect();
+    let (p1_ns, p2_v4) = (lab.nodes[nodes[0]].ns.clone(), before[1].0.clone());
+    assert!(lab.ping(&p1_ns, &p2_v4, 2));
+    // A continuous ping across the coordinator's death loses nothing.
+    let pinger = lab
+        .sh_cmd(&p1_ns, &format!("ping -n -q -c 30 -i 0.1 {p2_v4}"))
+        .stdout(std::process::Stdio::piped())
+        .spawn();
+    std::thread::sleep(Duration::from_millis(500));
+    c.kill();
+    let out = pinger.expect("ping runs").wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains(" 0% packet loss"), "{text}");
+    eventually("peers notice the coordinator is gone", Duration::from_secs(60), || {
+        lab.status(nodes[0])["coordinator"]["state"] == "disconnected"
+    });
+    assert!(
+        lab.ping(&p1_ns, &p2_v4, 3),
+        "tunnels keep flowing without the coordinator"
+    );
+    // A peer restarted while the coordinator is down comes back from its cache.
+    lab.kill(nodes[2]);
+    lab.join(nodes[2], &c, &[]);
+    assert_eq!(mesh_addrs(&lab, nodes[2]), before[2]);
+    assert!(
+        lab.ping(&lab.nodes[nodes[2]].ns, &p2_v4, 3),
+        "cached state brought the mesh up"
+    );
+
+    c.start();
+    let took = eventually("peers reconnect", Duration::from_secs(40), || {
+        nodes
+            .iter()
+            .all(|&n| lab.status(n)["coordinator"]["state"] == "connected")
+    });
+    eprintln!("peers reconverged {took:?} after the restart");
+    let after: Vec<(String, String)> = nodes.iter().map(|&n| mesh_addrs(&lab, n)).collect();
+    assert_eq!(before, after, "allocations are identical after SIGKILL and restart");
+    let out = c.admin(&["info"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&c.fingerprint),
+        "same certificate after restart"
+    );
+}
+
+#[test]
+fn a_revoked_peer_is_dropped_everywhere_within_5_s_and_cannot_rejoin() {
+    let (mut lab, c, nodes) = mesh(32, 3);
+    join_all(&mut lab, &c, &nodes);
+    let victim = nodes[2];
+    let (v4, _) = mesh_addrs(&lab, victim);
+    assert!(lab.ping(&lab.nodes[nodes[0]].ns, &v4, 1));
+    let fingerprint = lab.fingerprint(victim);
+    let out = c.admin(&["revoke", &fingerprint]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let took = eventually("every peer drops the revoked node", Duration::from_secs(5), || {
+        nodes[..2]
+            .iter()
+            .all(|&n| !peer_names(&lab, n).contains(&lab.nodes[victim].name))
+    });
+    eprintln!("revocation took effect in {took:?}");
+    assert!(
+        !lab.ping(&lab.nodes[nodes[0]].ns, &v4, 1),
+        "no session with a revoked node"
+    );
+    assert_eq!(lab.status(victim)["coordinator"]["state"], "revoked");
+    // It cannot come back, even with a fresh token.
+    lab.kill(victim);
+    lab.spawn_joining(victim, &c, &["--token", &token(&c, 1)]);
+    let (ok, log) = lab.wait_exit(victim, Duration::from_secs(15));
+    assert!(!ok && log.contains("revoked"), "{log}");
+}
+
+#[test]
+fn refusals_are_clear_wrong_fingerprint_unknown_key_bad_token_taken_name() {
+    let (mut lab, mut c, nodes) = mesh(33, 3);
+    lab.join(nodes[0], &c, &[]);
+
+    let real = c.fingerprint.clone();
+    c.fingerprint = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into();
+    lab.spawn_joining(nodes[1], &c, &[]);
+    let (ok, log) = lab.wait_exit(nodes[1], Duration::from_secs(15));
+    assert!(!ok && log.contains("not the pinned") && log.contains(&real), "{log}");
+    c.fingerprint = real;
+
+    lab.spawn_joining(nodes[2], &c, &[]);
+    let (ok, log) = lab.wait_exit(nodes[2], Duration::from_secs(15));
+    assert!(
+        !ok && log.contains("is not authorized") && log.contains("--token"),
+        "{log}"
+    );
+
+    lab.spawn_joining(nodes[2], &c, &["--token", "tmtok_forged"]);
+    let (ok, log) = lab.wait_exit(nodes[2], Duration::from_secs(15));
+    assert!(!ok && log.contains("token is invalid"), "{log}");
+
+    lab.spawn_joining(nodes[2], &c, &["--token", &token(&c, 1), "--name", "p1"]);
+    let (ok, log) = lab.wait_exit(nodes[2], Duration::from_secs(15));
+    assert!(!ok && log.contains("belongs to another key"), "{log}");
+    // The refused join did not use up the token's only use... and the store stayed consistent.
+    let info = String::from_utf8(c.admin(&["info"]).stdout).unwrap();
+    assert!(info.contains("nodes: 1 "), "{info}");
+}
+
+#[test]
+fn malformed_api_requests_get_4xx_and_the_coordinator_keeps_serving() {
+    let (mut lab, c, nodes) = mesh(34, 1);
+    let curl = |args: &[&str]| -> String {
+        let out = lab.sh(
+            &c.ns,
+            &format!(
+                "curl -sk -o /dev/null -w '%{{http_code}}' {} {}/v1/info",
+                args.join(" "),
+                c.url
+            ),
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let code = |path: &str, args: &str| -> String {
+        let out = lab.sh(
+            &c.ns,
+            &format!("curl -sk -o /dev/null -w '%{{http_code}}' {args} {}{path}", c.url),
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(
+        code("/v1/connect", ""),
+        "400",
+        "a WebSocket endpoint without an upgrade"
+    );
+    assert_eq!(code("/nope", ""), "404");
+    assert_eq!(code("/v1/info", "-X POST -d garbage"), "405");
+    assert!(code("/v1/connect", "-H 'Connection: Upgrade' -H 'Upgrade: websocket'").starts_with('4'));
+    // Junk that is not even TLS.
+    let listen = c.listen.clone();
+    lab.in_netns(&c.ns, move || {
+        let mut s = std::net::TcpStream::connect(&listen).expect("connect");
+        let _ = std::io::Write::write_all(&mut s, b"GARBAGE\r\n\r\n\x16\x03\x01\xff\xff");
+    })
+    .join()
+    .unwrap();
+    assert_eq!(curl(&[]), "200", "still serving");
+    lab.join(nodes[0], &c, &[]);
+    assert_eq!(lab.status(nodes[0])["coordinator"]["state"], "connected");
+}
+
+#[test]
+fn rotating_the_mesh_key_drops_no_established_tunnel() {
+    let (mut lab, c, nodes) = mesh(35, 3);
+    join_all(&mut lab, &c, &nodes[..2]);
+    let (p1_ns, p2_v4) = (lab.nodes[nodes[0]].ns.clone(), mesh_addrs(&lab, nodes[1]).0);
+    assert!(lab.ping(&p1_ns, &p2_v4, 2));
+    let pinger = lab
+        .sh_cmd(&p1_ns, &format!("ping -n -q -c 30 -i 0.1 {p2_v4}"))
+        .stdout(std::process::Stdio::piped())
+        .spawn();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = c.admin(&["rotate-mesh-key"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = pinger.expect("ping runs").wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" 0% packet loss"), "{text}");
+    // A node that joins after the rotation reaches nodes that joined before it.
+    lab.join(nodes[2], &c, &["--token", &token(&c, 1)]);
+    let (p3_v4, _) = mesh_addrs(&lab, nodes[2]);
+    assert!(lab.ping(&p1_ns, &p3_v4, 3));
+    assert!(lab.ping(&lab.nodes[nodes[2]].ns, &p2_v4, 3));
+}

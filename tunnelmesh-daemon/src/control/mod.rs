@@ -1,0 +1,431 @@
+//! The peer side of the coordinator protocol: join, follow pushed updates, keep a cache.
+//!
+//! `tunnelmesh up --coordinator URL --fingerprint SHA256:…` joins (proving key possession with an
+//! SSHSIG over the coordinator's challenge), brings the interface up from the welcome, and then
+//! applies every pushed change to the running device. The last state is cached on disk, so a
+//! restart while the coordinator is down still brings the mesh up; established tunnels never
+//! depend on the coordinator. Connection loss is retried with exponential backoff and jitter.
+
+mod pinning;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::SocketAddr,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use futures_util::{SinkExt, StreamExt};
+use ipnet::IpNet;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+use crate::{
+    coordinator::proto::{CONNECT_PATH, ClientMsg, JOIN_NAMESPACE, NodeInfo, PeerInfo, ServerMsg},
+    daemon::{Interface, InterfacePlan},
+    device::{ControlState, Device, PeerSpec},
+    identity::{Identity, PublicIdentity},
+    noise::MeshKey,
+};
+
+/// Default directory of the peer's cached state.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tunnelmesh";
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Options of `tunnelmesh up --coordinator`.
+pub struct JoinOptions {
+    pub url: String,
+    pub fingerprint: String,
+    pub token: Option<String>,
+    pub name: Option<String>,
+    pub interface: String,
+    pub listen_port: u16,
+    pub mtu: usize,
+    pub workers: usize,
+    pub state_dir: PathBuf,
+    pub no_ebpf: bool,
+}
+
+/// What the coordinator told us, as cached on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MeshState {
+    pub node: NodeInfo,
+    pub mesh_keys: Vec<String>,
+    pub ipv4_prefix: String,
+    pub ipv6_prefix: String,
+    pub peers: BTreeMap<String, PeerInfo>,
+}
+
+/// A refusal the operator must act on: retrying cannot help.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Fatal(String);
+
+impl MeshState {
+    fn apply(&mut self, msg: ServerMsg) -> Result<bool> {
+        match msg {
+            ServerMsg::PeerUpsert { peer } => {
+                self.peers.insert(peer.fingerprint.clone(), peer);
+            }
+            ServerMsg::PeerRemoved { fingerprint } => {
+                self.peers.remove(&fingerprint);
+            }
+            ServerMsg::MeshKeys { mesh_keys } => self.mesh_keys = mesh_keys,
+            ServerMsg::Revoked { message } => return Err(Fatal(message).into()),
+            ServerMsg::Error { message } => bail!("coordinator error: {message}"),
+            ServerMsg::Challenge { .. } | ServerMsg::Welcome { .. } => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn mesh_keys(&self) -> Result<Vec<MeshKey>> {
+        self.mesh_keys
+            .iter()
+            .map(|k| {
+                let bytes = BASE64
+                    .decode(k)
+                    .map_err(|_| anyhow!("the coordinator sent a mesh key that is not base64"))?;
+                let key: [u8; 32] = bytes
+                    .try_into()
+                    .map_err(|_| anyhow!("the coordinator sent a mesh key that is not 32 bytes"))?;
+                Ok(Zeroizing::new(key))
+            })
+            .collect()
+    }
+
+    fn peer_specs(&self) -> Vec<PeerSpec> {
+        self.peers
+            .values()
+            .filter_map(|p| {
+                let identity = PublicIdentity::from_ssh_line(&p.public_key).ok()?;
+                let allowed_ips = vec![
+                    format!("{}/32", p.ipv4).parse().ok()?,
+                    format!("{}/128", p.ipv6).parse().ok()?,
+                ];
+                Some(PeerSpec {
+                    name: p.name.clone(),
+                    identity,
+                    allowed_ips,
+                    endpoint: p.endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok()),
+                    persistent_keepalive: None,
+                })
+            })
+            .collect()
+    }
+
+    fn addresses(&self) -> Result<Vec<IpNet>> {
+        let v4_len = self.ipv4_prefix.parse::<IpNet>()?.prefix_len();
+        let v6_len = self.ipv6_prefix.parse::<IpNet>()?.prefix_len();
+        Ok(vec![
+            format!("{}/{v4_len}", self.node.ipv4).parse()?,
+            format!("{}/{v6_len}", self.node.ipv6).parse()?,
+        ])
+    }
+
+    fn load(path: &Path) -> Option<Self> {
+        serde_json::from_slice(&fs::read(path).ok()?).ok()
+    }
+
+    /// Write atomically, readable by root only (it holds the mesh key).
+    fn save(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        std::io::Write::write_all(&mut file, &serde_json::to_vec_pretty(self)?)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        Ok(())
+    }
+}
+
+/// The coordinator client of one node.
+struct Client {
+    url: String,
+    host_port: String,
+    tls: Arc<rustls::ClientConfig>,
+    identity: Arc<Identity>,
+    token: Option<String>,
+    name: Option<String>,
+    listen_port: u16,
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+impl Client {
+    fn new(opts: &JoinOptions, identity: Arc<Identity>) -> Result<Self> {
+        let rest = opts
+            .url
+            .strip_prefix("https://")
+            .ok_or_else(|| anyhow!("--coordinator {} must be an https:// URL", opts.url))?;
+        let host_port = rest.trim_end_matches('/').to_string();
+        if host_port.is_empty() || host_port.contains('/') {
+            bail!("--coordinator {} must look like https://HOST:PORT", opts.url);
+        }
+        if !opts.fingerprint.starts_with("SHA256:") {
+            bail!(
+                "--fingerprint must be the SHA256:… fingerprint the coordinator prints (`tunnelmesh coordinator info`)"
+            );
+        }
+        Ok(Client {
+            url: opts.url.clone(),
+            host_port,
+            tls: Arc::new(pinning::PinnedCertificate::client_config(&opts.fingerprint)),
+            identity,
+            token: opts.token.clone(),
+            name: opts.name.clone(),
+            listen_port: opts.listen_port,
+        })
+    }
+
+    /// Connect, prove our key, and return the welcome with the open socket.
+    async fn join(&self) -> Result<(MeshState, Socket)> {
+        let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&self.host_port))
+            .await
+            .map_err(|_| anyhow!("connecting to {} timed out", self.host_port))?
+            .with_context(|| format!("cannot connect to the coordinator at {}", self.host_port))?;
+        let host = self
+            .host_port
+            .rsplit_once(':')
+            .map_or(self.host_port.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']']);
+        let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|_| anyhow!("{host} is not a valid host name"))?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("pinned") {
+                    Fatal(text).into()
+                } else {
+                    anyhow!("TLS with the coordinator failed: {text}")
+                }
+            })?;
+        let request = format!("wss://{}{CONNECT_PATH}", self.host_port).into_client_request()?;
+        let (mut ws, _) = tokio_tungstenite::client_async(request, tls)
+            .await
+            .context("WebSocket upgrade failed")?;
+        let nonce = match next_msg(&mut ws).await? {
+            ServerMsg::Challenge { nonce, .. } => BASE64.decode(nonce).context("challenge is not base64")?,
+            other => bail!("the coordinator sent {other:?} instead of a challenge"),
+        };
+        let hello = ClientMsg::Hello {
+            public_key: self.identity.public().ssh_line_with_comment(),
+            signature: self.identity.sign(JOIN_NAMESPACE, &nonce),
+            token: self.token.clone(),
+            name: self.name.clone(),
+            listen_port: self.listen_port,
+            endpoints: Vec::new(),
+        };
+        ws.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
+        match next_msg(&mut ws).await? {
+            ServerMsg::Welcome {
+                node,
+                mesh_keys,
+                ipv4_prefix,
+                ipv6_prefix,
+                peers,
+            } => {
+                let peers = peers.into_iter().map(|p| (p.fingerprint.clone(), p)).collect();
+                Ok((
+                    MeshState {
+                        node,
+                        mesh_keys,
+                        ipv4_prefix,
+                        ipv6_prefix,
+                        peers,
+                    },
+                    ws,
+                ))
+            }
+            ServerMsg::Error { message } => Err(Fatal(format!("the coordinator refused this node: {message}")).into()),
+            other => bail!("the coordinator sent {other:?} instead of a welcome"),
+        }
+    }
+}
+
+async fn next_msg(ws: &mut Socket) -> Result<ServerMsg> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(45), ws.next()).await {
+            Err(_) => bail!("the coordinator went silent"),
+            Ok(None) => bail!("the coordinator closed the connection"),
+            Ok(Some(Err(e))) => bail!("connection to the coordinator failed: {e}"),
+            Ok(Some(Ok(Message::Text(t)))) => {
+                return serde_json::from_str(&t).context("unreadable message from the coordinator");
+            }
+            Ok(Some(Ok(Message::Ping(p)))) => ws.send(Message::Pong(p)).await?,
+            Ok(Some(Ok(Message::Close(_)))) => bail!("the coordinator closed the connection"),
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+fn set_control(dev: &Device, url: &str, state: &str, error: Option<String>, updated: bool) {
+    let previous = dev.control.load_full();
+    let last_update_unix = if updated {
+        Some(crate::coordinator::hub::unix_now() as u64)
+    } else {
+        previous.as_ref().and_then(|c| c.last_update_unix)
+    };
+    dev.control.store(Some(Arc::new(ControlState {
+        url: url.to_string(),
+        state: state.into(),
+        last_error: error,
+        last_update_unix,
+    })));
+}
+
+fn apply_to_device(dev: &Device, state: &MeshState) -> Result<()> {
+    dev.update(state.peer_specs(), state.mesh_keys()?);
+    Ok(())
+}
+
+/// Follow the coordinator until shutdown: apply pushes, cache them, reconnect on loss.
+async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut socket: Option<Socket>, cache: PathBuf) {
+    let mut backoff = BACKOFF_MIN;
+    while !dev.shutdown.load(Ordering::Relaxed) {
+        let mut ws = match socket.take() {
+            Some(ws) => ws,
+            None => match client.join().await {
+                Ok((fresh, ws)) => {
+                    if fresh.node.ipv4 != state.node.ipv4 {
+                        warn!(
+                            "the coordinator now gives this node {} (was {}); restart to take it",
+                            fresh.node.ipv4, state.node.ipv4
+                        );
+                    }
+                    state = fresh;
+                    if let Err(e) = apply_to_device(&dev, &state).and_then(|_| state.save(&cache)) {
+                        warn!("applying the coordinator's state failed: {e:#}");
+                    }
+                    ws
+                }
+                Err(e) => {
+                    let fatal = e.downcast_ref::<Fatal>().is_some();
+                    warn!("coordinator {}: {e:#}", client.url);
+                    set_control(
+                        &dev,
+                        &client.url,
+                        if fatal { "refused" } else { "disconnected" },
+                        Some(format!("{e:#}")),
+                        false,
+                    );
+                    let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 4);
+                    tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            },
+        };
+        backoff = BACKOFF_MIN;
+        set_control(&dev, &client.url, "connected", None, true);
+        info!(coordinator = %client.url, peers = state.peers.len(), "following the coordinator");
+        let reason = loop {
+            let msg = tokio::select! {
+                m = next_msg(&mut ws) => m,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if dev.shutdown.load(Ordering::Relaxed) { return; }
+                    continue;
+                }
+            };
+            match msg.and_then(|m| state.apply(m)) {
+                Ok(true) => {
+                    if let Err(e) = apply_to_device(&dev, &state).and_then(|_| state.save(&cache)) {
+                        warn!("applying an update failed: {e:#}");
+                    }
+                    set_control(&dev, &client.url, "connected", None, true);
+                }
+                Ok(false) => {}
+                Err(e) if e.downcast_ref::<Fatal>().is_some() => {
+                    warn!("{e:#}; dropping every peer");
+                    state.peers.clear();
+                    let _ = apply_to_device(&dev, &state);
+                    let _ = fs::remove_file(&cache);
+                    set_control(&dev, &client.url, "revoked", Some(format!("{e:#}")), true);
+                    return;
+                }
+                Err(e) => break e,
+            }
+        };
+        warn!("lost the coordinator ({reason:#}); tunnels keep running, reconnecting");
+        set_control(&dev, &client.url, "disconnected", Some(format!("{reason:#}")), false);
+    }
+}
+
+/// `tunnelmesh up --coordinator URL --fingerprint FP`.
+pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
+    let identity = Arc::new(identity);
+    let client = Client::new(&opts, identity.clone())?;
+    let cache = opts.state_dir.join(&opts.interface).join("state.json");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (state, socket) = match MeshState::load(&cache) {
+        Some(cached) => {
+            info!(cache = %cache.display(), peers = cached.peers.len(), "starting from the cached mesh state");
+            (cached, None)
+        }
+        None => {
+            let (state, ws) = runtime.block_on(async {
+                let mut backoff = BACKOFF_MIN;
+                loop {
+                    match client.join().await {
+                        Ok(joined) => break Ok(joined),
+                        Err(e) if e.downcast_ref::<Fatal>().is_some() => break Err(e),
+                        Err(e) => {
+                            warn!("cannot join yet ({e:#}); retrying in {backoff:?}");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                        }
+                    }
+                }
+            })?;
+            state
+                .save(&cache)
+                .with_context(|| format!("cannot write the state cache {}", cache.display()))?;
+            (state, Some(ws))
+        }
+    };
+    info!(name = %state.node.name, ipv4 = %state.node.ipv4, ipv6 = %state.node.ipv6, "joined the mesh");
+    let plan = InterfacePlan {
+        name: opts.interface.clone(),
+        mtu: opts.mtu,
+        listen_port: opts.listen_port,
+        workers: opts.workers,
+        addresses: state.addresses()?,
+        routes: Vec::new(),
+        xdp_interfaces: Vec::new(),
+        no_ebpf: opts.no_ebpf,
+        peers: state.peer_specs(),
+        mesh_keys: state.mesh_keys()?,
+    };
+    let interface = Interface::start(&identity, plan)?;
+    set_control(
+        &interface.dev,
+        &opts.url,
+        if socket.is_some() { "connected" } else { "connecting" },
+        None,
+        socket.is_some(),
+    );
+    runtime.spawn(follow(client, interface.dev.clone(), state, socket, cache));
+    let result = interface.wait_for_signal();
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}

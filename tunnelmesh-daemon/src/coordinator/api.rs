@@ -1,0 +1,180 @@
+//! The coordinator's HTTPS API: `GET /v1/info` and the peer WebSocket `GET /v1/connect`.
+//!
+//! TLS is terminated here with rustls; HTTP/1.1 and the WebSocket upgrade by hyper and axum. A
+//! malformed request gets a 4xx and affects nothing else; a peer connection that does not send
+//! a valid hello within [`HELLO_TIMEOUT`] is closed.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Extension, Json, Router,
+    extract::{
+        State,
+        ws::{Message, WebSocket, WebSocketUpgrade},
+    },
+    response::IntoResponse,
+    routing::get,
+};
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use rand::RngCore;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+use tracing::{debug, info};
+
+use super::{
+    hub::Hub,
+    proto::{CONNECT_PATH, ClientMsg, ServerMsg},
+};
+
+/// Time a new connection has to send its hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// WebSocket ping interval (dead connections are noticed within two of these).
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub hub: Arc<Mutex<Hub>>,
+    pub tls_fingerprint: String,
+}
+
+#[derive(Clone, Copy)]
+struct Remote(SocketAddr);
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/info", get(info))
+        .route(CONNECT_PATH, get(connect))
+        .with_state(state)
+}
+
+async fn info(State(state): State<ApiState>) -> impl IntoResponse {
+    let hub = state.hub.lock().unwrap_or_else(|p| p.into_inner());
+    Json(json!({
+        "tls_fingerprint": state.tls_fingerprint,
+        "coordinator_key": hub.coordinator_key,
+        "connected_peers": hub.connected(),
+    }))
+}
+
+async fn connect(
+    ws: WebSocketUpgrade,
+    State(state): State<ApiState>,
+    Extension(Remote(remote)): Extension<Remote>,
+) -> impl IntoResponse {
+    ws.max_message_size(1 << 20)
+        .on_upgrade(move |socket| session(state, socket, remote))
+}
+
+fn text(msg: &ServerMsg) -> Message {
+    Message::Text(serde_json::to_string(msg).expect("messages serialize").into())
+}
+
+/// One peer's connection: challenge, hello, welcome, then pushed updates until it goes away.
+async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
+    let mut nonce = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let coordinator = state
+        .hub
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .coordinator_key
+        .clone();
+    if socket
+        .send(text(&ServerMsg::Challenge {
+            nonce: BASE64.encode(nonce),
+            coordinator,
+        }))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => {
+            serde_json::from_str::<ClientMsg>(&t).map_err(|e| format!("malformed hello: {e}"))
+        }
+        Ok(Some(Ok(_))) => Err("expected a JSON hello as a text message".to_string()),
+        _ => return,
+    };
+    let admitted = hello.and_then(|h| {
+        let mut hub = state.hub.lock().unwrap_or_else(|p| p.into_inner());
+        hub.admit(h, &nonce, remote.ip()).map_err(|e| e.to_string())
+    });
+    let super::hub::Admitted {
+        fingerprint,
+        session: id,
+        welcome,
+        mut updates,
+    } = match admitted {
+        Ok(a) => a,
+        Err(message) => {
+            info!(%remote, "refused a peer: {message}");
+            let _ = socket.send(text(&ServerMsg::Error { message })).await;
+            let _ = socket.close().await;
+            return;
+        }
+    };
+    debug!(%remote, %fingerprint, "peer connected");
+    if socket.send(text(&welcome)).await.is_ok() {
+        let mut ping = tokio::time::interval(PING_INTERVAL);
+        let mut unanswered = 0u32;
+        loop {
+            tokio::select! {
+                update = updates.recv() => {
+                    let Some(update) = update else { break };
+                    let last = matches!(*update, ServerMsg::Revoked { .. });
+                    if socket.send(text(&update)).await.is_err() || last {
+                        break;
+                    }
+                }
+                incoming = socket.next() => match incoming {
+                    Some(Ok(Message::Pong(_))) => unanswered = 0,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
+                _ = ping.tick() => {
+                    unanswered += 1;
+                    if unanswered > 2 || socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let _ = socket.close().await;
+    state
+        .hub
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .disconnect(&fingerprint, id);
+    debug!(%remote, %fingerprint, "peer disconnected");
+}
+
+/// Serve the API on `listener` with TLS until the task is dropped.
+pub async fn serve(listener: TcpListener, tls: rustls::ServerConfig, app: Router) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    loop {
+        let Ok((tcp, remote)) = listener.accept().await else {
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone().layer(Extension(Remote(remote)));
+        tokio::spawn(async move {
+            let Ok(Ok(stream)) = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}

@@ -1,0 +1,381 @@
+//! The coordinator's live state: who is connected, admission decisions, and fan-out of changes.
+//!
+//! One [`Hub`] per coordinator, behind a mutex (control plane only; nothing here is per packet).
+//! It owns the store, the address allocator and the admitted-keys list, and keeps one bounded
+//! queue per connected peer. A peer whose queue overflows is disconnected (it reconnects and
+//! gets a fresh welcome) so one slow peer never stalls the others.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{
+    admission::{self, AuthorizedKey},
+    ipam::Ipam,
+    proto::{ClientMsg, JOIN_NAMESPACE, NodeInfo, PeerInfo, ServerMsg},
+    store::{NodeRecord, Store, StoreError},
+};
+use crate::identity::{PublicIdentity, verify_signature};
+
+/// Messages queued per connected peer before it is considered too slow.
+pub const PEER_QUEUE: usize = 1024;
+/// How long the previous mesh key stays valid after a rotation.
+pub const MESH_KEY_OVERLAP_SECS: i64 = 600;
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Why a hello was refused; the message goes to the peer verbatim.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("malformed hello: {0}")]
+    Malformed(String),
+    #[error("the signature does not prove possession of {0}")]
+    BadSignature(String),
+    #[error("key {0} was revoked by the coordinator operator; it cannot rejoin")]
+    Revoked(String),
+    #[error("key {0} is not authorized: add it to the coordinator's authorized_keys, or join with --token")]
+    NotAuthorized(String),
+    #[error(
+        "the enrollment token is invalid, used up or expired; create one with `tunnelmesh coordinator token create`"
+    )]
+    BadToken,
+    #[error("the name {0:?} belongs to another key; choose another with --name")]
+    NameTaken(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("coordinator error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NameTaken(n) => Refusal::NameTaken(n),
+            other => Refusal::Internal(other.to_string()),
+        }
+    }
+}
+
+/// An admitted peer connection.
+pub struct Admitted {
+    pub fingerprint: String,
+    /// Identifies this connection among the node's reconnections.
+    pub session: u64,
+    pub welcome: ServerMsg,
+    /// Updates to push to it.
+    pub updates: mpsc::Receiver<Arc<ServerMsg>>,
+}
+
+struct Session {
+    id: u64,
+    tx: mpsc::Sender<Arc<ServerMsg>>,
+}
+
+pub struct Hub {
+    store: Box<dyn Store>,
+    ipam: Ipam,
+    authorized: HashMap<String, AuthorizedKey>,
+    sessions: HashMap<String, Session>,
+    next_session: u64,
+    pub coordinator_key: String,
+    /// Mesh keys as last pushed (base64, current first).
+    pushed_mesh_keys: Vec<String>,
+    /// Revoked or removed fingerprints as last seen in the store.
+    gone: std::collections::HashSet<String>,
+    data_version: i64,
+}
+
+impl Hub {
+    pub fn new(store: Box<dyn Store>, ipam: Ipam, coordinator_key: String) -> Result<Self, StoreError> {
+        let gone = store
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.revoked || n.removed)
+            .map(|n| n.fingerprint)
+            .collect();
+        let data_version = store.data_version()?;
+        let mut hub = Hub {
+            store,
+            ipam,
+            authorized: HashMap::new(),
+            sessions: HashMap::new(),
+            next_session: 0,
+            coordinator_key,
+            pushed_mesh_keys: Vec::new(),
+            gone,
+            data_version,
+        };
+        hub.pushed_mesh_keys = hub.effective_mesh_keys()?;
+        Ok(hub)
+    }
+
+    pub fn set_authorized(&mut self, keys: HashMap<String, AuthorizedKey>) {
+        self.authorized = keys;
+    }
+
+    pub fn connected(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Mesh keys peers should hold now: the newest, plus the previous one during the overlap.
+    fn effective_mesh_keys(&self) -> Result<Vec<String>, StoreError> {
+        let keys = self.store.mesh_keys()?;
+        let mut out: Vec<String> = keys.first().map(|k| k.key.clone()).into_iter().collect();
+        if let (Some(newest), Some(previous)) = (keys.first(), keys.get(1))
+            && unix_now() - newest.created < MESH_KEY_OVERLAP_SECS
+        {
+            out.push(previous.key.clone());
+        }
+        Ok(out)
+    }
+
+    fn peer_info(&self, n: &NodeRecord) -> PeerInfo {
+        let (v4, v6) = self.ipam.addresses(n.host);
+        PeerInfo {
+            name: n.name.clone(),
+            fingerprint: n.fingerprint.clone(),
+            public_key: n.public_key.clone(),
+            ipv4: v4.to_string(),
+            ipv6: v6.to_string(),
+            endpoints: n.endpoints.clone(),
+            tags: n.tags.clone(),
+        }
+    }
+
+    /// Decide on a hello from `remote` answering `nonce`. On success: the welcome and the queue
+    /// of updates for this peer's connection, identified by the returned session id.
+    pub fn admit(&mut self, hello: ClientMsg, nonce: &[u8], remote: IpAddr) -> Result<Admitted, Refusal> {
+        let ClientMsg::Hello {
+            public_key,
+            signature,
+            token,
+            name,
+            listen_port,
+            endpoints,
+        } = hello;
+        let identity = PublicIdentity::from_ssh_line(&public_key).map_err(|e| Refusal::Malformed(e.to_string()))?;
+        let fingerprint = identity.fingerprint();
+        if !verify_signature(&identity, JOIN_NAMESPACE, nonce, &signature) {
+            return Err(Refusal::BadSignature(fingerprint));
+        }
+        if listen_port == 0 {
+            return Err(Refusal::Malformed("listen_port must be 1-65535".into()));
+        }
+        if let Some(n) = &name {
+            admission::check_name(n).map_err(Refusal::Invalid)?;
+        }
+        // The address the coordinator saw first: right for peers not behind NAT.
+        let mut reported: Vec<String> = vec![std::net::SocketAddr::new(remote.to_canonical(), listen_port).to_string()];
+        for e in endpoints.iter().take(8) {
+            let addr: std::net::SocketAddr = e
+                .parse()
+                .map_err(|_| Refusal::Malformed(format!("endpoint {e:?} is not ip:port")))?;
+            let addr = addr.to_string();
+            if !reported.contains(&addr) {
+                reported.push(addr);
+            }
+        }
+
+        let node = match self.store.node(&fingerprint)? {
+            Some(n) if n.revoked => return Err(Refusal::Revoked(fingerprint)),
+            Some(n) if n.removed => {
+                // Rejoining after removal needs authorization again; the address is kept.
+                let authorized = self.authorized.contains_key(&fingerprint)
+                    || match &token {
+                        Some(t) => self
+                            .store
+                            .consume_token(&admission::token_hash(t), unix_now())?
+                            .is_some(),
+                        None => false,
+                    };
+                if !authorized {
+                    return Err(Refusal::NotAuthorized(fingerprint));
+                }
+                self.store.set_removed(&fingerprint, false)?;
+                self.store.set_endpoints(&fingerprint, &reported)?;
+                self.gone.remove(&fingerprint);
+                NodeRecord {
+                    endpoints: reported,
+                    removed: false,
+                    ..n
+                }
+            }
+            Some(n) => {
+                if n.endpoints != reported {
+                    self.store.set_endpoints(&fingerprint, &reported)?;
+                }
+                NodeRecord {
+                    endpoints: reported,
+                    ..n
+                }
+            }
+            None => {
+                let (name_hint, tags) = match (self.authorized.get(&fingerprint), &token) {
+                    (Some(a), _) => (a.name.clone().or(name), a.tags.clone()),
+                    (None, Some(t)) => {
+                        let record = self
+                            .store
+                            .consume_token(&admission::token_hash(t), unix_now())?
+                            .ok_or(Refusal::BadToken)?;
+                        (name, record.tags)
+                    }
+                    (None, None) => return Err(Refusal::NotAuthorized(fingerprint)),
+                };
+                let name = match name_hint {
+                    // An asked-for name must be free (the store refuses it otherwise).
+                    Some(n) => n,
+                    // A derived one gets a suffix until it is.
+                    None => {
+                        self.free_name(admission::name_from(identity.comment()).unwrap_or_else(|| "node".into()))?
+                    }
+                };
+                let mut ipam = self.ipam.clone();
+                let host = ipam.allocate().map_err(|e| Refusal::Internal(e.to_string()))?;
+                let record = NodeRecord {
+                    fingerprint: fingerprint.clone(),
+                    public_key: identity.ssh_line(),
+                    name,
+                    tags,
+                    host,
+                    created: unix_now(),
+                    revoked: false,
+                    removed: false,
+                    endpoints: reported,
+                };
+                self.store.insert_node(&record)?;
+                // Only a committed allocation takes the number.
+                self.ipam = ipam;
+                info!(name = %record.name, %fingerprint, host, "node joined");
+                record
+            }
+        };
+
+        let peers = self
+            .store
+            .nodes()?
+            .iter()
+            .filter(|n| !n.revoked && !n.removed && n.fingerprint != fingerprint)
+            .map(|n| self.peer_info(n))
+            .collect();
+        let (v4, v6) = self.ipam.addresses(node.host);
+        let welcome = ServerMsg::Welcome {
+            node: NodeInfo {
+                name: node.name.clone(),
+                fingerprint: fingerprint.clone(),
+                ipv4: v4.to_string(),
+                ipv6: v6.to_string(),
+                tags: node.tags.clone(),
+            },
+            // What every connected peer holds now (a rotation reaches everyone in the same push).
+            mesh_keys: self.pushed_mesh_keys.clone(),
+            ipv4_prefix: self.ipam.v4().to_string(),
+            ipv6_prefix: self.ipam.v6().to_string(),
+            peers,
+        };
+        self.broadcast(
+            Some(&fingerprint),
+            ServerMsg::PeerUpsert {
+                peer: self.peer_info(&node),
+            },
+        );
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        self.next_session += 1;
+        let id = self.next_session;
+        // A reconnecting node replaces its old connection.
+        self.sessions.insert(fingerprint.clone(), Session { id, tx });
+        Ok(Admitted {
+            fingerprint,
+            session: id,
+            welcome,
+            updates: rx,
+        })
+    }
+
+    /// `base`, or `base-2`, `base-3`, … whichever no node has.
+    fn free_name(&self, base: String) -> Result<String, StoreError> {
+        let taken: std::collections::HashSet<String> = self.store.nodes()?.into_iter().map(|n| n.name).collect();
+        Ok(std::iter::once(base.clone())
+            .chain((2..).map(|i| format!("{base}-{i}")))
+            .find(|n| !taken.contains(n))
+            .expect("an unbounded sequence has a free name"))
+    }
+
+    /// The connection `id` of `fingerprint` ended.
+    pub fn disconnect(&mut self, fingerprint: &str, id: u64) {
+        if self.sessions.get(fingerprint).is_some_and(|s| s.id == id) {
+            self.sessions.remove(fingerprint);
+        }
+    }
+
+    /// Queue `msg` for every connected peer except `except`; drop peers that cannot keep up.
+    pub fn broadcast(&mut self, except: Option<&str>, msg: ServerMsg) {
+        let msg = Arc::new(msg);
+        let mut slow = Vec::new();
+        for (fp, s) in &self.sessions {
+            if Some(fp.as_str()) != except && s.tx.try_send(msg.clone()).is_err() {
+                slow.push(fp.clone());
+            }
+        }
+        for fp in slow {
+            warn!(fingerprint = %fp, "peer cannot keep up with updates; disconnecting it (it will resync)");
+            self.sessions.remove(&fp);
+        }
+    }
+
+    /// Pick up changes made by the CLI (revocations, mesh-key rotation) and the end of a
+    /// mesh-key overlap, and push them.
+    pub fn reconcile(&mut self) -> Result<(), StoreError> {
+        let version = self.store.data_version()?;
+        let keys = self.effective_mesh_keys()?;
+        if keys != self.pushed_mesh_keys {
+            info!(keys = keys.len(), "mesh keys changed; pushing");
+            self.pushed_mesh_keys = keys.clone();
+            self.broadcast(None, ServerMsg::MeshKeys { mesh_keys: keys });
+        }
+        if version == self.data_version {
+            return Ok(());
+        }
+        self.data_version = version;
+        for node in self.store.nodes()?.into_iter().filter(|n| n.revoked || n.removed) {
+            if self.gone.insert(node.fingerprint.clone()) {
+                let what = if node.revoked {
+                    "revoked"
+                } else {
+                    "removed from the mesh"
+                };
+                info!(name = %node.name, fingerprint = %node.fingerprint, "node {what}; telling every peer");
+                if let Some(s) = self.sessions.remove(&node.fingerprint) {
+                    let _ = s.tx.try_send(Arc::new(ServerMsg::Revoked {
+                        message: format!("key {} was {what} by the coordinator operator", node.fingerprint),
+                    }));
+                }
+                self.broadcast(
+                    None,
+                    ServerMsg::PeerRemoved {
+                        fingerprint: node.fingerprint,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Base64 of a new random mesh key.
+pub fn new_mesh_key() -> String {
+    use rand::RngCore;
+    let mut key = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut key);
+    BASE64.encode(key)
+}

@@ -1,0 +1,88 @@
+//! The coordinator protocol: JSON messages over one WebSocket per peer (`/v1/connect`).
+//!
+//! ```text
+//! coordinator → peer   challenge {nonce, coordinator}
+//! peer → coordinator   hello {public_key, signature, token?, name?, listen_port, endpoints}
+//! coordinator → peer   welcome {node, mesh_keys, ipv4_prefix, ipv6_prefix, peers}   or error
+//! coordinator → peer   peer_upsert {peer} | peer_removed {fingerprint} | mesh_keys {keys} | revoked
+//! ```
+//!
+//! The signature is SSHSIG (namespace [`JOIN_NAMESPACE`]) over the nonce: the peer proves it holds
+//! the private key of `public_key`. Mesh keys travel only on this authenticated, pinned TLS channel.
+
+use serde::{Deserialize, Serialize};
+
+/// SSHSIG namespace of join signatures.
+pub const JOIN_NAMESPACE: &str = "tunnelmesh-join@v1";
+/// Path of the WebSocket endpoint.
+pub const CONNECT_PATH: &str = "/v1/connect";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub name: String,
+    pub fingerprint: String,
+    /// `ssh-ed25519 AAAA…`
+    pub public_key: String,
+    pub ipv4: String,
+    pub ipv6: String,
+    /// Where the peer can be reached, best first (`ip:port`).
+    pub endpoints: Vec<String>,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub fingerprint: String,
+    pub ipv4: String,
+    pub ipv6: String,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    Challenge {
+        nonce: String,
+        coordinator: String,
+    },
+    Welcome {
+        node: NodeInfo,
+        /// Base64 mesh keys, current first.
+        mesh_keys: Vec<String>,
+        ipv4_prefix: String,
+        ipv6_prefix: String,
+        peers: Vec<PeerInfo>,
+    },
+    PeerUpsert {
+        peer: PeerInfo,
+    },
+    PeerRemoved {
+        fingerprint: String,
+    },
+    MeshKeys {
+        mesh_keys: Vec<String>,
+    },
+    Revoked {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMsg {
+    Hello {
+        public_key: String,
+        signature: String,
+        #[serde(default)]
+        token: Option<String>,
+        #[serde(default)]
+        name: Option<String>,
+        listen_port: u16,
+        #[serde(default)]
+        endpoints: Vec<String>,
+    },
+}

@@ -1,0 +1,391 @@
+//! Persistent coordinator state behind [`Store`]: nodes and their addresses, enrollment tokens,
+//! mesh keys, settings.
+//!
+//! [`SqliteStore`] is the embedded default (WAL, schema migrations by `user_version`); the trait
+//! is the seam for a shared SQL server backing several coordinators later. Every mutation is one
+//! transaction, so a crash or a bad request never leaves the store half-changed. Uniqueness of
+//! names, keys and host numbers is enforced by the schema as well as by the caller.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the name {0:?} already belongs to another key")]
+    NameTaken(String),
+    #[error("the store at {0} was written by a newer TunnelMesh (schema {1}); upgrade this binary")]
+    TooNew(String, i64),
+}
+
+/// A node the coordinator has admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub fingerprint: String,
+    /// `ssh-ed25519 AAAA…`
+    pub public_key: String,
+    pub name: String,
+    pub tags: Vec<String>,
+    pub host: u32,
+    pub created: i64,
+    pub revoked: bool,
+    /// Removed by the operator: not a member until it joins again (keeping its address).
+    pub removed: bool,
+    /// Endpoints last reported (`ip:port`, best first).
+    pub endpoints: Vec<String>,
+}
+
+/// An enrollment token (only its hash is stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub hash: String,
+    pub uses_left: u32,
+    pub expires: i64,
+    pub tags: Vec<String>,
+}
+
+/// A mesh key and when it became current.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshKeyRecord {
+    pub key: String,
+    pub created: i64,
+}
+
+/// What the coordinator persists.
+pub trait Store: Send {
+    fn setting(&self, key: &str) -> Result<Option<String>, StoreError>;
+    fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    fn node(&self, fingerprint: &str) -> Result<Option<NodeRecord>, StoreError>;
+    /// Insert a new node; fails with [`StoreError::NameTaken`] if the name belongs to another key.
+    fn insert_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
+    fn set_endpoints(&self, fingerprint: &str, endpoints: &[String]) -> Result<(), StoreError>;
+    /// Mark the node with this name or fingerprint revoked; the record, or None if unknown.
+    fn revoke(&self, name_or_fingerprint: &str) -> Result<Option<NodeRecord>, StoreError>;
+    /// Set or clear the node's `removed` mark; the record as it was, or None if unknown.
+    fn set_removed(&self, name_or_fingerprint: &str, removed: bool) -> Result<Option<NodeRecord>, StoreError>;
+    fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// Use one of the token's uses if it is valid at `now`; its record as it was, or None.
+    fn consume_token(&self, hash: &str, now: i64) -> Result<Option<TokenRecord>, StoreError>;
+    /// Mesh keys, newest first.
+    fn mesh_keys(&self) -> Result<Vec<MeshKeyRecord>, StoreError>;
+    fn add_mesh_key(&self, key: &MeshKeyRecord) -> Result<(), StoreError>;
+    /// Changes whenever another connection (the CLI) commits: the running coordinator polls it.
+    fn data_version(&self) -> Result<i64, StoreError>;
+}
+
+/// The embedded SQLite store.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+const SCHEMA_VERSION: i64 = 2;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE nodes (
+        fingerprint TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL UNIQUE,
+        tags TEXT NOT NULL,
+        host INTEGER NOT NULL UNIQUE,
+        created INTEGER NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        endpoints TEXT NOT NULL DEFAULT ''
+     );
+     CREATE TABLE tokens (hash TEXT PRIMARY KEY, uses_left INTEGER NOT NULL, expires INTEGER NOT NULL, tags TEXT NOT NULL);
+     CREATE TABLE mesh_keys (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, created INTEGER NOT NULL);",
+    // 2: nodes can be removed (not a member now, may rejoin with authorization, keeps its address).
+    "ALTER TABLE nodes ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;",
+];
+
+fn split(list: String) -> Vec<String> {
+    list.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+impl SqliteStore {
+    /// Open (creating and migrating) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew(path.display().to_string(), version));
+        }
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(migration)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(SqliteStore { conn })
+    }
+
+    /// An in-memory store.
+    #[cfg(test)]
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let conn = Connection::open_in_memory()?;
+        for migration in MIGRATIONS {
+            conn.execute_batch(migration)?;
+        }
+        Ok(SqliteStore { conn })
+    }
+
+    fn row_to_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
+        Ok(NodeRecord {
+            fingerprint: r.get(0)?,
+            public_key: r.get(1)?,
+            name: r.get(2)?,
+            tags: split(r.get(3)?),
+            host: r.get(4)?,
+            created: r.get(5)?,
+            revoked: r.get::<_, i64>(6)? != 0,
+            endpoints: split(r.get(7)?),
+            removed: r.get::<_, i64>(8)? != 0,
+        })
+    }
+}
+
+const NODE_COLUMNS: &str = "fingerprint, public_key, name, tags, host, created, revoked, endpoints, removed";
+
+impl Store for SqliteStore {
+    fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY host"))?;
+        let rows = stmt.query_map([], Self::row_to_node)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn node(&self, fingerprint: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE fingerprint = ?1");
+        Ok(self.conn.query_row(&sql, [fingerprint], Self::row_to_node).optional()?)
+    }
+
+    fn insert_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let owner: Option<String> = tx
+            .query_row("SELECT fingerprint FROM nodes WHERE name = ?1", [&n.name], |r| r.get(0))
+            .optional()?;
+        if owner.is_some_and(|f| f != n.fingerprint) {
+            return Err(StoreError::NameTaken(n.name.clone()));
+        }
+        tx.execute(
+            &format!("INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+            params![
+                n.fingerprint,
+                n.public_key,
+                n.name,
+                n.tags.join(","),
+                n.host,
+                n.created,
+                n.revoked as i64,
+                n.endpoints.join(","),
+                n.removed as i64
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn set_endpoints(&self, fingerprint: &str, endpoints: &[String]) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE nodes SET endpoints = ?2 WHERE fingerprint = ?1",
+            params![fingerprint, endpoints.join(",")],
+        )?;
+        Ok(())
+    }
+
+    fn revoke(&self, who: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1 OR fingerprint = ?1");
+        let node = tx.query_row(&sql, [who], Self::row_to_node).optional()?;
+        if let Some(n) = &node {
+            tx.execute("UPDATE nodes SET revoked = 1 WHERE fingerprint = ?1", [&n.fingerprint])?;
+        }
+        tx.commit()?;
+        Ok(node)
+    }
+
+    fn set_removed(&self, who: &str, removed: bool) -> Result<Option<NodeRecord>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1 OR fingerprint = ?1");
+        let node = tx.query_row(&sql, [who], Self::row_to_node).optional()?;
+        if let Some(n) = &node {
+            tx.execute(
+                "UPDATE nodes SET removed = ?2 WHERE fingerprint = ?1",
+                params![n.fingerprint, removed as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(node)
+    }
+
+    fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO tokens (hash, uses_left, expires, tags) VALUES (?1, ?2, ?3, ?4)",
+            params![t.hash, t.uses_left, t.expires, t.tags.join(",")],
+        )?;
+        Ok(())
+    }
+
+    fn consume_token(&self, hash: &str, now: i64) -> Result<Option<TokenRecord>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let token = tx
+            .query_row(
+                "SELECT hash, uses_left, expires, tags FROM tokens WHERE hash = ?1 AND uses_left > 0 AND expires > ?2",
+                params![hash, now],
+                |r| {
+                    Ok(TokenRecord {
+                        hash: r.get(0)?,
+                        uses_left: r.get(1)?,
+                        expires: r.get(2)?,
+                        tags: split(r.get(3)?),
+                    })
+                },
+            )
+            .optional()?;
+        if token.is_some() {
+            tx.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1", [hash])?;
+        }
+        tx.commit()?;
+        Ok(token)
+    }
+
+    fn mesh_keys(&self) -> Result<Vec<MeshKeyRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key, created FROM mesh_keys ORDER BY id DESC")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(MeshKeyRecord {
+                key: r.get(0)?,
+                created: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn add_mesh_key(&self, k: &MeshKeyRecord) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO mesh_keys (key, created) VALUES (?1, ?2)",
+            params![k.key, k.created],
+        )?;
+        Ok(())
+    }
+
+    fn data_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.pragma_query_value(None, "data_version", |r| r.get(0))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(fp: &str, name: &str, host: u32) -> NodeRecord {
+        NodeRecord {
+            fingerprint: fp.into(),
+            public_key: format!("ssh-ed25519 {fp}"),
+            name: name.into(),
+            tags: vec!["web".into(), "prod".into()],
+            host,
+            created: 1,
+            revoked: false,
+            removed: false,
+            endpoints: vec!["198.18.0.1:51820".into()],
+        }
+    }
+
+    #[test]
+    fn nodes_round_trip_and_names_bind_to_keys() {
+        let s = SqliteStore::in_memory().unwrap();
+        s.insert_node(&node("SHA256:a", "web", 1)).unwrap();
+        assert_eq!(s.node("SHA256:a").unwrap(), Some(node("SHA256:a", "web", 1)));
+        let err = s.insert_node(&node("SHA256:b", "web", 2)).unwrap_err();
+        assert!(matches!(err, StoreError::NameTaken(ref n) if n == "web"), "{err}");
+        // A duplicate host number is refused by the schema, and nothing is half-written.
+        assert!(s.insert_node(&node("SHA256:c", "db", 1)).is_err());
+        assert_eq!(s.nodes().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn revocation_keeps_the_record_and_tokens_run_out() {
+        let s = SqliteStore::in_memory().unwrap();
+        s.insert_node(&node("SHA256:a", "web", 1)).unwrap();
+        assert_eq!(s.revoke("web").unwrap().map(|n| n.fingerprint), Some("SHA256:a".into()));
+        assert!(s.node("SHA256:a").unwrap().unwrap().revoked);
+        assert_eq!(s.revoke("nobody").unwrap(), None);
+        s.insert_token(&TokenRecord {
+            hash: "h".into(),
+            uses_left: 2,
+            expires: 100,
+            tags: vec![],
+        })
+        .unwrap();
+        assert!(s.consume_token("h", 50).unwrap().is_some());
+        assert!(s.consume_token("h", 50).unwrap().is_some());
+        assert!(s.consume_token("h", 50).unwrap().is_none(), "used up");
+        s.insert_token(&TokenRecord {
+            hash: "old".into(),
+            uses_left: 5,
+            expires: 10,
+            tags: vec![],
+        })
+        .unwrap();
+        assert!(s.consume_token("old", 50).unwrap().is_none(), "expired");
+    }
+
+    #[test]
+    fn a_file_store_survives_reopening_and_reports_foreign_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let s = SqliteStore::open(&path).unwrap();
+        s.add_mesh_key(&MeshKeyRecord {
+            key: "k1".into(),
+            created: 1,
+        })
+        .unwrap();
+        let v = s.data_version().unwrap();
+        let other = SqliteStore::open(&path).unwrap();
+        other
+            .add_mesh_key(&MeshKeyRecord {
+                key: "k2".into(),
+                created: 2,
+            })
+            .unwrap();
+        assert_ne!(
+            s.data_version().unwrap(),
+            v,
+            "the CLI's commit is visible to the running coordinator"
+        );
+        assert_eq!(
+            s.mesh_keys()
+                .unwrap()
+                .iter()
+                .map(|k| k.key.as_str())
+                .collect::<Vec<_>>(),
+            ["k2", "k1"]
+        );
+    }
+}
