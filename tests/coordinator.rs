@@ -310,3 +310,25 @@ fn rotating_the_mesh_key_drops_no_established_tunnel() {
     assert!(lab.ping(&p1_ns, &p3_v4, 3));
     assert!(lab.ping(&lab.nodes[nodes[2]].ns, &p2_v4, 3));
 }
+
+#[test]
+fn authorized_keys_are_reloaded_when_the_file_changes() {
+    let (mut lab, c, nodes) = mesh(36, 3);
+    lab.spawn_joining(nodes[2], &c, &[]);
+    let (ok, log) = lab.wait_exit(nodes[2], Duration::from_secs(15));
+    assert!(!ok && log.contains("is not authorized"), "{log}");
+    // The operator adds the key; the running coordinator picks it up without a restart.
+    let authorized = lab.dir.path().join("authorized_keys");
+    let mut text = fs::read_to_string(&authorized).unwrap();
+    text += &format!(
+        "tunnelmesh-name=\"db\",tunnelmesh-tags=\"db\" {}\n",
+        lab.nodes[nodes[2]].public_line
+    );
+    fs::write(&authorized, text).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.join(nodes[2], &c, &[]);
+    lab.join(nodes[0], &c, &[]);
+    assert_eq!(peer_names(&lab, nodes[0]), ["db"]);
+    let (v4, _) = mesh_addrs(&lab, nodes[2]);
+    assert!(lab.ping(&lab.nodes[nodes[0]].ns, &v4, 2));
+}

@@ -155,7 +155,7 @@ impl MeshState {
 }
 
 /// The coordinator client of one node.
-struct Client {
+pub struct Client {
     url: String,
     host_port: String,
     tls: Arc<rustls::ClientConfig>,
@@ -165,10 +165,11 @@ struct Client {
     listen_port: u16,
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+/// An open, authenticated connection to the coordinator.
+pub type Socket = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 impl Client {
-    fn new(opts: &JoinOptions, identity: Arc<Identity>) -> Result<Self> {
+    pub fn new(opts: &JoinOptions, identity: Arc<Identity>) -> Result<Self> {
         let rest = opts
             .url
             .strip_prefix("https://")
@@ -195,6 +196,33 @@ impl Client {
 
     /// Connect, prove our key, and return the welcome with the open socket.
     async fn join(&self) -> Result<(MeshState, Socket)> {
+        let (welcome, ws) = self.join_raw().await?;
+        match serde_json::from_str(&welcome).context("unreadable welcome from the coordinator")? {
+            ServerMsg::Welcome {
+                node,
+                mesh_keys,
+                ipv4_prefix,
+                ipv6_prefix,
+                peers,
+            } => {
+                let peers = peers.into_iter().map(|p| (p.fingerprint.clone(), p)).collect();
+                Ok((
+                    MeshState {
+                        node,
+                        mesh_keys,
+                        ipv4_prefix,
+                        ipv6_prefix,
+                        peers,
+                    },
+                    ws,
+                ))
+            }
+            other => bail!("the coordinator sent {other:?} instead of a welcome"),
+        }
+    }
+
+    /// Connect and prove our key; the welcome as the coordinator sent it (JSON), and the socket.
+    pub async fn join_raw(&self) -> Result<(String, Socket)> {
         let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&self.host_port))
             .await
             .map_err(|_| anyhow!("connecting to {} timed out", self.host_port))?
@@ -234,46 +262,36 @@ impl Client {
             endpoints: Vec::new(),
         };
         ws.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
-        match next_msg(&mut ws).await? {
-            ServerMsg::Welcome {
-                node,
-                mesh_keys,
-                ipv4_prefix,
-                ipv6_prefix,
-                peers,
-            } => {
-                let peers = peers.into_iter().map(|p| (p.fingerprint.clone(), p)).collect();
-                Ok((
-                    MeshState {
-                        node,
-                        mesh_keys,
-                        ipv4_prefix,
-                        ipv6_prefix,
-                        peers,
-                    },
-                    ws,
-                ))
-            }
+        let text = next_text(&mut ws).await?;
+        // The coordinator puts `type` first; a welcome can be large, so do not parse it twice.
+        if text.starts_with(r#"{"type":"welcome""#) {
+            return Ok((text, ws));
+        }
+        match serde_json::from_str(&text).context("unreadable message from the coordinator")? {
+            ServerMsg::Welcome { .. } => Ok((text, ws)),
             ServerMsg::Error { message } => Err(Fatal(format!("the coordinator refused this node: {message}")).into()),
             other => bail!("the coordinator sent {other:?} instead of a welcome"),
         }
     }
 }
 
-async fn next_msg(ws: &mut Socket) -> Result<ServerMsg> {
+/// The next text message, answering pings on the way.
+pub async fn next_text(ws: &mut Socket) -> Result<String> {
     loop {
         match tokio::time::timeout(Duration::from_secs(45), ws.next()).await {
             Err(_) => bail!("the coordinator went silent"),
             Ok(None) => bail!("the coordinator closed the connection"),
             Ok(Some(Err(e))) => bail!("connection to the coordinator failed: {e}"),
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return serde_json::from_str(&t).context("unreadable message from the coordinator");
-            }
+            Ok(Some(Ok(Message::Text(t)))) => return Ok(t.to_string()),
             Ok(Some(Ok(Message::Ping(p)))) => ws.send(Message::Pong(p)).await?,
             Ok(Some(Ok(Message::Close(_)))) => bail!("the coordinator closed the connection"),
             Ok(Some(Ok(_))) => {}
         }
     }
+}
+
+async fn next_msg(ws: &mut Socket) -> Result<ServerMsg> {
+    serde_json::from_str(&next_text(ws).await?).context("unreadable message from the coordinator")
 }
 
 fn set_control(dev: &Device, url: &str, state: &str, error: Option<String>, updated: bool) {

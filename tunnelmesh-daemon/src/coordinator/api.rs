@@ -122,7 +122,7 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
         }
     };
     debug!(%remote, %fingerprint, "peer connected");
-    if socket.send(text(&welcome)).await.is_ok() {
+    if socket.send(Message::Text(welcome.into())).await.is_ok() {
         let mut ping = tokio::time::interval(PING_INTERVAL);
         let mut unanswered = 0u32;
         loop {

@@ -72,7 +72,8 @@ pub struct Admitted {
     pub fingerprint: String,
     /// Identifies this connection among the node's reconnections.
     pub session: u64,
-    pub welcome: ServerMsg,
+    /// The rendered welcome message.
+    pub welcome: String,
     /// Updates to push to it.
     pub updates: mpsc::Receiver<Arc<ServerMsg>>,
 }
@@ -84,6 +85,11 @@ struct Session {
 
 pub struct Hub {
     store: Box<dyn Store>,
+    /// Every node record, mirrored from the store (the store stays the source of truth; every
+    /// change is written there first).
+    nodes: HashMap<String, NodeRecord>,
+    /// Rendered `PeerInfo` JSON of each member, so a welcome is assembled, not re-serialized.
+    peer_json: HashMap<String, String>,
     ipam: Ipam,
     authorized: HashMap<String, AuthorizedKey>,
     sessions: HashMap<String, Session>,
@@ -98,15 +104,17 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(store: Box<dyn Store>, ipam: Ipam, coordinator_key: String) -> Result<Self, StoreError> {
-        let gone = store
-            .nodes()?
-            .into_iter()
+        let records = store.nodes()?;
+        let gone = records
+            .iter()
             .filter(|n| n.revoked || n.removed)
-            .map(|n| n.fingerprint)
+            .map(|n| n.fingerprint.clone())
             .collect();
         let data_version = store.data_version()?;
         let mut hub = Hub {
             store,
+            nodes: HashMap::new(),
+            peer_json: HashMap::new(),
             ipam,
             authorized: HashMap::new(),
             sessions: HashMap::new(),
@@ -117,6 +125,9 @@ impl Hub {
             data_version,
         };
         hub.pushed_mesh_keys = hub.effective_mesh_keys()?;
+        for record in records {
+            hub.remember(record);
+        }
         Ok(hub)
     }
 
@@ -138,6 +149,17 @@ impl Hub {
             out.push(previous.key.clone());
         }
         Ok(out)
+    }
+
+    /// Mirror `record` (and its rendered peer entry while it is a member).
+    fn remember(&mut self, record: NodeRecord) {
+        if record.revoked || record.removed {
+            self.peer_json.remove(&record.fingerprint);
+        } else {
+            let json = to_json(&self.peer_info(&record));
+            self.peer_json.insert(record.fingerprint.clone(), json);
+        }
+        self.nodes.insert(record.fingerprint.clone(), record);
     }
 
     fn peer_info(&self, n: &NodeRecord) -> PeerInfo {
@@ -187,7 +209,7 @@ impl Hub {
             }
         }
 
-        let node = match self.store.node(&fingerprint)? {
+        let node = match self.nodes.get(&fingerprint).cloned() {
             Some(n) if n.revoked => return Err(Refusal::Revoked(fingerprint)),
             Some(n) if n.removed => {
                 // Rejoining after removal needs authorization again; the address is kept.
@@ -236,9 +258,7 @@ impl Hub {
                     // An asked-for name must be free (the store refuses it otherwise).
                     Some(n) => n,
                     // A derived one gets a suffix until it is.
-                    None => {
-                        self.free_name(admission::name_from(identity.comment()).unwrap_or_else(|| "node".into()))?
-                    }
+                    None => self.free_name(admission::name_from(identity.comment()).unwrap_or_else(|| "node".into())),
                 };
                 let mut ipam = self.ipam.clone();
                 let host = ipam.allocate().map_err(|e| Refusal::Internal(e.to_string()))?;
@@ -261,28 +281,40 @@ impl Hub {
             }
         };
 
-        let peers = self
-            .store
-            .nodes()?
-            .iter()
-            .filter(|n| !n.revoked && !n.removed && n.fingerprint != fingerprint)
-            .map(|n| self.peer_info(n))
-            .collect();
+        self.remember(node.clone());
         let (v4, v6) = self.ipam.addresses(node.host);
-        let welcome = ServerMsg::Welcome {
-            node: NodeInfo {
-                name: node.name.clone(),
-                fingerprint: fingerprint.clone(),
-                ipv4: v4.to_string(),
-                ipv6: v6.to_string(),
-                tags: node.tags.clone(),
-            },
-            // What every connected peer holds now (a rotation reaches everyone in the same push).
-            mesh_keys: self.pushed_mesh_keys.clone(),
-            ipv4_prefix: self.ipam.v4().to_string(),
-            ipv6_prefix: self.ipam.v6().to_string(),
-            peers,
+        let node_info = NodeInfo {
+            name: node.name.clone(),
+            fingerprint: fingerprint.clone(),
+            ipv4: v4.to_string(),
+            ipv6: v6.to_string(),
+            tags: node.tags.clone(),
         };
+        // `type` first, so a reader can tell a welcome from its first bytes. The mesh keys are
+        // what every connected peer holds now (a rotation reaches everyone in the same push).
+        let head = format!(
+            r#"{{"type":"welcome","node":{},"mesh_keys":{},"ipv4_prefix":{},"ipv6_prefix":{}}}"#,
+            to_json(&node_info),
+            to_json(&self.pushed_mesh_keys),
+            to_json(&self.ipam.v4().to_string()),
+            to_json(&self.ipam.v6().to_string()),
+        );
+        let others = self
+            .peer_json
+            .iter()
+            .filter(|(fp, _)| **fp != fingerprint)
+            .map(|(_, j)| j.as_str());
+        let mut welcome =
+            String::with_capacity(head.len() + 16 + self.peer_json.values().map(|j| j.len() + 1).sum::<usize>());
+        welcome.push_str(&head[..head.len() - 1]);
+        welcome.push_str(",\"peers\":[");
+        for (i, peer) in others.enumerate() {
+            if i > 0 {
+                welcome.push(',');
+            }
+            welcome.push_str(peer);
+        }
+        welcome.push_str("]}");
         self.broadcast(
             Some(&fingerprint),
             ServerMsg::PeerUpsert {
@@ -303,12 +335,12 @@ impl Hub {
     }
 
     /// `base`, or `base-2`, `base-3`, … whichever no node has.
-    fn free_name(&self, base: String) -> Result<String, StoreError> {
-        let taken: std::collections::HashSet<String> = self.store.nodes()?.into_iter().map(|n| n.name).collect();
-        Ok(std::iter::once(base.clone())
+    fn free_name(&self, base: String) -> String {
+        let taken: std::collections::HashSet<&str> = self.nodes.values().map(|n| n.name.as_str()).collect();
+        std::iter::once(base.clone())
             .chain((2..).map(|i| format!("{base}-{i}")))
-            .find(|n| !taken.contains(n))
-            .expect("an unbounded sequence has a free name"))
+            .find(|n| !taken.contains(n.as_str()))
+            .expect("an unbounded sequence has a free name")
     }
 
     /// The connection `id` of `fingerprint` ended.
@@ -347,7 +379,11 @@ impl Hub {
             return Ok(());
         }
         self.data_version = version;
-        for node in self.store.nodes()?.into_iter().filter(|n| n.revoked || n.removed) {
+        let records = self.store.nodes()?;
+        for record in &records {
+            self.remember(record.clone());
+        }
+        for node in records.into_iter().filter(|n| n.revoked || n.removed) {
             if self.gone.insert(node.fingerprint.clone()) {
                 let what = if node.revoked {
                     "revoked"
@@ -370,6 +406,10 @@ impl Hub {
         }
         Ok(())
     }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("plain data serializes")
 }
 
 /// Base64 of a new random mesh key.

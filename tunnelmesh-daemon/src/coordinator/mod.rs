@@ -132,6 +132,7 @@ fn certificate(data_dir: &Path, cert: Option<&Path>, key: Option<&Path>) -> Resu
 
 /// `tunnelmesh coordinator`: run until SIGINT/SIGTERM.
 pub fn serve(opts: ServeOptions) -> Result<()> {
+    let open_files = crate::sys::rlimit::raise_open_files();
     let store = open_store(&opts.data_dir)?;
     let (v4, v6) = prefixes(&store, opts.ipv4_prefix, opts.ipv6_prefix)?;
     if store.mesh_keys()?.is_empty() {
@@ -167,7 +168,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             "peers join with: tunnelmesh up --coordinator https://{} --fingerprint {tls_fingerprint}",
             listener.local_addr()?
         );
-        info!(prefix4 = %v4, prefix6 = %v6, "coordinator up");
+        info!(prefix4 = %v4, prefix6 = %v6, open_files, "coordinator up");
         let app = api::router(api::ApiState {
             hub: hub.clone(),
             tls_fingerprint,

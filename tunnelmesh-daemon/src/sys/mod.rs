@@ -6,4 +6,5 @@
 pub mod bpffs;
 pub mod mmsg;
 pub mod poll;
+pub mod rlimit;
 pub mod tun;
