@@ -234,10 +234,17 @@ mod coordinator {
         let results = runtime.block_on(async {
             // Phase 1: every peer registers (connect, prove its key, receive the welcome, leave).
             let start = Instant::now();
-            let queue = Arc::new(tokio::sync::Mutex::new(identities[..PEERS].to_vec().into_iter()));
+            let all = Arc::new(identities.clone());
+            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let mut workers = Vec::new();
             for _ in 0..CONCURRENCY {
-                let (queue, url, fingerprint, token) = (queue.clone(), url.clone(), fingerprint.clone(), token.clone());
+                let (all, next, url, fingerprint, token) = (
+                    all.clone(),
+                    next.clone(),
+                    url.clone(),
+                    fingerprint.clone(),
+                    token.clone(),
+                );
                 workers.push(tokio::spawn(async move {
                     let mut largest = 0;
                     loop {
