@@ -254,7 +254,7 @@ mod coordinator {
                         }
                         let id = all[i].clone();
                         let (welcome, _ws) = client(&url, &fingerprint, &token, id).join_raw().await.expect("join");
-                        largest = largest.max(welcome.len());
+                        largest = largest.max(welcome.iter().map(String::len).sum::<usize>());
                     }
                 }));
             }

@@ -82,7 +82,7 @@ impl MeshState {
             ServerMsg::MeshKeys { mesh_keys } => self.mesh_keys = mesh_keys,
             ServerMsg::Revoked { message } => return Err(Fatal(message).into()),
             ServerMsg::Error { message } => bail!("coordinator error: {message}"),
-            ServerMsg::Challenge { .. } | ServerMsg::Welcome { .. } => return Ok(false),
+            ServerMsg::Challenge { .. } | ServerMsg::Welcome { .. } | ServerMsg::Peers { .. } => return Ok(false),
         }
         Ok(true)
     }
@@ -196,33 +196,45 @@ impl Client {
 
     /// Connect, prove our key, and return the welcome with the open socket.
     async fn join(&self) -> Result<(MeshState, Socket)> {
-        let (welcome, ws) = self.join_raw().await?;
-        match serde_json::from_str(&welcome).context("unreadable welcome from the coordinator")? {
-            ServerMsg::Welcome {
-                node,
-                mesh_keys,
-                ipv4_prefix,
-                ipv6_prefix,
-                peers,
-            } => {
-                let peers = peers.into_iter().map(|p| (p.fingerprint.clone(), p)).collect();
-                Ok((
-                    MeshState {
+        let (parts, ws) = self.join_raw().await?;
+        let mut state: Option<MeshState> = None;
+        for part in parts {
+            match (
+                serde_json::from_str(&part).context("unreadable welcome from the coordinator")?,
+                &mut state,
+            ) {
+                (
+                    ServerMsg::Welcome {
                         node,
                         mesh_keys,
                         ipv4_prefix,
                         ipv6_prefix,
                         peers,
+                        ..
                     },
-                    ws,
-                ))
+                    None,
+                ) => {
+                    let peers = peers.into_iter().map(|p| (p.fingerprint.clone(), p)).collect();
+                    state = Some(MeshState {
+                        node,
+                        mesh_keys,
+                        ipv4_prefix,
+                        ipv6_prefix,
+                        peers,
+                    });
+                }
+                (ServerMsg::Peers { peers, .. }, Some(s)) => {
+                    s.peers.extend(peers.into_iter().map(|p| (p.fingerprint.clone(), p)));
+                }
+                (other, _) => bail!("the coordinator sent {other:?} in the middle of its welcome"),
             }
-            other => bail!("the coordinator sent {other:?} instead of a welcome"),
         }
+        Ok((state.ok_or_else(|| anyhow!("the coordinator sent no welcome"))?, ws))
     }
 
-    /// Connect and prove our key; the welcome as the coordinator sent it (JSON), and the socket.
-    pub async fn join_raw(&self) -> Result<(String, Socket)> {
+    /// Connect and prove our key; the welcome parts as the coordinator sent them (JSON), and the
+    /// socket.
+    pub async fn join_raw(&self) -> Result<(Vec<String>, Socket)> {
         let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&self.host_port))
             .await
             .map_err(|_| anyhow!("connecting to {} timed out", self.host_port))?
@@ -262,15 +274,27 @@ impl Client {
             endpoints: Vec::new(),
         };
         ws.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
-        let text = next_text(&mut ws).await?;
-        // The coordinator puts `type` first; a welcome can be large, so do not parse it twice.
-        if text.starts_with(r#"{"type":"welcome""#) {
-            return Ok((text, ws));
-        }
-        match serde_json::from_str(&text).context("unreadable message from the coordinator")? {
-            ServerMsg::Welcome { .. } => Ok((text, ws)),
-            ServerMsg::Error { message } => Err(Fatal(format!("the coordinator refused this node: {message}")).into()),
-            other => bail!("the coordinator sent {other:?} instead of a welcome"),
+        // The welcome comes in parts; `type` and `more` lead each, so they need no parsing here.
+        let mut parts = Vec::new();
+        loop {
+            let text = next_text(&mut ws).await?;
+            let more =
+                if text.starts_with(r#"{"type":"welcome","more":"#) || text.starts_with(r#"{"type":"peers","more":"#) {
+                    text.split_once(r#""more":"#)
+                        .is_some_and(|(_, rest)| rest.starts_with("true"))
+                } else {
+                    match serde_json::from_str(&text).context("unreadable message from the coordinator")? {
+                        ServerMsg::Welcome { more, .. } | ServerMsg::Peers { more, .. } => more,
+                        ServerMsg::Error { message } => {
+                            return Err(Fatal(format!("the coordinator refused this node: {message}")).into());
+                        }
+                        other => bail!("the coordinator sent {other:?} instead of a welcome"),
+                    }
+                };
+            parts.push(text);
+            if !more {
+                return Ok((parts, ws));
+            }
         }
     }
 }

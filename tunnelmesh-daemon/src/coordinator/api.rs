@@ -122,7 +122,14 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
         }
     };
     debug!(%remote, %fingerprint, "peer connected");
-    if socket.send(Message::Text(welcome.into())).await.is_ok() {
+    let mut sent = true;
+    for part in welcome {
+        if socket.send(Message::Text(part.into())).await.is_err() {
+            sent = false;
+            break;
+        }
+    }
+    if sent {
         let mut ping = tokio::time::interval(PING_INTERVAL);
         let mut unanswered = 0u32;
         loop {

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use super::{
     admission::{self, AuthorizedKey},
     ipam::Ipam,
-    proto::{ClientMsg, JOIN_NAMESPACE, NodeInfo, PeerInfo, ServerMsg},
+    proto::{ClientMsg, JOIN_NAMESPACE, NodeInfo, PeerInfo, ServerMsg, WELCOME_CHUNK},
     store::{NodeRecord, Store, StoreError},
 };
 use crate::identity::{PublicIdentity, verify_signature};
@@ -72,8 +72,8 @@ pub struct Admitted {
     pub fingerprint: String,
     /// Identifies this connection among the node's reconnections.
     pub session: u64,
-    /// The rendered welcome message.
-    pub welcome: String,
+    /// The rendered welcome: a `welcome` message and the `peers` messages that complete it.
+    pub welcome: Vec<String>,
     /// Updates to push to it.
     pub updates: mpsc::Receiver<Arc<ServerMsg>>,
 }
@@ -290,31 +290,44 @@ impl Hub {
             ipv6: v6.to_string(),
             tags: node.tags.clone(),
         };
-        // `type` first, so a reader can tell a welcome from its first bytes. The mesh keys are
-        // what every connected peer holds now (a rotation reaches everyone in the same push).
-        let head = format!(
-            r#"{{"type":"welcome","node":{},"mesh_keys":{},"ipv4_prefix":{},"ipv6_prefix":{}}}"#,
-            to_json(&node_info),
-            to_json(&self.pushed_mesh_keys),
-            to_json(&self.ipam.v4().to_string()),
-            to_json(&self.ipam.v6().to_string()),
-        );
-        let others = self
+        // `type` and `more` first, so a reader can tell the parts from their first bytes. The
+        // mesh keys are what every connected peer holds now (a rotation reaches everyone in the
+        // same push).
+        let others: Vec<&str> = self
             .peer_json
             .iter()
             .filter(|(fp, _)| **fp != fingerprint)
-            .map(|(_, j)| j.as_str());
-        let mut welcome =
-            String::with_capacity(head.len() + 16 + self.peer_json.values().map(|j| j.len() + 1).sum::<usize>());
-        welcome.push_str(&head[..head.len() - 1]);
-        welcome.push_str(",\"peers\":[");
-        for (i, peer) in others.enumerate() {
-            if i > 0 {
-                welcome.push(',');
-            }
-            welcome.push_str(peer);
-        }
-        welcome.push_str("]}");
+            .map(|(_, j)| j.as_str())
+            .collect();
+        let chunks: Vec<&[&str]> = if others.is_empty() {
+            vec![&[]]
+        } else {
+            others.chunks(WELCOME_CHUNK).collect()
+        };
+        let last = chunks.len() - 1;
+        let welcome = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, chunk)| {
+                let head = if i == 0 {
+                    format!(
+                        r#"{{"type":"welcome","more":{},"node":{},"mesh_keys":{},"ipv4_prefix":{},"ipv6_prefix":{},"peers":["#,
+                        i < last,
+                        to_json(&node_info),
+                        to_json(&self.pushed_mesh_keys),
+                        to_json(&self.ipam.v4().to_string()),
+                        to_json(&self.ipam.v6().to_string()),
+                    )
+                } else {
+                    format!(r#"{{"type":"peers","more":{},"peers":["#, i < last)
+                };
+                let mut msg = String::with_capacity(head.len() + 2 + chunk.iter().map(|j| j.len() + 1).sum::<usize>());
+                msg.push_str(&head);
+                msg.push_str(&chunk.join(","));
+                msg.push_str("]}");
+                msg
+            })
+            .collect();
         self.broadcast(
             Some(&fingerprint),
             ServerMsg::PeerUpsert {
@@ -418,4 +431,112 @@ pub fn new_mesh_key() -> String {
     let mut key = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut key);
     BASE64.encode(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::store::{MeshKeyRecord, SqliteStore, TokenRecord};
+
+    fn hub() -> Hub {
+        let store = SqliteStore::in_memory().unwrap();
+        store
+            .add_mesh_key(&MeshKeyRecord {
+                key: new_mesh_key(),
+                created: unix_now(),
+            })
+            .unwrap();
+        let hash = admission::token_hash("tmtok_test");
+        store
+            .insert_token(&TokenRecord {
+                hash,
+                uses_left: 10_000,
+                expires: unix_now() + 60,
+                tags: vec!["t".into()],
+            })
+            .unwrap();
+        let ipam = Ipam::new("100.64.0.0/10".parse().unwrap(), "fd00::/64".parse().unwrap(), []).unwrap();
+        Hub::new(Box::new(store), ipam, "ssh-ed25519 AAAA coordinator".into()).unwrap()
+    }
+
+    fn hello(id: &crate::identity::Identity, nonce: &[u8], token: Option<&str>) -> ClientMsg {
+        ClientMsg::Hello {
+            public_key: id.public().ssh_line_with_comment(),
+            signature: id.sign(JOIN_NAMESPACE, nonce),
+            token: token.map(str::to_string),
+            name: None,
+            listen_port: 51820,
+            endpoints: vec![],
+        }
+    }
+
+    #[test]
+    fn a_large_welcome_comes_in_bounded_parts_that_add_up_to_every_peer() {
+        let mut hub = hub();
+        let remote: IpAddr = "198.18.0.9".parse().unwrap();
+        for i in 0..600 {
+            let (id, _) = crate::identity::Identity::generate(&format!("root@n{i}"));
+            hub.admit(hello(&id, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+        }
+        let (id, _) = crate::identity::Identity::generate("root@last");
+        let admitted = hub.admit(hello(&id, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+        assert_eq!(admitted.welcome.len(), 3, "600 peers in parts of {WELCOME_CHUNK}");
+        let mut peers = 0;
+        for (i, part) in admitted.welcome.iter().enumerate() {
+            let more = i + 1 < admitted.welcome.len();
+            match serde_json::from_str::<ServerMsg>(part).unwrap() {
+                ServerMsg::Welcome {
+                    peers: p,
+                    more: m,
+                    node,
+                    ..
+                } if i == 0 => {
+                    assert_eq!((m, node.name.as_str()), (more, "last"));
+                    peers += p.len();
+                }
+                ServerMsg::Peers { peers: p, more: m } if i > 0 => {
+                    assert_eq!(m, more);
+                    peers += p.len();
+                }
+                other => panic!("unexpected part {i}: {other:?}"),
+            }
+        }
+        assert_eq!(peers, 600);
+    }
+
+    #[test]
+    fn admission_checks_the_signature_the_token_and_revocation() {
+        let mut hub = hub();
+        let remote: IpAddr = "198.18.0.9".parse().unwrap();
+        let (id, _) = crate::identity::Identity::generate("root@web");
+        // A signature over another nonce proves nothing.
+        let err = hub
+            .admit(hello(&id, b"old nonce", Some("tmtok_test")), b"fresh", remote)
+            .err()
+            .unwrap();
+        assert!(matches!(err, Refusal::BadSignature(_)), "{err}");
+        let err = hub.admit(hello(&id, b"n", None), b"n", remote).err().unwrap();
+        assert!(matches!(err, Refusal::NotAuthorized(_)), "{err}");
+        let err = hub
+            .admit(hello(&id, b"n", Some("tmtok_forged")), b"n", remote)
+            .err()
+            .unwrap();
+        assert!(matches!(err, Refusal::BadToken), "{err}");
+        let first = hub.admit(hello(&id, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+        // The same key again gets the same address, without a token.
+        let again = hub.admit(hello(&id, b"n", None), b"n", remote).unwrap();
+        assert_eq!(
+            first.welcome[0].split("\"peers\"").next(),
+            again.welcome[0].split("\"peers\"").next()
+        );
+        // The operator revokes from another process (another connection to the store).
+        hub.store.revoke("web").unwrap();
+        hub.data_version -= 1;
+        hub.reconcile().unwrap();
+        let err = hub
+            .admit(hello(&id, b"n", Some("tmtok_test")), b"n", remote)
+            .err()
+            .unwrap();
+        assert!(matches!(err, Refusal::Revoked(_)), "{err}");
+    }
 }

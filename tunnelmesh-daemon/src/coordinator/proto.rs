@@ -3,7 +3,8 @@
 //! ```text
 //! coordinator → peer   challenge {nonce, coordinator}
 //! peer → coordinator   hello {public_key, signature, token?, name?, listen_port, endpoints}
-//! coordinator → peer   welcome {node, mesh_keys, ipv4_prefix, ipv6_prefix, peers}   or error
+//! coordinator → peer   welcome {more, node, mesh_keys, ipv4_prefix, ipv6_prefix, peers}   or error
+//! coordinator → peer   peers {more, peers} …   (the rest of the peer list while `more` is true)
 //! coordinator → peer   peer_upsert {peer} | peer_removed {fingerprint} | mesh_keys {keys} | revoked
 //! ```
 //!
@@ -14,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 /// SSHSIG namespace of join signatures.
 pub const JOIN_NAMESPACE: &str = "tunnelmesh-join@v1";
+/// Peers per welcome message; the rest follow in `peers` messages, so no message (and no
+/// connection buffer) grows with the size of the mesh.
+pub const WELCOME_CHUNK: usize = 256;
 /// Path of the WebSocket endpoint.
 pub const CONNECT_PATH: &str = "/v1/connect";
 
@@ -53,6 +57,15 @@ pub enum ServerMsg {
         ipv4_prefix: String,
         ipv6_prefix: String,
         peers: Vec<PeerInfo>,
+        /// More of the peer list follows in `peers` messages.
+        #[serde(default)]
+        more: bool,
+    },
+    /// The next part of the welcome's peer list.
+    Peers {
+        peers: Vec<PeerInfo>,
+        #[serde(default)]
+        more: bool,
     },
     PeerUpsert {
         peer: PeerInfo,
