@@ -4,7 +4,8 @@
 //! `noise` (handshake, cookies), `session` (keys, replay window, timers), `routing` (cryptokey
 //! routing), `device` (shared interface state and the handshake thread), `dataplane` (worker
 //! threads), `sys` (the only `unsafe`: syscalls and ioctls), `fastpath` (eBPF), `netconf`
-//! (addresses and routes), `config`, `status`, `daemon` (`up`), `cli`.
+//! (addresses and routes), `coordinator` (the control plane server), `control` (its client in
+//! the peer), `config`, `status`, `daemon` (`up`), `cli`.
 
 pub mod cli;
 pub mod config;

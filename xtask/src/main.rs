@@ -296,7 +296,7 @@ fn test(extra: &[String]) -> Result {
         "-D",
         "warnings",
     ]))?;
-    run(cargo(STABLE).args(["build", "--release", "-p", "tunnelmesh-daemon"]))?;
+    run(cargo(STABLE).args(["build", "--release", "--workspace"]))?;
     let bin = root().join("target/release/tunnelmesh");
     let mut cmd = cargo(STABLE);
     cmd.args(["test", "--workspace", "--release"])
@@ -335,7 +335,7 @@ fn test(extra: &[String]) -> Result {
 
 /// Run one of the lab binaries (demo, bench) from the tests crate, release build.
 fn lab_binary(name: &str, args: &[String]) -> Result {
-    run(cargo(STABLE).args(["build", "--release", "-p", "tunnelmesh-daemon"]))?;
+    run(cargo(STABLE).args(["build", "--release", "--workspace"]))?;
     let mut cmd = cargo(STABLE);
     cmd.args([
         "run",
