@@ -146,15 +146,8 @@ fn the_coordinator_going_down_costs_no_packet_and_its_restart_keeps_every_addres
     let (p1_ns, p2_v4) = (lab.nodes[nodes[0]].ns.clone(), before[1].0.clone());
     assert!(lab.ping(&p1_ns, &p2_v4, 2));
     // A continuous ping across the coordinator's death loses nothing.
-    let pinger = lab
-        .sh_cmd(&p1_ns, &format!("ping -n -q -c 30 -i 0.1 {p2_v4}"))
-        .stdout(std::process::Stdio::piped())
-        .spawn();
-    std::thread::sleep(Duration::from_millis(500));
-    c.kill();
-    let out = pinger.expect("ping runs").wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains(" 0% packet loss"), "{text}");
+    let summary = lab.ping_while(&p1_ns, &p2_v4, || c.kill());
+    assert!(summary.contains(" 0% packet loss"), "{summary}");
     eventually("peers notice the coordinator is gone", Duration::from_secs(60), || {
         lab.status(nodes[0])["coordinator"]["state"] == "disconnected"
     });
@@ -294,16 +287,11 @@ fn rotating_the_mesh_key_drops_no_established_tunnel() {
     join_all(&mut lab, &c, &nodes[..2]);
     let (p1_ns, p2_v4) = (lab.nodes[nodes[0]].ns.clone(), mesh_addrs(&lab, nodes[1]).0);
     assert!(lab.ping(&p1_ns, &p2_v4, 2));
-    let pinger = lab
-        .sh_cmd(&p1_ns, &format!("ping -n -q -c 30 -i 0.1 {p2_v4}"))
-        .stdout(std::process::Stdio::piped())
-        .spawn();
-    std::thread::sleep(Duration::from_millis(500));
-    let out = c.admin(&["rotate-mesh-key"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = pinger.expect("ping runs").wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(" 0% packet loss"), "{text}");
+    let summary = lab.ping_while(&p1_ns, &p2_v4, || {
+        let out = c.admin(&["rotate-mesh-key"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert!(summary.contains(" 0% packet loss"), "{summary}");
     // A node that joins after the rotation reaches nodes that joined before it.
     lab.join(nodes[2], &c, &["--token", &token(&c, 1)]);
     let (p3_v4, _) = mesh_addrs(&lab, nodes[2]);

@@ -51,6 +51,22 @@ pub fn host(args: &[&str]) -> Output {
     check(&args.join(" "), Command::new(args[0]).args(&args[1..]).output())
 }
 
+/// Start `tunnelmesh ARGS` in namespace `ns`, appending its output to `log`.
+fn spawn_in(ns: &str, args: &[String], log: &Path) -> Child {
+    let log = File::options().create(true).append(true).open(log).expect("log file");
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(bin())
+        .args(args)
+        .env("RUST_LOG", "info,tunnelmesh=debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin().display()))
+}
+
 /// One `tunnelmesh` node: its namespace, key, addresses and (when running) its process.
 pub struct Node {
     pub name: String,
@@ -169,6 +185,20 @@ impl Lab {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
+    }
+
+    /// Ping `dst` from `ns` ten times a second for three seconds while `during` runs; ping's
+    /// summary. Used to show that something (a restart, a rotation) costs no packet.
+    pub fn ping_while(&self, ns: &str, dst: &str, during: impl FnOnce()) -> String {
+        let pinger = self
+            .sh_cmd(ns, &format!("ping -n -q -c 30 -i 0.1 {dst}"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("ping runs");
+        thread::sleep(Duration::from_millis(500));
+        during();
+        let out = pinger.wait_with_output().expect("ping finishes");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Ping until one reply arrives or `timeout` passes; returns the time it took.
@@ -293,26 +323,10 @@ impl Lab {
         self.wait_up(i);
     }
 
-    fn spawn_node(&mut self, i: usize, args: Vec<String>) {
+    fn spawn_node(&mut self, i: usize, mut args: Vec<String>) {
         let n = &self.nodes[i];
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&n.log)
-            .expect("log file");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", n.ns))
-            .arg("--")
-            .arg(bin())
-            .args(&args)
-            .arg("--identity")
-            .arg(&n.key)
-            .env("RUST_LOG", "info,tunnelmesh=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin().display()));
+        args.extend(["--identity".to_string(), n.key.display().to_string()]);
+        let child = spawn_in(&n.ns, &args, &n.log);
         self.nodes[i].process = Some(child);
     }
 
@@ -574,34 +588,29 @@ pub struct Coordinator {
 impl Coordinator {
     /// Start (or restart) and wait until it serves; learns its fingerprint.
     pub fn start(&mut self) {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.ns))
-            .arg("--")
-            .arg(bin())
-            .args([
-                "coordinator",
-                "--data-dir",
-                self.data_dir.to_str().unwrap(),
-                "--listen",
-                &self.listen,
-            ])
-            .args(&self.extra)
-            .env("RUST_LOG", "info,tunnelmesh=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start coordinator");
+        let mut args: Vec<String> = [
+            "coordinator",
+            "--data-dir",
+            self.data_dir.to_str().unwrap(),
+            "--listen",
+            &self.listen,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(self.extra.iter().cloned());
+        // Only what this start logs counts (a restart appends to the same file).
+        let skip = fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
+        let child = spawn_in(&self.ns, &args, &self.log);
         self.process = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let log = fs::read_to_string(&self.log).unwrap_or_default();
-            if let Some(fp) = log.lines().rev().find_map(|l| l.strip_prefix("TLS fingerprint: ")) {
+            let log = fs::read_to_string(&self.log)
+                .unwrap_or_default()
+                .get(skip..)
+                .unwrap_or_default()
+                .to_string();
+            if let Some(fp) = log.lines().find_map(|l| l.strip_prefix("TLS fingerprint: ")) {
                 self.fingerprint = fp.trim().to_string();
                 return;
             }

@@ -18,7 +18,7 @@ fn shield_counters(iface: &str) -> Vec<u64> {
         String::from_utf8_lossy(&out.stderr)
     );
     let entries: Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
-    let mut sums = vec![0u64; 5];
+    let mut sums = vec![0u64; 7];
     for entry in entries.as_array().expect("array") {
         // With BTF, bpftool prints typed entries under "formatted".
         let e = entry.get("formatted").unwrap_or(entry);
@@ -64,6 +64,57 @@ fn the_xdp_shield_drops_junk_before_the_daemon_and_counts_each_reason() {
     // Dropped in the kernel: the daemon never saw them.
     assert_eq!(lab.counter(a, "rx_malformed"), 0);
     assert_eq!(lab.status(a)["fastpath"]["shield"]["bad_length"], after[3]);
+
+    // Data for a session nobody has: dropped in the kernel, except one sample a second that goes
+    // up so a restarted daemon can notice a peer holding a lost session.
+    let target = lab.nodes[a].endpoint();
+    let rejected_before = lab.counter(a, "handshake_rejected");
+    lab.in_netns(&lab.nodes[b].ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut forged = [0u8; 64];
+        forged[0] = 4;
+        forged[4..8].copy_from_slice(&0x5eed_f00du32.to_le_bytes());
+        for _ in 0..5 {
+            s.send_to(&forged, &target).unwrap();
+        }
+        // A flood of initiations from one source: the budget is a burst of 20.
+        let mut initiation = [0u8; 148];
+        initiation[0] = 1;
+        for _ in 0..40 {
+            s.send_to(&initiation, &target).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let flood = shield_counters(&lab.nodes[a].iface);
+    assert_eq!(flood[5] - after[5], 4, "unknown_index: {flood:?}");
+    assert_eq!(lab.counter(a, "rx_unknown_index"), 1, "one sample reached the daemon");
+    assert!(flood[6] - after[6] >= 19, "rate_limited: {flood:?}");
+    let reached = lab.counter(a, "handshake_rejected") - rejected_before;
+    assert!(reached <= 21, "{reached} forged initiations reached the daemon");
+    // The peer whose session is real is unaffected.
+    assert!(lab.ping(&lab.nodes[b].ns, &lab.nodes[a].mesh4.to_string(), 2));
+    assert!(lab.log(a).contains("XDP shield attached"));
+    let pins = std::fs::read_dir(format!("/sys/fs/bpf/tunnelmesh/{}", lab.nodes[a].iface))
+        .unwrap()
+        .count();
+    assert_eq!(pins, 3, "shield_counters, known_indices, source_budgets are pinned");
+    let indices = Command::new("bpftool")
+        .args([
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            &format!("/sys/fs/bpf/tunnelmesh/{}/known_indices", lab.nodes[a].iface),
+        ])
+        .output()
+        .unwrap();
+    let indices: Value = serde_json::from_slice(&indices.stdout).expect("bpftool JSON");
+    assert!(
+        !indices.as_array().unwrap().is_empty(),
+        "the live session's index is in the kernel map"
+    );
 
     // A clean stop detaches the program and removes the pins.
     let iface = lab.nodes[a].iface.clone();

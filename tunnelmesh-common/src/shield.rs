@@ -19,11 +19,16 @@ pub enum ShieldReason {
     BadLength = 3,
     /// IP header or UDP header truncated or inconsistent.
     Malformed = 4,
+    /// A data message for a receiver index no session has (beyond one sample per source per
+    /// second, passed up so the daemon can notice a peer that still holds a lost session).
+    UnknownIndex = 5,
+    /// A handshake initiation beyond its source's budget.
+    RateLimited = 6,
 }
 
 impl ShieldReason {
     /// Number of counters (size of the counter array).
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 7;
     /// All reasons, in index order.
     pub const ALL: [ShieldReason; Self::COUNT as usize] = [
         ShieldReason::Passed,
@@ -31,6 +36,8 @@ impl ShieldReason {
         ShieldReason::BadType,
         ShieldReason::BadLength,
         ShieldReason::Malformed,
+        ShieldReason::UnknownIndex,
+        ShieldReason::RateLimited,
     ];
 
     /// Stable lower-case name used in status output and docs.
@@ -41,6 +48,8 @@ impl ShieldReason {
             ShieldReason::BadType => "bad_type",
             ShieldReason::BadLength => "bad_length",
             ShieldReason::Malformed => "malformed",
+            ShieldReason::UnknownIndex => "unknown_index",
+            ShieldReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -49,5 +58,74 @@ impl ShieldReason {
 pub const SHIELD_PROGRAM: &str = "tunnelmesh_shield";
 /// Name of the per-CPU counter map (also its pin name).
 pub const SHIELD_COUNTERS_MAP: &str = "SHIELD_COUNTERS";
+/// Name of the hash map of live receiver indices (key `u32`, value unused), kept by the daemon.
+pub const KNOWN_INDICES_MAP: &str = "KNOWN_INDICES";
+/// Capacity of [`KNOWN_INDICES_MAP`]: three keys per peer.
+pub const KNOWN_INDICES_MAX: u32 = 65_536;
+/// Name of the LRU map of per-source budgets.
+pub const SOURCE_BUDGETS_MAP: &str = "SOURCE_BUDGETS";
+
+/// Key of the per-source budget map: the source address (IPv4 as `::ffff:a.b.c.d`) and which
+/// budget.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceKey {
+    pub addr: [u8; 16],
+    pub kind: u32,
+}
+
+/// Budget of handshake initiations per source.
+pub const BUDGET_INITIATIONS: u32 = 0;
+/// Budget of unknown-index data messages passed up per source.
+pub const BUDGET_UNKNOWN_INDEX: u32 = 1;
+
+/// A token bucket kept as time credit (GCRA): each message costs `interval` nanoseconds of
+/// credit; credit accrues with time up to `interval × burst`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+
+/// (interval between messages in ns, burst) of each budget kind.
+pub const fn budget_params(kind: u32) -> (u64, u64) {
+    match kind {
+        // 5 initiations a second per source, bursts of 20: many peers behind one NAT still fit;
+        // a legitimate peer sends at most one every 5 s.
+        BUDGET_INITIATIONS => (200_000_000, 20),
+        // One stale-session sample a second per source.
+        _ => (1_000_000_000, 1),
+    }
+}
+
+impl Budget {
+    /// Spend one message at `now_ns`; whether the budget allowed it.
+    #[inline(always)]
+    pub fn spend(&mut self, kind: u32, now_ns: u64) -> bool {
+        let (interval, burst) = budget_params(kind);
+        let cap = interval * burst;
+        let accrued = self.credit_ns.saturating_add(now_ns.saturating_sub(self.last_ns));
+        let credit = if accrued > cap { cap } else { accrued };
+        self.last_ns = now_ns;
+        if credit >= interval {
+            self.credit_ns = credit - interval;
+            true
+        } else {
+            self.credit_ns = credit;
+            false
+        }
+    }
+
+    /// A fresh budget at `now_ns`, with the first message already spent.
+    pub const fn fresh(kind: u32, now_ns: u64) -> Self {
+        let (interval, burst) = budget_params(kind);
+        Budget {
+            credit_ns: interval * burst - interval,
+            last_ns: now_ns,
+        }
+    }
+}
+
 /// Name of the global holding the mesh UDP port (network byte order), set at load time.
 pub const SHIELD_PORT_GLOBAL: &str = "MESH_PORT_BE";

@@ -28,7 +28,7 @@ use crate::{
     config::Config,
     dataplane,
     device::{Clock, Counters, Device, PeerSpec, PeerTable, handshaker::Handshaker},
-    fastpath::Shield,
+    fastpath::{SharedShield, Shield},
     identity::{DEFAULT_IDENTITY, Identity},
     netconf,
     noise::{LocalStatic, MeshKey},
@@ -110,7 +110,7 @@ pub fn up_static(config_path: &Path, identity_override: Option<&Path>) -> Result
 pub struct Interface {
     pub dev: Arc<Device>,
     threads: Vec<JoinHandle<()>>,
-    shield: Arc<Mutex<Result<Shield, String>>>,
+    shield: SharedShield,
 }
 
 impl Interface {
@@ -183,13 +183,13 @@ impl Interface {
             status::bind(&plan.name).context("cannot create the status socket under /run/tunnelmesh")?;
 
         let mut threads = dataplane::start(dev.clone(), queues, sockets)?;
-        let handshaker = Handshaker::new(dev.clone(), local, handshake_socket, rx);
+        let shield: SharedShield = Arc::new(Mutex::new(shield));
+        let handshaker = Handshaker::new(dev.clone(), Box::new(shield.clone()), local, handshake_socket, rx);
         threads.push(
             std::thread::Builder::new()
                 .name("tm-handshake".into())
                 .spawn(move || handshaker.run())?,
         );
-        let shield = Arc::new(Mutex::new(shield));
         let shield_for_status = shield.clone();
         let fastpath_status =
             Box::new(move || fastpath_status(&shield_for_status.lock().unwrap_or_else(|p| p.into_inner())));

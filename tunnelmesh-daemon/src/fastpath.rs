@@ -1,19 +1,28 @@
 //! The eBPF fast path: loads the embedded kernel programs, attaches them, pins their maps.
 //!
-//! Today: the XDP underlay shield on the underlay interfaces. Its per-reason counters are pinned
-//! at `/sys/fs/bpf/tunnelmesh/<interface>/shield_counters` (BTF-described, so
-//! `bpftool map dump pinned …` prints them). Dropping [`Shield`] detaches the programs and removes
+//! Today: the XDP underlay shield on the underlay interfaces. Its maps are pinned under
+//! `/sys/fs/bpf/tunnelmesh/<interface>/` (`shield_counters`, `known_indices`, `source_budgets`;
+//! BTF-described, so `bpftool map dump pinned …` prints them). The handshake thread keeps
+//! `known_indices` equal to the live session indices through [`IndexMirror`]. Dropping [`Shield`] detaches the programs and removes
 //! the pins. If eBPF cannot be loaded the daemon keeps running: the same header checks run in
 //! userspace on every datagram.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::PerCpuArray,
+    maps::{HashMap, MapData, PerCpuArray},
     programs::{Xdp, XdpMode},
 };
-use tunnelmesh_common::shield::{SHIELD_COUNTERS_MAP, SHIELD_PORT_GLOBAL, SHIELD_PROGRAM, ShieldReason};
+use tracing::warn;
+use tunnelmesh_common::shield::{
+    KNOWN_INDICES_MAP, SHIELD_COUNTERS_MAP, SHIELD_PORT_GLOBAL, SHIELD_PROGRAM, SOURCE_BUDGETS_MAP, ShieldReason,
+};
+
+use crate::device::IndexMirror;
 
 /// The kernel programs, built by `cargo xtask build-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TUNNELMESH_EBPF_OBJECT"));
@@ -75,13 +84,21 @@ pub fn shield_counters(ebpf: &Ebpf) -> Result<Vec<(ShieldReason, u64)>, Fastpath
 /// The XDP shield attached to underlay interfaces.
 pub struct Shield {
     ebpf: Ebpf,
+    known_indices: HashMap<MapData, u32, u8>,
     pub interfaces: Vec<String>,
     pub mode: &'static str,
     pin_dir: PathBuf,
 }
 
+/// Pinned maps, by map name and pin file name.
+const PINS: [(&str, &str); 3] = [
+    (SHIELD_COUNTERS_MAP, "shield_counters"),
+    (KNOWN_INDICES_MAP, "known_indices"),
+    (SOURCE_BUDGETS_MAP, "source_budgets"),
+];
+
 impl Shield {
-    /// Attach the shield for `port` on `interfaces`, pinning its counters under
+    /// Attach the shield for `port` on `interfaces`, pinning its maps under
     /// `PIN_ROOT/<mesh_interface>/`.
     pub fn attach(port: u16, interfaces: &[String], mesh_interface: &str) -> Result<Self, FastpathError> {
         let mut ebpf = load_shield(port)?;
@@ -100,20 +117,25 @@ impl Shield {
             }
         }
         let pin_dir = Path::new(PIN_ROOT).join(mesh_interface);
-        let pin = pin_dir.join("shield_counters");
-        let pin_err = |reason: String| FastpathError::Pin {
-            path: pin.display().to_string(),
+        let pin_err = |path: &Path, reason: String| FastpathError::Pin {
+            path: path.display().to_string(),
             reason,
         };
-        crate::sys::bpffs::ensure_mounted(Path::new(BPFFS)).map_err(|e| pin_err(format!("mounting bpffs: {e}")))?;
-        std::fs::create_dir_all(&pin_dir).map_err(|e| pin_err(e.to_string()))?;
-        let _ = std::fs::remove_file(&pin);
-        ebpf.map(SHIELD_COUNTERS_MAP)
-            .expect("the embedded object has the counter map")
-            .pin(&pin)
-            .map_err(|e| pin_err(e.to_string()))?;
+        crate::sys::bpffs::ensure_mounted(Path::new(BPFFS))
+            .map_err(|e| pin_err(Path::new(BPFFS), format!("mounting bpffs: {e}")))?;
+        std::fs::create_dir_all(&pin_dir).map_err(|e| pin_err(&pin_dir, e.to_string()))?;
+        for (map, file) in PINS {
+            let pin = pin_dir.join(file);
+            let _ = std::fs::remove_file(&pin);
+            ebpf.map(map)
+                .expect("the embedded object has every shield map")
+                .pin(&pin)
+                .map_err(|e| pin_err(&pin, e.to_string()))?;
+        }
+        let known_indices = HashMap::try_from(ebpf.take_map(KNOWN_INDICES_MAP).expect("the object has the index map"))?;
         Ok(Shield {
             ebpf,
+            known_indices,
             interfaces: interfaces.to_vec(),
             mode,
             pin_dir,
@@ -128,10 +150,31 @@ impl Shield {
 
 impl Drop for Shield {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.pin_dir.join("shield_counters"));
+        for (_, file) in PINS {
+            let _ = std::fs::remove_file(self.pin_dir.join(file));
+        }
         let _ = std::fs::remove_dir(&self.pin_dir);
         let _ = std::fs::remove_dir(PIN_ROOT);
         // The programs detach when `ebpf` (and with it the XDP links) drops.
+    }
+}
+
+/// The shield as the daemon holds it: attached, or the reason it is not.
+pub type SharedShield = Arc<Mutex<Result<Shield, String>>>;
+
+impl IndexMirror for SharedShield {
+    fn insert(&self, index: u32) {
+        if let Ok(shield) = self.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            if let Err(e) = shield.known_indices.insert(&index, &1, 0) {
+                warn!("the XDP shield could not learn receiver index {index:#x}: {e}; its data will be dropped");
+            }
+        }
+    }
+
+    fn remove(&self, index: u32) {
+        if let Ok(shield) = self.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            let _ = shield.known_indices.remove(&index);
+        }
     }
 }
 
@@ -149,6 +192,10 @@ mod tests {
     const XDP_PASS: u32 = 2;
 
     fn frame_v4(dst_port: u16, payload: &[u8]) -> Vec<u8> {
+        frame_v4_from([198, 18, 0, 1], dst_port, payload)
+    }
+
+    fn frame_v4_from(src: [u8; 4], dst_port: u16, payload: &[u8]) -> Vec<u8> {
         let mut f = vec![0u8; 14];
         f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
         let total = 20 + 8 + payload.len();
@@ -157,7 +204,7 @@ mod tests {
         ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         ip[8] = 64;
         ip[9] = 17;
-        ip[12..16].copy_from_slice(&[198, 18, 0, 1]);
+        ip[12..16].copy_from_slice(&src);
         ip[16..20].copy_from_slice(&[198, 18, 0, 2]);
         f.extend_from_slice(&ip);
         f.extend_from_slice(&40000u16.to_be_bytes());
@@ -193,6 +240,62 @@ mod tests {
         m
     }
 
+    fn counts(ebpf: &Ebpf) -> std::collections::HashMap<ShieldReason, u64> {
+        shield_counters(ebpf).unwrap().into_iter().collect()
+    }
+
+    /// Load the shield with receiver index 0 (the index of the crafted data messages) known.
+    fn shield_knowing_index_zero() -> Ebpf {
+        let mut ebpf = load_shield(PORT).expect("the shield must load (run as root on a BPF-capable kernel)");
+        let mut known: HashMap<&mut MapData, u32, u8> =
+            HashMap::try_from(ebpf.map_mut(KNOWN_INDICES_MAP).expect("index map")).unwrap();
+        known.insert(&0, &1, 0).unwrap();
+        ebpf
+    }
+
+    fn data_for(index: u32) -> Vec<u8> {
+        let mut m = message(wire::MSG_DATA, 48);
+        m[4..8].copy_from_slice(&index.to_le_bytes());
+        m
+    }
+
+    #[test]
+    fn data_for_an_unknown_index_is_dropped_but_sampled_once_a_second_per_source() {
+        let mut ebpf = shield_knowing_index_zero();
+        assert_eq!(run(&mut ebpf, &frame_v4(PORT, &data_for(0))), XDP_PASS, "known index");
+        let stranger = |ebpf: &mut Ebpf, src| run(ebpf, &frame_v4_from(src, PORT, &data_for(0xdead_beef)));
+        assert_eq!(
+            stranger(&mut ebpf, [198, 18, 0, 7]),
+            XDP_PASS,
+            "first unknown-index message from a source goes up"
+        );
+        for _ in 0..10 {
+            assert_eq!(stranger(&mut ebpf, [198, 18, 0, 7]), XDP_DROP);
+        }
+        assert_eq!(stranger(&mut ebpf, [198, 18, 0, 8]), XDP_PASS, "budgets are per source");
+        let c = counts(&ebpf);
+        assert_eq!((c[&ShieldReason::UnknownIndex], c[&ShieldReason::Passed]), (10, 3));
+    }
+
+    #[test]
+    fn initiations_beyond_a_sources_budget_are_rate_limited() {
+        let mut ebpf = shield_knowing_index_zero();
+        let initiation = message(wire::MSG_INITIATION, wire::INITIATION_LEN);
+        let verdicts: Vec<u32> = (0..40)
+            .map(|_| run(&mut ebpf, &frame_v4_from([198, 18, 0, 9], PORT, &initiation)))
+            .collect();
+        let passed = verdicts.iter().filter(|&&v| v == XDP_PASS).count();
+        // A burst of 20 (plus at most one more if 200 ms went by during the loop).
+        assert!((20..=21).contains(&passed), "{passed} of 40 passed");
+        assert_eq!(verdicts[39], XDP_DROP);
+        assert_eq!(
+            run(&mut ebpf, &frame_v4_from([198, 18, 0, 10], PORT, &initiation)),
+            XDP_PASS,
+            "another source"
+        );
+        assert_eq!(counts(&ebpf)[&ShieldReason::RateLimited], 40 - passed as u64);
+    }
+
     fn run(ebpf: &mut Ebpf, frame: &[u8]) -> u32 {
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
@@ -208,7 +311,7 @@ mod tests {
 
     #[test]
     fn shield_passes_valid_messages_and_drops_impossible_ones_by_reason() {
-        let mut ebpf = load_shield(PORT).expect("the shield must load (run as root on a BPF-capable kernel)");
+        let mut ebpf = shield_knowing_index_zero();
         let (pass, drop) = (XDP_PASS, XDP_DROP);
         let cases: Vec<(&str, Vec<u8>, u32)> = vec![
             (
@@ -269,7 +372,7 @@ mod tests {
         for (name, frame, expected) in &cases {
             assert_eq!(run(&mut ebpf, frame), *expected, "{name}");
         }
-        let counters: std::collections::HashMap<_, _> = shield_counters(&ebpf).unwrap().into_iter().collect();
+        let counters = counts(&ebpf);
         assert_eq!(counters[&ShieldReason::Passed], 6);
         assert_eq!(counters[&ShieldReason::TooShort], 2);
         assert_eq!(counters[&ShieldReason::BadType], 2);
@@ -279,7 +382,7 @@ mod tests {
 
     #[test]
     fn the_shield_and_userspace_agree_on_every_message_size() {
-        let mut ebpf = load_shield(PORT).expect("the shield must load (run as root on a BPF-capable kernel)");
+        let mut ebpf = shield_knowing_index_zero();
         for msg_type in 0..=5u8 {
             for len in (0..200).chain([1436, 1452, 1456]) {
                 let msg = message(msg_type, len);

@@ -3,7 +3,11 @@
 //! `tunnelmesh_shield` (XDP, underlay interfaces): looks at every UDP datagram addressed to the
 //! mesh port and drops what cannot be a TunnelMesh message — wrong type, non-zero reserved bytes,
 //! a size impossible for its type — before it costs the daemon a syscall or a Diffie-Hellman.
-//! Every verdict on a mesh-port datagram is counted by reason in `SHIELD_COUNTERS`.
+//! Data messages must name a receiver index the daemon holds (`KNOWN_INDICES`, kept in sync by
+//! the daemon); one unknown-index message per source per second still goes up, so a daemon that
+//! restarted notices a peer holding a lost session. Handshake initiations are rate-limited per
+//! source (`SOURCE_BUDGETS`, an LRU of token buckets). Every verdict on a mesh-port datagram is
+//! counted by reason in `SHIELD_COUNTERS`.
 //!
 //! Invariants: traffic that is not UDP to the mesh port is never touched (always `XDP_PASS`);
 //! the program never modifies a packet; the validity predicate is the shared
@@ -14,11 +18,15 @@
 use aya_ebpf::{
     Global,
     bindings::xdp_action,
-    btf_maps::PerCpuArray,
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use tunnelmesh_common::{shield::ShieldReason, wire};
+use tunnelmesh_common::{
+    shield::{BUDGET_INITIATIONS, BUDGET_UNKNOWN_INDEX, Budget, KNOWN_INDICES_MAX, ShieldReason, SourceKey},
+    wire,
+};
 
 /// The mesh UDP port in network byte order; set by the loader.
 #[unsafe(no_mangle)]
@@ -26,6 +34,12 @@ static MESH_PORT_BE: Global<u16> = Global::new(0);
 
 #[btf_map]
 static SHIELD_COUNTERS: PerCpuArray<u64, { ShieldReason::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map]
+static KNOWN_INDICES: HashMap<u32, u8, { KNOWN_INDICES_MAX as usize }> = HashMap::new();
+
+#[btf_map]
+static SOURCE_BUDGETS: LruHashMap<SourceKey, Budget, 65536> = LruHashMap::new();
 
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -64,10 +78,15 @@ fn count(reason: ShieldReason) {
 }
 
 /// Bounds-checked pointer to `len` bytes at `offset` of the packet.
+///
+/// `data_end` is read anew (volatile) for every check, so the compiler cannot drop a check it
+/// can prove from an earlier one: the verifier tracks each pointer's own check, not the proof.
 #[inline(always)]
 fn bytes(ctx: &XdpContext, offset: usize, len: usize) -> Option<*const u8> {
     let start = ctx.data();
-    if start + offset + len > ctx.data_end() {
+    // SAFETY: `ctx.ctx` is the program's context pointer, valid for the whole run.
+    let end = unsafe { core::ptr::read_volatile(&(*ctx.ctx).data_end) } as usize;
+    if start + offset + len > end {
         return None;
     }
     Some((start + offset) as *const u8)
@@ -93,6 +112,7 @@ fn classify(ctx: &XdpContext) -> Verdict {
         return Verdict::NotMesh;
     };
     // Locate the UDP header; anything that is not UDP passes untouched.
+    let mut source = [0u8; 16];
     let udp = match ether_type {
         ETH_P_IP => {
             let Some(ver_ihl) = byte(ctx, ETH_HDR_LEN) else {
@@ -110,6 +130,13 @@ fn classify(ctx: &XdpContext) -> Verdict {
             if ihl < 20 {
                 return Verdict::NotMesh;
             }
+            let Some(saddr) = bytes(ctx, ETH_HDR_LEN + 12, 4) else {
+                return Verdict::NotMesh;
+            };
+            source[10] = 0xff;
+            source[11] = 0xff;
+            // SAFETY: `bytes` checked that the 4 address bytes lie inside the packet.
+            unsafe { core::ptr::copy_nonoverlapping(saddr, source.as_mut_ptr().add(12), 4) };
             ETH_HDR_LEN + ihl
         }
         ETH_P_IPV6 => {
@@ -117,6 +144,11 @@ fn classify(ctx: &XdpContext) -> Verdict {
             if byte(ctx, ETH_HDR_LEN + 6) != Some(IPPROTO_UDP) {
                 return Verdict::NotMesh;
             }
+            let Some(saddr) = bytes(ctx, ETH_HDR_LEN + 8, 16) else {
+                return Verdict::NotMesh;
+            };
+            // SAFETY: `bytes` checked that the 16 address bytes lie inside the packet.
+            unsafe { core::ptr::copy_nonoverlapping(saddr, source.as_mut_ptr(), 16) };
             ETH_HDR_LEN + IPV6_HDR_LEN
         }
         _ => return Verdict::NotMesh,
@@ -147,7 +179,43 @@ fn classify(ctx: &XdpContext) -> Verdict {
     if !wire::valid_len(msg_type, payload_len) {
         return Verdict::Judged(ShieldReason::BadLength);
     }
+    match msg_type {
+        wire::MSG_DATA => {
+            let Some(index) = bytes(ctx, payload + 4, 4) else {
+                return Verdict::Judged(ShieldReason::Malformed);
+            };
+            // SAFETY: `bytes` checked that the 4 index bytes lie inside the packet.
+            let index = unsafe { u32::from_le_bytes([*index, *index.add(1), *index.add(2), *index.add(3)]) };
+            // SAFETY: the value is a plain u8 and is only tested for presence.
+            if unsafe { KNOWN_INDICES.get(&index) }.is_none() && !within_budget(source, BUDGET_UNKNOWN_INDEX) {
+                return Verdict::Judged(ShieldReason::UnknownIndex);
+            }
+        }
+        wire::MSG_INITIATION => {
+            if !within_budget(source, BUDGET_INITIATIONS) {
+                return Verdict::Judged(ShieldReason::RateLimited);
+            }
+        }
+        _ => {}
+    }
     Verdict::Judged(ShieldReason::Passed)
+}
+
+/// Spend one message of `source`'s budget of `kind`.
+#[inline(always)]
+fn within_budget(source: [u8; 16], kind: u32) -> bool {
+    let key = SourceKey { addr: source, kind };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match SOURCE_BUDGETS.get_ptr_mut(&key) {
+        // SAFETY: the map value lives while the program runs; concurrent updates from other CPUs
+        // can only make the budget approximate, never unsafe.
+        Some(budget) => unsafe { (*budget).spend(kind, now) },
+        None => {
+            let _ = SOURCE_BUDGETS.insert(&key, &Budget::fresh(kind, now), 0);
+            true
+        }
+    }
 }
 
 #[cfg(not(test))]

@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rand::Rng;
 use tracing::{debug, info, warn};
 
-use super::{Counters, Device, Event, IndexEntry, KeySet, Peer};
+use super::{Counters, Device, Event, IndexEntry, IndexMirror, KeySet, Peer};
 use crate::{
     noise::{CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, MacVerdict, Tai64n, consume_initiation},
     session::{Keypair, REKEY_TIMEOUT, TimerAction, Timers, sealed_len, timers::CurrentKey},
@@ -59,6 +59,7 @@ impl PeerHandshake {
 
 pub struct Handshaker {
     dev: Arc<Device>,
+    mirror: Box<dyn IndexMirror>,
     local: LocalStatic,
     socket: UdpSocket,
     events: Receiver<Event>,
@@ -80,11 +81,18 @@ fn key_of(peer: &Peer) -> [u8; 32] {
 }
 
 impl Handshaker {
-    pub fn new(dev: Arc<Device>, local: LocalStatic, socket: UdpSocket, events: Receiver<Event>) -> Self {
+    pub fn new(
+        dev: Arc<Device>,
+        mirror: Box<dyn IndexMirror>,
+        local: LocalStatic,
+        socket: UdpSocket,
+        events: Receiver<Event>,
+    ) -> Self {
         let checker = CookieChecker::new(&local.public, Instant::now());
         let scratch = vec![0u8; sealed_len(dev.mtu) + 64];
         Handshaker {
             dev,
+            mirror,
             local,
             socket,
             events,
@@ -213,6 +221,8 @@ impl Handshaker {
         st.greatest_timestamp = received.timestamp;
         st.last_initiation_accepted = Some(now);
         let index = self.new_index();
+        // The initiator's first data message names this index: the shield must know it first.
+        self.mirror.insert(index);
         let (mut response, keys) = received.respond(index);
         self.state(peer).jar.stamp(&mut response, now);
         if self.socket.send_to(&response, dual_stack(src)).is_err() {
@@ -293,6 +303,7 @@ impl Handshaker {
     /// Replace `peer`'s key set with `update(old, keypair)` and index the new key.
     fn install(&mut self, peer: &Arc<Peer>, keypair: Arc<Keypair>, update: impl Fn(&KeySet, Arc<Keypair>) -> KeySet) {
         let index = keypair.local_index;
+        self.mirror.insert(index);
         peer.keys.store(Arc::new(update(&peer.keys.load(), keypair.clone())));
         let mut table: HashMap<u32, Arc<IndexEntry>> = (**self.dev.sessions.load()).clone();
         table.insert(
@@ -328,6 +339,9 @@ impl Handshaker {
                 .filter(|e| !peers.get(&key_of(&e.peer)).is_some_and(|p| Arc::ptr_eq(p, &e.peer)))
             {
                 entry.peer.keys.store(Arc::new(KeySet::default()));
+            }
+            for (index, _) in table.iter().filter(|(_, e)| !live(e)) {
+                self.mirror.remove(*index);
             }
             let pruned = table
                 .iter()

@@ -212,6 +212,13 @@ impl PeerTable {
     }
 }
 
+/// Something that must know the live receiver indices (the XDP shield). The handshake thread
+/// adds an index before a message naming it can arrive, and removes it when the key goes.
+pub trait IndexMirror: Send {
+    fn insert(&self, index: u32);
+    fn remove(&self, index: u32);
+}
+
 /// What workers tell the handshake thread.
 pub enum Event {
     /// A handshake message (initiation, response or cookie reply) from `src`.
