@@ -164,10 +164,10 @@ pub type SharedShield = Arc<Mutex<Result<Shield, String>>>;
 
 impl IndexMirror for SharedShield {
     fn insert(&self, index: u32) {
-        if let Ok(shield) = self.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            if let Err(e) = shield.known_indices.insert(&index, &1, 0) {
-                warn!("the XDP shield could not learn receiver index {index:#x}: {e}; its data will be dropped");
-            }
+        if let Ok(shield) = self.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+            && let Err(e) = shield.known_indices.insert(&index, &1, 0)
+        {
+            warn!("the XDP shield could not learn receiver index {index:#x}: {e}; its data will be dropped");
         }
     }
 
