@@ -320,3 +320,73 @@ fn authorized_keys_are_reloaded_when_the_file_changes() {
     let (v4, _) = mesh_addrs(&lab, nodes[2]);
     assert!(lab.ping(&lab.nodes[nodes[0]].ns, &v4, 2));
 }
+
+#[test]
+fn an_operator_certificate_is_served_reported_and_pinned() {
+    let mut lab = Lab::new();
+    let hosts = lab.switched(37, &["c", "p1"]);
+    let (cert, key) = (lab.dir.path().join("cert.pem"), lab.dir.path().join("key.pem"));
+    tunnelmesh_tests::host(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=coordinator.example",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]);
+    let der = tunnelmesh_tests::host(&[
+        "openssl",
+        "x509",
+        "-in",
+        cert.to_str().unwrap(),
+        "-outform",
+        "DER",
+        "-out",
+        "/dev/stdout",
+    ]);
+    let expected = {
+        use base64::Engine;
+        use sha2::Digest;
+        format!(
+            "SHA256:{}",
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(&der.stdout))
+        )
+    };
+    let p1 = lab.node("p1", &hosts[1].0, hosts[1].1, 1, tunnelmesh_tests::PORT);
+    let authorized = lab.dir.path().join("authorized_keys");
+    fs::write(&authorized, format!("{}\n", lab.nodes[p1].public_line)).unwrap();
+    let c = lab.coordinator(
+        &hosts[0].0,
+        hosts[0].1,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--authorized-keys",
+            authorized.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        c.fingerprint, expected,
+        "the coordinator serves and prints the operator's certificate"
+    );
+    let info = String::from_utf8(c.admin(&["info"]).stdout).unwrap();
+    assert!(info.contains(&expected), "{info}");
+    assert!(
+        !c.data_dir.join("tls-cert.pem").exists(),
+        "no self-signed certificate was made"
+    );
+    lab.join(p1, &c, &[]);
+    assert_eq!(lab.status(p1)["coordinator"]["state"], "connected");
+}

@@ -28,6 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     "openssh-client",
     "util-linux",
     "procps",
+    "curl",
+    "openssl",
 ];
 
 type Result<T = ()> = std::result::Result<T, String>;

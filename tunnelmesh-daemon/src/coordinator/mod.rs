@@ -144,6 +144,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let identity = coordinator_identity(&opts.data_dir)?;
     let cert = certificate(&opts.data_dir, opts.tls_cert.as_deref(), opts.tls_key.as_deref())?;
     let tls_fingerprint = cert.fingerprint();
+    // `coordinator info` reports what is served, operator-provided certificate or not.
+    store.set_setting("tls_fingerprint", &tls_fingerprint)?;
     let hosts: Vec<u32> = store.nodes()?.iter().map(|n| n.host).collect();
     let ipam = Ipam::new(v4, v6, hosts)?;
     let mut hub = Hub::new(Box::new(store), ipam, identity.public().ssh_line())?;
@@ -232,10 +234,14 @@ async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>) {
 /// `tunnelmesh coordinator info`.
 pub fn info(data_dir: &Path) -> Result<()> {
     let store = open_existing_store(data_dir)?;
-    let cert = certificate(data_dir, None, None)?;
     let identity = coordinator_identity(data_dir)?;
     let nodes = store.nodes()?;
-    println!("TLS fingerprint: {}", cert.fingerprint());
+    println!(
+        "TLS fingerprint: {}",
+        store
+            .setting("tls_fingerprint")?
+            .unwrap_or_else(|| "(not served yet)".into())
+    );
     println!("coordinator key: {}", identity.public().ssh_keygen_line());
     println!("IPv4 prefix: {}", store.setting("ipv4_prefix")?.unwrap_or_default());
     println!("IPv6 prefix: {}", store.setting("ipv6_prefix")?.unwrap_or_default());
