@@ -301,7 +301,7 @@ fn rotating_the_mesh_key_drops_no_established_tunnel() {
 
 #[test]
 fn authorized_keys_are_reloaded_when_the_file_changes() {
-    let (mut lab, c, nodes) = mesh(36, 3);
+    let (mut lab, c, nodes) = mesh(36, 4);
     lab.spawn_joining(nodes[2], &c, &[]);
     let (ok, log) = lab.wait_exit(nodes[2], Duration::from_secs(15));
     assert!(!ok && log.contains("is not authorized"), "{log}");
@@ -319,6 +319,33 @@ fn authorized_keys_are_reloaded_when_the_file_changes() {
     assert_eq!(peer_names(&lab, nodes[0]), ["db"]);
     let (v4, _) = mesh_addrs(&lab, nodes[2]);
     assert!(lab.ping(&lab.nodes[nodes[0]].ns, &v4, 2));
+
+    // SIGHUP reloads too, even when the file's modification time did not change.
+    let before = fs::metadata(&authorized).unwrap().modified().unwrap();
+    let mut text = fs::read_to_string(&authorized).unwrap();
+    text += &format!("tunnelmesh-name=\"cache\" {}\n", lab.nodes[nodes[3]].public_line);
+    fs::write(&authorized, text).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&authorized)
+        .unwrap()
+        .set_modified(before)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    lab.spawn_joining(nodes[3], &c, &[]);
+    let (ok, log) = lab.wait_exit(nodes[3], Duration::from_secs(15));
+    assert!(
+        !ok && log.contains("is not authorized"),
+        "no reload without a change or a signal: {log}"
+    );
+    c.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    lab.join(nodes[3], &c, &[]);
+    eventually(
+        "p1 learns the node admitted after SIGHUP",
+        Duration::from_secs(5),
+        || peer_names(&lab, nodes[0]).contains(&"cache".to_string()),
+    );
 }
 
 #[test]

@@ -622,6 +622,13 @@ impl Coordinator {
         }
     }
 
+    /// Send `signal` (e.g. `libc::SIGHUP`) to the running coordinator.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.process.as_ref().expect("coordinator runs").id();
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+    }
+
     /// SIGKILL, no cleanup.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.process.take() {
