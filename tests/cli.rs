@@ -88,3 +88,26 @@ fn a_malformed_config_names_the_file_line_and_field_and_changes_nothing() {
     let (ok, _, stderr) = tunnelmesh(&["up", "--config", "/nonexistent.toml", "--identity", &key]);
     assert!(!ok && stderr.contains("/nonexistent.toml"), "{stderr}");
 }
+
+#[test]
+fn policy_check_reports_the_line_and_reason_or_ok() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    fs::write(&good, "[groups]\nops = [\"laptop\"]\n\n[[allow]]\nfrom = [\"group:ops\"]\nto = [\"tag:web\"]\nports = [\"tcp/443\"]\n").unwrap();
+    let (ok, stdout, stderr) = tunnelmesh(&["coordinator", "policy", "check", good.to_str().unwrap()]);
+    assert!(
+        ok && stdout.contains("ok (1 allow rules, 1 groups)"),
+        "{stdout}{stderr}"
+    );
+    let bad = dir.path().join("bad.toml");
+    fs::write(
+        &bad,
+        "[[allow]]\nfrom = [\"group:ops\"]\nto = [\"tag:web\"]\nports = [\"tcp/443\"]\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = tunnelmesh(&["coordinator", "policy", "check", bad.to_str().unwrap()]);
+    assert!(
+        !ok && stderr.contains("bad.toml: line 2: unknown group \"ops\""),
+        "{stderr}"
+    );
+}

@@ -59,6 +59,21 @@ fn coordinator_command(args: CoordinatorArgs) -> Result<()> {
         Some(CoordinatorCommand::Revoke { node }) => coordinator::revoke(&args.data_dir, &node),
         Some(CoordinatorCommand::Remove { node }) => coordinator::remove(&args.data_dir, &node),
         Some(CoordinatorCommand::RotateMeshKey) => coordinator::rotate_mesh_key(&args.data_dir),
+        Some(CoordinatorCommand::Policy {
+            command: PolicyCommand::Check { file },
+        }) => {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let policy =
+                crate::policy::PolicyFile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            println!(
+                "{}: ok ({} allow rules, {} groups)",
+                file.display(),
+                policy.rules.len(),
+                policy.groups.len()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -179,6 +194,17 @@ enum CoordinatorCommand {
     Remove { node: String },
     /// Issue a new mesh key; the previous one stays valid for an overlap so no tunnel drops.
     RotateMeshKey,
+    /// Policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check a policy file: every error with its line and what is wrong.
+    Check { file: PathBuf },
 }
 
 #[derive(Subcommand)]

@@ -18,6 +18,7 @@ pub mod fastpath;
 pub mod identity;
 pub mod netconf;
 pub mod noise;
+pub mod policy;
 pub mod routing;
 pub mod session;
 pub mod status;

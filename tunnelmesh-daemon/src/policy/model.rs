@@ -1,0 +1,202 @@
+//! The policy file (TOML), as the operator writes it.
+//!
+//! ```toml
+//! [groups]
+//! admins = ["laptop", "tag:ops"]          # node names, tags, other groups
+//!
+//! [[allow]]
+//! from = ["group:admins"]                 # "*", a node name, "tag:x" or "group:x"
+//! to = ["tag:web"]
+//! ports = ["tcp/443", "tcp/8000-8100", "udp/53", "icmp/echo"]
+//! ```
+//!
+//! Nothing is reachable unless a rule allows it. `ports` items: `tcp`, `udp` (every port),
+//! `tcp/PORT`, `tcp/LOW-HIGH`, `udp/…`, `icmp` (every ICMP/ICMPv6 type), `icmp/echo`
+//! (echo request), `icmp/TYPE`, `any`. Errors name the line and say what is wrong.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A node as policy sees it: its name, tags and mesh addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub tags: Vec<String>,
+    pub addresses: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub from: Vec<Spanned<String>>,
+    pub to: Vec<Spanned<String>>,
+    pub ports: Vec<Spanned<String>>,
+}
+
+/// The parsed policy file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<Spanned<String>>>,
+    #[serde(default, rename = "allow")]
+    pub rules: Vec<Rule>,
+}
+
+/// A policy file that does not parse or refers to something that does not exist.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("line {line}: {reason}")]
+pub struct PolicyError {
+    pub line: usize,
+    pub reason: String,
+}
+
+impl PolicyFile {
+    /// Parse and check `text`; every error names its line.
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError {
+            line: e.span().map_or(1, |s| line_of(text, s.start)),
+            reason: e.message().to_string(),
+        })?;
+        let at = |s: &Spanned<String>| line_of(text, s.span().start);
+        for (name, members) in &file.groups {
+            for m in members {
+                file.check_selector(m.get_ref())
+                    .map_err(|reason| PolicyError { line: at(m), reason })?;
+                if m.get_ref() == &format!("group:{name}") {
+                    return Err(PolicyError {
+                        line: at(m),
+                        reason: format!("group {name:?} contains itself"),
+                    });
+                }
+            }
+        }
+        for rule in &file.rules {
+            for s in rule.from.iter().chain(&rule.to) {
+                file.check_selector(s.get_ref())
+                    .map_err(|reason| PolicyError { line: at(s), reason })?;
+            }
+            for p in &rule.ports {
+                super::compile::parse_ports(p.get_ref()).map_err(|reason| PolicyError { line: at(p), reason })?;
+            }
+            if rule.ports.is_empty() {
+                let line = rule.from.first().map_or(1, at);
+                return Err(PolicyError {
+                    line,
+                    reason: "an allow rule needs ports, e.g. ports = [\"tcp/443\"] or [\"any\"]".into(),
+                });
+            }
+        }
+        Ok(file)
+    }
+
+    fn check_selector(&self, s: &str) -> Result<(), String> {
+        if let Some(group) = s.strip_prefix("group:") {
+            if !self.groups.contains_key(group) {
+                return Err(format!("unknown group {group:?}; define it under [groups]"));
+            }
+        } else if s.strip_prefix("tag:").is_some_and(str::is_empty) || s.is_empty() {
+            return Err(format!(
+                "{s:?} is not a selector: use \"*\", a node name, \"tag:NAME\" or \"group:NAME\""
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `member` is selected by `selector` (groups resolved, cycles cut).
+    pub fn selects(&self, selector: &str, member: &Member) -> bool {
+        self.selects_depth(selector, member, 0)
+    }
+
+    fn selects_depth(&self, selector: &str, member: &Member, depth: usize) -> bool {
+        if depth > 16 {
+            return false;
+        }
+        match selector {
+            "*" => true,
+            s if s.starts_with("tag:") => member.tags.iter().any(|t| t == &s[4..]),
+            s if s.starts_with("group:") => self
+                .groups
+                .get(&s[6..])
+                .is_some_and(|ms| ms.iter().any(|m| self.selects_depth(m.get_ref(), member, depth + 1))),
+            name => member.name == name,
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_line_and_the_reason() {
+        let cases = [
+            (
+                "[[allow]]\nfrom = [\"group:nope\"]\nto = [\"*\"]\nports = [\"any\"]\n",
+                2,
+                "unknown group",
+            ),
+            (
+                "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"tcp/70000\"]\n",
+                4,
+                "port",
+            ),
+            (
+                "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"sctp/1\"]\n",
+                4,
+                "protocol",
+            ),
+            (
+                "[[allow]]\nfrom = [\"*\"]\nto = [\"tag:\"]\nports = [\"any\"]\n",
+                3,
+                "not a selector",
+            ),
+            ("[groups]\nx = [\"group:x\"]\n", 2, "contains itself"),
+            (
+                "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = []\n",
+                2,
+                "needs ports",
+            ),
+            (
+                "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nport = [\"any\"]\n",
+                4,
+                "unknown field",
+            ),
+            ("[[allow]\n", 1, ""),
+        ];
+        for (text, line, reason) in cases {
+            let err = PolicyFile::parse(text).unwrap_err();
+            assert_eq!(err.line, line, "{text:?}: {err}");
+            assert!(err.reason.contains(reason), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn selectors_resolve_names_tags_and_nested_groups() {
+        let p = PolicyFile::parse("[groups]\nops = [\"laptop\", \"group:sre\"]\nsre = [\"tag:oncall\"]\n").unwrap();
+        let laptop = Member {
+            name: "laptop".into(),
+            tags: vec![],
+            addresses: vec![],
+        };
+        let pager = Member {
+            name: "pager".into(),
+            tags: vec!["oncall".into()],
+            addresses: vec![],
+        };
+        let web = Member {
+            name: "web".into(),
+            tags: vec!["web".into()],
+            addresses: vec![],
+        };
+        assert!(p.selects("group:ops", &laptop) && p.selects("group:ops", &pager));
+        assert!(!p.selects("group:ops", &web));
+        assert!(p.selects("tag:web", &web) && p.selects("*", &web) && p.selects("web", &web));
+    }
+}
