@@ -26,4 +26,6 @@ pub mod sys;
 pub mod wire;
 
 #[cfg(test)]
+mod garbage;
+#[cfg(test)]
 mod interop;
