@@ -33,8 +33,20 @@ fn mesh(net: u8, peers: usize) -> (Lab, Coordinator, Vec<usize>) {
         })
         .collect();
     fs::write(&authorized, lines).unwrap();
+    // Default deny: these tests are about membership, so everyone may reach everyone.
+    let policy = lab.dir.path().join("policy.toml");
+    fs::write(&policy, "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n").unwrap();
     let (c_ns, c_addr) = hosts[0].clone();
-    let c = lab.coordinator(&c_ns, c_addr, &["--authorized-keys", authorized.to_str().unwrap()]);
+    let c = lab.coordinator(
+        &c_ns,
+        c_addr,
+        &[
+            "--authorized-keys",
+            authorized.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+    );
     (lab, c, nodes)
 }
 
@@ -416,4 +428,127 @@ fn an_operator_certificate_is_served_reported_and_pinned() {
     );
     lab.join(p1, &c, &[]);
     assert_eq!(lab.status(p1)["coordinator"]["state"], "connected");
+}
+
+/// Whether a TCP connection from `from_ns` to `addr:port` (a listener in `to_ns`) opens and
+/// carries an echo both ways within two seconds.
+fn tcp_reaches(lab: &Lab, from_ns: &str, to_ns: &str, addr: &str, port: u16) -> bool {
+    use std::io::{Read, Write};
+    let target = std::net::SocketAddr::new(addr.parse().unwrap(), port);
+    let listener = lab
+        .in_netns(to_ns, move || std::net::TcpListener::bind(target).expect("bind"))
+        .join()
+        .unwrap();
+    listener.set_nonblocking(false).unwrap();
+    let server = std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok((mut s, _)) = listener.accept() {
+                s.set_nonblocking(false).unwrap();
+                let mut b = [0u8; 4];
+                if s.read_exact(&mut b).is_ok() {
+                    let _ = s.write_all(&b);
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let ok = lab
+        .in_netns(from_ns, move || {
+            let Ok(mut s) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
+                return false;
+            };
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut b = [0u8; 4];
+            s.write_all(b"ping").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"ping"
+        })
+        .join()
+        .unwrap();
+    server.join().unwrap();
+    ok
+}
+
+#[test]
+fn default_deny_lets_laptop_reach_web_443_and_web_reach_db_5432_and_nothing_else() {
+    let mut lab = Lab::new();
+    let hosts = lab.switched(38, &["c", "laptop", "web", "db"]);
+    let mut ids = Vec::new();
+    for (i, name) in ["laptop", "web", "db"].iter().enumerate() {
+        let (ns, addr) = hosts[i + 1].clone();
+        ids.push(lab.node(name, &ns, addr, i as u8 + 1, tunnelmesh_tests::PORT));
+    }
+    let (laptop, web, db) = (ids[0], ids[1], ids[2]);
+    let authorized = lab.dir.path().join("authorized_keys");
+    let lines: String = ids.iter().map(|&n| format!("{}\n", lab.nodes[n].public_line)).collect();
+    fs::write(&authorized, lines).unwrap();
+    let policy = lab.dir.path().join("policy.toml");
+    let rules = "[[allow]]\nfrom = [\"laptop\"]\nto = [\"web\"]\nports = [\"tcp/443\"]\n\n\
+                 [[allow]]\nfrom = [\"web\"]\nto = [\"db\"]\nports = [\"tcp/5432\"]\n";
+    fs::write(&policy, rules).unwrap();
+    let (c_ns, c_addr) = hosts[0].clone();
+    let c = lab.coordinator(
+        &c_ns,
+        c_addr,
+        &[
+            "--authorized-keys",
+            authorized.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+    );
+    for &n in &ids {
+        lab.join(n, &c, &[]);
+    }
+    let ns = |n: usize| lab.nodes[n].ns.clone();
+    let v4 = |n: usize| mesh_addrs(&lab, n).0;
+    let v6 = |n: usize| mesh_addrs(&lab, n).1;
+    assert_eq!(lab.status(web)["policy_rules"], 1);
+    assert_eq!(lab.status(db)["policy_rules"], 1);
+    assert_eq!(lab.status(laptop)["policy_rules"], 0, "nothing may reach the laptop");
+
+    assert!(
+        tcp_reaches(&lab, &ns(laptop), &ns(web), &v4(web), 443),
+        "laptop → web tcp/443 (and the reply)"
+    );
+    assert!(
+        tcp_reaches(&lab, &ns(laptop), &ns(web), &v6(web), 443),
+        "… over IPv6 too"
+    );
+    assert!(tcp_reaches(&lab, &ns(web), &ns(db), &v4(db), 5432), "web → db tcp/5432");
+    assert!(
+        !tcp_reaches(&lab, &ns(laptop), &ns(db), &v4(db), 5432),
+        "laptop → db denied"
+    );
+    assert!(
+        !tcp_reaches(&lab, &ns(laptop), &ns(web), &v4(web), 22),
+        "laptop → web tcp/22 denied"
+    );
+    assert!(!tcp_reaches(&lab, &ns(db), &ns(web), &v4(web), 443), "db → web denied");
+    assert!(
+        !tcp_reaches(&lab, &ns(web), &ns(laptop), &v4(laptop), 443),
+        "nothing reaches the laptop"
+    );
+    assert!(!lab.ping(&ns(laptop), &v4(web), 1), "no ICMP rule: ping denied");
+    assert!(lab.counter(web, "rx_policy_denied") > 0);
+
+    // A policy change takes effect within 2 s, without a restart.
+    fs::write(
+        &policy,
+        format!("{rules}\n[[allow]]\nfrom = [\"laptop\"]\nto = [\"web\"]\nports = [\"icmp/echo\"]\n"),
+    )
+    .unwrap();
+    let took = eventually("ping allowed by the new rule", Duration::from_secs(2), || {
+        lab.sh_cmd(&ns(laptop), &format!("ping -n -q -c 1 -W 1 {}", v4(web)))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    eprintln!("policy change took effect in {took:?}");
+    assert!(
+        tcp_reaches(&lab, &ns(laptop), &ns(web), &v4(web), 443),
+        "allowed flows still pass"
+    );
+    assert!(!tcp_reaches(&lab, &ns(laptop), &ns(db), &v4(db), 5432), "still denied");
 }

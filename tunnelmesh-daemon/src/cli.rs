@@ -51,6 +51,7 @@ fn coordinator_command(args: CoordinatorArgs) -> Result<()> {
             authorized_keys: args.authorized_keys,
             ipv4_prefix: args.ipv4_prefix,
             ipv6_prefix: args.ipv6_prefix,
+            policy: args.policy,
         }),
         Some(CoordinatorCommand::Info) => coordinator::info(&args.data_dir),
         Some(CoordinatorCommand::Token {
@@ -177,6 +178,9 @@ struct CoordinatorArgs {
     /// IPv6 (ULA) mesh prefix, fixed at first start (default: a random fdXX:…::/64).
     #[arg(long)]
     ipv6_prefix: Option<ipnet::Ipv6Net>,
+    /// Policy file; reloaded when it changes or on SIGHUP. Without one nothing is allowed.
+    #[arg(long)]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -281,7 +285,11 @@ fn print_status(s: &status::Status) {
         }
     }
     println!("  public key: {}", s.public_key);
-    println!("  enforcement: {}", s.fastpath.enforcement);
+    match s.policy_rules {
+        Some(n) => println!("  policy: default deny, {n} inbound rules (enforced in userspace)"),
+        None => println!("  policy: none (static mesh: configured peers may connect)"),
+    }
+    println!("  shield: {}", s.fastpath.enforcement);
     if !s.fastpath.xdp_interfaces.is_empty() {
         println!(
             "  xdp shield: {} ({})",

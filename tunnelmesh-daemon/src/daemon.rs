@@ -173,6 +173,8 @@ impl Interface {
             shutdown: Default::default(),
             started: now,
             control: Default::default(),
+            policy: Default::default(),
+            conntrack: crate::device::new_conntrack(),
         });
         let local = LocalStatic {
             secret: Zeroizing::new(*identity.noise_secret()),

@@ -52,6 +52,9 @@ pub struct Status {
     pub interface: String,
     pub addresses: Vec<String>,
     pub coordinator: Option<ControlState>,
+    /// Inbound policy: `null` in a static mesh (every configured peer may connect), else the
+    /// number of rules in force (0: nothing may reach this node).
+    pub policy_rules: Option<usize>,
     pub fingerprint: String,
     pub public_key: String,
     pub listen_port: u16,
@@ -70,6 +73,7 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
         interface: dev.interface.clone(),
         addresses: dev.addresses.iter().map(|a| a.to_string()).collect(),
         coordinator: dev.control.load().as_deref().cloned(),
+        policy_rules: dev.policy.load().as_ref().map(|p| p.rules.len()),
         fingerprint: dev.local.fingerprint(),
         public_key: dev.local.noise_public_base64(),
         listen_port: dev.listen_port,

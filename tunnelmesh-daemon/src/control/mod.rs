@@ -34,6 +34,7 @@ use crate::{
     device::{ControlState, Device, PeerSpec},
     identity::{Identity, PublicIdentity},
     noise::MeshKey,
+    policy::NodePolicy,
 };
 
 /// Default directory of the peer's cached state.
@@ -63,6 +64,9 @@ pub struct MeshState {
     pub ipv4_prefix: String,
     pub ipv6_prefix: String,
     pub peers: BTreeMap<String, PeerInfo>,
+    /// This node's inbound rules (default deny).
+    #[serde(default)]
+    pub policy: NodePolicy,
 }
 
 /// A refusal the operator must act on: retrying cannot help.
@@ -80,6 +84,7 @@ impl MeshState {
                 self.peers.remove(&fingerprint);
             }
             ServerMsg::MeshKeys { mesh_keys } => self.mesh_keys = mesh_keys,
+            ServerMsg::Policy { policy } => self.policy = policy,
             ServerMsg::Revoked { message } => return Err(Fatal(message).into()),
             ServerMsg::Error { message } => bail!("coordinator error: {message}"),
             ServerMsg::Challenge { .. } | ServerMsg::Welcome { .. } | ServerMsg::Peers { .. } => return Ok(false),
@@ -210,6 +215,7 @@ impl Client {
                         ipv4_prefix,
                         ipv6_prefix,
                         peers,
+                        policy,
                         ..
                     },
                     None,
@@ -221,6 +227,7 @@ impl Client {
                         ipv4_prefix,
                         ipv6_prefix,
                         peers,
+                        policy,
                     });
                 }
                 (ServerMsg::Peers { peers, .. }, Some(s)) => {
@@ -334,6 +341,7 @@ fn set_control(dev: &Device, url: &str, state: &str, error: Option<String>, upda
 }
 
 fn apply_to_device(dev: &Device, state: &MeshState) -> Result<()> {
+    dev.policy.store(Some(Arc::new(state.policy.clone())));
     dev.update(state.peer_specs(), state.mesh_keys()?);
     Ok(())
 }
@@ -459,6 +467,7 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
         mesh_keys: state.mesh_keys()?,
     };
     let interface = Interface::start(&identity, plan)?;
+    interface.dev.policy.store(Some(Arc::new(state.policy.clone())));
     set_control(
         &interface.dev,
         &opts.url,

@@ -22,7 +22,11 @@ use super::{
     proto::{ClientMsg, JOIN_NAMESPACE, NodeInfo, PeerInfo, ServerMsg, WELCOME_CHUNK},
     store::{NodeRecord, Store, StoreError},
 };
-use crate::identity::{PublicIdentity, verify_signature};
+use crate::{
+    identity::{PublicIdentity, verify_signature},
+    policy::{Member, NodePolicy, PolicyFile, compile_for},
+};
+use ipnet::IpNet;
 
 /// Messages queued per connected peer before it is considered too slow.
 pub const PEER_QUEUE: usize = 1024;
@@ -97,6 +101,10 @@ pub struct Hub {
     pub coordinator_key: String,
     /// Mesh keys as last pushed (base64, current first).
     pushed_mesh_keys: Vec<String>,
+    /// The policy file in force (`None`: no file given, nothing is allowed).
+    policy: Option<PolicyFile>,
+    /// Compiled policy as last sent to each connected node.
+    pushed_policy: HashMap<String, NodePolicy>,
     /// Revoked or removed fingerprints as last seen in the store.
     gone: std::collections::HashSet<String>,
     data_version: i64,
@@ -121,6 +129,8 @@ impl Hub {
             next_session: 0,
             coordinator_key,
             pushed_mesh_keys: Vec::new(),
+            policy: None,
+            pushed_policy: HashMap::new(),
             gone,
             data_version,
         };
@@ -133,6 +143,60 @@ impl Hub {
 
     pub fn set_authorized(&mut self, keys: HashMap<String, AuthorizedKey>) {
         self.authorized = keys;
+    }
+
+    /// Put `policy` in force and push every connected node its compiled rules.
+    pub fn set_policy(&mut self, policy: PolicyFile) {
+        self.policy = Some(policy);
+        self.push_policies();
+    }
+
+    /// Members as policy sees them (only computed when a policy exists).
+    fn members(&self) -> Vec<Member> {
+        self.nodes
+            .values()
+            .filter(|n| !n.revoked && !n.removed)
+            .map(|n| {
+                let (v4, v6) = self.ipam.addresses(n.host);
+                Member {
+                    name: n.name.clone(),
+                    tags: n.tags.clone(),
+                    addresses: vec![
+                        IpNet::from(std::net::IpAddr::V4(v4)),
+                        IpNet::from(std::net::IpAddr::V6(v6)),
+                    ],
+                }
+            })
+            .collect()
+    }
+
+    fn compiled_for(&self, members: &[Member], name: &str) -> NodePolicy {
+        self.policy
+            .as_ref()
+            .map(|p| compile_for(p, members, name))
+            .unwrap_or_default()
+    }
+
+    /// Recompile for every connected node (membership or policy changed); push what differs.
+    fn push_policies(&mut self) {
+        if self.policy.is_none() {
+            return; // everyone holds the empty (deny-all) policy already
+        }
+        let members = self.members();
+        let mut updates = Vec::new();
+        for fp in self.sessions.keys() {
+            let Some(node) = self.nodes.get(fp) else { continue };
+            let compiled = self.compiled_for(&members, &node.name);
+            if self.pushed_policy.get(fp) != Some(&compiled) {
+                updates.push((fp.clone(), compiled));
+            }
+        }
+        for (fp, policy) in updates {
+            if let Some(s) = self.sessions.get(&fp) {
+                let _ = s.tx.try_send(Arc::new(ServerMsg::Policy { policy: policy.clone() }));
+            }
+            self.pushed_policy.insert(fp, policy);
+        }
     }
 
     pub fn connected(&self) -> usize {
@@ -293,6 +357,12 @@ impl Hub {
         // `type` and `more` first, so a reader can tell the parts from their first bytes. The
         // mesh keys are what every connected peer holds now (a rotation reaches everyone in the
         // same push).
+        let node_policy = if self.policy.is_some() {
+            self.compiled_for(&self.members(), &node.name)
+        } else {
+            NodePolicy::default()
+        };
+        let policy_json = to_json(&node_policy);
         let others: Vec<&str> = self
             .peer_json
             .iter()
@@ -311,9 +381,10 @@ impl Hub {
             .map(|(i, chunk)| {
                 let head = if i == 0 {
                     format!(
-                        r#"{{"type":"welcome","more":{},"node":{},"mesh_keys":{},"ipv4_prefix":{},"ipv6_prefix":{},"peers":["#,
+                        r#"{{"type":"welcome","more":{},"node":{},"policy":{},"mesh_keys":{},"ipv4_prefix":{},"ipv6_prefix":{},"peers":["#,
                         i < last,
                         to_json(&node_info),
+                        policy_json,
                         to_json(&self.pushed_mesh_keys),
                         to_json(&self.ipam.v4().to_string()),
                         to_json(&self.ipam.v6().to_string()),
@@ -339,6 +410,9 @@ impl Hub {
         let id = self.next_session;
         // A reconnecting node replaces its old connection.
         self.sessions.insert(fingerprint.clone(), Session { id, tx });
+        self.pushed_policy.insert(fingerprint.clone(), node_policy);
+        // The others' rules may name the newcomer.
+        self.push_policies();
         Ok(Admitted {
             fingerprint,
             session: id,
@@ -360,6 +434,7 @@ impl Hub {
     pub fn disconnect(&mut self, fingerprint: &str, id: u64) {
         if self.sessions.get(fingerprint).is_some_and(|s| s.id == id) {
             self.sessions.remove(fingerprint);
+            self.pushed_policy.remove(fingerprint);
         }
     }
 
@@ -417,6 +492,7 @@ impl Hub {
                 );
             }
         }
+        self.push_policies();
         Ok(())
     }
 }

@@ -52,6 +52,8 @@ pub struct ServeOptions {
     pub authorized_keys: Option<PathBuf>,
     pub ipv4_prefix: Option<Ipv4Net>,
     pub ipv6_prefix: Option<Ipv6Net>,
+    /// Policy file (default deny: without one, nothing is allowed).
+    pub policy: Option<PathBuf>,
 }
 
 fn open_store(data_dir: &Path) -> Result<SqliteStore> {
@@ -156,6 +158,10 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     if let Some(path) = &authorized_path {
         hub.set_authorized(load_authorized(path)?);
     }
+    match &opts.policy {
+        Some(path) => hub.set_policy(load_policy(path)?),
+        None => warn!("no --policy: default deny, so no node may reach another until a policy allows it"),
+    }
     let hub = Arc::new(Mutex::new(hub));
     let server_config = cert.server_config()?;
 
@@ -176,7 +182,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             tls_fingerprint,
         });
         tokio::spawn(api::serve(listener, server_config, app));
-        tokio::spawn(watch(hub.clone(), authorized_path));
+        tokio::spawn(watch(hub.clone(), authorized_path, opts.policy.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -189,6 +195,14 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     Ok(())
 }
 
+fn load_policy(path: &Path) -> Result<crate::policy::PolicyFile> {
+    let text = fs::read_to_string(path).with_context(|| format!("cannot read the policy {}", path.display()))?;
+    let policy =
+        crate::policy::PolicyFile::parse(&text).map_err(|e| anyhow::anyhow!("policy {}: {e}", path.display()))?;
+    info!(rules = policy.rules.len(), file = %path.display(), "policy loaded");
+    Ok(policy)
+}
+
 fn load_authorized(path: &Path) -> Result<std::collections::HashMap<String, admission::AuthorizedKey>> {
     let (keys, problems) = admission::read_authorized_keys(path).map_err(anyhow::Error::msg)?;
     for p in problems {
@@ -198,11 +212,12 @@ fn load_authorized(path: &Path) -> Result<std::collections::HashMap<String, admi
     Ok(keys)
 }
 
-/// Reload authorized_keys on change or SIGHUP; reconcile the store twice a second.
-async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>) {
+/// Reload authorized_keys and the policy on change or SIGHUP; reconcile the store twice a second.
+async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>, policy: Option<PathBuf>) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen: Option<SystemTime> = authorized.as_deref().and_then(mtime);
+    let mut policy_seen: Option<SystemTime> = policy.as_deref().and_then(mtime);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         let hangup = async {
@@ -222,6 +237,16 @@ async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>) {
                 match load_authorized(path) {
                     Ok(keys) => hub.lock().unwrap_or_else(|p| p.into_inner()).set_authorized(keys),
                     Err(e) => warn!("keeping the previous authorized keys: {e:#}"),
+                }
+            }
+        }
+        if let Some(path) = &policy {
+            let now = mtime(path);
+            if forced || now != policy_seen {
+                policy_seen = now;
+                match load_policy(path) {
+                    Ok(p) => hub.lock().unwrap_or_else(|p| p.into_inner()).set_policy(p),
+                    Err(e) => warn!("keeping the policy in force: {e:#}"),
                 }
             }
         }

@@ -5,13 +5,15 @@
 //! peer → coordinator   hello {public_key, signature, token?, name?, listen_port, endpoints}
 //! coordinator → peer   welcome {more, node, mesh_keys, ipv4_prefix, ipv6_prefix, peers}   or error
 //! coordinator → peer   peers {more, peers} …   (the rest of the peer list while `more` is true)
-//! coordinator → peer   peer_upsert {peer} | peer_removed {fingerprint} | mesh_keys {keys} | revoked
+//! coordinator → peer   peer_upsert {peer} | peer_removed {fingerprint} | mesh_keys {keys} | policy | revoked
 //! ```
 //!
 //! The signature is SSHSIG (namespace [`JOIN_NAMESPACE`]) over the nonce: the peer proves it holds
 //! the private key of `public_key`. Mesh keys travel only on this authenticated, pinned TLS channel.
 
 use serde::{Deserialize, Serialize};
+
+use crate::policy::NodePolicy;
 
 /// SSHSIG namespace of join signatures.
 pub const JOIN_NAMESPACE: &str = "tunnelmesh-join@v1";
@@ -60,6 +62,13 @@ pub enum ServerMsg {
         /// More of the peer list follows in `peers` messages.
         #[serde(default)]
         more: bool,
+        /// The node's inbound rules (default deny: empty means nothing may reach it).
+        #[serde(default)]
+        policy: NodePolicy,
+    },
+    /// The node's inbound rules changed.
+    Policy {
+        policy: NodePolicy,
     },
     /// The next part of the welcome's peer list.
     Peers {

@@ -128,7 +128,7 @@ impl PacketInfo {
     }
 
     /// The flow an inbound packet would be a reply in.
-    fn reply_flow(&self) -> Option<FlowKey> {
+    pub fn reply_flow(&self) -> Option<FlowKey> {
         match self.proto {
             Proto::Tcp | Proto::Udp => Some(FlowKey {
                 proto: self.proto,
