@@ -532,6 +532,17 @@ fn default_deny_lets_laptop_reach_web_443_and_web_reach_db_5432_and_nothing_else
     );
     assert!(!lab.ping(&ns(laptop), &v4(web), 1), "no ICMP rule: ping denied");
     assert!(lab.counter(web, "rx_policy_denied") > 0);
+    let explain = |args: &[&str]| {
+        let out = c.admin(&[&["policy", "explain", "--policy", policy.to_str().unwrap()], args].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let why = explain(&["laptop", "web", "tcp/443"]);
+    assert!(why.contains("allowed by rule 1 (line 1"), "{why}");
+    let why = explain(&["web", "db", "tcp/5432"]);
+    assert!(why.contains("allowed by rule 2 (line 6"), "{why}");
+    let why = explain(&["laptop", "db", "tcp/5432"]);
+    assert!(why.contains("denied") && why.contains("default deny"), "{why}");
 
     // A policy change takes effect within 2 s, without a restart.
     fs::write(

@@ -61,6 +61,9 @@ fn coordinator_command(args: CoordinatorArgs) -> Result<()> {
         Some(CoordinatorCommand::Remove { node }) => coordinator::remove(&args.data_dir, &node),
         Some(CoordinatorCommand::RotateMeshKey) => coordinator::rotate_mesh_key(&args.data_dir),
         Some(CoordinatorCommand::Policy {
+            command: PolicyCommand::Explain { policy, src, dst, port },
+        }) => coordinator::explain(&args.data_dir, &policy, &src, &dst, &port),
+        Some(CoordinatorCommand::Policy {
             command: PolicyCommand::Check { file },
         }) => {
             let text =
@@ -209,6 +212,16 @@ enum CoordinatorCommand {
 enum PolicyCommand {
     /// Check a policy file: every error with its line and what is wrong.
     Check { file: PathBuf },
+    /// Which rule lets node SRC reach node DST on PROTO/PORT (e.g. tcp/443), or that default
+    /// deny applies.
+    Explain {
+        /// The policy file to explain (as passed to the coordinator's --policy).
+        #[arg(long)]
+        policy: PathBuf,
+        src: String,
+        dst: String,
+        port: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -354,3 +354,66 @@ pub fn rotate_mesh_key(data_dir: &Path) -> Result<()> {
     );
     Ok(())
 }
+
+/// `tunnelmesh coordinator policy explain SRC DST PROTO/PORT`: which rule lets node SRC reach
+/// node DST, or that default deny applies.
+pub fn explain(data_dir: &Path, policy_path: &Path, src: &str, dst: &str, spec: &str) -> Result<()> {
+    use crate::policy::{
+        Conntrack, Member, PacketInfo, Proto, Verdict, compile::parse_ports, compile_for, inbound_verdict,
+    };
+    let store = open_existing_store(data_dir)?;
+    let policy = load_policy(policy_path)?;
+    let (v4, v6) = prefixes(&store, None, None)?;
+    let ipam = Ipam::new(v4, v6, [])?;
+    let members: Vec<Member> = store
+        .nodes()?
+        .into_iter()
+        .filter(|n| !n.revoked && !n.removed)
+        .map(|n| {
+            let (a4, a6) = ipam.addresses(n.host);
+            Member {
+                name: n.name,
+                tags: n.tags,
+                addresses: vec![std::net::IpAddr::V4(a4).into(), std::net::IpAddr::V6(a6).into()],
+            }
+        })
+        .collect();
+    let find = |name: &str| {
+        members
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| anyhow::anyhow!("no node is named {name:?}"))
+    };
+    let (from, to) = (find(src)?, find(dst)?);
+    let (proto, ports) = parse_ports(spec).map_err(anyhow::Error::msg)?;
+    let addr = |m: &Member| m.addresses[0].addr();
+    let packet = PacketInfo {
+        src: addr(from),
+        dst: addr(to),
+        proto,
+        src_port: 40000,
+        dst_port: ports.low,
+        icmp_type: ports.low as u8,
+        icmp_id: 1,
+        later_fragment: false,
+    };
+    let compiled = compile_for(&policy, &members, dst);
+    match inbound_verdict(&compiled, &mut Conntrack::new(1), &packet, std::time::Instant::now()) {
+        Verdict::Allow(id) => {
+            let rule = &policy.rules[id as usize];
+            let list =
+                |v: &[toml::Spanned<String>]| v.iter().map(|s| s.get_ref().as_str()).collect::<Vec<_>>().join(", ");
+            println!(
+                "{src} → {dst} {spec}: allowed by rule {} (line {}: from [{}] to [{}] ports [{}])",
+                id + 1,
+                rule.line,
+                list(&rule.from),
+                list(&rule.to),
+                list(&rule.ports)
+            );
+        }
+        _ if proto == Proto::Any => println!("{src} → {dst} any: not every protocol is allowed (default deny)"),
+        _ => println!("{src} → {dst} {spec}: denied — no rule allows it (default deny)"),
+    }
+    Ok(())
+}

@@ -30,6 +30,9 @@ pub struct Member {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
+    /// Line of the `[[allow]]` header (filled in by [`PolicyFile::parse`]).
+    #[serde(skip)]
+    pub line: usize,
     pub from: Vec<Spanned<String>>,
     pub to: Vec<Spanned<String>>,
     pub ports: Vec<Spanned<String>>,
@@ -56,11 +59,21 @@ pub struct PolicyError {
 impl PolicyFile {
     /// Parse and check `text`; every error names its line.
     pub fn parse(text: &str) -> Result<Self, PolicyError> {
-        let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError {
+        let mut file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError {
             line: e.span().map_or(1, |s| line_of(text, s.start)),
             reason: e.message().to_string(),
         })?;
         let at = |s: &Spanned<String>| line_of(text, s.span().start);
+        // The `[[allow]]` header above each rule's first key.
+        let headers: Vec<usize> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.trim() == "[[allow]]")
+            .map(|(i, _)| i + 1)
+            .collect();
+        for (rule, line) in file.rules.iter_mut().zip(headers) {
+            rule.line = line;
+        }
         for (name, members) in &file.groups {
             for m in members {
                 file.check_selector(m.get_ref())
