@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use ipnet::IpNet;
 use signal_hook::{
     consts::{SIGINT, SIGTERM},
@@ -32,6 +32,7 @@ use crate::{
     identity::{DEFAULT_IDENTITY, Identity},
     netconf,
     noise::{LocalStatic, MeshKey},
+    policy::NodePolicy,
     status::{self, FastpathStatus},
     sys::tun,
 };
@@ -53,6 +54,8 @@ pub struct InterfacePlan {
     pub no_ebpf: bool,
     pub peers: Vec<PeerSpec>,
     pub mesh_keys: Vec<MeshKey>,
+    /// Inbound policy (coordinated meshes); `None`: every configured peer may connect.
+    pub policy: Option<NodePolicy>,
 }
 
 /// `tunnelmesh up --config FILE`.
@@ -101,6 +104,7 @@ pub fn up_static(config_path: &Path, identity_override: Option<&Path>) -> Result
         no_ebpf: iface.no_ebpf,
         peers,
         mesh_keys: vec![iface.mesh_key.0.clone()],
+        policy: None,
     };
     let running = Interface::start(&identity, plan)?;
     running.wait_for_signal()
@@ -173,7 +177,8 @@ impl Interface {
             shutdown: Default::default(),
             started: now,
             control: Default::default(),
-            policy: Default::default(),
+            // In force before the first packet can arrive: a coordinated node fails closed.
+            policy: ArcSwapOption::from(plan.policy.map(Arc::new)),
             conntrack: crate::device::new_conntrack(),
         });
         let local = LocalStatic {

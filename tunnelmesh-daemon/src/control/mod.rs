@@ -465,9 +465,9 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
         no_ebpf: opts.no_ebpf,
         peers: state.peer_specs(),
         mesh_keys: state.mesh_keys()?,
+        policy: Some(state.policy.clone()),
     };
     let interface = Interface::start(&identity, plan)?;
-    interface.dev.policy.store(Some(Arc::new(state.policy.clone())));
     set_control(
         &interface.dev,
         &opts.url,
