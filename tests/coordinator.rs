@@ -8,6 +8,30 @@ use std::{
 
 use tunnelmesh_tests::{Coordinator, Lab};
 
+const ALLOW_ALL: &str = "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
+
+/// Start a coordinator at `host` admitting `authorized_keys`, with `policy` (written to the lab's
+/// `policy.toml`, which tests may edit while it runs).
+fn coordinator_with(
+    lab: &mut Lab,
+    host: &(String, std::net::Ipv4Addr),
+    authorized: &std::path::Path,
+    policy: &str,
+) -> Coordinator {
+    let path = lab.dir.path().join("policy.toml");
+    fs::write(&path, policy).unwrap();
+    lab.coordinator(
+        &host.0,
+        host.1,
+        &[
+            "--authorized-keys",
+            authorized.to_str().unwrap(),
+            "--policy",
+            path.to_str().unwrap(),
+        ],
+    )
+}
+
 /// A switched lab: coordinator in the first namespace, `peers` nodes in the others.
 fn mesh(net: u8, peers: usize) -> (Lab, Coordinator, Vec<usize>) {
     let mut lab = Lab::new();
@@ -34,19 +58,7 @@ fn mesh(net: u8, peers: usize) -> (Lab, Coordinator, Vec<usize>) {
         .collect();
     fs::write(&authorized, lines).unwrap();
     // Default deny: these tests are about membership, so everyone may reach everyone.
-    let policy = lab.dir.path().join("policy.toml");
-    fs::write(&policy, "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n").unwrap();
-    let (c_ns, c_addr) = hosts[0].clone();
-    let c = lab.coordinator(
-        &c_ns,
-        c_addr,
-        &[
-            "--authorized-keys",
-            authorized.to_str().unwrap(),
-            "--policy",
-            policy.to_str().unwrap(),
-        ],
-    );
+    let c = coordinator_with(&mut lab, &hosts[0], &authorized, ALLOW_ALL);
     (lab, c, nodes)
 }
 
@@ -483,21 +495,10 @@ fn default_deny_lets_laptop_reach_web_443_and_web_reach_db_5432_and_nothing_else
     let authorized = lab.dir.path().join("authorized_keys");
     let lines: String = ids.iter().map(|&n| format!("{}\n", lab.nodes[n].public_line)).collect();
     fs::write(&authorized, lines).unwrap();
-    let policy = lab.dir.path().join("policy.toml");
     let rules = "[[allow]]\nfrom = [\"laptop\"]\nto = [\"web\"]\nports = [\"tcp/443\"]\n\n\
                  [[allow]]\nfrom = [\"web\"]\nto = [\"db\"]\nports = [\"tcp/5432\"]\n";
-    fs::write(&policy, rules).unwrap();
-    let (c_ns, c_addr) = hosts[0].clone();
-    let c = lab.coordinator(
-        &c_ns,
-        c_addr,
-        &[
-            "--authorized-keys",
-            authorized.to_str().unwrap(),
-            "--policy",
-            policy.to_str().unwrap(),
-        ],
-    );
+    let c = coordinator_with(&mut lab, &hosts[0], &authorized, rules);
+    let policy = lab.dir.path().join("policy.toml");
     for &n in &ids {
         lab.join(n, &c, &[]);
     }
