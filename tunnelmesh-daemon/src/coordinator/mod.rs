@@ -212,12 +212,37 @@ fn load_authorized(path: &Path) -> Result<std::collections::HashMap<String, admi
     Ok(keys)
 }
 
+/// A file the coordinator reloads when its modification time changes or on SIGHUP.
+struct WatchedFile {
+    path: PathBuf,
+    seen: Option<SystemTime>,
+}
+
+impl WatchedFile {
+    fn new(path: Option<PathBuf>) -> Option<Self> {
+        path.map(|path| WatchedFile {
+            seen: Self::mtime(&path),
+            path,
+        })
+    }
+
+    fn mtime(path: &Path) -> Option<SystemTime> {
+        fs::metadata(path).and_then(|m| m.modified()).ok()
+    }
+
+    /// Whether to reload now (`forced` by SIGHUP, or the file changed since last asked).
+    fn due(&mut self, forced: bool) -> bool {
+        let now = Self::mtime(&self.path);
+        let changed = now != self.seen;
+        self.seen = now;
+        forced || changed
+    }
+}
+
 /// Reload authorized_keys and the policy on change or SIGHUP; reconcile the store twice a second.
 async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>, policy: Option<PathBuf>) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen: Option<SystemTime> = authorized.as_deref().and_then(mtime);
-    let mut policy_seen: Option<SystemTime> = policy.as_deref().and_then(mtime);
+    let (mut authorized, mut policy) = (WatchedFile::new(authorized), WatchedFile::new(policy));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         let hangup = async {
@@ -230,24 +255,20 @@ async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>, policy: Option
             _ = tick.tick() => false,
             _ = hangup => true,
         };
-        if let Some(path) = &authorized {
-            let now = mtime(path);
-            if forced || now != seen {
-                seen = now;
-                match load_authorized(path) {
-                    Ok(keys) => hub.lock().unwrap_or_else(|p| p.into_inner()).set_authorized(keys),
-                    Err(e) => warn!("keeping the previous authorized keys: {e:#}"),
-                }
+        if let Some(file) = authorized.as_mut()
+            && file.due(forced)
+        {
+            match load_authorized(&file.path) {
+                Ok(keys) => hub.lock().unwrap_or_else(|p| p.into_inner()).set_authorized(keys),
+                Err(e) => warn!("keeping the previous authorized keys: {e:#}"),
             }
         }
-        if let Some(path) = &policy {
-            let now = mtime(path);
-            if forced || now != policy_seen {
-                policy_seen = now;
-                match load_policy(path) {
-                    Ok(p) => hub.lock().unwrap_or_else(|p| p.into_inner()).set_policy(p),
-                    Err(e) => warn!("keeping the policy in force: {e:#}"),
-                }
+        if let Some(file) = policy.as_mut()
+            && file.due(forced)
+        {
+            match load_policy(&file.path) {
+                Ok(p) => hub.lock().unwrap_or_else(|p| p.into_inner()).set_policy(p),
+                Err(e) => warn!("keeping the policy in force: {e:#}"),
             }
         }
         if let Err(e) = hub.lock().unwrap_or_else(|p| p.into_inner()).reconcile() {
