@@ -556,6 +556,113 @@ impl Lab {
         c
     }
 
+    /// Start a coordinator at `host` admitting `authorized_keys`, with `policy` (written to the
+    /// lab's `policy.toml`, which tests may edit while it runs).
+    pub fn coordinator_with_policy(
+        &mut self,
+        host: &(String, Ipv4Addr),
+        authorized: &Path,
+        policy: &str,
+    ) -> Coordinator {
+        let path = self.dir.path().join("policy.toml");
+        fs::write(&path, policy).unwrap();
+        self.coordinator(
+            &host.0,
+            host.1,
+            &[
+                "--authorized-keys",
+                authorized.to_str().unwrap(),
+                "--policy",
+                path.to_str().unwrap(),
+            ],
+        )
+    }
+
+    /// Mesh addresses (IPv4, IPv6) of node `i`, from its status.
+    pub fn mesh_addrs(&self, i: usize) -> (String, String) {
+        let st = self.status(i);
+        let addrs: Vec<String> = st["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().split('/').next().unwrap().to_string())
+            .collect();
+        (addrs[0].clone(), addrs[1].clone())
+    }
+
+    /// Whether a TCP connection from `from_ns` to `addr:port` (a listener in `to_ns`) opens and
+    /// carries an echo both ways within two seconds.
+    pub fn tcp_reaches(&self, from_ns: &str, to_ns: &str, addr: &str, port: u16) -> bool {
+        let target = std::net::SocketAddr::new(addr.parse().unwrap(), port);
+        let listener = self
+            .in_netns(to_ns, move || std::net::TcpListener::bind(target).expect("bind"))
+            .join()
+            .unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let server = std::thread::spawn(move || {
+            listener.set_nonblocking(true).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok((mut s, _)) = listener.accept() {
+                    s.set_nonblocking(false).unwrap();
+                    let mut b = [0u8; 4];
+                    if s.read_exact(&mut b).is_ok() {
+                        let _ = s.write_all(&b);
+                    }
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let ok = self
+            .in_netns(from_ns, move || {
+                let Ok(mut s) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
+                    return false;
+                };
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut b = [0u8; 4];
+                s.write_all(b"ping").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"ping"
+            })
+            .join()
+            .unwrap();
+        server.join().unwrap();
+        ok
+    }
+
+    /// Whether a UDP datagram from `from_ns` to `addr:port` (a socket in `to_ns`) is answered
+    /// within two seconds (three tries).
+    pub fn udp_reaches(&self, from_ns: &str, to_ns: &str, addr: &str, port: u16) -> bool {
+        let target = std::net::SocketAddr::new(addr.parse().unwrap(), port);
+        let server = self
+            .in_netns(to_ns, move || std::net::UdpSocket::bind(target).expect("bind"))
+            .join()
+            .unwrap();
+        server.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let echo = thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut b = [0u8; 64];
+            while Instant::now() < deadline {
+                if let Ok((n, from)) = server.recv_from(&mut b) {
+                    let _ = server.send_to(&b[..n], from);
+                }
+            }
+        });
+        let unspecified = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let ok = self
+            .in_netns(from_ns, move || {
+                let s = std::net::UdpSocket::bind(unspecified).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(600))).unwrap();
+                let mut b = [0u8; 64];
+                (0..3).any(|_| {
+                    s.send_to(b"ping", target).is_ok() && s.recv_from(&mut b).is_ok_and(|(n, _)| &b[..n] == b"ping")
+                })
+            })
+            .join()
+            .unwrap();
+        echo.join().unwrap();
+        ok
+    }
+
     /// Two namespaces `a` and `b` on one veth (198.18.`net`.1 / .2), a node in each, configured
     /// as each other's peer and started.
     pub fn pair(net: u8, opts_a: &NodeOptions, opts_b: &NodeOptions) -> (Lab, usize, usize) {
@@ -571,6 +678,32 @@ impl Lab {
         lab.start(b);
         (lab, a, b)
     }
+}
+
+/// Poll `check` every 100 ms until it holds; how long that took. Panics after `timeout`.
+pub fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return start.elapsed();
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: not within {timeout:?}");
+}
+
+/// `bpftool -j map dump pinned PIN`, parsed.
+pub fn bpftool_dump(pin: &str) -> Value {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned", pin])
+        .output()
+        .expect("bpftool is installed");
+    assert!(
+        out.status.success(),
+        "bpftool map dump pinned {pin}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bpftool prints JSON")
 }
 
 /// A coordinator process of the lab.

@@ -1,23 +1,12 @@
 //! The XDP underlay shield attached for real on a veth inside a network namespace.
 
-use std::{net::UdpSocket, process::Command, time::Duration};
+use std::{net::UdpSocket, time::Duration};
 
-use serde_json::Value;
-use tunnelmesh_tests::{Lab, NodeOptions};
+use tunnelmesh_tests::{Lab, NodeOptions, bpftool_dump};
 
 /// Sum of each per-CPU counter in the pinned shield map, read with bpftool.
 fn shield_counters(iface: &str) -> Vec<u64> {
-    let pin = format!("/sys/fs/bpf/tunnelmesh/{iface}/shield_counters");
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned", &pin])
-        .output()
-        .expect("bpftool is installed");
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let entries: Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
+    let entries = bpftool_dump(&format!("/sys/fs/bpf/tunnelmesh/{iface}/shield_counters"));
     let mut sums = vec![0u64; 7];
     for entry in entries.as_array().expect("array") {
         // With BTF, bpftool prints typed entries under "formatted".
@@ -100,17 +89,7 @@ fn the_xdp_shield_drops_junk_before_the_daemon_and_counts_each_reason() {
         .unwrap()
         .count();
     assert_eq!(pins, 3, "shield_counters, known_indices, source_budgets are pinned");
-    let indices = Command::new("bpftool")
-        .args([
-            "-j",
-            "map",
-            "dump",
-            "pinned",
-            &format!("/sys/fs/bpf/tunnelmesh/{}/known_indices", lab.nodes[a].iface),
-        ])
-        .output()
-        .unwrap();
-    let indices: Value = serde_json::from_slice(&indices.stdout).expect("bpftool JSON");
+    let indices = bpftool_dump(&format!("/sys/fs/bpf/tunnelmesh/{}/known_indices", lab.nodes[a].iface));
     assert!(
         !indices.as_array().unwrap().is_empty(),
         "the live session's index is in the kernel map"

@@ -6,5 +6,6 @@
 //! `user` feature), because the same source compiles for `bpfel-unknown-none`.
 #![no_std]
 
+pub mod acl;
 pub mod shield;
 pub mod wire;

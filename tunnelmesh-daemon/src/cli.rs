@@ -60,12 +60,14 @@ fn coordinator_command(args: CoordinatorArgs) -> Result<()> {
         Some(CoordinatorCommand::Revoke { node }) => coordinator::revoke(&args.data_dir, &node),
         Some(CoordinatorCommand::Remove { node }) => coordinator::remove(&args.data_dir, &node),
         Some(CoordinatorCommand::RotateMeshKey) => coordinator::rotate_mesh_key(&args.data_dir),
-        Some(CoordinatorCommand::Policy {
-            command: PolicyCommand::Explain { policy, src, dst, port },
-        }) => coordinator::explain(&args.data_dir, &policy, &src, &dst, &port),
-        Some(CoordinatorCommand::Policy {
-            command: PolicyCommand::Check { file },
-        }) => {
+        Some(CoordinatorCommand::Policy { command }) => policy_command(&args.data_dir, command),
+    }
+}
+
+fn policy_command(data_dir: &std::path::Path, command: PolicyCommand) -> Result<()> {
+    match command {
+        PolicyCommand::Explain { policy, src, dst, port } => coordinator::explain(data_dir, &policy, &src, &dst, &port),
+        PolicyCommand::Check { file } => {
             let text =
                 std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             let policy =
@@ -104,6 +106,15 @@ enum Command {
     Up(UpArgs),
     /// Run the coordinator, or manage it (info, tokens, revocation, mesh-key rotation).
     Coordinator(CoordinatorArgs),
+    /// Check a policy file, or explain what it allows (on the coordinator's host; the same as
+    /// `tunnelmesh coordinator policy …`).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+        /// The coordinator's state directory (explain resolves node names and addresses there).
+        #[arg(long, global = true, default_value = coordinator::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
     /// Show a running interface: peers, endpoints, handshakes, traffic, drop counters.
     Status {
         /// Mesh interface name (default: the only one running).
@@ -261,6 +272,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Up(args) => up(args),
         Command::Coordinator(args) => coordinator_command(args),
+        Command::Policy { command, data_dir } => policy_command(&data_dir, command),
         Command::Status { interface, json } => {
             let interface = match interface {
                 Some(i) => i,
@@ -298,8 +310,29 @@ fn print_status(s: &status::Status) {
         }
     }
     println!("  public key: {}", s.public_key);
-    match s.policy_rules {
-        Some(n) => println!("  policy: default deny, {n} inbound rules (enforced in userspace)"),
+    match &s.policy {
+        Some(p) => {
+            println!(
+                "  policy: default deny, {} inbound rules, enforcement: {}",
+                p.rules.len(),
+                p.enforcement
+            );
+            if let Some(reason) = &p.userspace_reason {
+                println!("    (not in the kernel: {reason})");
+            }
+            for r in &p.rules {
+                println!(
+                    "    rule {}: {} {} from {} ({} allowed)",
+                    r.id,
+                    r.proto,
+                    r.ports,
+                    r.sources.join(", "),
+                    p.rule_hits.get(&r.id).copied().unwrap_or(0)
+                );
+            }
+            let counters: Vec<String> = p.counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("    {}", counters.join(", "));
+        }
         None => println!("  policy: none (static mesh: configured peers may connect)"),
     }
     println!("  shield: {}", s.fastpath.enforcement);

@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use signal_hook::{
     consts::{SIGINT, SIGTERM},
@@ -27,7 +27,7 @@ use zeroize::Zeroizing;
 use crate::{
     config::Config,
     dataplane,
-    device::{Clock, Counters, Device, PeerSpec, PeerTable, handshaker::Handshaker},
+    device::{Clock, Counters, Device, PeerSpec, PeerTable, handshaker::Handshaker, policy::PolicyEnforcer},
     fastpath::{SharedShield, Shield},
     identity::{DEFAULT_IDENTITY, Identity},
     netconf,
@@ -143,6 +143,12 @@ impl Interface {
             )
         })?;
         let listen_port = sockets[0].local_addr()?.port();
+        // In force before the interface is up and before the first packet can arrive: a
+        // coordinated node fails closed.
+        let policy = match plan.policy {
+            Some(p) => PolicyEnforcer::start(p, &plan.name, plan.no_ebpf),
+            None => PolicyEnforcer::none(),
+        };
         netconf::configure(&plan.name, plan.mtu, &plan.addresses, &plan.routes)?;
 
         let shield = if plan.no_ebpf {
@@ -177,9 +183,7 @@ impl Interface {
             shutdown: Default::default(),
             started: now,
             control: Default::default(),
-            // In force before the first packet can arrive: a coordinated node fails closed.
-            policy: ArcSwapOption::from(plan.policy.map(Arc::new)),
-            conntrack: crate::device::new_conntrack(),
+            policy,
         });
         let local = LocalStatic {
             secret: Zeroizing::new(*identity.noise_secret()),

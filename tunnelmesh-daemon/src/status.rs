@@ -16,7 +16,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::{ControlState, Counters, Device};
+use crate::device::{ControlState, Counters, Device, policy::PolicyStatus};
 
 /// Directory of the status sockets.
 pub const RUN_DIR: &str = "/run/tunnelmesh";
@@ -53,8 +53,8 @@ pub struct Status {
     pub addresses: Vec<String>,
     pub coordinator: Option<ControlState>,
     /// Inbound policy: `null` in a static mesh (every configured peer may connect), else the
-    /// number of rules in force (0: nothing may reach this node).
-    pub policy_rules: Option<usize>,
+    /// rules in force (none: nothing may reach this node), the enforcer and its counters.
+    pub policy: Option<PolicyStatus>,
     pub fingerprint: String,
     pub public_key: String,
     pub listen_port: u16,
@@ -73,7 +73,7 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
         interface: dev.interface.clone(),
         addresses: dev.addresses.iter().map(|a| a.to_string()).collect(),
         coordinator: dev.control.load().as_deref().cloned(),
-        policy_rules: dev.policy.load().as_ref().map(|p| p.rules.len()),
+        policy: dev.policy.status(),
         fingerprint: dev.local.fingerprint(),
         public_key: dev.local.noise_public_base64(),
         listen_port: dev.listen_port,

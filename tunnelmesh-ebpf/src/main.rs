@@ -1,4 +1,5 @@
-//! TunnelMesh kernel programs.
+//! TunnelMesh kernel programs: the XDP underlay shield (here) and the mesh interface's ACL
+//! ([`acl`]).
 //!
 //! `tunnelmesh_shield` (XDP, underlay interfaces): looks at every UDP datagram addressed to the
 //! mesh port and drops what cannot be a TunnelMesh message — wrong type, non-zero reserved bytes,
@@ -14,6 +15,8 @@
 //! [`tunnelmesh_common::wire::valid_len`], the same one userspace applies.
 #![no_std]
 #![no_main]
+
+mod acl;
 
 use aya_ebpf::{
     Global,

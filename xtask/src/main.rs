@@ -289,6 +289,15 @@ fn build_ebpf() -> Result {
 
 fn test(extra: &[String]) -> Result {
     run(cargo(STABLE).args(["fmt", "--all", "--", "--check"]))?;
+    // The kernel programs and xtask are workspaces of their own: check them with the same rustfmt.
+    for (dir, crate_root) in [("tunnelmesh-ebpf", "src/main.rs"), ("xtask", "src/main.rs")] {
+        let mut rustfmt = Command::new("rustfmt");
+        rustfmt
+            .args([&format!("+{STABLE}"), "--edition", "2024", "--check", crate_root])
+            .current_dir(root().join(dir))
+            .env("RUSTUP_AUTO_INSTALL", "0");
+        run(&mut rustfmt)?;
+    }
     run(cargo(STABLE).args([
         "clippy",
         "--workspace",

@@ -341,7 +341,7 @@ fn set_control(dev: &Device, url: &str, state: &str, error: Option<String>, upda
 }
 
 fn apply_to_device(dev: &Device, state: &MeshState) -> Result<()> {
-    dev.policy.store(Some(Arc::new(state.policy.clone())));
+    dev.policy.set(state.policy.clone());
     dev.update(state.peer_specs(), state.mesh_keys()?);
     Ok(())
 }

@@ -163,7 +163,7 @@ fn seal_outbound(
         Counters::bump(&dev.counters.tx_no_route);
         return None;
     };
-    dev.track_outbound(packet, now);
+    dev.policy.track_outbound(packet, now);
     let keys = peer.keys.load();
     let Some(key) = keys.current.as_ref().filter(|k| k.can_send(now)) else {
         dev.stage(peer, packet);
@@ -234,7 +234,7 @@ fn open_inbound(
     if !table.route(inner_src).is_some_and(|owner| Arc::ptr_eq(owner, peer)) {
         return Counters::bump(&counters.rx_spoofed_source);
     }
-    if !dev.inbound_allowed(&plain[..total], now) {
+    if !dev.policy.inbound_allowed(&plain[..total], now) {
         return;
     }
     if tun::write(tun_fd, &plain[..total]).is_ok() {

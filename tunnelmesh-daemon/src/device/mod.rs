@@ -9,6 +9,7 @@
 //! [`Event`]s.
 
 pub mod handshaker;
+pub mod policy;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -27,7 +28,6 @@ use zeroize::Zeroizing;
 
 use crate::{
     identity::PublicIdentity,
-    policy::{Conntrack, FlowKey, NodePolicy, PacketInfo, Verdict, inbound_verdict},
     routing::AllowedIps,
     session::{Activity, Keypair},
 };
@@ -264,8 +264,6 @@ pub struct Counters {
     pub tx_dropped: AtomicU64,
     /// Datagrams the kernel refused to send (no route to the endpoint, …).
     pub tx_send_failed: AtomicU64,
-    /// Decrypted packets no policy rule allows (and no flow of ours expects).
-    pub rx_policy_denied: AtomicU64,
 }
 
 impl Counters {
@@ -296,11 +294,9 @@ pub struct Device {
     pub addresses: Vec<IpNet>,
     /// Coordinator connection, when the mesh is coordinated.
     pub control: ArcSwapOption<ControlState>,
-    /// Inbound rules from the coordinator (default deny); `None` in a static mesh, where every
-    /// configured peer may reach this node.
-    pub policy: ArcSwapOption<NodePolicy>,
-    /// Flows this node opened (replies to them pass policy), sharded by flow hash.
-    pub conntrack: Vec<Mutex<Conntrack>>,
+    /// Inbound rules from the coordinator (default deny) and their enforcer; none in a static
+    /// mesh, where every configured peer may reach this node.
+    pub policy: policy::PolicyEnforcer,
     pub peers: ArcSwap<PeerTable>,
     /// Mesh keys (the Noise PSK), current first; during a rotation the previous one follows.
     pub mesh_keys: ArcSwap<Vec<Zeroizing<[u8; 32]>>>,
@@ -312,61 +308,7 @@ pub struct Device {
     pub started: Instant,
 }
 
-/// Shards of the flow table; a flow and its replies hash to the same shard.
-pub const CONNTRACK_SHARDS: usize = 16;
-/// Flows per shard.
-pub const CONNTRACK_SHARD_CAPACITY: usize = 16_384;
-
-/// An empty sharded flow table.
-pub fn new_conntrack() -> Vec<Mutex<Conntrack>> {
-    (0..CONNTRACK_SHARDS)
-        .map(|_| Mutex::new(Conntrack::new(CONNTRACK_SHARD_CAPACITY)))
-        .collect()
-}
-
 impl Device {
-    /// Record the flow an outbound packet opens, when a policy is in force.
-    #[inline]
-    pub fn track_outbound(&self, packet: &[u8], now: Instant) {
-        if self.policy.load().is_some()
-            && let Some(flow) = PacketInfo::parse(packet).and_then(|p| p.outbound_flow())
-        {
-            self.conntrack_shard(&flow).outbound(flow, now);
-        }
-    }
-
-    /// Whether policy lets an inbound packet (source already checked) through; counts denials.
-    #[inline]
-    pub fn inbound_allowed(&self, packet: &[u8], now: Instant) -> bool {
-        let policy = self.policy.load();
-        let Some(policy) = policy.as_deref() else {
-            return true;
-        };
-        let verdict = match PacketInfo::parse(packet) {
-            None => Verdict::Deny,
-            Some(info) => {
-                let mut ct = match info.reply_flow() {
-                    Some(flow) => self.conntrack_shard(&flow),
-                    None => self.conntrack[0].lock().unwrap_or_else(|p| p.into_inner()),
-                };
-                inbound_verdict(policy, &mut ct, &info, now)
-            }
-        };
-        if verdict == Verdict::Deny {
-            Counters::bump(&self.counters.rx_policy_denied);
-        }
-        verdict != Verdict::Deny
-    }
-
-    /// The shard holding `flow`.
-    pub fn conntrack_shard(&self, flow: &FlowKey) -> std::sync::MutexGuard<'_, Conntrack> {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(flow);
-        self.conntrack[hash as usize % self.conntrack.len()]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Ask the handshake thread for a session with `peer`, once until it is served.
     pub fn request_session(&self, peer: &Arc<Peer>) {
         if !peer.session_requested.swap(true, Ordering::AcqRel) {

@@ -39,6 +39,11 @@ impl PortRange {
 pub const ICMP_ECHO_REQUEST: u16 = 8;
 /// ICMPv6 echo request.
 pub const ICMPV6_ECHO_REQUEST: u16 = 128;
+/// The range of `icmp/echo` (written with the IPv4 type): it means echo request in either family.
+pub const ECHO_ONLY: PortRange = PortRange {
+    low: ICMP_ECHO_REQUEST,
+    high: ICMP_ECHO_REQUEST,
+};
 
 /// Parse one `ports` item.
 pub fn parse_ports(spec: &str) -> Result<(Proto, PortRange), String> {

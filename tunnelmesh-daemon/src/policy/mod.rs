@@ -9,6 +9,8 @@
 //!
 //! Sans-I/O throughout: packets are parsed headers, time is passed in.
 
+#[cfg(test)]
+pub mod cases;
 pub mod compile;
 pub mod conntrack;
 pub mod matcher;
@@ -16,5 +18,5 @@ pub mod model;
 
 pub use compile::{CompiledRule, NodePolicy, PortRange, Proto, compile_for};
 pub use conntrack::{Conntrack, FlowKey};
-pub use matcher::{PacketInfo, Verdict, inbound_verdict};
+pub use matcher::{PacketInfo, Verdict, decide, inbound_verdict};
 pub use model::{Member, PolicyError, PolicyFile};

@@ -1,19 +1,15 @@
-//! The eBPF fast path: loads the embedded kernel programs, attaches them, pins their maps.
+//! The XDP underlay shield on the underlay interfaces.
 //!
-//! Today: the XDP underlay shield on the underlay interfaces. Its maps are pinned under
-//! `/sys/fs/bpf/tunnelmesh/<interface>/` (`shield_counters`, `known_indices`, `source_budgets`;
-//! BTF-described, so `bpftool map dump pinned …` prints them). The handshake thread keeps
-//! `known_indices` equal to the live session indices through [`IndexMirror`]. Dropping [`Shield`] detaches the programs and removes
-//! the pins. If eBPF cannot be loaded the daemon keeps running: the same header checks run in
-//! userspace on every datagram.
+//! Its maps are pinned under `/sys/fs/bpf/tunnelmesh/<interface>/` (`shield_counters`,
+//! `known_indices`, `source_budgets`; BTF-described, so `bpftool map dump pinned …` prints them).
+//! The handshake thread keeps `known_indices` equal to the live session indices through
+//! [`IndexMirror`]. Dropping [`Shield`] detaches the program and removes the pins. If eBPF cannot
+//! be loaded the daemon keeps running: the same header checks run in userspace on every datagram.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{HashMap, MapData, PerCpuArray},
     programs::{Xdp, XdpMode},
 };
@@ -22,40 +18,29 @@ use tunnelmesh_common::shield::{
     KNOWN_INDICES_MAP, SHIELD_COUNTERS_MAP, SHIELD_PORT_GLOBAL, SHIELD_PROGRAM, SOURCE_BUDGETS_MAP, ShieldReason,
 };
 
+use super::{FastpathError, Pins, loader};
 use crate::device::IndexMirror;
 
-/// The kernel programs, built by `cargo xtask build-ebpf`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TUNNELMESH_EBPF_OBJECT"));
-
-/// The BPF filesystem; mounted by the daemon if the system has not.
-const BPFFS: &str = "/sys/fs/bpf";
-/// Where TunnelMesh pins its maps.
-pub const PIN_ROOT: &str = "/sys/fs/bpf/tunnelmesh";
-
-#[derive(Debug, thiserror::Error)]
-pub enum FastpathError {
-    #[error("loading the eBPF object failed: {0} (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)")]
-    Load(#[from] aya::EbpfError),
-    #[error("the XDP shield program failed to load or attach on {interface}: {source}")]
-    Program {
-        interface: String,
-        source: aya::programs::ProgramError,
-    },
-    #[error("pinning the shield counters at {path} failed: {reason} (is bpffs mounted at /sys/fs/bpf?)")]
-    Pin { path: String, reason: String },
-    #[error("reading the shield counters failed: {0}")]
-    Map(#[from] aya::maps::MapError),
-}
+/// Maps only the ACL uses, shrunk to one entry in the shield's copy of the object.
+const ACL_ONLY_MAPS: [&str; 6] = [
+    tunnelmesh_common::acl::ACL_CONFIG_MAP,
+    tunnelmesh_common::acl::ACL_SOURCES_MAP,
+    tunnelmesh_common::acl::ACL_RULES_MAP,
+    tunnelmesh_common::acl::ACL_CONNTRACK_MAP,
+    tunnelmesh_common::acl::ACL_COUNTERS_MAP,
+    tunnelmesh_common::acl::ACL_RULE_HITS_MAP,
+];
 
 /// Load the object with the mesh port set, the shield program loaded but not attached.
 pub fn load_shield(port: u16) -> Result<Ebpf, FastpathError> {
     let port_be = port.to_be();
-    let mut ebpf = EbpfLoader::new()
+    let mut ebpf = loader(&ACL_ONLY_MAPS)
         .override_global(SHIELD_PORT_GLOBAL, &port_be, true)
-        .load(EBPF_OBJECT)?;
+        .load(super::EBPF_OBJECT)?;
     shield_program(&mut ebpf)
         .load()
         .map_err(|source| FastpathError::Program {
+            program: "XDP shield",
             interface: "(load)".into(),
             source,
         })?;
@@ -83,11 +68,12 @@ pub fn shield_counters(ebpf: &Ebpf) -> Result<Vec<(ShieldReason, u64)>, Fastpath
 
 /// The XDP shield attached to underlay interfaces.
 pub struct Shield {
-    ebpf: Ebpf,
     known_indices: HashMap<MapData, u32, u8>,
     pub interfaces: Vec<String>,
     pub mode: &'static str,
-    pin_dir: PathBuf,
+    // Dropped before `ebpf`: the pins go, then the program detaches with its links.
+    _pins: Pins,
+    ebpf: Ebpf,
 }
 
 /// Pinned maps, by map name and pin file name.
@@ -111,51 +97,26 @@ impl Shield {
                 program
                     .attach(cname.as_c_str(), XdpMode::Skb)
                     .map_err(|source| FastpathError::Program {
+                        program: "XDP shield",
                         interface: name.clone(),
                         source,
                     })?;
             }
         }
-        let pin_dir = Path::new(PIN_ROOT).join(mesh_interface);
-        let pin_err = |path: &Path, reason: String| FastpathError::Pin {
-            path: path.display().to_string(),
-            reason,
-        };
-        crate::sys::bpffs::ensure_mounted(Path::new(BPFFS))
-            .map_err(|e| pin_err(Path::new(BPFFS), format!("mounting bpffs: {e}")))?;
-        std::fs::create_dir_all(&pin_dir).map_err(|e| pin_err(&pin_dir, e.to_string()))?;
-        for (map, file) in PINS {
-            let pin = pin_dir.join(file);
-            let _ = std::fs::remove_file(&pin);
-            ebpf.map(map)
-                .expect("the embedded object has every shield map")
-                .pin(&pin)
-                .map_err(|e| pin_err(&pin, e.to_string()))?;
-        }
+        let pins = Pins::create(&ebpf, mesh_interface, &PINS)?;
         let known_indices = HashMap::try_from(ebpf.take_map(KNOWN_INDICES_MAP).expect("the object has the index map"))?;
         Ok(Shield {
-            ebpf,
             known_indices,
             interfaces: interfaces.to_vec(),
             mode,
-            pin_dir,
+            _pins: pins,
+            ebpf,
         })
     }
 
     /// Per-reason counters, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(ShieldReason, u64)>, FastpathError> {
         shield_counters(&self.ebpf)
-    }
-}
-
-impl Drop for Shield {
-    fn drop(&mut self) {
-        for (_, file) in PINS {
-            let _ = std::fs::remove_file(self.pin_dir.join(file));
-        }
-        let _ = std::fs::remove_dir(&self.pin_dir);
-        let _ = std::fs::remove_dir(PIN_ROOT);
-        // The programs detach when `ebpf` (and with it the XDP links) drops.
     }
 }
 

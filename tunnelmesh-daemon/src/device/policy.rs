@@ -1,0 +1,267 @@
+//! Who enforces the node's inbound policy, and the userspace enforcer.
+//!
+//! A coordinated node enforces its compiled [`NodePolicy`] in the kernel (TC programs on the TUN
+//! device, [`KernelAcl`]) when it can, else in the data plane: the same compiled rules, the same
+//! matcher semantics (the shared suite proves both decide alike). Exactly one of the two enforces
+//! at any time. The choice is made when the interface is created, before any packet flows, so a
+//! coordinated node fails closed; if a later policy cannot be written to the kernel, userspace
+//! takes over before the kernel programs are detached (for that moment both enforce — never
+//! neither). A static mesh has no policy and enforces nothing.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use arc_swap::ArcSwapOption;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+use tunnelmesh_common::acl::AclReason;
+
+use crate::{
+    fastpath::KernelAcl,
+    policy::{Conntrack, FlowKey, NodePolicy, PacketInfo, Verdict, decide},
+};
+
+/// Shards of the userspace flow table; a flow and its replies hash to the same shard.
+pub const CONNTRACK_SHARDS: usize = 16;
+/// Flows per shard.
+pub const CONNTRACK_SHARD_CAPACITY: usize = 16_384;
+
+/// The rules in force and how often each allowed a packet (userspace enforcement).
+pub struct ActivePolicy {
+    pub rules: NodePolicy,
+    /// (rule id, packets allowed), sorted by id.
+    hits: Vec<(u32, AtomicU64)>,
+}
+
+impl ActivePolicy {
+    fn new(rules: NodePolicy) -> Self {
+        let mut ids: Vec<u32> = rules.rules.iter().map(|r| r.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ActivePolicy {
+            rules,
+            hits: ids.into_iter().map(|id| (id, AtomicU64::new(0))).collect(),
+        }
+    }
+}
+
+/// Userspace counters, named like the kernel's (`AclReason`).
+#[derive(Default)]
+struct Counters([AtomicU64; AclReason::COUNT as usize]);
+
+impl Counters {
+    fn bump(&self, reason: AclReason) {
+        self.0[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Per-reason counters and per-rule (id, hits), from whichever enforcer runs.
+type Readings = (Vec<(AclReason, u64)>, Vec<(u32, u64)>);
+
+/// The inbound policy of a device and its enforcer.
+pub struct PolicyEnforcer {
+    active: ArcSwapOption<ActivePolicy>,
+    /// The kernel enforces (the data plane skips its own checks).
+    in_kernel: AtomicBool,
+    kernel: Mutex<Option<KernelAcl>>,
+    /// Why the kernel does not enforce, when it does not.
+    userspace_reason: Mutex<Option<String>>,
+    counters: Counters,
+    conntrack: Vec<Mutex<Conntrack>>,
+}
+
+impl PolicyEnforcer {
+    /// A static mesh: no policy, nothing enforced.
+    pub fn none() -> Self {
+        Self::userspace(None, None)
+    }
+
+    fn userspace(policy: Option<NodePolicy>, reason: Option<String>) -> Self {
+        PolicyEnforcer {
+            active: ArcSwapOption::from(policy.map(|p| Arc::new(ActivePolicy::new(p)))),
+            in_kernel: AtomicBool::new(false),
+            kernel: Mutex::new(None),
+            userspace_reason: Mutex::new(reason),
+            counters: Counters::default(),
+            conntrack: (0..CONNTRACK_SHARDS)
+                .map(|_| Mutex::new(Conntrack::new(CONNTRACK_SHARD_CAPACITY)))
+                .collect(),
+        }
+    }
+
+    /// Enforce `policy` on `interface` (which must exist and carry no traffic yet): in the kernel
+    /// unless `no_ebpf` or the programs cannot load or attach, else in userspace.
+    pub fn start(policy: NodePolicy, interface: &str, no_ebpf: bool) -> Self {
+        if no_ebpf {
+            return Self::userspace(Some(policy), Some("eBPF disabled (--no-ebpf)".into()));
+        }
+        let kernel = KernelAcl::load(&policy).and_then(|mut acl| acl.attach(interface).map(|()| acl));
+        match kernel {
+            Ok(acl) => {
+                info!(
+                    interface,
+                    rules = policy.rules.len(),
+                    "policy enforced in the kernel (TC ACL)"
+                );
+                let enforcer = Self::userspace(Some(policy), None);
+                *enforcer.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(acl);
+                enforcer.in_kernel.store(true, Ordering::SeqCst);
+                enforcer
+            }
+            Err(e) => {
+                warn!("the kernel ACL is unavailable ({e}); the daemon enforces the policy itself");
+                Self::userspace(Some(policy), Some(e.to_string()))
+            }
+        }
+    }
+
+    /// Put a new policy in force.
+    pub fn set(&self, policy: NodePolicy) {
+        let mut kernel = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        let fallback = kernel.as_mut().and_then(|acl| acl.install(&policy).err());
+        self.active.store(Some(Arc::new(ActivePolicy::new(policy))));
+        if let Some(e) = fallback {
+            warn!("cannot load the new policy into the kernel ({e}); the daemon enforces it from now on");
+            self.in_kernel.store(false, Ordering::SeqCst);
+            *self.userspace_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            // Detach only now that userspace enforces the new policy.
+            *kernel = None;
+        }
+    }
+
+    /// Record the flow an outbound packet opens (userspace enforcement only).
+    #[inline]
+    pub fn track_outbound(&self, packet: &[u8], now: Instant) {
+        if self.in_kernel.load(Ordering::Relaxed) || self.active.load().is_none() {
+            return;
+        }
+        if let Some(flow) = PacketInfo::parse(packet).and_then(|p| p.outbound_flow()) {
+            self.shard(&flow).outbound(flow, now);
+            self.counters.bump(AclReason::Tracked);
+        }
+    }
+
+    /// Whether an inbound packet (source already checked) may pass; counts the verdict.
+    #[inline]
+    pub fn inbound_allowed(&self, packet: &[u8], now: Instant) -> bool {
+        if self.in_kernel.load(Ordering::Relaxed) {
+            return true;
+        }
+        let active = self.active.load();
+        let Some(active) = active.as_deref() else {
+            return true;
+        };
+        let info = PacketInfo::parse(packet);
+        let mut ct = match info.and_then(|i| i.reply_flow()) {
+            Some(flow) => self.shard(&flow),
+            None => self.conntrack[0].lock().unwrap_or_else(|p| p.into_inner()),
+        };
+        let verdict = decide(&active.rules, &mut ct, packet, now);
+        drop(ct);
+        match verdict {
+            Verdict::Reply => self.counters.bump(AclReason::Reply),
+            Verdict::Allow(id) => {
+                self.counters.bump(AclReason::Allowed);
+                if let Ok(i) = active.hits.binary_search_by_key(&id, |(id, _)| *id) {
+                    active.hits[i].1.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Verdict::Deny if info.is_none() => self.counters.bump(AclReason::Malformed),
+            Verdict::Deny => self.counters.bump(AclReason::Denied),
+        }
+        verdict != Verdict::Deny
+    }
+
+    fn shard(&self, flow: &FlowKey) -> std::sync::MutexGuard<'_, Conntrack> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(flow);
+        self.conntrack[hash as usize % self.conntrack.len()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The status section (`None` in a static mesh).
+    pub fn status(&self) -> Option<PolicyStatus> {
+        let active = self.active.load_full()?;
+        let kernel = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        let mut error = None;
+        let (enforcement, (counters, hits)): (_, Readings) = match kernel.as_ref() {
+            Some(acl) => match acl.counters().and_then(|c| Ok((c, acl.rule_hits()?))) {
+                Ok(readings) => ("ebpf", readings),
+                Err(e) => {
+                    error = Some(e.to_string());
+                    ("ebpf", Default::default())
+                }
+            },
+            None => (
+                "userspace",
+                (
+                    AclReason::ALL
+                        .iter()
+                        .map(|&r| (r, self.counters.0[r as usize].load(Ordering::Relaxed)))
+                        .collect(),
+                    active
+                        .hits
+                        .iter()
+                        .map(|(id, n)| (*id, n.load(Ordering::Relaxed)))
+                        .collect(),
+                ),
+            ),
+        };
+        let mut hits_by_id: BTreeMap<u32, u64> = BTreeMap::new();
+        for (id, n) in hits {
+            *hits_by_id.entry(id).or_default() += n;
+        }
+        Some(PolicyStatus {
+            enforcement: enforcement.into(),
+            userspace_reason: self.userspace_reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            error,
+            rules: active
+                .rules
+                .rules
+                .iter()
+                .map(|r| RuleStatus {
+                    id: r.id,
+                    proto: format!("{:?}", r.proto).to_lowercase(),
+                    ports: format!("{}-{}", r.ports.low, r.ports.high),
+                    sources: r.sources.iter().map(|s| s.to_string()).collect(),
+                })
+                .collect(),
+            rule_hits: hits_by_id,
+            counters: counters.into_iter().map(|(r, n)| (r.name().to_string(), n)).collect(),
+        })
+    }
+}
+
+/// One compiled rule slot.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RuleStatus {
+    /// Index of the `[[allow]]` entry in the coordinator's policy file.
+    pub id: u32,
+    pub proto: String,
+    /// Destination ports, or ICMP types.
+    pub ports: String,
+    pub sources: Vec<String>,
+}
+
+/// `policy` in `tunnelmesh status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// `ebpf` (TC programs on the mesh interface) or `userspace`.
+    pub enforcement: String,
+    /// Why the kernel does not enforce, when it does not.
+    pub userspace_reason: Option<String>,
+    /// Reading the kernel counters failed.
+    pub error: Option<String>,
+    pub rules: Vec<RuleStatus>,
+    /// Packets allowed, by rule id (since the policy in force arrived).
+    pub rule_hits: BTreeMap<u32, u64>,
+    /// reply / allowed / denied / malformed / tracked.
+    pub counters: BTreeMap<String, u64>,
+}
