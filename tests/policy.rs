@@ -203,7 +203,12 @@ fn restart_fails_closed(lab: &mut Lab, c: &tunnelmesh_tests::Coordinator, web: u
         })
     };
     std::thread::sleep(Duration::from_millis(500));
+    let pins = format!("/sys/fs/bpf/tunnelmesh/{}", lab.nodes[web].iface);
     lab.stop(web);
+    assert!(
+        !std::path::Path::new(&pins).exists(),
+        "a clean stop detaches the programs and removes every pin"
+    );
     lab.join(web, c, extra);
     eventually("web reachable again on tcp/443", Duration::from_secs(15), || {
         lab.tcp_reaches(&laptop_ns, &web_ns, &target.ip().to_string(), 443)

@@ -20,7 +20,7 @@ pub const ACL_MASK_WORDS: usize = (ACL_MAX_RULES / 32) as usize;
 /// Entries of the source trie (both generations together).
 pub const ACL_MAX_SOURCES: u32 = 65_536;
 /// Flows the kernel conntrack holds before the least recently used is evicted.
-pub const ACL_MAX_FLOWS: u32 = 262_144;
+pub const ACL_MAX_FLOWS: u32 = 65_536;
 
 /// `AclRule::proto` values.
 pub const ACL_PROTO_ANY: u8 = 0;

@@ -30,7 +30,7 @@ use crate::{
 /// Shards of the userspace flow table; a flow and its replies hash to the same shard.
 pub const CONNTRACK_SHARDS: usize = 16;
 /// Flows per shard.
-pub const CONNTRACK_SHARD_CAPACITY: usize = 16_384;
+pub const CONNTRACK_SHARD_CAPACITY: usize = 4_096;
 
 /// The rules in force and how often each allowed a packet (userspace enforcement).
 pub struct ActivePolicy {
