@@ -52,6 +52,8 @@ fn coordinator_command(args: CoordinatorArgs) -> Result<()> {
             ipv4_prefix: args.ipv4_prefix,
             ipv6_prefix: args.ipv6_prefix,
             policy: args.policy,
+            relay_rate: args.relay_limit_mbit * 1_000_000 / 8,
+            relay_dump: args.relay_dump,
         }),
         Some(CoordinatorCommand::Info) => coordinator::info(&args.data_dir),
         Some(CoordinatorCommand::Token {
@@ -114,6 +116,17 @@ enum Command {
         /// The coordinator's state directory (explain resolves node names and addresses there).
         #[arg(long, global = true, default_value = coordinator::DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
+    },
+    /// Probe every path to a peer (direct UDP, SSH, relay) and show which answered, and how fast.
+    Ping {
+        /// The peer's name (or fingerprint).
+        peer: String,
+        /// Mesh interface name (default: the only one running).
+        #[arg(long)]
+        interface: Option<String>,
+        /// Probe rounds, one a second.
+        #[arg(long, short = 'c', default_value_t = 3)]
+        count: u32,
     },
     /// Show a running interface: peers, endpoints, handshakes, traffic, drop counters.
     Status {
@@ -195,6 +208,13 @@ struct CoordinatorArgs {
     /// Policy file; reloaded when it changes or on SIGHUP. Without one nothing is allowed.
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// What each peer may send through the relay, in Mbit/s (excess frames are dropped).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    relay_limit_mbit: u64,
+    /// Append every relayed message, exactly as the coordinator sees it, to FILE (an audit:
+    /// it is ciphertext).
+    #[arg(long)]
+    relay_dump: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -273,18 +293,36 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Up(args) => up(args),
         Command::Coordinator(args) => coordinator_command(args),
         Command::Policy { command, data_dir } => policy_command(&data_dir, command),
+        Command::Ping { peer, interface, count } => {
+            let interface = pick_interface(interface)?;
+            let mut answered = 0;
+            for round in 0..count {
+                if round > 0 {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                let report = status::query_ping(&interface, &peer).map_err(anyhow::Error::msg)?;
+                let current = report.current.map_or("none", |c| c.name());
+                for (kind, at, rtt) in &report.paths {
+                    let mark = if report.current == Some(*kind) { " (in use)" } else { "" };
+                    match rtt {
+                        Some(ms) => {
+                            answered += 1;
+                            println!("{}: reply via {at}{mark}: rtt {ms:.3} ms", report.peer)
+                        }
+                        None => println!("{}: no reply via {at}{mark}", report.peer),
+                    }
+                }
+                if report.paths.is_empty() {
+                    println!("{}: no path available (traffic path: {current})", report.peer);
+                }
+            }
+            if answered == 0 {
+                bail!("{peer} did not answer on any path");
+            }
+            Ok(())
+        }
         Command::Status { interface, json } => {
-            let interface = match interface {
-                Some(i) => i,
-                None => match status::running_interfaces().as_slice() {
-                    [one] => one.clone(),
-                    [] => bail!("no tunnelmesh interface is running (no socket in {})", status::RUN_DIR),
-                    many => bail!(
-                        "several interfaces are running ({}); pick one with --interface",
-                        many.join(", ")
-                    ),
-                },
-            };
+            let interface = pick_interface(interface)?;
             let s = status::query(&interface).map_err(anyhow::Error::msg)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -294,6 +332,21 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `--interface`, or the only one running.
+fn pick_interface(interface: Option<String>) -> Result<String> {
+    Ok(match interface {
+        Some(i) => i,
+        None => match status::running_interfaces().as_slice() {
+            [one] => one.clone(),
+            [] => bail!("no tunnelmesh interface is running (no socket in {})", status::RUN_DIR),
+            many => bail!(
+                "several interfaces are running ({}); pick one with --interface",
+                many.join(", ")
+            ),
+        },
+    })
 }
 
 fn print_status(s: &status::Status) {
@@ -355,6 +408,19 @@ fn print_status(s: &status::Status) {
     for p in &s.peers {
         println!("\npeer: {} ({})", p.name, p.fingerprint);
         println!("  endpoint: {}", p.endpoint.as_deref().unwrap_or("(none)"));
+        let paths: Vec<String> = p
+            .paths
+            .iter()
+            .filter(|c| c.available)
+            .map(|c| {
+                let state = if c.proven { "works" } else { "untested" };
+                match c.rtt_ms {
+                    Some(ms) => format!("{} {state}, {ms:.2} ms", c.kind.name()),
+                    None => format!("{} {state}", c.kind.name()),
+                }
+            })
+            .collect();
+        println!("  path: {} (candidates: {})", p.path, paths.join("; "));
         println!("  allowed ips: {}", p.allowed_ips.join(", "));
         match p.last_handshake_secs {
             Some(s) => println!("  latest handshake: {s} s ago"),

@@ -84,6 +84,7 @@ pub fn up_static(config_path: &Path, identity_override: Option<&Path>) -> Result
             identity: key.clone(),
             allowed_ips: pc.allowed_ips.clone(),
             endpoint: pc.endpoint,
+            ssh_endpoint: None,
             persistent_keepalive: (pc.persistent_keepalive > 0)
                 .then(|| Duration::from_secs(pc.persistent_keepalive.into())),
         });
@@ -167,6 +168,7 @@ impl Interface {
         }
 
         let (tx, rx) = crossbeam_channel::bounded(EVENT_QUEUE);
+        let (inbox_tx, inbox_rx) = dataplane::overlay_inbox()?;
         let now = Instant::now();
         let dev = Arc::new(Device {
             interface: plan.name.clone(),
@@ -184,6 +186,8 @@ impl Interface {
             started: now,
             control: Default::default(),
             policy,
+            relay_tx: Default::default(),
+            overlay_inbox: inbox_tx,
         });
         let local = LocalStatic {
             secret: Zeroizing::new(*identity.noise_secret()),
@@ -193,7 +197,7 @@ impl Interface {
         let status_listener =
             status::bind(&plan.name).context("cannot create the status socket under /run/tunnelmesh")?;
 
-        let mut threads = dataplane::start(dev.clone(), queues, sockets)?;
+        let mut threads = dataplane::start(dev.clone(), queues, sockets, inbox_rx)?;
         let shield: SharedShield = Arc::new(Mutex::new(shield));
         let handshaker = Handshaker::new(dev.clone(), Box::new(shield.clone()), local, handshake_socket, rx);
         threads.push(

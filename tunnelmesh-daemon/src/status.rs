@@ -16,7 +16,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::{ControlState, Counters, Device, policy::PolicyStatus};
+use crate::device::{ControlState, Counters, Device, Event, PingReport, path::PathReport, policy::PolicyStatus};
 
 /// Directory of the status sockets.
 pub const RUN_DIR: &str = "/run/tunnelmesh";
@@ -36,6 +36,12 @@ pub struct PeerStatus {
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The path traffic goes on: `udp`, `ssh` or `relay`.
+    pub path: String,
+    /// Every path the manager knows of: available, proven by a round trip, last probe RTT.
+    pub paths: Vec<PathReport>,
+    /// Where the peer's SSH transport listens, if it runs one.
+    pub ssh_endpoint: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -97,25 +103,63 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
                     last_handshake_secs: (hs != 0).then(|| unix_now.saturating_sub(hs)),
                     rx_bytes: p.rx_bytes.load(Ordering::Relaxed),
                     tx_bytes: p.tx_bytes.load(Ordering::Relaxed),
+                    path: p.path().name().to_string(),
+                    paths: (**p.paths.load()).clone(),
+                    ssh_endpoint: p.ssh_endpoint.map(|e| e.to_string()),
                 }
             })
             .collect(),
     }
 }
 
-/// Serve status requests until the device shuts down.
+/// What a client asks, as one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Probe every path to a peer (`tunnelmesh ping`).
+    Ping {
+        peer: String,
+    },
+}
+
+/// Serve requests until the device shuts down.
 pub fn serve(dev: Arc<Device>, listener: UnixListener, fastpath: Box<dyn Fn() -> FastpathStatus + Send>) {
     let _ = listener.set_nonblocking(true);
     while !dev.shutdown.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((mut stream, _)) => {
                 let _ = stream.set_nonblocking(false);
-                let doc = serde_json::to_vec(&snapshot(&dev, &*fastpath)).unwrap_or_default();
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut line = String::new();
+                let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut line);
+                let doc = match serde_json::from_str::<Request>(line.trim()) {
+                    Ok(Request::Ping { peer }) => {
+                        // Answered by the handshake thread; a slow ping never blocks status.
+                        let dev = dev.clone();
+                        std::thread::spawn(move || {
+                            let doc = serde_json::to_vec(&ping(&dev, peer)).unwrap_or_default();
+                            let _ = stream.write_all(&doc);
+                        });
+                        continue;
+                    }
+                    _ => serde_json::to_vec(&snapshot(&dev, &*fastpath)).unwrap_or_default(),
+                };
                 let _ = stream.write_all(&doc);
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+fn ping(dev: &Device, peer: String) -> Result<PingReport, String> {
+    let (answer, result) = crossbeam_channel::bounded(1);
+    dev.events
+        .send_timeout(Event::Ping { peer, answer }, Duration::from_secs(1))
+        .map_err(|_| "the daemon is too busy to ping".to_string())?;
+    result
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| "no answer from the daemon".to_string())?
 }
 
 /// Bind the status socket for `interface` (root-only permissions).
@@ -130,6 +174,15 @@ pub fn bind(interface: &str) -> std::io::Result<UnixListener> {
 
 /// Ask the daemon of `interface` for its status.
 pub fn query(interface: &str) -> Result<Status, String> {
+    request(interface, &Request::Status)
+}
+
+/// Ask the daemon of `interface` to ping `peer` on every path.
+pub fn query_ping(interface: &str, peer: &str) -> Result<PingReport, String> {
+    request::<Result<PingReport, String>>(interface, &Request::Ping { peer: peer.into() })?
+}
+
+fn request<T: serde::de::DeserializeOwned>(interface: &str, request: &Request) -> Result<T, String> {
     let path = socket_path(interface);
     let mut stream = UnixStream::connect(&path).map_err(|e| {
         format!(
@@ -137,9 +190,12 @@ pub fn query(interface: &str) -> Result<Status, String> {
             path.display()
         )
     })?;
+    let mut line = serde_json::to_vec(request).expect("requests serialize");
+    line.push(b'\n');
+    stream.write_all(&line).map_err(|e| e.to_string())?;
     let mut doc = Vec::new();
     stream.read_to_end(&mut doc).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&doc).map_err(|e| format!("the daemon sent an unreadable status: {e}"))
+    serde_json::from_slice(&doc).map_err(|e| format!("the daemon sent an unreadable answer: {e}"))
 }
 
 /// Interfaces that have a status socket.

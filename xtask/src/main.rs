@@ -30,6 +30,8 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "curl",
     "openssl",
+    "nftables",
+    "tcpdump",
 ];
 
 type Result<T = ()> = std::result::Result<T, String>;

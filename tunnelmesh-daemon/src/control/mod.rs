@@ -31,7 +31,7 @@ use zeroize::Zeroizing;
 use crate::{
     coordinator::proto::{CONNECT_PATH, ClientMsg, JOIN_NAMESPACE, NodeInfo, PeerInfo, ServerMsg},
     daemon::{Interface, InterfacePlan},
-    device::{ControlState, Device, PeerSpec},
+    device::{ControlState, Device, PeerSpec, Via},
     identity::{Identity, PublicIdentity},
     noise::MeshKey,
     policy::NodePolicy,
@@ -40,6 +40,10 @@ use crate::{
 /// Default directory of the peer's cached state.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tunnelmesh";
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// Messages queued for the relay before new ones are dropped.
+const RELAY_QUEUE: usize = 1024;
+/// The coordinator pings every 15 s; this long without a word means the connection is dead.
+const SILENCE: Duration = Duration::from_secs(45);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Options of `tunnelmesh up --coordinator`.
@@ -121,6 +125,10 @@ impl MeshState {
                     identity,
                     allowed_ips,
                     endpoint: p.endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok()),
+                    ssh_endpoint: p
+                        .endpoints
+                        .iter()
+                        .find_map(|e| e.strip_prefix("ssh://")?.parse::<SocketAddr>().ok()),
                     persistent_keepalive: None,
                 })
             })
@@ -350,7 +358,7 @@ fn apply_to_device(dev: &Device, state: &MeshState) -> Result<()> {
 async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut socket: Option<Socket>, cache: PathBuf) {
     let mut backoff = BACKOFF_MIN;
     while !dev.shutdown.load(Ordering::Relaxed) {
-        let mut ws = match socket.take() {
+        let ws = match socket.take() {
             Some(ws) => ws,
             None => match client.join().await {
                 Ok((fresh, ws)) => {
@@ -386,13 +394,55 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
         backoff = BACKOFF_MIN;
         set_control(&dev, &client.url, "connected", None, true);
         info!(coordinator = %client.url, peers = state.peers.len(), "following the coordinator");
+        let (mut sink, mut stream) = ws.split();
+        // The relay path exists while we are connected.
+        let (relay_tx, mut relay_rx) = tokio::sync::mpsc::channel::<([u8; 32], Vec<u8>)>(RELAY_QUEUE);
+        dev.relay_tx.store(Some(Arc::new(relay_tx)));
+        let mut last_heard = tokio::time::Instant::now();
         let reason = loop {
-            let msg = tokio::select! {
-                m = next_msg(&mut ws) => m,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    if dev.shutdown.load(Ordering::Relaxed) { return; }
+            let incoming = tokio::select! {
+                m = stream.next() => m,
+                out = relay_rx.recv() => {
+                    let Some((dst, msg)) = out else { continue };
+                    let frame = [&dst[..], &msg].concat();
+                    if let Err(e) = sink.send(Message::Binary(frame.into())).await {
+                        break anyhow!("relaying to the coordinator failed: {e}");
+                    }
                     continue;
                 }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if dev.shutdown.load(Ordering::Relaxed) {
+                        dev.relay_tx.store(None);
+                        return;
+                    }
+                    if last_heard.elapsed() > SILENCE {
+                        break anyhow!("the coordinator went silent");
+                    }
+                    continue;
+                }
+            };
+            last_heard = tokio::time::Instant::now();
+            let msg = match incoming {
+                None => Err(anyhow!("the coordinator closed the connection")),
+                Some(Err(e)) => Err(anyhow!("connection to the coordinator failed: {e}")),
+                Some(Ok(Message::Text(t))) => {
+                    serde_json::from_str::<ServerMsg>(&t).context("unreadable message from the coordinator")
+                }
+                Some(Ok(Message::Binary(frame))) => {
+                    // A relayed wire message: the sender's Noise key, then the message.
+                    if let Some((from, msg)) = frame.split_first_chunk::<32>() {
+                        dev.deliver_overlay(Via::Relay(*from), msg);
+                    }
+                    continue;
+                }
+                Some(Ok(Message::Ping(p))) => {
+                    if let Err(e) = sink.send(Message::Pong(p)).await {
+                        break anyhow!("connection to the coordinator failed: {e}");
+                    }
+                    continue;
+                }
+                Some(Ok(Message::Close(_))) => Err(anyhow!("the coordinator closed the connection")),
+                Some(Ok(_)) => continue,
             };
             match msg.and_then(|m| state.apply(m)) {
                 Ok(true) => {
@@ -404,6 +454,7 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
                 Ok(false) => {}
                 Err(e) if e.downcast_ref::<Fatal>().is_some() => {
                     warn!("{e:#}; dropping every peer");
+                    dev.relay_tx.store(None);
                     state.peers.clear();
                     let _ = apply_to_device(&dev, &state);
                     let _ = fs::remove_file(&cache);
@@ -413,6 +464,7 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
                 Err(e) => break e,
             }
         };
+        dev.relay_tx.store(None);
         warn!("lost the coordinator ({reason:#}); tunnels keep running, reconnecting");
         set_control(&dev, &client.url, "disconnected", Some(format!("{reason:#}")), false);
     }

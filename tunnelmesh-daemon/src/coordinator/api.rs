@@ -31,7 +31,9 @@ use tracing::{debug, info};
 use super::{
     hub::Hub,
     proto::{CONNECT_PATH, ClientMsg, ServerMsg},
+    relay::{Budget, Relay},
 };
+use crate::identity::PublicIdentity;
 
 /// Time a new connection has to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +44,7 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 pub struct ApiState {
     pub hub: Arc<Mutex<Hub>>,
     pub tls_fingerprint: String,
+    pub relay: Arc<Relay>,
 }
 
 #[derive(Clone, Copy)]
@@ -60,6 +63,7 @@ async fn info(State(state): State<ApiState>) -> impl IntoResponse {
         "tls_fingerprint": state.tls_fingerprint,
         "coordinator_key": hub.coordinator_key,
         "connected_peers": hub.connected(),
+        "relay": &state.relay.counters,
     }))
 }
 
@@ -103,6 +107,13 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
         Ok(Some(Ok(_))) => Err("expected a JSON hello as a text message".to_string()),
         _ => return,
     };
+    // The relay names peers by their Noise key.
+    let relay_key = match &hello {
+        Ok(ClientMsg::Hello { public_key, .. }) => PublicIdentity::from_ssh_line(public_key)
+            .ok()
+            .map(|id| *id.noise_public()),
+        Err(_) => None,
+    };
     let admitted = hello.and_then(|h| {
         let mut hub = state.hub.lock().unwrap_or_else(|p| p.into_inner());
         hub.admit(h, &nonce, remote.ip()).map_err(|e| e.to_string())
@@ -129,11 +140,16 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
             break;
         }
     }
+    let relay_key = relay_key.expect("an admitted hello has a valid key");
+    let mut relayed = state.relay.register(relay_key, id);
+    let mut budget = Budget::new(state.relay.rate);
     if sent {
         let mut ping = tokio::time::interval(PING_INTERVAL);
         let mut unanswered = 0u32;
         loop {
             tokio::select! {
+                // Control messages first: a busy relay never delays them.
+                biased;
                 update = updates.recv() => {
                     let Some(update) = update else { break };
                     let last = matches!(*update, ServerMsg::Revoked { .. });
@@ -143,9 +159,19 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
                 }
                 incoming = socket.next() => match incoming {
                     Some(Ok(Message::Pong(_))) => unanswered = 0,
+                    Some(Ok(Message::Binary(frame))) => {
+                        unanswered = 0;
+                        state.relay.forward(&relay_key, &frame, &mut budget);
+                    }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                     Some(Ok(_)) => {}
                 },
+                frame = relayed.recv() => {
+                    let Some(frame) = frame else { break };
+                    if socket.send(Message::Binary(frame)).await.is_err() {
+                        break;
+                    }
+                }
                 _ = ping.tick() => {
                     unanswered += 1;
                     if unanswered > 2 || socket.send(Message::Ping(Vec::new().into())).await.is_err() {
@@ -155,6 +181,7 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
             }
         }
     }
+    state.relay.unregister(&relay_key, id);
     let _ = socket.close().await;
     state
         .hub

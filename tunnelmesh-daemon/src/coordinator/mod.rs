@@ -13,6 +13,7 @@ pub mod api;
 pub mod hub;
 pub mod ipam;
 pub mod proto;
+pub mod relay;
 pub mod store;
 pub mod tls;
 
@@ -54,6 +55,10 @@ pub struct ServeOptions {
     pub ipv6_prefix: Option<Ipv6Net>,
     /// Policy file (default deny: without one, nothing is allowed).
     pub policy: Option<PathBuf>,
+    /// Bytes per second each peer may send through the relay.
+    pub relay_rate: u64,
+    /// Append every relayed message to this file (what the coordinator sees: ciphertext).
+    pub relay_dump: Option<PathBuf>,
 }
 
 fn open_store(data_dir: &Path) -> Result<SqliteStore> {
@@ -180,6 +185,16 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         let app = api::router(api::ApiState {
             hub: hub.clone(),
             tls_fingerprint,
+            relay: Arc::new(match &opts.relay_dump {
+                Some(path) => relay::Relay::new(opts.relay_rate).dumping_to(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .with_context(|| format!("cannot open --relay-dump {}", path.display()))?,
+                ),
+                None => relay::Relay::new(opts.relay_rate),
+            }),
         });
         tokio::spawn(api::serve(listener, server_config, app));
         tokio::spawn(watch(hub.clone(), authorized_path, opts.policy.clone()));

@@ -11,7 +11,7 @@ mod worker;
 use std::{
     io,
     net::{Ipv6Addr, SocketAddr, UdpSocket},
-    os::fd::OwnedFd,
+    os::{fd::OwnedFd, unix::net::UnixDatagram},
     sync::Arc,
     thread::JoinHandle,
 };
@@ -44,14 +44,30 @@ pub fn bind_sockets(port: u16, count: usize) -> io::Result<Vec<UdpSocket>> {
     Ok(sockets)
 }
 
+/// The data plane's inbox for messages from SSH connections and the relay: a datagram socket
+/// pair, so workers can `poll` it with their TUN queue and UDP socket. The sending end goes into
+/// the [`Device`]; every worker reads the other.
+pub fn overlay_inbox() -> io::Result<(UnixDatagram, UnixDatagram)> {
+    let (tx, rx) = UnixDatagram::pair()?;
+    tx.set_nonblocking(true)?;
+    rx.set_nonblocking(true)?;
+    let _ = socket2::SockRef::from(&rx).set_recv_buffer_size(SOCKET_BUFFER);
+    Ok((tx, rx))
+}
+
 /// Start one worker per (TUN queue, socket) pair.
-pub fn start(dev: Arc<Device>, queues: Vec<OwnedFd>, sockets: Vec<UdpSocket>) -> io::Result<Vec<JoinHandle<()>>> {
+pub fn start(
+    dev: Arc<Device>,
+    queues: Vec<OwnedFd>,
+    sockets: Vec<UdpSocket>,
+    inbox: UnixDatagram,
+) -> io::Result<Vec<JoinHandle<()>>> {
     queues
         .into_iter()
         .zip(sockets)
         .enumerate()
         .map(|(i, (tun, udp))| {
-            let worker = worker::Worker::new(dev.clone(), tun, udp);
+            let worker = worker::Worker::new(dev.clone(), tun, udp, inbox.try_clone()?);
             std::thread::Builder::new()
                 .name(format!("tm-worker-{i}"))
                 .spawn(move || worker.run())

@@ -2,7 +2,10 @@
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    os::fd::{AsFd, OwnedFd},
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::net::UnixDatagram,
+    },
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -11,7 +14,9 @@ use tracing::{debug, error};
 
 use super::BATCH;
 use crate::{
-    device::{ActivityStamps, Counters, Device, Event, IndexEntry, KeySet, PeerTable},
+    device::{
+        ActivityStamps, Counters, Device, Event, INBOX_HEADER, IndexEntry, KeySet, PathKind, PeerTable, Via, probe,
+    },
     routing::inner_addrs,
     session::{DecryptError, sealed_len},
     sys::{mmsg::Batch, poll, tun},
@@ -27,17 +32,22 @@ pub struct Worker {
     dev: Arc<Device>,
     tun: OwnedFd,
     udp: UdpSocket,
+    /// Messages that arrived on SSH connections or the relay (shared by all workers).
+    inbox: UnixDatagram,
+    inbox_buf: Vec<u8>,
     rx: Batch,
     tx: Batch,
     last_stale_hint: Option<Instant>,
 }
 
 impl Worker {
-    pub fn new(dev: Arc<Device>, tun: OwnedFd, udp: UdpSocket) -> Self {
+    pub fn new(dev: Arc<Device>, tun: OwnedFd, udp: UdpSocket, inbox: UnixDatagram) -> Self {
         let slot = sealed_len(dev.mtu) + 64;
         Worker {
             rx: Batch::new(BATCH, slot),
             tx: Batch::new(BATCH, slot),
+            inbox_buf: vec![0u8; slot + INBOX_HEADER],
+            inbox,
             dev,
             tun,
             udp,
@@ -47,7 +57,8 @@ impl Worker {
 
     pub fn run(mut self) {
         while !self.dev.shutdown.load(Ordering::Relaxed) {
-            let ready = match poll::readable([self.tun.as_fd(), self.udp.as_fd()], POLL_TIMEOUT) {
+            let fds = [self.tun.as_fd(), self.udp.as_fd(), self.inbox.as_fd()];
+            let ready = match poll::readable(fds, POLL_TIMEOUT) {
                 Ok(r) => r,
                 Err(e) => {
                     error!("worker poll failed: {e}");
@@ -56,6 +67,9 @@ impl Worker {
             };
             if ready[1] {
                 self.receive();
+            }
+            if ready[2] {
+                self.receive_overlay();
             }
             if ready[0] {
                 self.transmit();
@@ -119,31 +133,85 @@ impl Worker {
             let table = self.dev.peers.load();
             for i in 0..got {
                 let (msg, src) = self.rx.packet_mut(i);
-                match wire::classify(msg) {
-                    Err(_) => Counters::bump(&self.dev.counters.rx_malformed),
-                    Ok(Kind::Data) => match sessions.get(&wire::receiver_index(msg)) {
-                        Some(entry) => open_inbound(&self.dev, &table, &self.tun, entry, msg, src, now),
-                        None => {
-                            Counters::bump(&self.dev.counters.rx_unknown_index);
-                            if self
-                                .last_stale_hint
-                                .is_none_or(|t| now.duration_since(t) >= STALE_HINT_INTERVAL)
-                            {
-                                self.last_stale_hint = Some(now);
-                                let _ = self.dev.events.try_send(Event::StaleSession(src));
-                            }
-                        }
-                    },
-                    Ok(_) => {
-                        let event = Event::Handshake { msg: msg.to_vec(), src };
-                        if self.dev.events.try_send(event).is_err() {
-                            Counters::bump(&self.dev.counters.handshake_queue_full);
-                        }
-                    }
-                }
+                let via = Via::Udp(src);
+                dispatch(
+                    &self.dev,
+                    &table,
+                    &sessions,
+                    &self.tun,
+                    &mut self.last_stale_hint,
+                    msg,
+                    via,
+                    now,
+                );
             }
             if got < BATCH {
                 return;
+            }
+        }
+    }
+
+    /// Messages from SSH connections and the relay: the same handling as UDP datagrams.
+    fn receive_overlay(&mut self) {
+        for _ in 0..BATCH {
+            let Ok(n) = self.inbox.recv(&mut self.inbox_buf) else {
+                return;
+            };
+            if n <= INBOX_HEADER {
+                continue;
+            }
+            let key: [u8; 32] = self.inbox_buf[1..INBOX_HEADER].try_into().expect("32 bytes");
+            let via = match PathKind::from_u8(self.inbox_buf[0]) {
+                PathKind::Ssh => Via::Ssh(key),
+                _ => Via::Relay(key),
+            };
+            let now = Instant::now();
+            let sessions = self.dev.sessions.load();
+            let table = self.dev.peers.load();
+            let msg = &mut self.inbox_buf[INBOX_HEADER..n];
+            dispatch(
+                &self.dev,
+                &table,
+                &sessions,
+                &self.tun,
+                &mut self.last_stale_hint,
+                msg,
+                via,
+                now,
+            );
+        }
+    }
+}
+
+/// Handle one wire message that arrived `via` a path.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn dispatch(
+    dev: &Device,
+    table: &PeerTable,
+    sessions: &std::collections::HashMap<u32, Arc<IndexEntry>>,
+    tun: &OwnedFd,
+    last_stale_hint: &mut Option<Instant>,
+    msg: &mut [u8],
+    via: Via,
+    now: Instant,
+) {
+    match wire::classify(msg) {
+        Err(_) => Counters::bump(&dev.counters.rx_malformed),
+        Ok(Kind::Data) => match sessions.get(&wire::receiver_index(msg)) {
+            Some(entry) => open_inbound(dev, table, tun, entry, msg, via, now),
+            None => {
+                Counters::bump(&dev.counters.rx_unknown_index);
+                if last_stale_hint.is_none_or(|t| now.duration_since(t) >= STALE_HINT_INTERVAL) {
+                    *last_stale_hint = Some(now);
+                    let _ = dev.events.try_send(Event::StaleSession(via));
+                }
+            }
+        },
+        Ok(_) => {
+            let event = Event::Handshake { msg: msg.to_vec(), via };
+            if dev.events.try_send(event).is_err() {
+                Counters::bump(&dev.counters.handshake_queue_full);
             }
         }
     }
@@ -170,16 +238,30 @@ fn seal_outbound(
         dev.request_session(peer);
         return None;
     };
-    let Some(endpoint) = peer.endpoint.load().as_deref().copied() else {
-        Counters::bump(&dev.counters.tx_dropped);
-        return None;
+    let path = peer.path();
+    let endpoint = match path {
+        PathKind::Udp => match peer.endpoint.load().as_deref().copied() {
+            Some(e) => Some(e),
+            None => {
+                Counters::bump(&dev.counters.tx_dropped);
+                return None;
+            }
+        },
+        _ => None,
     };
     let sealed = key.seal(buf, len, now).ok()?;
     let stamp = dev.clock.stamp(now);
     ActivityStamps::touch(&peer.activity.data_sent, stamp);
     ActivityStamps::touch(&peer.activity.any_sent, stamp);
     peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-    Some((sealed, endpoint))
+    match endpoint {
+        Some(e) => Some((sealed, e)),
+        // SSH and relay: a fallback, one message at a time.
+        None => {
+            dev.send_overlay(peer, path, &buf[..sealed]);
+            None
+        }
+    }
 }
 
 /// Open one data message and deliver its inner packet if its source belongs to the sender.
@@ -190,7 +272,7 @@ fn open_inbound(
     tun_fd: &OwnedFd,
     entry: &IndexEntry,
     msg: &mut [u8],
-    src: SocketAddr,
+    via: Via,
     now: Instant,
 ) {
     let counters = &dev.counters;
@@ -217,17 +299,35 @@ fn open_inbound(
         });
         let _ = dev.events.try_send(Event::KeyConfirmed(peer.clone()));
     }
-    // Authenticated roaming: the endpoint follows the last authenticated packet.
-    if peer.endpoint.load().as_deref() != Some(&src) {
+    // Authenticated roaming: the UDP endpoint follows the last authenticated datagram.
+    if let Via::Udp(src) = via
+        && peer.endpoint.load().as_deref() != Some(&src)
+    {
         peer.endpoint.store(Some(Arc::new(src)));
     }
     let stamp = dev.clock.stamp(now);
     ActivityStamps::touch(&peer.activity.any_received, stamp);
+    ActivityStamps::touch(&peer.rx_via[via.kind() as usize], stamp);
     if plain_len == 0 {
         return; // keepalive
     }
-    ActivityStamps::touch(&peer.activity.data_received, stamp);
     let plain = &msg[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + plain_len];
+    if plain[0] >> 4 == 0 {
+        // Not IP: a path probe, or nothing.
+        match probe::decode(plain) {
+            Some((reply, nonce)) => {
+                let _ = dev.events.try_send(Event::Probe {
+                    peer: peer.clone(),
+                    via,
+                    reply,
+                    nonce,
+                });
+            }
+            None => Counters::bump(&counters.rx_bad_inner),
+        }
+        return;
+    }
+    ActivityStamps::touch(&peer.activity.data_received, stamp);
     let Some((inner_src, _, total)) = inner_addrs(plain) else {
         return Counters::bump(&counters.rx_bad_inner);
     };

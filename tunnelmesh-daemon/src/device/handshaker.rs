@@ -17,7 +17,11 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rand::Rng;
 use tracing::{debug, info, warn};
 
-use super::{Counters, Device, Event, IndexEntry, IndexMirror, KeySet, Peer};
+use super::{
+    ActivityStamps, Counters, Device, Event, IndexEntry, IndexMirror, KeySet, Peer, PingReport, Via,
+    path::{PathAction, PathKind, PathManager},
+    probe,
+};
 use crate::{
     noise::{CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, MacVerdict, Tai64n, consume_initiation},
     session::{Keypair, REKEY_TIMEOUT, TimerAction, Timers, sealed_len, timers::CurrentKey},
@@ -30,6 +34,12 @@ pub const TICK: Duration = Duration::from_millis(100);
 const UNDER_LOAD_QUEUE: usize = 64;
 /// At most one accepted initiation per peer per this interval (WireGuard: 50 per second).
 const MIN_INITIATION_INTERVAL: Duration = Duration::from_millis(20);
+/// We count as sending on a path if data went out within this.
+const SENDING_WINDOW: Duration = Duration::from_secs(3);
+/// How long `tunnelmesh ping` waits for answers.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Nonces of `tunnelmesh ping` probes have this bit set; the path manager's never do.
+const PING_NONCE: u64 = 1 << 63;
 
 /// Per-peer handshake state, owned by this thread.
 struct PeerHandshake {
@@ -41,6 +51,9 @@ struct PeerHandshake {
     last_initiation_sent: Option<Instant>,
     /// Initiations sent in this round; alternates the mesh keys during a rotation.
     attempts: usize,
+    paths: PathManager,
+    /// The path our last handshake response went out on (its key's confirmation proves it).
+    responded_via: Option<PathKind>,
 }
 
 impl PeerHandshake {
@@ -53,8 +66,19 @@ impl PeerHandshake {
             last_initiation_accepted: None,
             last_initiation_sent: None,
             attempts: 0,
+            paths: PathManager::new(rand::thread_rng().r#gen::<u64>() >> 1),
+            responded_via: None,
         }
     }
+}
+
+/// A `tunnelmesh ping` waiting for probe replies.
+struct PendingPing {
+    peer: Arc<Peer>,
+    sent: Instant,
+    /// (nonce, path, where, round trip).
+    probes: Vec<(u64, PathKind, String, Option<Duration>)>,
+    answer: crossbeam_channel::Sender<Result<PingReport, String>>,
 }
 
 pub struct Handshaker {
@@ -66,6 +90,9 @@ pub struct Handshaker {
     checker: CookieChecker,
     states: HashMap<[u8; 32], PeerHandshake>,
     scratch: Vec<u8>,
+    pings: Vec<PendingPing>,
+    ping_nonce: u64,
+    ticks: u64,
 }
 
 /// The dual-stack sockets take IPv4 destinations as v4-mapped IPv6.
@@ -99,6 +126,9 @@ impl Handshaker {
             checker,
             states: HashMap::new(),
             scratch,
+            pings: Vec::new(),
+            ping_nonce: PING_NONCE,
+            ticks: 0,
         }
     }
 
@@ -123,9 +153,12 @@ impl Handshaker {
             let now = Instant::now();
             if now >= next_tick {
                 let table = self.dev.peers.load_full();
+                self.ticks += 1;
                 for peer in &table.peers {
+                    self.poll_paths(peer, now);
                     self.poll_timers(peer, now);
                 }
+                self.finish_pings(now);
                 next_tick = now + TICK;
             }
         }
@@ -133,9 +166,9 @@ impl Handshaker {
 
     fn handle(&mut self, event: Event, now: Instant) {
         match event {
-            Event::Handshake { msg, src } => match wire::classify(&msg) {
-                Ok(Kind::Initiation) => self.on_initiation(&msg, src, now),
-                Ok(Kind::Response) => self.on_response(&msg, src, now),
+            Event::Handshake { msg, via } => match wire::classify(&msg) {
+                Ok(Kind::Initiation) => self.on_initiation(&msg, via, now),
+                Ok(Kind::Response) => self.on_response(&msg, via, now),
                 Ok(Kind::CookieReply) => self.on_cookie_reply(&msg, now),
                 _ => Counters::bump(&self.dev.counters.rx_malformed),
             },
@@ -144,13 +177,22 @@ impl Handshaker {
                 self.poll_timers(&peer, now);
             }
             Event::KeyConfirmed(peer) => {
+                let st = self.state(&peer);
+                if let Some(kind) = st.responded_via.take() {
+                    st.paths.proven(kind, now);
+                }
+                self.sync_path(&peer);
                 self.session_established(&peer, now);
                 self.prune_indices();
                 self.flush_staged(&peer, now);
             }
-            Event::StaleSession(src) => {
+            Event::StaleSession(via) => {
                 let table = self.dev.peers.load_full();
-                let Some(peer) = table.peers.iter().find(|p| p.endpoint.load().as_deref() == Some(&src)) else {
+                let peer = match via {
+                    Via::Udp(src) => table.peers.iter().find(|p| p.endpoint.load().as_deref() == Some(&src)),
+                    Via::Ssh(key) | Via::Relay(key) => table.get(&key),
+                };
+                let Some(peer) = peer else {
                     return;
                 };
                 let st = self.state(peer);
@@ -163,6 +205,184 @@ impl Handshaker {
                 }
             }
             Event::PeersChanged => self.peers_changed(),
+            Event::Probe {
+                peer,
+                via,
+                reply: false,
+                nonce,
+            } => {
+                // Answer on the path the request came on: that is the path it tests.
+                let answer = probe::encode(true, nonce);
+                self.scratch[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + probe::LEN].copy_from_slice(&answer);
+                self.seal_and_send(&peer, probe::LEN, via, now);
+            }
+            Event::Probe {
+                peer,
+                via,
+                reply: true,
+                nonce,
+            } => {
+                if nonce & PING_NONCE != 0 {
+                    self.ping_answered(&peer, via.kind(), nonce, now);
+                } else {
+                    let st = self.state(&peer);
+                    if let Some(rtt) = st.paths.probe_answered(via.kind(), nonce, now) {
+                        debug!(peer = %peer.name, path = via.kind().name(), ?rtt, "probe answered");
+                    }
+                }
+            }
+            Event::Ping { peer, answer } => self.start_ping(&peer, answer, now),
+        }
+    }
+
+    /// Tell the path manager what exists, let it decide, carry out its probes, publish the path.
+    fn poll_paths(&mut self, peer: &Arc<Peer>, now: Instant) {
+        let available = [
+            peer.endpoint.load().is_some(),
+            peer.ssh_tx.load().is_some(),
+            self.dev.relay_tx.load().is_some(),
+        ];
+        let seen = |stamp: &std::sync::atomic::AtomicU64| self.dev.clock.instant(stamp.load(Ordering::Relaxed));
+        let rx: Vec<Option<Instant>> = peer.rx_via.iter().map(seen).collect();
+        let data_sent = seen(&peer.activity.data_sent);
+        let has_key = peer.keys.load().current.is_some();
+        let st = self.state(peer);
+        for kind in PathKind::ALL {
+            st.paths.set_available(kind, available[kind as usize], now);
+            if let Some(at) = rx[kind as usize] {
+                st.paths.received(kind, at);
+            }
+        }
+        let current = st.paths.current();
+        let sending = data_sent.is_some_and(|t| now.saturating_duration_since(t) < SENDING_WINDOW);
+        let quiet = current
+            .and_then(|c| rx[c as usize])
+            .map(|t| now.saturating_duration_since(t));
+        let actions = if has_key {
+            st.paths.poll(now, sending, quiet)
+        } else {
+            Vec::new()
+        };
+        for action in actions {
+            match action {
+                PathAction::Probe(kind, nonce) => {
+                    debug!(peer = %peer.name, path = kind.name(), nonce, "probing");
+                    if let Some(via) = Via::to_peer(peer, kind) {
+                        let p = probe::encode(false, nonce);
+                        self.scratch[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + probe::LEN].copy_from_slice(&p);
+                        self.seal_and_send(peer, probe::LEN, via, now);
+                    }
+                }
+                PathAction::Switch(kind) => {
+                    info!(peer = %peer.name, path = kind.name(), "traffic moves to another path")
+                }
+            }
+        }
+        self.sync_path(peer);
+        if self.ticks.is_multiple_of(10) {
+            let report = self.state(peer).paths.report(now);
+            peer.paths.store(Arc::new(report));
+        }
+    }
+
+    /// Publish the path manager's choice to the workers; ask for SSH while UDP does not work.
+    fn sync_path(&mut self, peer: &Peer) {
+        let udp_known = peer.endpoint.load().is_some();
+        let relay_up = self.dev.relay_tx.load().is_some();
+        let st = self.state(peer);
+        let kind = st.paths.current().unwrap_or(if udp_known || !relay_up {
+            PathKind::Udp
+        } else {
+            PathKind::Relay
+        });
+        if peer.path() != kind {
+            peer.path.store(kind as u8, Ordering::Relaxed);
+        }
+        let want_ssh = peer.ssh_endpoint.is_some() && st.paths.current() != Some(PathKind::Udp);
+        peer.want_ssh.store(want_ssh, Ordering::Relaxed);
+    }
+
+    /// Send a wire message on `via`.
+    fn send_via(&self, via: Via, msg: &[u8]) -> bool {
+        match via {
+            Via::Udp(addr) => self.socket.send_to(msg, dual_stack(addr)).is_ok(),
+            Via::Ssh(key) | Via::Relay(key) => {
+                let table = self.dev.peers.load();
+                table
+                    .get(&key)
+                    .is_some_and(|p| self.dev.send_overlay(p, via.kind(), msg))
+            }
+        }
+    }
+
+    fn start_ping(&mut self, name: &str, answer: crossbeam_channel::Sender<Result<PingReport, String>>, now: Instant) {
+        let table = self.dev.peers.load_full();
+        let Some(peer) = table
+            .peers
+            .iter()
+            .find(|p| p.name == name || p.identity.fingerprint() == name)
+        else {
+            let _ = answer.send(Err(format!("no peer named {name:?}")));
+            return;
+        };
+        if peer.keys.load().current.is_none() {
+            // Probes ride on the session: start one, and ask again.
+            self.state(peer).timers.want_session();
+            self.poll_timers(peer, now);
+            let _ = answer.send(Err(format!(
+                "no session with {name} yet (handshake started); try again"
+            )));
+            return;
+        }
+        let mut probes = Vec::new();
+        for kind in PathKind::ALL {
+            if !self.state(peer).paths.is_available(kind) {
+                continue;
+            }
+            let Some(via) = Via::to_peer(peer, kind) else {
+                continue;
+            };
+            self.ping_nonce = self.ping_nonce.wrapping_add(1) | PING_NONCE;
+            let nonce = self.ping_nonce;
+            let p = probe::encode(false, nonce);
+            self.scratch[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + probe::LEN].copy_from_slice(&p);
+            self.seal_and_send(peer, probe::LEN, via, now);
+            probes.push((nonce, kind, via.to_string(), None));
+        }
+        self.pings.push(PendingPing {
+            peer: peer.clone(),
+            sent: now,
+            probes,
+            answer,
+        });
+    }
+
+    fn ping_answered(&mut self, peer: &Arc<Peer>, kind: PathKind, nonce: u64, now: Instant) {
+        for ping in self.pings.iter_mut().filter(|p| Arc::ptr_eq(&p.peer, peer)) {
+            for probe in ping.probes.iter_mut().filter(|p| p.0 == nonce && p.1 == kind) {
+                probe.3.get_or_insert(now.saturating_duration_since(ping.sent));
+            }
+        }
+        self.finish_pings(now);
+    }
+
+    /// Answer the pings that are complete (or timed out).
+    fn finish_pings(&mut self, now: Instant) {
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pings).into_iter().partition(|p| {
+            p.probes.iter().all(|x| x.3.is_some()) || now.saturating_duration_since(p.sent) >= PING_TIMEOUT
+        });
+        self.pings = waiting;
+        for ping in done {
+            let current = self.state(&ping.peer).paths.current();
+            let _ = ping.answer.send(Ok(PingReport {
+                peer: ping.peer.name.clone(),
+                current,
+                paths: ping
+                    .probes
+                    .into_iter()
+                    .map(|(_, kind, at, rtt)| (kind, at, rtt.map(|d| d.as_secs_f64() * 1e3)))
+                    .collect(),
+            }));
         }
     }
 
@@ -174,8 +394,13 @@ impl Handshaker {
     }
 
     /// mac1/mac2 gate shared by initiations and responses; true if the message may be processed.
-    fn macs_ok(&mut self, msg: &[u8], src: SocketAddr, now: Instant) -> bool {
-        let under_load = self.events.len() >= UNDER_LOAD_QUEUE;
+    /// Cookies (proof of a return address) only make sense for UDP; SSH and relay messages come
+    /// from authenticated members over TCP.
+    fn macs_ok(&mut self, msg: &[u8], via: Via, now: Instant) -> bool {
+        let (src, under_load) = match via {
+            Via::Udp(src) => (src, self.events.len() >= UNDER_LOAD_QUEUE),
+            _ => ((std::net::Ipv6Addr::UNSPECIFIED, 0).into(), false),
+        };
         match self.checker.verify(msg, src, under_load, now) {
             MacVerdict::Accept => true,
             MacVerdict::NeedCookie => {
@@ -191,8 +416,8 @@ impl Handshaker {
         }
     }
 
-    fn on_initiation(&mut self, msg: &[u8], src: SocketAddr, now: Instant) {
-        if !self.macs_ok(msg, src, now) {
+    fn on_initiation(&mut self, msg: &[u8], via: Via, now: Instant) {
+        if !self.macs_ok(msg, via, now) {
             return;
         }
         let dev = self.dev.clone();
@@ -225,10 +450,13 @@ impl Handshaker {
         self.mirror.insert(index);
         let (mut response, keys) = received.respond(index);
         self.state(peer).jar.stamp(&mut response, now);
-        if self.socket.send_to(&response, dual_stack(src)).is_err() {
+        if !self.send_via(via, &response) {
             return;
         }
-        peer.endpoint.store(Some(Arc::new(src)));
+        if let Via::Udp(src) = via {
+            peer.endpoint.store(Some(Arc::new(src)));
+        }
+        self.state(peer).responded_via = Some(via.kind());
         let stamp = dev.clock.stamp(now);
         peer.activity.any_received.store(stamp, Ordering::Relaxed);
         peer.activity.any_sent.store(stamp, Ordering::Relaxed);
@@ -238,11 +466,11 @@ impl Handshaker {
             next: Some(kp),
             ..ks.clone()
         });
-        debug!(peer = %peer.name, %src, "answered handshake initiation");
+        debug!(peer = %peer.name, %via, "answered handshake initiation");
     }
 
-    fn on_response(&mut self, msg: &[u8], src: SocketAddr, now: Instant) {
-        if !self.macs_ok(msg, src, now) {
+    fn on_response(&mut self, msg: &[u8], via: Via, now: Instant) {
+        if !self.macs_ok(msg, via, now) {
             return;
         }
         let receiver = wire::receiver_index(msg);
@@ -271,17 +499,21 @@ impl Handshaker {
                 return;
             }
         };
-        peer.endpoint.store(Some(Arc::new(src)));
-        peer.activity
-            .any_received
-            .store(self.dev.clock.stamp(now), Ordering::Relaxed);
+        if let Via::Udp(src) = via {
+            peer.endpoint.store(Some(Arc::new(src)));
+        }
+        let stamp = self.dev.clock.stamp(now);
+        peer.activity.any_received.store(stamp, Ordering::Relaxed);
+        ActivityStamps::touch(&peer.rx_via[via.kind() as usize], stamp);
+        self.state(peer).paths.proven(via.kind(), now);
+        self.sync_path(peer);
         let keypair = Arc::new(Keypair::new(&keys, now));
         self.install(peer, keypair, |ks, kp| KeySet {
             current: Some(kp),
             previous: ks.current.clone(),
             next: ks.next.clone(),
         });
-        info!(peer = %peer.name, %src, "session established (initiator)");
+        info!(peer = %peer.name, %via, "session established (initiator)");
         self.session_established(peer, now);
         if !self.flush_staged(peer, now) {
             // Nothing queued: confirm the key to the responder with a keepalive.
@@ -378,10 +610,27 @@ impl Handshaker {
     }
 
     fn initiate(&mut self, peer: &Peer, now: Instant) {
-        let Some(endpoint) = peer.endpoint.load_full() else {
-            debug!(peer = %peer.name, "no endpoint known; waiting for the peer to reach us");
-            return;
+        // On the path in use if it works; with none proven, on every path at once — the first
+        // answer decides, so traffic never waits for a slow path.
+        let st = self.state(peer);
+        let vias: Vec<Via> = match st.paths.current() {
+            Some(kind) => Via::to_peer(peer, kind).into_iter().collect(),
+            None => {
+                let kinds: Vec<PathKind> = st.paths.available().collect();
+                kinds.into_iter().filter_map(|k| Via::to_peer(peer, k)).collect()
+            }
         };
+        let vias = if vias.is_empty() {
+            // Before the first poll: UDP if an endpoint is known.
+            Via::to_peer(peer, PathKind::Udp).into_iter().collect()
+        } else {
+            vias
+        };
+        if vias.is_empty() {
+            debug!(peer = %peer.name, "no path known; waiting for the peer to reach us");
+            return;
+        }
+        debug!(peer = %peer.name, ?vias, "initiating");
         let index = self.new_index();
         // During a mesh-key rotation, alternate the keys: a peer that has not switched yet
         // answers under the previous one.
@@ -397,8 +646,10 @@ impl Handshaker {
         st.last_initiation_sent = Some(now);
         st.timers
             .initiation_sent(now, Duration::from_millis(rand::thread_rng().gen_range(0..=333)));
-        if let Err(e) = self.socket.send_to(&msg, dual_stack(*endpoint)) {
-            debug!(peer = %peer.name, %endpoint, "sending initiation failed: {e}");
+        for via in vias {
+            if !self.send_via(via, &msg) {
+                debug!(peer = %peer.name, %via, "sending the initiation failed");
+            }
         }
         peer.activity
             .any_sent
@@ -447,26 +698,38 @@ impl Handshaker {
         }
     }
 
-    /// Seal `len` bytes already in `scratch[16..]` on the current key and send them.
+    /// Seal `len` bytes already in `scratch[16..]` on the current key and send them on the
+    /// path in use.
     fn send_sealed(&mut self, peer: &Peer, len: usize, now: Instant) -> bool {
-        let (Some(key), Some(endpoint)) = (peer.keys.load().current.clone(), peer.endpoint.load_full()) else {
+        match Via::to_peer(peer, peer.path()) {
+            Some(via) => self.seal_and_send(peer, len, via, now),
+            None => false,
+        }
+    }
+
+    /// Seal `len` bytes already in `scratch[16..]` on the current key and send them on `via`.
+    fn seal_and_send(&mut self, peer: &Peer, len: usize, via: Via, now: Instant) -> bool {
+        // A probe is path-layer traffic: the session's timers do not count it.
+        let is_probe = len == probe::LEN && self.scratch[wire::DATA_HEADER_LEN] >> 4 == 0;
+        let Some(key) = peer.keys.load().current.clone() else {
             return false;
         };
         let Ok(total) = key.seal(&mut self.scratch, len, now) else {
             return false;
         };
-        if self
-            .socket
-            .send_to(&self.scratch[..total], dual_stack(*endpoint))
-            .is_err()
-        {
+        let msg = std::mem::take(&mut self.scratch);
+        let sent = self.send_via(via, &msg[..total]);
+        self.scratch = msg;
+        if !sent {
             return false;
         }
-        let stamp = self.dev.clock.stamp(now);
-        peer.activity.any_sent.store(stamp, Ordering::Relaxed);
-        if len > 0 {
-            peer.activity.data_sent.store(stamp, Ordering::Relaxed);
-            peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        if !is_probe {
+            let stamp = self.dev.clock.stamp(now);
+            peer.activity.any_sent.store(stamp, Ordering::Relaxed);
+            if len > 0 {
+                peer.activity.data_sent.store(stamp, Ordering::Relaxed);
+                peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            }
         }
         true
     }

@@ -9,6 +9,7 @@
 //! [`Event`]s.
 
 pub mod handshaker;
+pub mod path;
 pub mod policy;
 
 use std::{
@@ -16,7 +17,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -25,6 +26,8 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use ipnet::IpNet;
 use serde::Serialize;
 use zeroize::Zeroizing;
+
+pub use path::PathKind;
 
 use crate::{
     identity::PublicIdentity,
@@ -109,6 +112,18 @@ pub struct Peer {
     pub staged: Mutex<VecDeque<Vec<u8>>>,
     /// Set by a worker that asked the handshake thread for a session; cleared when served.
     pub session_requested: AtomicBool,
+    /// The path traffic goes on ([`PathKind`] as `u8`), chosen by the handshake thread.
+    pub path: AtomicU8,
+    /// Last authenticated message received on each path ([`Clock`] stamps, by [`PathKind`]).
+    pub rx_via: [AtomicU64; 3],
+    /// The peer's SSH transport (`ip:port`), if it runs one.
+    pub ssh_endpoint: Option<SocketAddr>,
+    /// Messages to send on the SSH connection with this peer, while one is up.
+    pub ssh_tx: ArcSwapOption<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    /// The path manager wants an SSH connection (UDP is not working).
+    pub want_ssh: AtomicBool,
+    /// The path manager's view, refreshed by the handshake thread for `tunnelmesh status`.
+    pub paths: ArcSwap<Vec<path::PathReport>>,
 }
 
 impl Peer {
@@ -126,7 +141,19 @@ impl Peer {
             last_handshake_unix: AtomicU64::new(0),
             staged: Mutex::new(VecDeque::new()),
             session_requested: AtomicBool::new(false),
+            path: AtomicU8::new(PathKind::Udp as u8),
+            rx_via: Default::default(),
+            ssh_endpoint: spec.ssh_endpoint,
+            ssh_tx: ArcSwapOption::empty(),
+            want_ssh: AtomicBool::new(false),
+            paths: ArcSwap::from_pointee(Vec::new()),
         }
+    }
+
+    /// The path traffic to this peer goes on.
+    #[inline]
+    pub fn path(&self) -> PathKind {
+        PathKind::from_u8(self.path.load(Ordering::Relaxed))
     }
 
     /// Take an endpoint from configuration or the coordinator, unless the peer has proven a
@@ -161,6 +188,8 @@ pub struct PeerSpec {
     pub identity: PublicIdentity,
     pub allowed_ips: Vec<IpNet>,
     pub endpoint: Option<SocketAddr>,
+    /// Where the peer's SSH transport listens, if it runs one.
+    pub ssh_endpoint: Option<SocketAddr>,
     pub persistent_keepalive: Option<Duration>,
 }
 
@@ -183,7 +212,7 @@ impl PeerTable {
                 continue;
             }
             let peer = match previous.get(&key) {
-                Some(old) if old.allowed_ips == spec.allowed_ips => {
+                Some(old) if old.allowed_ips == spec.allowed_ips && old.ssh_endpoint == spec.ssh_endpoint => {
                     if let Some(endpoint) = spec.endpoint {
                         old.suggest_endpoint(endpoint);
                     }
@@ -222,17 +251,103 @@ pub trait IndexMirror: Send {
 
 /// What workers tell the handshake thread.
 pub enum Event {
-    /// A handshake message (initiation, response or cookie reply) from `src`.
-    Handshake { msg: Vec<u8>, src: SocketAddr },
+    /// A handshake message (initiation, response or cookie reply) that came `via` a path.
+    Handshake { msg: Vec<u8>, via: Via },
     /// The peer has packets to send but no usable key.
     NeedSession(Arc<Peer>),
     /// The peer confirmed its `next` key by sending data on it.
     KeyConfirmed(Arc<Peer>),
     /// The peer table or the mesh keys changed.
     PeersChanged,
-    /// A data message for an index we do not know came from `0`: the sender has a session we
-    /// lost (we restarted). If it is a peer's endpoint, re-handshake at once.
-    StaleSession(SocketAddr),
+    /// A data message for an index we do not know came `via` a path: the sender has a session
+    /// we lost (we restarted). If it is a peer's, re-handshake at once.
+    StaleSession(Via),
+    /// A path probe (request or reply) from `peer`, authenticated by its session key.
+    Probe {
+        peer: Arc<Peer>,
+        via: Via,
+        reply: bool,
+        nonce: u64,
+    },
+    /// `tunnelmesh ping`: probe every available path to the peer named `peer`.
+    Ping {
+        peer: String,
+        answer: crossbeam_channel::Sender<Result<PingReport, String>>,
+    },
+}
+
+/// Where a message came from, or goes to: a UDP address, or a peer's SSH connection or relay
+/// channel (named by the peer's Noise key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Udp(SocketAddr),
+    Ssh([u8; 32]),
+    Relay([u8; 32]),
+}
+
+impl Via {
+    pub fn kind(&self) -> PathKind {
+        match self {
+            Via::Udp(_) => PathKind::Udp,
+            Via::Ssh(_) => PathKind::Ssh,
+            Via::Relay(_) => PathKind::Relay,
+        }
+    }
+
+    /// `peer` reached on path `kind` (`None` for UDP without a known endpoint).
+    pub fn to_peer(peer: &Peer, kind: PathKind) -> Option<Via> {
+        let key = *peer.identity.noise_public();
+        match kind {
+            PathKind::Udp => peer.endpoint.load().as_deref().map(|e| Via::Udp(*e)),
+            PathKind::Ssh => Some(Via::Ssh(key)),
+            PathKind::Relay => Some(Via::Relay(key)),
+        }
+    }
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Via::Udp(a) => write!(f, "udp {a}"),
+            Via::Ssh(_) => f.write_str("ssh"),
+            Via::Relay(_) => f.write_str("relay"),
+        }
+    }
+}
+
+/// Answers of `tunnelmesh ping`: the path in use and each path's round trip.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct PingReport {
+    pub peer: String,
+    pub current: Option<PathKind>,
+    /// (path, where, round trip in ms or None if unanswered).
+    pub paths: Vec<(PathKind, String, Option<f64>)>,
+}
+
+/// Wire format of a path probe: the plaintext of a data message. Its first byte is not an IP
+/// version, so no IP stack would take it for a packet.
+pub mod probe {
+    pub const LEN: usize = 12;
+    const MAGIC: [u8; 3] = [0x00, b'T', b'M'];
+    const REQUEST: u8 = 1;
+    const REPLY: u8 = 2;
+
+    pub fn encode(reply: bool, nonce: u64) -> [u8; LEN] {
+        let mut p = [0u8; LEN];
+        p[..3].copy_from_slice(&MAGIC);
+        p[3] = if reply { REPLY } else { REQUEST };
+        p[4..].copy_from_slice(&nonce.to_le_bytes());
+        p
+    }
+
+    /// (is a reply, nonce) of a probe plaintext (padded to 16 bytes by the sender's seal).
+    #[inline]
+    pub fn decode(plain: &[u8]) -> Option<(bool, u64)> {
+        if plain.len() < LEN || plain[..3] != MAGIC || !matches!(plain[3], REQUEST | REPLY) {
+            return None;
+        }
+        Some((plain[3] == REPLY, u64::from_le_bytes(plain[4..LEN].try_into().ok()?)))
+    }
 }
 
 /// Drop and error counters of the interface, as shown by `tunnelmesh status`.
@@ -264,6 +379,10 @@ pub struct Counters {
     pub tx_dropped: AtomicU64,
     /// Datagrams the kernel refused to send (no route to the endpoint, …).
     pub tx_send_failed: AtomicU64,
+    /// Messages for the SSH or relay path dropped: no connection, or its queue was full.
+    pub tx_overlay_dropped: AtomicU64,
+    /// Messages from the SSH or relay path dropped because the data plane's inbox was full.
+    pub rx_overlay_dropped: AtomicU64,
 }
 
 impl Counters {
@@ -306,9 +425,53 @@ pub struct Device {
     pub events: crossbeam_channel::Sender<Event>,
     pub shutdown: AtomicBool,
     pub started: Instant,
+    /// The relay channel through the coordinator, while connected: (peer's Noise key, message).
+    pub relay_tx: ArcSwapOption<tokio::sync::mpsc::Sender<([u8; 32], Vec<u8>)>>,
+    /// Messages received on SSH or relay paths go to the data plane through here.
+    pub overlay_inbox: std::os::unix::net::UnixDatagram,
 }
 
+/// Header of a message in the overlay inbox: path kind, then the sending peer's Noise key.
+pub const INBOX_HEADER: usize = 33;
+
 impl Device {
+    /// Send a wire message to `peer` on its SSH connection or the relay; false if dropped.
+    pub fn send_overlay(&self, peer: &Peer, kind: PathKind, msg: &[u8]) -> bool {
+        let sent = match kind {
+            PathKind::Ssh => peer
+                .ssh_tx
+                .load()
+                .as_ref()
+                .is_some_and(|tx| tx.try_send(msg.to_vec()).is_ok()),
+            PathKind::Relay => self
+                .relay_tx
+                .load()
+                .as_ref()
+                .is_some_and(|tx| tx.try_send((*peer.identity.noise_public(), msg.to_vec())).is_ok()),
+            PathKind::Udp => false,
+        };
+        if !sent {
+            Counters::bump(&self.counters.tx_overlay_dropped);
+        }
+        sent
+    }
+
+    /// Hand a wire message received on an SSH connection or the relay to the data plane.
+    pub fn deliver_overlay(&self, via: Via, msg: &[u8]) {
+        let (kind, key) = match via {
+            Via::Ssh(k) => (PathKind::Ssh, k),
+            Via::Relay(k) => (PathKind::Relay, k),
+            Via::Udp(_) => return,
+        };
+        let mut datagram = Vec::with_capacity(INBOX_HEADER + msg.len());
+        datagram.push(kind as u8);
+        datagram.extend_from_slice(&key);
+        datagram.extend_from_slice(msg);
+        if self.overlay_inbox.send(&datagram).is_err() {
+            Counters::bump(&self.counters.rx_overlay_dropped);
+        }
+    }
+
     /// Ask the handshake thread for a session with `peer`, once until it is served.
     pub fn request_session(&self, peer: &Arc<Peer>) {
         if !peer.session_requested.swap(true, Ordering::AcqRel) {

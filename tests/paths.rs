@@ -1,0 +1,208 @@
+//! Paths other than direct UDP: the coordinator's relay and the SSH transport, chosen and left
+//! again by the path manager as nftables rules block and unblock the direct path.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use sha2::{Digest, Sha256};
+use tunnelmesh_tests::{Coordinator, Lab, eventually};
+
+const ALLOW_ALL: &str = "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
+/// Sent through the tunnel; must never appear where the coordinator can see.
+const MARKER: &[u8] = b"TUNNELMESH-PLAINTEXT-MARKER-7f3a9c";
+
+/// Coordinator (with a relay dump) and two peers on one switch; `block` is applied to the
+/// peers' namespaces before they join.
+fn two_peers(net: u8, block: &str) -> (Lab, Coordinator, usize, usize, Vec<(String, Ipv4Addr)>) {
+    let mut lab = Lab::new();
+    let hosts = lab.switched(net, &["c", "p1", "p2"]);
+    let p1 = lab.node("p1", &hosts[1].0, hosts[1].1, 1, tunnelmesh_tests::PORT);
+    let p2 = lab.node("p2", &hosts[2].0, hosts[2].1, 2, tunnelmesh_tests::PORT);
+    let authorized = lab.dir.path().join("authorized_keys");
+    fs::write(
+        &authorized,
+        format!("{}\n{}\n", lab.nodes[p1].public_line, lab.nodes[p2].public_line),
+    )
+    .unwrap();
+    let policy = lab.dir.path().join("policy.toml");
+    fs::write(&policy, ALLOW_ALL).unwrap();
+    let dump = lab.dir.path().join("relay.dump");
+    let c = lab.coordinator(
+        &hosts[0].0,
+        hosts[0].1,
+        &[
+            "--authorized-keys",
+            authorized.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+            "--relay-dump",
+            dump.to_str().unwrap(),
+        ],
+    );
+    if !block.is_empty() {
+        set_block(&lab, &hosts, block);
+    }
+    lab.join(p1, &c, &[]);
+    lab.join(p2, &c, &[]);
+    (lab, c, p1, p2, hosts)
+}
+
+/// Drop, in both peers' namespaces, outbound traffic to the other peer matching `what`
+/// (`""`: everything, `"udp"`, `"tcp"`).
+fn set_block(lab: &Lab, hosts: &[(String, Ipv4Addr)], what: &str) {
+    for (me, other) in [(1, 2), (2, 1)] {
+        let what = if what == "all" { "" } else { what };
+        let script = format!(
+            "nft add table inet tmblock && \
+             nft add chain inet tmblock out '{{ type filter hook output priority 0; policy accept; }}' && \
+             nft add rule inet tmblock out ip daddr {} {what} drop",
+            hosts[other].1
+        );
+        lab.sh(&hosts[me].0, &script);
+    }
+}
+
+fn lift_block(lab: &Lab, hosts: &[(String, Ipv4Addr)]) {
+    for me in [1, 2] {
+        lab.sh(&hosts[me].0, "nft delete table inet tmblock");
+    }
+}
+
+fn path(lab: &Lab, i: usize, peer: usize) -> String {
+    lab.peer_status(i, peer)["path"].as_str().unwrap_or("").to_string()
+}
+
+/// `tunnelmesh ping` from node `i` to `peer`: its output.
+fn tm_ping(lab: &Lab, i: usize, peer: usize) -> String {
+    let out = std::process::Command::new(tunnelmesh_tests::bin())
+        .args([
+            "ping",
+            "-c",
+            "1",
+            "--interface",
+            &lab.nodes[i].iface,
+            &lab.nodes[peer].name,
+        ])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A TCP stream through the tunnel from `from` to `to` carrying [`MARKER`] until stopped;
+/// `finish` returns (bytes sent, bytes received, hashes equal).
+struct Stream {
+    stop: Arc<AtomicBool>,
+    sender: thread::JoinHandle<(u64, [u8; 32])>,
+    receiver: thread::JoinHandle<(u64, [u8; 32])>,
+}
+
+impl Stream {
+    fn start(lab: &Lab, from: usize, to: usize) -> Stream {
+        let dst = SocketAddr::new(lab.mesh_addrs(to).0.parse().unwrap(), 7070);
+        let listener = lab
+            .in_netns(&lab.nodes[to].ns, move || TcpListener::bind(dst).expect("bind"))
+            .join()
+            .unwrap();
+        let receiver = thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("the stream connects");
+            let (mut n, mut hash, mut buf) = (0u64, Sha256::new(), vec![0u8; 65536]);
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        n += k as u64;
+                        hash.update(&buf[..k]);
+                    }
+                    Err(e) => panic!("the stream broke on the receiving side: {e}"),
+                }
+            }
+            (n, hash.finalize().into())
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let sender = lab.in_netns(&lab.nodes[from].ns, move || {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("connect through the tunnel");
+            let chunk: Vec<u8> = MARKER.iter().copied().cycle().take(16 * 1024).collect();
+            let (mut n, mut hash) = (0u64, Sha256::new());
+            while !flag.load(Ordering::Relaxed) {
+                s.write_all(&chunk).expect("the stream broke on the sending side");
+                n += chunk.len() as u64;
+                hash.update(&chunk);
+                thread::sleep(Duration::from_millis(20));
+            }
+            (n, hash.finalize().into())
+        });
+        Stream { stop, sender, receiver }
+    }
+
+    fn finish(self) -> (u64, u64, bool) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (sent, h1) = self.sender.join().expect("sender");
+        let (received, h2) = self.receiver.join().expect("receiver");
+        (sent, received, h1 == h2)
+    }
+}
+
+#[test]
+fn only_the_coordinator_reachable_traffic_goes_through_the_relay_which_cannot_read_it_and_moves_back_to_udp() {
+    let (lab, c, p1, p2, hosts) = two_peers(60, "all");
+    let v4 = lab.mesh_addrs(p2).0;
+    assert!(
+        lab.ping_until_reply(&lab.nodes[p1].ns, &v4, Duration::from_secs(15))
+            .is_some(),
+        "p1 reaches p2 through the relay:\n{}\n{}\n{}",
+        lab.log(p1),
+        lab.log(p2),
+        c.log()
+    );
+    eventually("both sides use the relay", Duration::from_secs(10), || {
+        path(&lab, p1, p2) == "relay" && path(&lab, p2, p1) == "relay"
+    });
+    let ping = tm_ping(&lab, p1, p2);
+    assert!(ping.contains(": reply via relay (in use): rtt"), "{ping}");
+
+    // A stream carrying a marker runs through the relay, and on while the block is lifted.
+    let stream = Stream::start(&lab, p1, p2);
+    thread::sleep(Duration::from_secs(2));
+    let dump = fs::read(lab.dir.path().join("relay.dump")).unwrap();
+    assert!(
+        dump.len() > 100_000,
+        "the relay carried the stream ({} bytes seen)",
+        dump.len()
+    );
+    assert!(
+        !dump.windows(MARKER.len()).any(|w| w == MARKER),
+        "the coordinator saw plaintext"
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&lab.sh(&c.ns, &format!("curl -sk {}/v1/info", c.url)).stdout).unwrap();
+    assert!(info["relay"]["frames"].as_u64() > Some(100), "{info}");
+
+    lift_block(&lab, &hosts);
+    let took = eventually("traffic moves back to direct UDP", Duration::from_secs(60), || {
+        path(&lab, p1, p2) == "udp" && path(&lab, p2, p1) == "udp"
+    });
+    eprintln!("back on UDP after {took:?}");
+    thread::sleep(Duration::from_secs(2));
+    let (sent, received, same) = stream.finish();
+    assert!(
+        sent > 0 && sent == received && same,
+        "the stream survived: {sent} sent, {received} received"
+    );
+    let ping = tm_ping(&lab, p1, p2);
+    assert!(ping.contains("(in use): rtt"), "{ping}");
+    assert!(ping.contains("reply via udp"), "{ping}");
+}
