@@ -179,6 +179,7 @@ mod coordinator {
             workers: 1,
             state_dir: Default::default(),
             no_ebpf: true,
+            ssh_port: 0,
         };
         Client::new(&opts, identity).expect("client")
     }

@@ -20,19 +20,20 @@ const ALLOW_ALL: &str = "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any
 /// Sent through the tunnel; must never appear where the coordinator can see.
 const MARKER: &[u8] = b"TUNNELMESH-PLAINTEXT-MARKER-7f3a9c";
 
-/// Coordinator (with a relay dump) and two peers on one switch; `block` is applied to the
-/// peers' namespaces before they join.
+/// Coordinator (with a relay dump) and two peers on one switch (and a third, `p3`, on it but
+/// not started); `block` is applied to p1's and p2's namespaces before they join.
 fn two_peers(net: u8, block: &str) -> (Lab, Coordinator, usize, usize, Vec<(String, Ipv4Addr)>) {
     let mut lab = Lab::new();
-    let hosts = lab.switched(net, &["c", "p1", "p2"]);
+    let hosts = lab.switched(net, &["c", "p1", "p2", "p3"]);
     let p1 = lab.node("p1", &hosts[1].0, hosts[1].1, 1, tunnelmesh_tests::PORT);
     let p2 = lab.node("p2", &hosts[2].0, hosts[2].1, 2, tunnelmesh_tests::PORT);
+    let p3 = lab.node("p3", &hosts[3].0, hosts[3].1, 3, tunnelmesh_tests::PORT);
     let authorized = lab.dir.path().join("authorized_keys");
-    fs::write(
-        &authorized,
-        format!("{}\n{}\n", lab.nodes[p1].public_line, lab.nodes[p2].public_line),
-    )
-    .unwrap();
+    let lines: String = [p1, p2, p3]
+        .iter()
+        .map(|&n| format!("{}\n", lab.nodes[n].public_line))
+        .collect();
+    fs::write(&authorized, lines).unwrap();
     let policy = lab.dir.path().join("policy.toml");
     fs::write(&policy, ALLOW_ALL).unwrap();
     let dump = lab.dir.path().join("relay.dump");
@@ -60,7 +61,10 @@ fn two_peers(net: u8, block: &str) -> (Lab, Coordinator, usize, usize, Vec<(Stri
 /// (`""`: everything, `"udp"`, `"tcp"`).
 fn set_block(lab: &Lab, hosts: &[(String, Ipv4Addr)], what: &str) {
     for (me, other) in [(1, 2), (2, 1)] {
-        let what = if what == "all" { "" } else { what };
+        let what = match what {
+            "all" => String::new(),
+            proto => format!("meta l4proto {proto}"),
+        };
         let script = format!(
             "nft add table inet tmblock && \
              nft add chain inet tmblock out '{{ type filter hook output priority 0; policy accept; }}' && \
@@ -203,6 +207,74 @@ fn only_the_coordinator_reachable_traffic_goes_through_the_relay_which_cannot_re
         "the stream survived: {sent} sent, {received} received"
     );
     let ping = tm_ping(&lab, p1, p2);
-    assert!(ping.contains("(in use): rtt"), "{ping}");
-    assert!(ping.contains("reply via udp"), "{ping}");
+    assert!(
+        ping.contains(": reply via udp") && ping.contains("(in use): rtt"),
+        "{ping}"
+    );
+}
+
+#[test]
+fn udp_blocked_but_tcp_open_traffic_takes_the_ssh_transport() {
+    let (lab, _c, p1, p2, _hosts) = two_peers(61, "udp");
+    let v4 = lab.mesh_addrs(p2).0;
+    assert!(
+        lab.ping_until_reply(&lab.nodes[p1].ns, &v4, Duration::from_secs(15))
+            .is_some(),
+        "p1 reaches p2 (first through the relay)"
+    );
+    let took = eventually("both sides move to SSH", Duration::from_secs(20), || {
+        path(&lab, p1, p2) == "ssh" && path(&lab, p2, p1) == "ssh"
+    });
+    eprintln!("on SSH after {took:?}");
+    let stream = Stream::start(&lab, p1, p2);
+    thread::sleep(Duration::from_secs(3));
+    let (sent, received, same) = stream.finish();
+    assert!(
+        sent > 0 && sent == received && same,
+        "{sent} sent, {received} received over SSH"
+    );
+    let ping = tm_ping(&lab, p1, p2);
+    assert!(ping.contains(": reply via ssh (in use): rtt"), "{ping}");
+    assert!(ping.contains(": no reply via udp"), "UDP stays blocked: {ping}");
+    assert!(lab.log(p1).contains("SSH transport up"));
+}
+
+#[test]
+fn an_ssh_server_whose_host_key_is_not_the_peers_is_refused_loudly() {
+    // p1 cannot use UDP to p2, and its SSH connections to p2 land on p3 (another member, so
+    // another host key): p1 must refuse them and fall back to the relay.
+    let (mut lab, c, p1, p2, hosts) = two_peers(62, "udp");
+    let p3 = 2;
+    lab.join(p3, &c, &[]);
+    lab.sh(
+        &hosts[1].0,
+        &format!(
+            "nft add table ip tmnat && \
+             nft add chain ip tmnat out '{{ type nat hook output priority -100; }}' && \
+             nft add rule ip tmnat out ip daddr {} tcp dport {} dnat to {}",
+            hosts[2].1,
+            tunnelmesh_tests::PORT,
+            hosts[3].1
+        ),
+    );
+    // Only p1 dials: p2's connections to p1's SSH port are dropped.
+    lab.sh(
+        &hosts[2].0,
+        &format!(
+            "nft add rule inet tmblock out ip daddr {} tcp dport {} drop",
+            hosts[1].1,
+            tunnelmesh_tests::PORT
+        ),
+    );
+    let v4 = lab.mesh_addrs(p2).0;
+    assert!(
+        lab.ping_until_reply(&lab.nodes[p1].ns, &v4, Duration::from_secs(15))
+            .is_some()
+    );
+    eventually("p1 refuses the impostor", Duration::from_secs(20), || {
+        lab.counter(p1, "ssh_host_key_mismatch") > 0
+    });
+    assert!(lab.log(p1).contains("NOT the peer's mesh key"), "{}", lab.log(p1));
+    assert_ne!(path(&lab, p1, p2), "ssh", "never on the impostor's connection");
+    assert!(lab.ping(&lab.nodes[p1].ns, &v4, 2), "traffic still flows (relay)");
 }

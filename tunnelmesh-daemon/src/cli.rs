@@ -37,6 +37,7 @@ fn up(args: UpArgs) -> Result<()> {
         workers: args.workers,
         state_dir: args.state_dir,
         no_ebpf: args.no_ebpf,
+        ssh_port: args.ssh_port.unwrap_or(args.listen_port),
     };
     control::up(opts, identity)
 }
@@ -174,6 +175,10 @@ struct UpArgs {
     /// Do not load the eBPF fast path.
     #[arg(long)]
     no_ebpf: bool,
+    /// TCP port of the SSH transport, the fallback path when UDP is blocked (default: the same
+    /// number as --listen-port; 0 turns it off).
+    #[arg(long)]
+    ssh_port: Option<u16>,
     /// OpenSSH ed25519 private key (default: the config's identity, else /etc/ssh/ssh_host_ed25519_key).
     #[arg(long)]
     identity: Option<PathBuf>,

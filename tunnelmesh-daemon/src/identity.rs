@@ -244,6 +244,13 @@ impl Identity {
         (Self::from_private(&key).expect("ed25519"), pem)
     }
 
+    /// The (decrypted) key in OpenSSH format, for the SSH transport's host and client key.
+    pub fn openssh_private(&self) -> Zeroizing<String> {
+        self.key
+            .to_openssh(ssh_key::LineEnding::LF)
+            .expect("an ed25519 key encodes")
+    }
+
     /// The X25519 static secret for the Noise handshake.
     pub fn noise_secret(&self) -> &[u8; 32] {
         &self.noise_secret

@@ -21,6 +21,7 @@ pub mod noise;
 pub mod policy;
 pub mod routing;
 pub mod session;
+pub mod ssh;
 pub mod status;
 pub mod sys;
 pub mod wire;

@@ -58,6 +58,8 @@ pub struct JoinOptions {
     pub workers: usize,
     pub state_dir: PathBuf,
     pub no_ebpf: bool,
+    /// TCP port of the SSH transport (0: do not run one).
+    pub ssh_port: u16,
 }
 
 /// What the coordinator told us, as cached on disk.
@@ -176,6 +178,7 @@ pub struct Client {
     token: Option<String>,
     name: Option<String>,
     listen_port: u16,
+    ssh_port: u16,
 }
 
 /// An open, authenticated connection to the coordinator.
@@ -204,6 +207,7 @@ impl Client {
             token: opts.token.clone(),
             name: opts.name.clone(),
             listen_port: opts.listen_port,
+            ssh_port: opts.ssh_port,
         })
     }
 
@@ -287,6 +291,7 @@ impl Client {
             name: self.name.clone(),
             listen_port: self.listen_port,
             endpoints: Vec::new(),
+            ssh_port: (self.ssh_port != 0).then_some(self.ssh_port),
         };
         ws.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
         // The welcome comes in parts; `type` and `more` lead each, so they need no parsing here.
@@ -527,6 +532,23 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
         None,
         socket.is_some(),
     );
+    if opts.ssh_port != 0 {
+        let dev = interface.dev.clone();
+        let key = crate::ssh::host_key(&identity)?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind((
+                std::net::Ipv6Addr::UNSPECIFIED,
+                opts.ssh_port,
+            )))
+            .with_context(|| {
+                format!(
+                    "cannot listen on TCP port {} for the SSH transport; choose another --ssh-port (0 turns it off)",
+                    opts.ssh_port
+                )
+            })?;
+        runtime.spawn(crate::ssh::serve(dev.clone(), listener, key.clone()));
+        runtime.spawn(crate::ssh::supervise(dev, key));
+    }
     runtime.spawn(follow(client, interface.dev.clone(), state, socket, cache));
     let result = interface.wait_for_signal();
     runtime.shutdown_timeout(Duration::from_secs(1));

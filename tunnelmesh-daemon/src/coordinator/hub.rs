@@ -249,6 +249,7 @@ impl Hub {
             name,
             listen_port,
             endpoints,
+            ssh_port,
         } = hello;
         let identity = PublicIdentity::from_ssh_line(&public_key).map_err(|e| Refusal::Malformed(e.to_string()))?;
         let fingerprint = identity.fingerprint();
@@ -271,6 +272,12 @@ impl Hub {
             if !reported.contains(&addr) {
                 reported.push(addr);
             }
+        }
+        if let Some(port) = ssh_port.filter(|p| *p != 0) {
+            reported.push(format!(
+                "ssh://{}",
+                std::net::SocketAddr::new(remote.to_canonical(), port)
+            ));
         }
 
         let node = match self.nodes.get(&fingerprint).cloned() {
@@ -543,6 +550,7 @@ mod tests {
             name: None,
             listen_port: 51820,
             endpoints: vec![],
+            ssh_port: None,
         }
     }
 

@@ -31,7 +31,8 @@ pub struct PeerInfo {
     pub public_key: String,
     pub ipv4: String,
     pub ipv6: String,
-    /// Where the peer can be reached, best first (`ip:port`).
+    /// Where the peer can be reached, best first: UDP `ip:port`, and `ssh://ip:port` for its
+    /// SSH transport.
     pub endpoints: Vec<String>,
     pub tags: Vec<String>,
 }
@@ -106,5 +107,8 @@ pub enum ClientMsg {
         listen_port: u16,
         #[serde(default)]
         endpoints: Vec<String>,
+        /// TCP port of the peer's SSH transport, if it runs one.
+        #[serde(default)]
+        ssh_port: Option<u16>,
     },
 }

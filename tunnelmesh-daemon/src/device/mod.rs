@@ -383,6 +383,8 @@ pub struct Counters {
     pub tx_overlay_dropped: AtomicU64,
     /// Messages from the SSH or relay path dropped because the data plane's inbox was full.
     pub rx_overlay_dropped: AtomicU64,
+    /// SSH servers that presented a host key other than the peer's mesh key (refused).
+    pub ssh_host_key_mismatch: AtomicU64,
 }
 
 impl Counters {
