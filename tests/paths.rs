@@ -178,9 +178,33 @@ fn only_the_coordinator_reachable_traffic_goes_through_the_relay_which_cannot_re
     let ping = tm_ping(&lab, p1, p2);
     assert!(ping.contains(": reply via relay (in use): rtt"), "{ping}");
 
-    // A stream carrying a marker runs through the relay, and on while the block is lifted.
+    // A stream carrying a marker runs through the relay, and on while the block is lifted. The
+    // coordinator's wire is captured meanwhile.
+    let capture = lab.dir.path().join("coordinator.pcap");
+    let mut tcpdump = lab
+        .sh_cmd(
+            &c.ns,
+            &format!("exec tcpdump -i any -U -s 0 -w {} tcp", capture.display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    thread::sleep(Duration::from_millis(500));
     let stream = Stream::start(&lab, p1, p2);
     thread::sleep(Duration::from_secs(2));
+    let _ = tcpdump.kill();
+    let _ = tcpdump.wait();
+    let wire = fs::read(&capture).expect("the capture was written");
+    assert!(
+        wire.len() > 100_000,
+        "the capture saw the relayed stream ({} bytes)",
+        wire.len()
+    );
+    assert!(
+        !wire.windows(MARKER.len()).any(|w| w == MARKER),
+        "plaintext on the coordinator's wire"
+    );
     let dump = fs::read(lab.dir.path().join("relay.dump")).unwrap();
     assert!(
         dump.len() > 100_000,
@@ -277,4 +301,34 @@ fn an_ssh_server_whose_host_key_is_not_the_peers_is_refused_loudly() {
     assert!(lab.log(p1).contains("NOT the peer's mesh key"), "{}", lab.log(p1));
     assert_ne!(path(&lab, p1, p2), "ssh", "never on the impostor's connection");
     assert!(lab.ping(&lab.nodes[p1].ns, &v4, 2), "traffic still flows (relay)");
+}
+
+#[test]
+fn on_an_open_network_traffic_goes_direct_and_falls_back_when_the_direct_path_dies() {
+    let (lab, _c, p1, p2, hosts) = two_peers(63, "");
+    let v4 = lab.mesh_addrs(p2).0;
+    assert!(
+        lab.ping_until_reply(&lab.nodes[p1].ns, &v4, Duration::from_secs(10))
+            .is_some()
+    );
+    eventually("direct UDP both ways", Duration::from_secs(5), || {
+        path(&lab, p1, p2) == "udp" && path(&lab, p2, p1) == "udp"
+    });
+    let ping = tm_ping(&lab, p1, p2);
+    assert!(
+        ping.contains(": reply via udp") && ping.contains("(in use): rtt"),
+        "{ping}"
+    );
+    assert!(ping.contains(": reply via relay: rtt"), "the relay answers too: {ping}");
+    // The direct path dies under a running stream: traffic moves down without losing it.
+    let stream = Stream::start(&lab, p1, p2);
+    thread::sleep(Duration::from_secs(1));
+    set_block(&lab, &hosts, "all");
+    let took = eventually("traffic leaves the dead path", Duration::from_secs(20), || {
+        path(&lab, p1, p2) == "relay" && path(&lab, p2, p1) == "relay"
+    });
+    eprintln!("off the dead UDP path after {took:?}");
+    thread::sleep(Duration::from_secs(2));
+    let (sent, received, same) = stream.finish();
+    assert!(sent > 0 && sent == received && same, "{sent} sent, {received} received");
 }

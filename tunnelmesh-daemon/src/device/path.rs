@@ -171,12 +171,18 @@ impl PathManager {
         }
     }
 
-    /// Authenticated traffic arrived on `kind`: if it is the path we send on, that is proof.
-    pub fn received(&mut self, kind: PathKind, now: Instant) {
-        if self.current == Some(kind) {
-            let p = self.path(kind);
-            p.proven_at = Some(now);
+    /// Authenticated traffic arrived on `kind` at `at`: if it is the path we send on, that is
+    /// proof. Traffic from before the path was declared dead proves nothing.
+    pub fn received(&mut self, kind: PathKind, at: Instant) {
+        if self.current != Some(kind) {
+            return;
+        }
+        let p = self.path(kind);
+        let newer = p.proven_at.is_none_or(|t| at > t) && p.dead_since.is_none_or(|d| at > d);
+        if newer {
+            p.proven_at = Some(at);
             p.lost_in_row = 0;
+            p.dead_since = None;
         }
     }
 
@@ -286,5 +292,141 @@ impl PathManager {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probes(actions: &[PathAction]) -> Vec<(PathKind, u64)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                PathAction::Probe(k, n) => Some((*k, *n)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_first_path_to_complete_a_handshake_carries_traffic_at_once() {
+        let t0 = Instant::now();
+        let mut pm = PathManager::new(0);
+        pm.set_available(PathKind::Udp, true, t0);
+        pm.set_available(PathKind::Relay, true, t0);
+        assert_eq!(pm.current(), None);
+        pm.proven(PathKind::Relay, t0);
+        assert_eq!(pm.current(), Some(PathKind::Relay), "no waiting for UDP");
+        // A later proof of a worse path does not move traffic off a live one.
+        pm.set_available(PathKind::Ssh, true, t0);
+        pm.proven(PathKind::Ssh, t0);
+        assert_eq!(pm.current(), Some(PathKind::Relay));
+    }
+
+    #[test]
+    fn a_better_path_is_probed_with_backoff_and_taken_after_two_answers() {
+        let t0 = Instant::now();
+        let mut pm = PathManager::new(0);
+        pm.set_available(PathKind::Udp, true, t0);
+        pm.set_available(PathKind::Relay, true, t0);
+        pm.proven(PathKind::Relay, t0);
+        // UDP blocked: probes go unanswered, each wait longer than the last.
+        let mut sent_at = Vec::new();
+        let mut t = t0;
+        while t < t0 + Duration::from_secs(70) {
+            pm.received(PathKind::Relay, t);
+            if probes(&pm.poll(t, true, Some(Duration::ZERO)))
+                .iter()
+                .any(|(k, _)| *k == PathKind::Udp)
+            {
+                sent_at.push(t.duration_since(t0).as_secs());
+            }
+            t += Duration::from_millis(100);
+        }
+        assert_eq!(sent_at, [0, 2, 6, 14, 30, 60], "exponential backoff capped at 30 s");
+        assert_eq!(pm.current(), Some(PathKind::Relay));
+        // Unblocked: one answer is not enough (hysteresis), the second moves traffic up.
+        let mut t = t0 + Duration::from_secs(90);
+        let (_, nonce) = probes(&pm.poll(t, true, Some(Duration::ZERO)))[0];
+        t += Duration::from_millis(5);
+        assert!(pm.probe_answered(PathKind::Udp, nonce, t).is_some());
+        assert!(
+            pm.probe_answered(PathKind::Udp, nonce, t).is_none(),
+            "a reply counts once"
+        );
+        t += Duration::from_millis(100);
+        let actions = pm.poll(t, true, Some(Duration::ZERO));
+        assert_eq!(pm.current(), Some(PathKind::Relay), "one answer is not enough");
+        let (_, nonce) = probes(&actions)[0];
+        pm.probe_answered(PathKind::Udp, nonce, t + Duration::from_millis(5));
+        let actions = pm.poll(t + Duration::from_millis(100), true, Some(Duration::ZERO));
+        assert!(actions.contains(&PathAction::Switch(PathKind::Udp)), "{actions:?}");
+        assert_eq!(pm.current(), Some(PathKind::Udp));
+    }
+
+    #[test]
+    fn a_dead_current_path_is_left_for_the_next_proven_one() {
+        let t0 = Instant::now();
+        let mut pm = PathManager::new(0);
+        for k in [PathKind::Udp, PathKind::Relay] {
+            pm.set_available(k, true, t0);
+        }
+        pm.proven(PathKind::Udp, t0);
+        pm.proven(PathKind::Relay, t0);
+        assert_eq!(pm.current(), Some(PathKind::Udp));
+        // Busy and answered: the current path is never probed.
+        for i in 0..30 {
+            let t = t0 + Duration::from_millis(100 * i);
+            pm.received(PathKind::Udp, t);
+            assert!(probes(&pm.poll(t, true, Some(Duration::ZERO))).is_empty());
+        }
+        // We keep sending, nothing comes back: probes, three lost, traffic moves to the relay.
+        let mut t = t0 + Duration::from_secs(3);
+        let mut switched = None;
+        while t < t0 + Duration::from_secs(15) {
+            pm.received(PathKind::Relay, t); // the relay's own proof stays fresh
+            // The caller reports the last UDP receipt on every poll: stale, it must not count.
+            pm.received(PathKind::Udp, t0 + Duration::from_millis(2900));
+            let quiet = t.duration_since(t0 + Duration::from_secs(3)) + QUIET_BEFORE_PROBE;
+            for a in pm.poll(t, true, Some(quiet)) {
+                match a {
+                    PathAction::Switch(k) => switched = Some((k, t.duration_since(t0))),
+                    PathAction::Probe(PathKind::Relay, n) => {
+                        pm.probe_answered(PathKind::Relay, n, t);
+                    }
+                    _ => {}
+                }
+            }
+            if switched.is_some() {
+                break;
+            }
+            t += Duration::from_millis(100);
+        }
+        let (to, at) = switched.expect("moved off the dead path");
+        assert_eq!(to, PathKind::Relay);
+        assert!(at < Duration::from_secs(8), "detected in {at:?}");
+        // The last traffic seen on UDP (before it died) does not bring it back.
+        pm.received(PathKind::Udp, t0 + Duration::from_secs(3));
+        pm.poll(t + Duration::from_millis(100), true, Some(Duration::ZERO));
+        assert_eq!(pm.current(), Some(PathKind::Relay));
+        // An idle path (we send nothing) is not probed: no traffic, no verdict.
+        let mut idle = PathManager::new(0);
+        idle.set_available(PathKind::Udp, true, t0);
+        idle.proven(PathKind::Udp, t0);
+        assert!(probes(&idle.poll(t0 + Duration::from_secs(5), false, Some(Duration::from_secs(5)))).is_empty());
+    }
+
+    #[test]
+    fn a_path_that_goes_away_loses_its_state() {
+        let t0 = Instant::now();
+        let mut pm = PathManager::new(0);
+        pm.set_available(PathKind::Ssh, true, t0);
+        pm.proven(PathKind::Ssh, t0);
+        assert_eq!(pm.current(), Some(PathKind::Ssh));
+        pm.set_available(PathKind::Ssh, false, t0);
+        pm.poll(t0, true, None);
+        assert_eq!(pm.current(), None, "nothing left: the caller handshakes on every path");
+        assert!(!pm.report(t0)[PathKind::Ssh as usize].proven);
     }
 }
