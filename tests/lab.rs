@@ -556,6 +556,33 @@ impl Lab {
         c
     }
 
+    /// Drop outbound traffic from namespace `ns` to `to` matching `what` (`"all"`, `"udp"`,
+    /// `"tcp"`), with an nftables table `tmblock` that [`Lab::unblock`] removes.
+    pub fn block(&self, ns: &str, to: Ipv4Addr, what: &str) {
+        let what = match what {
+            "all" => String::new(),
+            proto => format!("meta l4proto {proto}"),
+        };
+        self.sh(
+            ns,
+            &format!(
+                "nft add table inet tmblock && \
+                 nft add chain inet tmblock out '{{ type filter hook output priority 0; policy accept; }}' && \
+                 nft add rule inet tmblock out ip daddr {to} {what} drop"
+            ),
+        );
+    }
+
+    /// Remove every [`Lab::block`] of namespace `ns`.
+    pub fn unblock(&self, ns: &str) {
+        self.sh(ns, "nft delete table inet tmblock");
+    }
+
+    /// [`Lab::unblock`], also when nothing was blocked.
+    pub fn unblock_quietly(&self, ns: &str) {
+        let _ = self.sh_cmd(ns, "nft delete table inet tmblock 2>/dev/null").status();
+    }
+
     /// Start a coordinator at `host` admitting `authorized_keys`, with `policy` (written to the
     /// lab's `policy.toml`, which tests may edit while it runs).
     pub fn coordinator_with_policy(

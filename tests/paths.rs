@@ -58,26 +58,16 @@ fn two_peers(net: u8, block: &str) -> (Lab, Coordinator, usize, usize, Vec<(Stri
 }
 
 /// Drop, in both peers' namespaces, outbound traffic to the other peer matching `what`
-/// (`""`: everything, `"udp"`, `"tcp"`).
+/// (`"all"`, `"udp"`, `"tcp"`).
 fn set_block(lab: &Lab, hosts: &[(String, Ipv4Addr)], what: &str) {
     for (me, other) in [(1, 2), (2, 1)] {
-        let what = match what {
-            "all" => String::new(),
-            proto => format!("meta l4proto {proto}"),
-        };
-        let script = format!(
-            "nft add table inet tmblock && \
-             nft add chain inet tmblock out '{{ type filter hook output priority 0; policy accept; }}' && \
-             nft add rule inet tmblock out ip daddr {} {what} drop",
-            hosts[other].1
-        );
-        lab.sh(&hosts[me].0, &script);
+        lab.block(&hosts[me].0, hosts[other].1, what);
     }
 }
 
 fn lift_block(lab: &Lab, hosts: &[(String, Ipv4Addr)]) {
     for me in [1, 2] {
-        lab.sh(&hosts[me].0, "nft delete table inet tmblock");
+        lab.unblock(&hosts[me].0);
     }
 }
 

@@ -258,6 +258,8 @@ impl Client {
             .await
             .map_err(|_| anyhow!("connecting to {} timed out", self.host_port))?
             .with_context(|| format!("cannot connect to the coordinator at {}", self.host_port))?;
+        // The relay rides on this connection: no Nagle.
+        let _ = tcp.set_nodelay(true);
         let host = self
             .host_port
             .rsplit_once(':')

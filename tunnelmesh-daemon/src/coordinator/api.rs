@@ -198,6 +198,8 @@ pub async fn serve(listener: TcpListener, tls: rustls::ServerConfig, app: Router
         let Ok((tcp, remote)) = listener.accept().await else {
             continue;
         };
+        // Relayed packets are small and latency-bound: no Nagle.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone().layer(Extension(Remote(remote)));
         tokio::spawn(async move {
