@@ -89,9 +89,20 @@ where
         }
         Ok::<(), std::io::Error>(())
     };
+    // A peer that leaves the mesh (removed, revoked) loses its connection too.
+    let membership = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let still = dev.peers.load().get(&key).is_some_and(|p| Arc::ptr_eq(p, &peer));
+            if !still || dev.shutdown.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("the peer left the mesh"));
+            }
+        }
+    };
     let ended = tokio::select! {
         r = reading => r,
         w = writing => w,
+        m = membership => m,
     };
     // Only clear the slot if it is still ours (a newer connection may have replaced it).
     if peer.ssh_tx.load().as_ref().is_some_and(|t| Arc::ptr_eq(t, &tx)) {
