@@ -55,6 +55,7 @@ fn coordinator_command(args: CoordinatorArgs) -> Result<()> {
             policy: args.policy,
             relay_rate: args.relay_limit_mbit * 1_000_000 / 8,
             relay_dump: args.relay_dump,
+            stun_port: args.stun_port,
         }),
         Some(CoordinatorCommand::Info) => coordinator::info(&args.data_dir),
         Some(CoordinatorCommand::Token {
@@ -117,6 +118,18 @@ enum Command {
         /// The coordinator's state directory (explain resolves node names and addresses there).
         #[arg(long, global = true, default_value = coordinator::DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
+    },
+    /// What the network does to UDP: reachability, NAT mapping, STUN RTT, hairpinning, port mapping.
+    Netcheck {
+        /// The coordinator (https://HOST:PORT or HOST): its STUN targets are asked.
+        #[arg(long)]
+        coordinator: String,
+        /// UDP port of the coordinator's second STUN target (default 3479).
+        #[arg(long)]
+        stun_second_port: Option<u16>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Probe every path to a peer (direct UDP, SSH, relay) and show which answered, and how fast.
     Ping {
@@ -220,6 +233,9 @@ struct CoordinatorArgs {
     /// it is ciphertext).
     #[arg(long)]
     relay_dump: Option<PathBuf>,
+    /// UDP port of the first STUN target; the second is the next port (0: no STUN).
+    #[arg(long, default_value_t = crate::stun::DEFAULT_PORT)]
+    stun_port: u16,
 }
 
 #[derive(Subcommand)]
@@ -298,6 +314,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Up(args) => up(args),
         Command::Coordinator(args) => coordinator_command(args),
         Command::Policy { command, data_dir } => policy_command(&data_dir, command),
+        Command::Netcheck {
+            coordinator,
+            stun_second_port,
+            json,
+        } => {
+            let report = crate::netcheck::run(crate::netcheck::targets(&coordinator, stun_second_port)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(())
+        }
         Command::Ping { peer, interface, count } => {
             let interface = pick_interface(interface)?;
             let mut answered = 0;

@@ -16,6 +16,7 @@ pub mod dataplane;
 pub mod device;
 pub mod fastpath;
 pub mod identity;
+pub mod netcheck;
 pub mod netconf;
 pub mod noise;
 pub mod policy;
@@ -23,6 +24,7 @@ pub mod routing;
 pub mod session;
 pub mod ssh;
 pub mod status;
+pub mod stun;
 pub mod sys;
 pub mod wire;
 

@@ -59,6 +59,8 @@ pub struct ServeOptions {
     pub relay_rate: u64,
     /// Append every relayed message to this file (what the coordinator sees: ciphertext).
     pub relay_dump: Option<PathBuf>,
+    /// UDP port of the first STUN target (the second is the next port); 0: no STUN.
+    pub stun_port: u16,
 }
 
 fn open_store(data_dir: &Path) -> Result<SqliteStore> {
@@ -197,6 +199,17 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             }),
         });
         tokio::spawn(api::serve(listener, server_config, app));
+        if opts.stun_port != 0 {
+            for port in [opts.stun_port, opts.stun_port.wrapping_add(1)] {
+                let socket = tokio::net::UdpSocket::bind((opts.listen.ip(), port))
+                    .await
+                    .with_context(|| {
+                        format!("cannot listen for STUN on UDP port {port}; choose another --stun-port (0: none)")
+                    })?;
+                tokio::spawn(crate::stun::serve(socket));
+            }
+            info!(ports = ?[opts.stun_port, opts.stun_port.wrapping_add(1)], "STUN targets up");
+        }
         tokio::spawn(watch(hub.clone(), authorized_path, opts.policy.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

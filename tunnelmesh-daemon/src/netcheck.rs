@@ -1,0 +1,209 @@
+//! `tunnelmesh netcheck`: what the network between this machine and the coordinator does to UDP.
+//!
+//! From one UDP socket: Binding requests to the coordinator's two STUN targets (two ports) tell
+//! whether UDP gets out at all, the address the outside sees, the round trip, and whether the
+//! NAT maps endpoint-independently (both targets see the same address: hole punching works) or
+//! endpoint-dependently ("symmetric": each destination gets another port). A second socket sends
+//! to the first one's public address to test hairpinning. The default gateway is asked whether it
+//! speaks NAT-PMP or PCP (UDP 5351), and the LAN whether a UPnP IGD answers SSDP.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow};
+use rand::RngCore;
+use serde::Serialize;
+
+use crate::stun;
+
+/// How long each question waits for an answer.
+const WAIT: Duration = Duration::from_millis(800);
+/// Tries per STUN target.
+const TRIES: usize = 3;
+
+/// What netcheck found.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub stun_targets: Vec<String>,
+    /// Whether any STUN target answered (UDP gets out and back).
+    pub udp: bool,
+    /// The address each target saw us at.
+    pub mapped: Vec<Option<String>>,
+    /// `endpoint-independent`, `endpoint-dependent`, or `unknown`.
+    pub mapping: String,
+    /// Round trip to the first target.
+    pub stun_rtt_ms: Option<f64>,
+    /// A datagram to our own public address came back to us.
+    pub hairpinning: Option<bool>,
+    pub gateway: Option<String>,
+    pub nat_pmp: bool,
+    pub pcp: bool,
+    pub upnp_igd: bool,
+}
+
+/// One Binding exchange on `socket` with `target`: (mapped address, round trip).
+fn binding(socket: &UdpSocket, target: SocketAddr) -> Option<(SocketAddr, Duration)> {
+    let mut transaction = [0u8; 12];
+    rand::thread_rng().fill_bytes(&mut transaction);
+    let request = stun::binding_request(transaction);
+    let mut buf = [0u8; 1500];
+    for _ in 0..TRIES {
+        let sent = Instant::now();
+        socket.send_to(&request, target).ok()?;
+        while sent.elapsed() < WAIT {
+            socket
+                .set_read_timeout(Some(WAIT.saturating_sub(sent.elapsed()).max(Duration::from_millis(1))))
+                .ok()?;
+            let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                break;
+            };
+            if from == target
+                && let Some(mapped) = stun::parse_binding_response(&buf[..n], &transaction)
+            {
+                return Some((mapped, sent.elapsed()));
+            }
+        }
+    }
+    None
+}
+
+/// The IPv4 default gateway from `/proc/net/route`.
+fn default_gateway() -> Option<Ipv4Addr> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&"00000000")).then(|| {
+            u32::from_str_radix(f.get(2)?, 16)
+                .ok()
+                .map(|g| Ipv4Addr::from(g.swap_bytes()))
+        })?
+    })
+}
+
+/// Ask `gateway` on UDP 5351 with `request`; whether an answer with `version` came back.
+fn answers_on_5351(gateway: Ipv4Addr, request: &[u8], version: u8) -> bool {
+    let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else {
+        return false;
+    };
+    let _ = socket.set_read_timeout(Some(WAIT));
+    let mut buf = [0u8; 1100];
+    socket.send_to(request, (gateway, 5351)).is_ok()
+        && socket
+            .recv_from(&mut buf)
+            .is_ok_and(|(n, from)| from.ip() == IpAddr::V4(gateway) && n >= 8 && buf[0] == version)
+}
+
+/// Whether a UPnP Internet Gateway Device answers an SSDP search.
+fn upnp_igd() -> bool {
+    let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else {
+        return false;
+    };
+    let _ = socket.set_read_timeout(Some(WAIT));
+    let search = "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\n\
+                  ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n";
+    let mut buf = [0u8; 2048];
+    socket.send_to(search.as_bytes(), "239.255.255.250:1900").is_ok()
+        && socket
+            .recv_from(&mut buf)
+            .is_ok_and(|(n, _)| String::from_utf8_lossy(&buf[..n]).contains("InternetGatewayDevice"))
+}
+
+/// Run every check against the STUN `targets` (the coordinator's two ports).
+pub fn run(targets: [SocketAddr; 2]) -> Result<Report> {
+    let socket = UdpSocket::bind("0.0.0.0:0").context("cannot open a UDP socket")?;
+    let answers: Vec<Option<(SocketAddr, Duration)>> = targets.iter().map(|t| binding(&socket, *t)).collect();
+    let mapped: Vec<Option<SocketAddr>> = answers.iter().map(|a| a.map(|(m, _)| m)).collect();
+    let mapping = match (mapped[0], mapped[1]) {
+        (Some(a), Some(b)) if a == b => "endpoint-independent",
+        (Some(_), Some(_)) => "endpoint-dependent",
+        _ => "unknown",
+    };
+    let hairpinning = mapped[0].map(|public| {
+        let other = UdpSocket::bind("0.0.0.0:0").ok();
+        let _ = socket.set_read_timeout(Some(WAIT));
+        let marker = b"tunnelmesh-hairpin";
+        let mut buf = [0u8; 64];
+        other.is_some_and(|o| o.send_to(marker, public).is_ok())
+            && socket.recv_from(&mut buf).is_ok_and(|(n, _)| &buf[..n] == marker)
+    });
+    let gateway = default_gateway();
+    // NAT-PMP: version 0, opcode 0 (external address). PCP: version 2, ANNOUNCE.
+    let nat_pmp = gateway.is_some_and(|g| answers_on_5351(g, &[0, 0], 0));
+    let mut announce = [0u8; 24];
+    announce[0] = 2;
+    let pcp = gateway.is_some_and(|g| answers_on_5351(g, &announce, 2));
+    Ok(Report {
+        stun_targets: targets.iter().map(|t| t.to_string()).collect(),
+        udp: answers.iter().any(Option::is_some),
+        mapped: mapped.iter().map(|m| m.map(|a| a.to_string())).collect(),
+        mapping: mapping.into(),
+        stun_rtt_ms: answers.iter().flatten().next().map(|(_, rtt)| rtt.as_secs_f64() * 1e3),
+        hairpinning,
+        gateway: gateway.map(|g| g.to_string()),
+        nat_pmp,
+        pcp,
+        upnp_igd: upnp_igd(),
+    })
+}
+
+/// The two STUN targets of a coordinator: `HOST` from `https://HOST:PORT`, or `HOST[:PORT]`.
+pub fn targets(coordinator: &str, second_port: Option<u16>) -> Result<[SocketAddr; 2]> {
+    let rest = coordinator
+        .strip_prefix("https://")
+        .unwrap_or(coordinator)
+        .trim_end_matches('/');
+    let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h).trim_matches(['[', ']']);
+    let first = (host, stun::DEFAULT_PORT)
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {host}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{host} has no address"))?;
+    let second = SocketAddr::new(first.ip(), second_port.unwrap_or(stun::DEFAULT_SECOND_PORT));
+    Ok([first, second])
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        writeln!(f, "STUN targets: {}", self.stun_targets.join(", "))?;
+        writeln!(
+            f,
+            "UDP: {}",
+            if self.udp {
+                "works (STUN answered)"
+            } else {
+                "blocked (no STUN answer)"
+            }
+        )?;
+        let seen: Vec<String> = self
+            .mapped
+            .iter()
+            .map(|m| m.clone().unwrap_or_else(|| "-".into()))
+            .collect();
+        writeln!(f, "public address as seen by each target: {}", seen.join(", "))?;
+        let meaning = match self.mapping.as_str() {
+            "endpoint-independent" => " (hole punching works)",
+            "endpoint-dependent" => " (symmetric NAT: direct paths need the other side to be easy, else the relay)",
+            _ => "",
+        };
+        writeln!(f, "mapping: {}{meaning}", self.mapping)?;
+        match self.stun_rtt_ms {
+            Some(ms) => writeln!(f, "STUN RTT: {ms:.2} ms")?,
+            None => writeln!(f, "STUN RTT: -")?,
+        }
+        match self.hairpinning {
+            Some(h) => writeln!(f, "hairpinning: {}", yes(h))?,
+            None => writeln!(f, "hairpinning: unknown")?,
+        }
+        writeln!(f, "gateway: {}", self.gateway.as_deref().unwrap_or("none"))?;
+        writeln!(
+            f,
+            "port mapping: NAT-PMP {}, PCP {}, UPnP-IGD {}",
+            yes(self.nat_pmp),
+            yes(self.pcp),
+            yes(self.upnp_igd)
+        )
+    }
+}
