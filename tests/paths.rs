@@ -322,3 +322,39 @@ fn on_an_open_network_traffic_goes_direct_and_falls_back_when_the_direct_path_di
     let (sent, received, same) = stream.finish();
     assert!(sent > 0 && sent == received && same, "{sent} sent, {received} received");
 }
+
+#[test]
+fn a_peer_that_moves_to_another_subnet_is_back_within_5_s_without_the_coordinator() {
+    let (lab, mut c, p1, p2, hosts) = two_peers(64, "");
+    let v4 = lab.mesh_addrs(p2).0;
+    assert!(
+        lab.ping_until_reply(&lab.nodes[p1].ns, &v4, Duration::from_secs(10))
+            .is_some()
+    );
+    eventually("direct UDP", Duration::from_secs(5), || path(&lab, p1, p2) == "udp");
+    // No help from the coordinator from here on.
+    c.kill();
+    let (old, new) = (hosts[1].1, Ipv4Addr::new(198, 18, 65, 2));
+    let dev = |ns: &str, addr: Ipv4Addr| {
+        let out = lab.sh(
+            ns,
+            &format!("ip -o -4 addr show | awk '$4 == \"{addr}/24\" {{print $2}}'"),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (d1, d2) = (dev(&hosts[1].0, old), dev(&hosts[2].0, hosts[2].1));
+    lab.sh(
+        &hosts[1].0,
+        &format!(
+            "ip addr del {old}/24 dev {d1} && ip addr add {new}/24 dev {d1} && ip route add 198.18.64.0/24 dev {d1}"
+        ),
+    );
+    lab.sh(&hosts[2].0, &format!("ip route add 198.18.65.0/24 dev {d2}"));
+    let back = lab
+        .ping_until_reply(&lab.nodes[p1].ns, &v4, Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("tunnel not back within 5 s:\n{}\n{}", lab.log(p1), lab.log(p2)));
+    eprintln!("back after the move in {back:?}");
+    let endpoint = lab.peer_status(p2, p1)["endpoint"].as_str().unwrap_or("").to_string();
+    assert!(endpoint.starts_with(&format!("{new}:")), "p2 follows p1 to {endpoint}");
+    assert_eq!(path(&lab, p1, p2), "udp");
+}
