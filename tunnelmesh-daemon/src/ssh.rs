@@ -215,8 +215,14 @@ impl russh::client::Handler for ClientHandler {
     }
 }
 
-/// Dial `peer`'s SSH transport and pump messages until the connection ends.
-async fn dial(dev: Arc<Device>, peer: Arc<Peer>, client_key: Arc<PrivateKey>) -> Result<()> {
+/// Dial `peer`'s SSH transport and pump messages until the connection ends; `connected` is set
+/// once the channel is open.
+async fn dial(
+    dev: Arc<Device>,
+    peer: Arc<Peer>,
+    client_key: Arc<PrivateKey>,
+    connected: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
     let address = peer.ssh_endpoint.ok_or_else(|| anyhow!("no SSH endpoint"))?;
     let config = Arc::new(russh::client::Config {
         keepalive_interval: Some(KEEPALIVE),
@@ -243,16 +249,24 @@ async fn dial(dev: Arc<Device>, peer: Arc<Peer>, client_key: Arc<PrivateKey>) ->
     .await
     .map_err(|_| anyhow!("connecting timed out"))??;
     let channel = session.channel_open_session().await?;
+    connected.store(true, Ordering::Relaxed);
     pump(dev, peer, channel).await;
     drop(session);
     Ok(())
 }
 
-/// Keep an SSH connection to every peer whose path manager wants one, with backoff.
+/// A dial in progress (or done): its task, whether it got connected, the wait it ends with.
+struct Dial {
+    task: tokio::task::JoinHandle<()>,
+    connected: Arc<std::sync::atomic::AtomicBool>,
+    backoff: Duration,
+}
+
+/// Keep an SSH connection to every peer whose path manager wants one, with backoff (reset by a
+/// connection that came up).
 pub async fn supervise(dev: Arc<Device>, client_key: PrivateKey) {
     let client_key = Arc::new(client_key);
-    let mut dialing: std::collections::HashMap<[u8; 32], (tokio::task::JoinHandle<()>, Duration)> =
-        std::collections::HashMap::new();
+    let mut dialing: std::collections::HashMap<[u8; 32], Dial> = std::collections::HashMap::new();
     while !dev.shutdown.load(Ordering::Relaxed) {
         let table = dev.peers.load_full();
         dialing.retain(|key, _| table.get(key).is_some());
@@ -262,18 +276,27 @@ pub async fn supervise(dev: Arc<Device>, client_key: PrivateKey) {
             }
             let key = *peer.identity.noise_public();
             let backoff = match dialing.get(&key) {
-                Some((task, _)) if !task.is_finished() => continue,
-                Some((_, b)) => *b,
+                Some(d) if !d.task.is_finished() => continue,
+                Some(d) if d.connected.load(Ordering::Relaxed) => REDIAL_MIN,
+                Some(d) => (d.backoff * 2).min(REDIAL_MAX),
                 None => REDIAL_MIN,
             };
-            let (dev, peer, client_key) = (dev.clone(), peer.clone(), client_key.clone());
+            let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (dev, peer, client_key, flag) = (dev.clone(), peer.clone(), client_key.clone(), connected.clone());
             let task = tokio::spawn(async move {
-                if let Err(e) = dial(dev, peer.clone(), client_key).await {
+                if let Err(e) = dial(dev, peer.clone(), client_key, flag).await {
                     debug!(peer = %peer.name, "SSH transport: {e:#}");
                 }
                 tokio::time::sleep(backoff).await;
             });
-            dialing.insert(key, (task, (backoff * 2).min(REDIAL_MAX)));
+            dialing.insert(
+                key,
+                Dial {
+                    task,
+                    connected,
+                    backoff,
+                },
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

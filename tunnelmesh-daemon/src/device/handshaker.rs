@@ -243,7 +243,7 @@ impl Handshaker {
             self.dev.relay_tx.load().is_some(),
         ];
         let seen = |stamp: &std::sync::atomic::AtomicU64| self.dev.clock.instant(stamp.load(Ordering::Relaxed));
-        let rx: Vec<Option<Instant>> = peer.rx_via.iter().map(seen).collect();
+        let rx: [Option<Instant>; 3] = std::array::from_fn(|i| seen(&peer.rx_via[i]));
         let data_sent = seen(&peer.activity.data_sent);
         let has_key = peer.keys.load().current.is_some();
         let st = self.state(peer);
