@@ -38,17 +38,30 @@ fn iperf(lab: &Lab, server_ns: &str, client_ns: &str, dst: &str, extra: &str) ->
     v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0)
 }
 
-/// Average ping RTT in milliseconds.
-fn ping_ms(lab: &Lab, ns: &str, dst: &str) -> f64 {
-    let out = lab.sh(ns, &format!("ping -n -q -c 50 -i 0.02 {dst}"));
+/// Run `ping ARGS DST` in `ns`: (average RTT in ms, loss in %).
+fn ping_stats(lab: &Lab, ns: &str, args: &str, dst: &str) -> (f64, f64) {
+    let out = lab.sh(ns, &format!("ping -n -q {args} {dst}"));
     let text = String::from_utf8_lossy(&out.stdout);
-    // rtt min/avg/max/mdev = 0.040/0.052/0.081/0.009 ms
-    text.lines()
+    // "…, 0% packet loss, …" and "rtt min/avg/max/mdev = 0.040/0.052/0.081/0.009 ms"
+    let loss = text
+        .split(',')
+        .find(|p| p.contains("packet loss"))
+        .and_then(|p| p.trim().split('%').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    let rtt = text
+        .lines()
         .find(|l| l.contains("min/avg/max"))
         .and_then(|l| l.split('=').nth(1))
         .and_then(|v| v.trim().split('/').nth(1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
+        .unwrap_or(f64::NAN);
+    (rtt, loss)
+}
+
+/// Average RTT of 50 pings, in milliseconds.
+fn ping_ms(lab: &Lab, ns: &str, dst: &str) -> f64 {
+    ping_stats(lab, ns, "-c 50 -i 0.02", dst).0
 }
 
 fn main() {
@@ -349,7 +362,7 @@ mod shield {
     };
 
     use serde_json::{Value, json};
-    use tunnelmesh_tests::{Lab, NodeOptions, PORT, bpftool_dump};
+    use tunnelmesh_tests::{Lab, NodeOptions, PORT, percpu_sums};
 
     use super::{SECONDS, cpu_seconds, iperf, write_json};
 
@@ -405,38 +418,16 @@ mod shield {
 
     /// (average RTT ms, loss %) of 200 pings at 100 Hz.
     fn ping(lab: &Lab, ns: &str, dst: &str) -> (f64, f64) {
-        let out = lab.sh(ns, &format!("ping -n -q -c 200 -i 0.01 -W 1 {dst}"));
-        let text = String::from_utf8_lossy(&out.stdout);
-        let loss = text
-            .split(',')
-            .find(|p| p.contains("packet loss"))
-            .and_then(|p| p.trim().split('%').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(f64::NAN);
-        let rtt = text
-            .lines()
-            .find(|l| l.contains("min/avg/max"))
-            .and_then(|l| l.split('=').nth(1))
-            .and_then(|v| v.trim().split('/').nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(f64::NAN);
-        (rtt, loss)
+        super::ping_stats(lab, ns, "-c 200 -i 0.01 -W 1", dst)
     }
 
+    /// Datagrams the shield dropped (every reason but `passed`, key 0).
     fn shield_dropped(iface: &str) -> u64 {
         let pin = format!("/sys/fs/bpf/tunnelmesh/{iface}/shield_counters");
         if !std::path::Path::new(&pin).exists() {
             return 0;
         }
-        bpftool_dump(&pin)
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|e| e.get("formatted"))
-            .filter(|e| e["key"].as_u64() != Some(0))
-            .flat_map(|e| e["values"].as_array().unwrap().clone())
-            .map(|v| v["value"].as_u64().unwrap_or(0))
-            .sum()
+        percpu_sums(&pin).iter().filter(|(k, _)| **k != 0).map(|(_, n)| n).sum()
     }
 
     /// Flooding threads: one per core, as a botnet would not be polite either.
@@ -568,11 +559,9 @@ mod paths {
     use std::{fs, thread, time::Duration};
 
     use serde_json::json;
-    use tunnelmesh_tests::{Lab, PORT, eventually};
+    use tunnelmesh_tests::{ALLOW_ALL, Lab, PORT, eventually};
 
     use super::{SECONDS, cpu_seconds, iperf, ping_ms, write_json};
-
-    const ALLOW_ALL: &str = "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
 
     pub fn run() {
         let mut lab = Lab::new();
@@ -585,33 +574,12 @@ mod paths {
             format!("{}\n{}\n", lab.nodes[p1].public_line, lab.nodes[p2].public_line),
         )
         .unwrap();
-        let policy = lab.dir.path().join("policy.toml");
-        fs::write(&policy, ALLOW_ALL).unwrap();
-        let c = lab.coordinator(
-            &hosts[0].0,
-            hosts[0].1,
-            &[
-                "--authorized-keys",
-                authorized.to_str().unwrap(),
-                "--policy",
-                policy.to_str().unwrap(),
-                // Measure what the relay can do, not its default per-peer limit.
-                "--relay-limit-mbit",
-                "100000",
-            ],
-        );
+        // Measure what the relay can do, not its default per-peer limit.
+        let c = lab.coordinator_with_policy(&hosts[0], &authorized, ALLOW_ALL, &["--relay-limit-mbit", "100000"]);
         lab.join(p1, &c, &[]);
         lab.join(p2, &c, &[]);
         let (ns1, ns2) = (lab.nodes[p1].ns.clone(), lab.nodes[p2].ns.clone());
         let mesh2 = lab.mesh_addrs(p2).0;
-        let path = |i: usize, peer: usize| {
-            let fp = lab.fingerprint(peer);
-            lab.status(i)["peers"]
-                .as_array()
-                .and_then(|ps| ps.iter().find(|p| p["fingerprint"] == fp.as_str()).cloned())
-                .map(|p| p["path"].as_str().unwrap_or("").to_string())
-                .unwrap_or_default()
-        };
         let pids = [lab.pid(p1).unwrap(), lab.pid(p2).unwrap()];
         let cpu = || pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
         let mut rows = Vec::new();
@@ -625,7 +593,7 @@ mod paths {
             let _ = lab.ping_until_reply(&ns1, &mesh2, Duration::from_secs(10));
             eventually(&format!("both peers on {kind}"), Duration::from_secs(90), || {
                 let _ = lab.ping(&ns1, &mesh2, 1);
-                path(p1, p2) == kind && path(p2, p1) == kind
+                lab.peer_path(p1, p2) == kind && lab.peer_path(p2, p1) == kind
             });
             thread::sleep(Duration::from_secs(1));
             let before = cpu();

@@ -3,9 +3,7 @@
 
 use std::{fs, time::Duration};
 
-use tunnelmesh_tests::{Coordinator, Lab, eventually};
-
-const ALLOW_ALL: &str = "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
+use tunnelmesh_tests::{ALLOW_ALL, Coordinator, Lab, eventually};
 
 /// A switched lab: coordinator in the first namespace, `peers` nodes in the others.
 fn mesh(net: u8, peers: usize) -> (Lab, Coordinator, Vec<usize>) {
@@ -33,7 +31,7 @@ fn mesh(net: u8, peers: usize) -> (Lab, Coordinator, Vec<usize>) {
         .collect();
     fs::write(&authorized, lines).unwrap();
     // Default deny: these tests are about membership, so everyone may reach everyone.
-    let c = lab.coordinator_with_policy(&hosts[0], &authorized, ALLOW_ALL);
+    let c = lab.coordinator_with_policy(&hosts[0], &authorized, ALLOW_ALL, &[]);
     (lab, c, nodes)
 }
 

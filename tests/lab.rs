@@ -24,6 +24,9 @@ use sha2::{Digest, Sha256};
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
+/// A policy under which every member may reach every member (tests about something else).
+pub const ALLOW_ALL: &str = "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
+
 /// Mesh UDP port used by nodes unless a test picks another.
 pub const PORT: u16 = 51820;
 
@@ -584,25 +587,29 @@ impl Lab {
     }
 
     /// Start a coordinator at `host` admitting `authorized_keys`, with `policy` (written to the
-    /// lab's `policy.toml`, which tests may edit while it runs).
+    /// lab's `policy.toml`, which tests may edit while it runs) and `extra` arguments.
     pub fn coordinator_with_policy(
         &mut self,
         host: &(String, Ipv4Addr),
         authorized: &Path,
         policy: &str,
+        extra: &[&str],
     ) -> Coordinator {
         let path = self.dir.path().join("policy.toml");
         fs::write(&path, policy).unwrap();
-        self.coordinator(
-            &host.0,
-            host.1,
-            &[
-                "--authorized-keys",
-                authorized.to_str().unwrap(),
-                "--policy",
-                path.to_str().unwrap(),
-            ],
-        )
+        let mut args = vec![
+            "--authorized-keys",
+            authorized.to_str().unwrap(),
+            "--policy",
+            path.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.coordinator(&host.0, host.1, &args)
+    }
+
+    /// The path node `i` sends to `peer` on (`udp`, `ssh`, `relay`), from its status.
+    pub fn peer_path(&self, i: usize, peer: usize) -> String {
+        self.peer_status(i, peer)["path"].as_str().unwrap_or("").to_string()
     }
 
     /// Mesh addresses (IPv4, IPv6) of node `i`, from its status.
@@ -717,6 +724,26 @@ pub fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool
         thread::sleep(Duration::from_millis(100));
     }
     panic!("{what}: not within {timeout:?}");
+}
+
+/// The per-CPU counters of the pinned array PIN, read with bpftool and summed over CPUs, by key.
+pub fn percpu_sums(pin: &str) -> std::collections::BTreeMap<u64, u64> {
+    bpftool_dump(pin)
+        .as_array()
+        .expect("bpftool prints an array")
+        .iter()
+        .map(|entry| {
+            // With BTF, bpftool prints typed entries under "formatted".
+            let e = entry.get("formatted").unwrap_or(entry);
+            let sum = e["values"]
+                .as_array()
+                .expect("per-CPU values")
+                .iter()
+                .map(|v| v["value"].as_u64().unwrap_or(0))
+                .sum();
+            (e["key"].as_u64().expect("u32 key"), sum)
+        })
+        .collect()
 }
 
 /// `bpftool -j map dump pinned PIN`, parsed.

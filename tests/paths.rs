@@ -14,9 +14,8 @@ use std::{
 };
 
 use sha2::{Digest, Sha256};
-use tunnelmesh_tests::{Coordinator, Lab, eventually};
+use tunnelmesh_tests::{ALLOW_ALL, Coordinator, Lab, eventually};
 
-const ALLOW_ALL: &str = "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n";
 /// Sent through the tunnel; must never appear where the coordinator can see.
 const MARKER: &[u8] = b"TUNNELMESH-PLAINTEXT-MARKER-7f3a9c";
 
@@ -34,20 +33,12 @@ fn two_peers(net: u8, block: &str) -> (Lab, Coordinator, usize, usize, Vec<(Stri
         .map(|&n| format!("{}\n", lab.nodes[n].public_line))
         .collect();
     fs::write(&authorized, lines).unwrap();
-    let policy = lab.dir.path().join("policy.toml");
-    fs::write(&policy, ALLOW_ALL).unwrap();
     let dump = lab.dir.path().join("relay.dump");
-    let c = lab.coordinator(
-        &hosts[0].0,
-        hosts[0].1,
-        &[
-            "--authorized-keys",
-            authorized.to_str().unwrap(),
-            "--policy",
-            policy.to_str().unwrap(),
-            "--relay-dump",
-            dump.to_str().unwrap(),
-        ],
+    let c = lab.coordinator_with_policy(
+        &hosts[0],
+        &authorized,
+        ALLOW_ALL,
+        &["--relay-dump", dump.to_str().unwrap()],
     );
     if !block.is_empty() {
         set_block(&lab, &hosts, block);
@@ -72,7 +63,7 @@ fn lift_block(lab: &Lab, hosts: &[(String, Ipv4Addr)]) {
 }
 
 fn path(lab: &Lab, i: usize, peer: usize) -> String {
-    lab.peer_status(i, peer)["path"].as_str().unwrap_or("").to_string()
+    lab.peer_path(i, peer)
 }
 
 /// `tunnelmesh ping` from node `i` to `peer`: its output.

@@ -39,7 +39,7 @@ fn web_db_laptop(net: u8, no_ebpf: bool) {
     let authorized = lab.dir.path().join("authorized_keys");
     let lines: String = ids.iter().map(|&n| format!("{}\n", lab.nodes[n].public_line)).collect();
     fs::write(&authorized, lines).unwrap();
-    let c = lab.coordinator_with_policy(&hosts[0], &authorized, RULES);
+    let c = lab.coordinator_with_policy(&hosts[0], &authorized, RULES, &[]);
     let policy = lab.dir.path().join("policy.toml");
     let extra: &[&str] = if no_ebpf { &["--no-ebpf"] } else { &[] };
     for &n in &ids {

@@ -2,24 +2,12 @@
 
 use std::{net::UdpSocket, time::Duration};
 
-use tunnelmesh_tests::{Lab, NodeOptions, bpftool_dump};
+use tunnelmesh_tests::{Lab, NodeOptions, bpftool_dump, percpu_sums};
 
-/// Sum of each per-CPU counter in the pinned shield map, read with bpftool.
+/// Sum of each per-CPU counter in the pinned shield map, by reason.
 fn shield_counters(iface: &str) -> Vec<u64> {
-    let entries = bpftool_dump(&format!("/sys/fs/bpf/tunnelmesh/{iface}/shield_counters"));
-    let mut sums = vec![0u64; 7];
-    for entry in entries.as_array().expect("array") {
-        // With BTF, bpftool prints typed entries under "formatted".
-        let e = entry.get("formatted").unwrap_or(entry);
-        let key = e["key"].as_u64().expect("u32 key") as usize;
-        sums[key] = e["values"]
-            .as_array()
-            .expect("per-CPU values")
-            .iter()
-            .map(|v| v["value"].as_u64().unwrap_or(0))
-            .sum();
-    }
-    sums
+    let sums = percpu_sums(&format!("/sys/fs/bpf/tunnelmesh/{iface}/shield_counters"));
+    (0..7).map(|reason| sums.get(&reason).copied().unwrap_or(0)).collect()
 }
 
 #[test]

@@ -28,16 +28,21 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(200);
 /// At most one "stale session" hint per worker per this interval.
 const STALE_HINT_INTERVAL: Duration = Duration::from_millis(500);
 
-pub struct Worker {
+/// What handling one received message needs, apart from the buffers it lives in.
+struct Ctx {
     dev: Arc<Device>,
     tun: OwnedFd,
+    last_stale_hint: Option<Instant>,
+}
+
+pub struct Worker {
+    ctx: Ctx,
     udp: UdpSocket,
     /// Messages that arrived on SSH connections or the relay (shared by all workers).
     inbox: UnixDatagram,
     inbox_buf: Vec<u8>,
     rx: Batch,
     tx: Batch,
-    last_stale_hint: Option<Instant>,
 }
 
 impl Worker {
@@ -48,16 +53,18 @@ impl Worker {
             tx: Batch::new(BATCH, slot),
             inbox_buf: vec![0u8; slot + INBOX_HEADER],
             inbox,
-            dev,
-            tun,
+            ctx: Ctx {
+                dev,
+                tun,
+                last_stale_hint: None,
+            },
             udp,
-            last_stale_hint: None,
         }
     }
 
     pub fn run(mut self) {
-        while !self.dev.shutdown.load(Ordering::Relaxed) {
-            let fds = [self.tun.as_fd(), self.udp.as_fd(), self.inbox.as_fd()];
+        while !self.ctx.dev.shutdown.load(Ordering::Relaxed) {
+            let fds = [self.ctx.tun.as_fd(), self.udp.as_fd(), self.inbox.as_fd()];
             let ready = match poll::readable(fds, POLL_TIMEOUT) {
                 Ok(r) => r,
                 Err(e) => {
@@ -79,14 +86,17 @@ impl Worker {
 
     /// TUN → network: read a burst, seal in place, send as one batch.
     fn transmit(&mut self) {
-        let mtu = self.dev.mtu;
+        let mtu = self.ctx.dev.mtu;
         loop {
             let now = Instant::now();
-            let table = self.dev.peers.load();
+            let table = self.ctx.dev.peers.load();
             let mut n = 0;
             while n < BATCH {
                 let buf = self.tx.buf_mut(n);
-                let len = match tun::read(&self.tun, &mut buf[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + mtu]) {
+                let len = match tun::read(
+                    &self.ctx.tun,
+                    &mut buf[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + mtu],
+                ) {
                     Ok(Some(len)) => len,
                     Ok(None) => break,
                     Err(e) => {
@@ -94,7 +104,7 @@ impl Worker {
                         break;
                     }
                 };
-                if let Some((sealed, dst)) = seal_outbound(&self.dev, &table, self.tx.buf_mut(n), len, now) {
+                if let Some((sealed, dst)) = seal_outbound(&self.ctx.dev, &table, self.tx.buf_mut(n), len, now) {
                     self.tx.set_send(n, sealed, dst);
                     n += 1;
                 }
@@ -102,7 +112,8 @@ impl Worker {
             if n > 0 {
                 let outcome = self.tx.send(self.udp.as_fd(), n);
                 if outcome.failed > 0 {
-                    self.dev
+                    self.ctx
+                        .dev
                         .counters
                         .tx_send_failed
                         .fetch_add(outcome.failed as u64, Ordering::Relaxed);
@@ -129,21 +140,12 @@ impl Worker {
                 return;
             }
             let now = Instant::now();
-            let sessions = self.dev.sessions.load();
-            let table = self.dev.peers.load();
+            let sessions = self.ctx.dev.sessions.load();
+            let table = self.ctx.dev.peers.load();
             for i in 0..got {
                 let (msg, src) = self.rx.packet_mut(i);
                 let via = Via::Udp(src);
-                dispatch(
-                    &self.dev,
-                    &table,
-                    &sessions,
-                    &self.tun,
-                    &mut self.last_stale_hint,
-                    msg,
-                    via,
-                    now,
-                );
+                self.ctx.dispatch(&table, &sessions, msg, via, now);
             }
             if got < BATCH {
                 return;
@@ -166,52 +168,43 @@ impl Worker {
                 _ => Via::Relay(key),
             };
             let now = Instant::now();
-            let sessions = self.dev.sessions.load();
-            let table = self.dev.peers.load();
+            let sessions = self.ctx.dev.sessions.load();
+            let table = self.ctx.dev.peers.load();
             let msg = &mut self.inbox_buf[INBOX_HEADER..n];
-            dispatch(
-                &self.dev,
-                &table,
-                &sessions,
-                &self.tun,
-                &mut self.last_stale_hint,
-                msg,
-                via,
-                now,
-            );
+            self.ctx.dispatch(&table, &sessions, msg, via, now);
         }
     }
 }
 
-/// Handle one wire message that arrived `via` a path.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn dispatch(
-    dev: &Device,
-    table: &PeerTable,
-    sessions: &std::collections::HashMap<u32, Arc<IndexEntry>>,
-    tun: &OwnedFd,
-    last_stale_hint: &mut Option<Instant>,
-    msg: &mut [u8],
-    via: Via,
-    now: Instant,
-) {
-    match wire::classify(msg) {
-        Err(_) => Counters::bump(&dev.counters.rx_malformed),
-        Ok(Kind::Data) => match sessions.get(&wire::receiver_index(msg)) {
-            Some(entry) => open_inbound(dev, table, tun, entry, msg, via, now),
-            None => {
-                Counters::bump(&dev.counters.rx_unknown_index);
-                if last_stale_hint.is_none_or(|t| now.duration_since(t) >= STALE_HINT_INTERVAL) {
-                    *last_stale_hint = Some(now);
-                    let _ = dev.events.try_send(Event::StaleSession(via));
+impl Ctx {
+    /// Handle one wire message that arrived `via` a path.
+    #[inline]
+    fn dispatch(
+        &mut self,
+        table: &PeerTable,
+        sessions: &std::collections::HashMap<u32, Arc<IndexEntry>>,
+        msg: &mut [u8],
+        via: Via,
+        now: Instant,
+    ) {
+        let (dev, tun, last_stale_hint) = (&*self.dev, &self.tun, &mut self.last_stale_hint);
+        match wire::classify(msg) {
+            Err(_) => Counters::bump(&dev.counters.rx_malformed),
+            Ok(Kind::Data) => match sessions.get(&wire::receiver_index(msg)) {
+                Some(entry) => open_inbound(dev, table, tun, entry, msg, via, now),
+                None => {
+                    Counters::bump(&dev.counters.rx_unknown_index);
+                    if last_stale_hint.is_none_or(|t| now.duration_since(t) >= STALE_HINT_INTERVAL) {
+                        *last_stale_hint = Some(now);
+                        let _ = dev.events.try_send(Event::StaleSession(via));
+                    }
                 }
-            }
-        },
-        Ok(_) => {
-            let event = Event::Handshake { msg: msg.to_vec(), via };
-            if dev.events.try_send(event).is_err() {
-                Counters::bump(&dev.counters.handshake_queue_full);
+            },
+            Ok(_) => {
+                let event = Event::Handshake { msg: msg.to_vec(), via };
+                if dev.events.try_send(event).is_err() {
+                    Counters::bump(&dev.counters.handshake_queue_full);
+                }
             }
         }
     }

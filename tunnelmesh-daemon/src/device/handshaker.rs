@@ -212,9 +212,7 @@ impl Handshaker {
                 nonce,
             } => {
                 // Answer on the path the request came on: that is the path it tests.
-                let answer = probe::encode(true, nonce);
-                self.scratch[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + probe::LEN].copy_from_slice(&answer);
-                self.seal_and_send(&peer, probe::LEN, via, now);
+                self.send_probe(&peer, via, true, nonce, now);
             }
             Event::Probe {
                 peer,
@@ -268,9 +266,7 @@ impl Handshaker {
                 PathAction::Probe(kind, nonce) => {
                     debug!(peer = %peer.name, path = kind.name(), nonce, "probing");
                     if let Some(via) = Via::to_peer(peer, kind) {
-                        let p = probe::encode(false, nonce);
-                        self.scratch[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + probe::LEN].copy_from_slice(&p);
-                        self.seal_and_send(peer, probe::LEN, via, now);
+                        self.send_probe(peer, via, false, nonce, now);
                     }
                 }
                 PathAction::Switch(kind) => {
@@ -344,9 +340,7 @@ impl Handshaker {
             };
             self.ping_nonce = self.ping_nonce.wrapping_add(1) | PING_NONCE;
             let nonce = self.ping_nonce;
-            let p = probe::encode(false, nonce);
-            self.scratch[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + probe::LEN].copy_from_slice(&p);
-            self.seal_and_send(peer, probe::LEN, via, now);
+            self.send_probe(peer, via, false, nonce, now);
             probes.push((nonce, kind, via.to_string(), None));
         }
         self.pings.push(PendingPing {
@@ -699,18 +693,30 @@ impl Handshaker {
     }
 
     /// Seal `len` bytes already in `scratch[16..]` on the current key and send them on the
-    /// path in use.
+    /// path in use; the session's timers count it.
     fn send_sealed(&mut self, peer: &Peer, len: usize, now: Instant) -> bool {
-        match Via::to_peer(peer, peer.path()) {
-            Some(via) => self.seal_and_send(peer, len, via, now),
-            None => false,
+        let sent = Via::to_peer(peer, peer.path()).is_some_and(|via| self.seal_via(peer, len, via, now));
+        if sent {
+            let stamp = self.dev.clock.stamp(now);
+            peer.activity.any_sent.store(stamp, Ordering::Relaxed);
+            if len > 0 {
+                peer.activity.data_sent.store(stamp, Ordering::Relaxed);
+                peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            }
         }
+        sent
+    }
+
+    /// Send a path probe on `via`. Probes are path-layer traffic: the session's timers do not
+    /// count them.
+    fn send_probe(&mut self, peer: &Peer, via: Via, reply: bool, nonce: u64, now: Instant) -> bool {
+        self.scratch[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + probe::LEN]
+            .copy_from_slice(&probe::encode(reply, nonce));
+        self.seal_via(peer, probe::LEN, via, now)
     }
 
     /// Seal `len` bytes already in `scratch[16..]` on the current key and send them on `via`.
-    fn seal_and_send(&mut self, peer: &Peer, len: usize, via: Via, now: Instant) -> bool {
-        // A probe is path-layer traffic: the session's timers do not count it.
-        let is_probe = len == probe::LEN && self.scratch[wire::DATA_HEADER_LEN] >> 4 == 0;
+    fn seal_via(&mut self, peer: &Peer, len: usize, via: Via, now: Instant) -> bool {
         let Some(key) = peer.keys.load().current.clone() else {
             return false;
         };
@@ -720,18 +726,7 @@ impl Handshaker {
         let msg = std::mem::take(&mut self.scratch);
         let sent = self.send_via(via, &msg[..total]);
         self.scratch = msg;
-        if !sent {
-            return false;
-        }
-        if !is_probe {
-            let stamp = self.dev.clock.stamp(now);
-            peer.activity.any_sent.store(stamp, Ordering::Relaxed);
-            if len > 0 {
-                peer.activity.data_sent.store(stamp, Ordering::Relaxed);
-                peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-            }
-        }
-        true
+        sent
     }
 
     /// Send packets queued while the session was missing; false if there were none.
