@@ -542,6 +542,43 @@ impl Lab {
         out
     }
 
+    /// A LAN behind `router`: a bridge in the router's namespace at 198.19.`net`.1/24 and a new
+    /// namespace per name at .2, .3, … with a default route via the router. Returns each host's
+    /// namespace and address, and the name of the router's LAN interface.
+    pub fn lan(&mut self, router: &str, net: u8, names: &[&str]) -> (Vec<(String, Ipv4Addr)>, String) {
+        let gateway = Ipv4Addr::new(198, 19, net, 1);
+        let bridge = format!("{}l{net}", self.prefix);
+        self.sh(
+            router,
+            &format!(
+                "ip link add {bridge} type bridge && ip addr add {gateway}/24 dev {bridge} && ip link set {bridge} up"
+            ),
+        );
+        let mut out = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let ns = self.netns(name);
+            let addr = Ipv4Addr::new(198, 19, net, i as u8 + 2);
+            self.links += 1;
+            let (inside, port) = (
+                format!("{}h{}", self.prefix, self.links),
+                format!("{}s{}", self.prefix, self.links),
+            );
+            host(&[
+                "ip", "link", "add", &inside, "netns", &ns, "type", "veth", "peer", "name", &port, "netns", router,
+            ]);
+            self.sh(
+                &ns,
+                &format!("ip addr add {addr}/24 dev {inside} && ip link set {inside} up && ip route add default via {gateway}"),
+            );
+            self.sh(
+                router,
+                &format!("ip link set {port} master {bridge} && ip link set {port} up"),
+            );
+            out.push((ns, addr));
+        }
+        (out, bridge)
+    }
+
     /// Start a coordinator in namespace `ns` listening on `addr`:8443 with `extra` arguments.
     pub fn coordinator(&mut self, ns: &str, addr: Ipv4Addr, extra: &[&str]) -> Coordinator {
         let data_dir = self.dir.path().join("coordinator");

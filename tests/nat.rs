@@ -1,10 +1,16 @@
-//! `tunnelmesh netcheck` behind real NATs: a router namespace with nftables masquerade between a
-//! LAN host and the coordinator's STUN targets.
+//! NAT traversal behind real NATs: router namespaces with nftables masquerade between LAN hosts
+//! and the coordinator. `tunnelmesh netcheck` on each kind of NAT, and the path matrix: which
+//! pairs of peers end direct, on SSH, or on the relay — with traffic flowing in every case.
 
-use std::net::Ipv4Addr;
+use std::{
+    fs,
+    net::Ipv4Addr,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
 
 use serde_json::Value;
-use tunnelmesh_tests::Lab;
+use tunnelmesh_tests::{ALLOW_ALL, Lab, PORT};
 
 /// How the router treats the LAN host's traffic.
 enum Router {
@@ -98,4 +104,225 @@ fn with_udp_blocked_netcheck_says_so() {
     assert_eq!(r["udp"], false, "{r}");
     assert_eq!(r["mapping"], "unknown");
     assert_eq!(r["stun_rtt_ms"], Value::Null);
+}
+
+/// What a router of the matrix does to its LAN's traffic. Every kind drops connections from
+/// outside that its LAN did not open, as a home router does: an unsolicited datagram is dropped
+/// before conntrack keeps it, so it cannot spoil a mapping (see the README on hole punching).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Nat {
+    /// `masquerade`: endpoint-independent mapping (the port is kept), filtering by the remote
+    /// address and port.
+    Restricted,
+    /// `masquerade random,fully-random`: a random port per destination.
+    Symmetric,
+    /// Restricted, and UDP dropped in forwarding (TCP still works).
+    UdpBlocked,
+}
+
+/// Make `router` a NAT for its LAN interface `lan`.
+fn nat_router(lab: &Lab, router: &str, lan: &str, nat: Nat) {
+    let masquerade = match nat {
+        Nat::Symmetric => "masquerade random,fully-random",
+        _ => "masquerade",
+    };
+    let udp = if nat == Nat::UdpBlocked {
+        "meta l4proto udp drop"
+    } else {
+        ""
+    };
+    let rules = format!(
+        "table ip nat {{
+  chain post {{
+    type nat hook postrouting priority 100;
+    oifname != \"{lan}\" {masquerade}
+  }}
+}}
+table inet fw {{
+  chain in {{
+    type filter hook input priority 0; policy accept;
+    iifname != {{ \"lo\", \"{lan}\" }} ct state new drop
+  }}
+  chain through {{
+    type filter hook forward priority 0; policy accept;
+    iifname != \"{lan}\" ct state new drop
+    {udp}
+  }}
+}}
+"
+    );
+    let file = lab.dir.path().join(format!("{router}.nft"));
+    fs::write(&file, rules).unwrap();
+    lab.sh(
+        router,
+        &format!("sysctl -qw net.ipv4.ip_forward=1 && nft -f {}", file.display()),
+    );
+}
+
+/// Ping `dst` from `ns` five times a second for `secs`, in the background: traffic that makes
+/// both ends want a session (and a direct path) while the matrix settles.
+fn keep_pinging(lab: &Lab, ns: &str, dst: &str, secs: u32) -> Child {
+    lab.sh_cmd(ns, &format!("ping -n -q -i 0.2 -w {secs} {dst}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ping runs")
+}
+
+#[test]
+fn nat_matrix_every_pair_ends_on_the_path_its_nats_allow_and_carries_traffic() {
+    let mut lab = Lab::new();
+    // The internet: the coordinator, a public peer, and the routers' WAN sides.
+    let wan = lab.switched(80, &["c", "p", "ra", "rb", "rs", "rt", "rd", "rl", "ru"]);
+    let router = |name: &str| {
+        wan.iter()
+            .find(|(ns, _)| ns.ends_with(&format!("-{name}")))
+            .unwrap()
+            .clone()
+    };
+    let mut hosts: Vec<(&str, (String, Ipv4Addr))> = vec![("p", router("p"))];
+    for (r, net, nat, names) in [
+        ("ra", 81, Nat::Restricted, &["a"][..]),
+        ("rb", 82, Nat::Restricted, &["b"]),
+        ("rs", 83, Nat::Symmetric, &["s"]),
+        ("rt", 84, Nat::Symmetric, &["t"]),
+        ("rl", 87, Nat::Restricted, &["l1", "l2"]),
+        ("ru", 88, Nat::UdpBlocked, &["u"]),
+    ] {
+        let (lan_hosts, bridge) = lab.lan(&router(r).0, net, names);
+        nat_router(&lab, &router(r).0, &bridge, nat);
+        hosts.extend(names.iter().copied().zip(lan_hosts));
+    }
+    // Double NAT: d behind rd2 behind rd, both restricted.
+    let (inner, outer_lan) = lab.lan(&router("rd").0, 85, &["rd2"]);
+    nat_router(&lab, &router("rd").0, &outer_lan, Nat::Restricted);
+    let (d_host, inner_lan) = lab.lan(&inner[0].0, 86, &["d"]);
+    nat_router(&lab, &inner[0].0, &inner_lan, Nat::Restricted);
+    hosts.push(("d", d_host[0].clone()));
+
+    let nodes: Vec<usize> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, (name, (ns, addr)))| lab.node(name, ns, *addr, i as u8 + 1, PORT))
+        .collect();
+    let node = |name: &str| nodes[hosts.iter().position(|(n, _)| *n == name).unwrap()];
+    let authorized = lab.dir.path().join("authorized_keys");
+    let keys: String = nodes
+        .iter()
+        .map(|&n| format!("{}\n", lab.nodes[n].public_line))
+        .collect();
+    fs::write(&authorized, keys).unwrap();
+    let c = lab.coordinator_with_policy(&wan[0], &authorized, ALLOW_ALL, &[]);
+    for &n in &nodes {
+        lab.join(n, &c, &[]);
+    }
+
+    // What each node learned about itself from its tunnel socket.
+    let nat_of = |name: &str| lab.status(node(name))["nat"].clone();
+    let expect_nat = [
+        ("p", "none"),
+        ("a", "easy"),
+        ("s", "hard"),
+        ("d", "easy"),
+        ("l1", "easy"),
+        ("u", "unknown"),
+    ];
+    for (name, kind) in expect_nat {
+        tunnelmesh_tests::eventually(
+            &format!("{name} learns its NAT is {kind}"),
+            Duration::from_secs(10),
+            || nat_of(name)["nat"] == kind,
+        );
+    }
+    assert_eq!(
+        nat_of("a")["reflexive"],
+        format!("{}:{PORT}", router("ra").1),
+        "a Linux masquerade keeps the port"
+    );
+    assert_eq!(
+        nat_of("d")["reflexive"],
+        format!("{}:{PORT}", router("rd").1),
+        "the outer NAT's address"
+    );
+
+    let matrix = [
+        ("p", "a", "udp"),
+        ("p", "s", "udp"),
+        ("p", "d", "udp"),
+        ("p", "u", "ssh"),
+        ("a", "b", "udp"),
+        ("a", "d", "udp"),
+        ("l1", "l2", "udp"),
+        ("l1", "a", "udp"),
+        ("a", "s", "relay"),
+        ("d", "s", "relay"),
+        ("s", "t", "relay"),
+        ("a", "u", "relay"),
+    ];
+    let mesh = |name: &str| lab.mesh_addrs(node(name)).0;
+    let mut pingers: Vec<Child> = matrix
+        .iter()
+        .map(|(x, y, _)| keep_pinging(&lab, &lab.nodes[node(x)].ns, &mesh(y), 60))
+        .collect();
+    let path = |x: &str, y: &str| lab.peer_path(node(x), node(y));
+    let punches = |x: &str, y: &str| {
+        let n = &lab.peer_status(node(x), node(y))["nat"];
+        (n["punches"].as_u64().unwrap_or(0), n["punched"].as_u64().unwrap_or(0))
+    };
+    let start = Instant::now();
+    let mut settled: Vec<Option<Duration>> = vec![None; matrix.len()];
+    while start.elapsed() < Duration::from_secs(45) && settled.iter().any(Option::is_none) {
+        for (i, (x, y, want)) in matrix.iter().enumerate() {
+            if settled[i].is_some() {
+                continue;
+            }
+            let both = path(x, y) == *want && path(y, x) == *want;
+            // A relay pair is settled once punching was tried, failed, and tried again.
+            let tried = *want != "relay" || (punches(x, y).0 >= 2 && punches(y, x).0 >= 2);
+            if both && tried {
+                settled[i] = Some(start.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let mut table = String::from("| peer | peer | path | settled after |\n|---|---|---|---|\n");
+    for (i, (x, y, _)) in matrix.iter().enumerate() {
+        table += &format!(
+            "| {x} | {y} | {} / {} | {} |\n",
+            path(x, y),
+            path(y, x),
+            settled[i].map_or("not settled".into(), |d| format!("{:.1} s", d.as_secs_f64()))
+        );
+    }
+    eprintln!("{table}");
+    for (i, (x, y, want)) in matrix.iter().enumerate() {
+        assert!(
+            settled[i].is_some(),
+            "{x} <-> {y} should end on {want}:\n{table}\n{x}: {}\n{y}: {}",
+            lab.status(node(x)),
+            lab.status(node(y))
+        );
+    }
+    // Direct paths to NAT'd peers came from punching; the same-NAT pair talks over its LAN.
+    for (x, y) in [("a", "b"), ("a", "d"), ("l1", "l2"), ("p", "a")] {
+        let (started, direct) = punches(x, y);
+        assert!(
+            started >= 1 && direct >= 1,
+            "{x} punched to {y}: {started} started, {direct} direct"
+        );
+    }
+    let l1_to_l2 = lab.peer_status(node("l1"), node("l2"))["endpoint"].clone();
+    assert!(
+        l1_to_l2.as_str().is_some_and(|e| e.starts_with("198.19.87.")),
+        "two peers behind one NAT use their LAN addresses, not the NAT's: {l1_to_l2}"
+    );
+    // Traffic flows on every pair, whatever the path.
+    for (x, y, _) in matrix {
+        assert!(lab.ping(&lab.nodes[node(x)].ns, &mesh(y), 3), "{x} -> {y} ping");
+        assert!(lab.ping(&lab.nodes[node(y)].ns, &mesh(x), 3), "{y} -> {x} ping");
+    }
+    for p in &mut pingers {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
 }

@@ -24,11 +24,16 @@ pub enum ShieldReason {
     UnknownIndex = 5,
     /// A handshake initiation beyond its source's budget.
     RateLimited = 6,
+    /// A STUN Binding response (the answer to a request this node sent from its tunnel socket
+    /// to learn its public address); passed to the daemon within its source's budget.
+    Stun = 7,
+    /// A STUN response beyond its source's budget.
+    StunRateLimited = 8,
 }
 
 impl ShieldReason {
     /// Number of counters (size of the counter array).
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 9;
     /// All reasons, in index order.
     pub const ALL: [ShieldReason; Self::COUNT as usize] = [
         ShieldReason::Passed,
@@ -38,7 +43,15 @@ impl ShieldReason {
         ShieldReason::Malformed,
         ShieldReason::UnknownIndex,
         ShieldReason::RateLimited,
+        ShieldReason::Stun,
+        ShieldReason::StunRateLimited,
     ];
+
+    /// Whether datagrams judged this way go on to the daemon.
+    #[inline(always)]
+    pub const fn passes(self) -> bool {
+        matches!(self, ShieldReason::Passed | ShieldReason::Stun)
+    }
 
     /// Stable lower-case name used in status output and docs.
     pub const fn name(self) -> &'static str {
@@ -50,6 +63,8 @@ impl ShieldReason {
             ShieldReason::Malformed => "malformed",
             ShieldReason::UnknownIndex => "unknown_index",
             ShieldReason::RateLimited => "rate_limited",
+            ShieldReason::Stun => "stun",
+            ShieldReason::StunRateLimited => "stun_rate_limited",
         }
     }
 }
@@ -78,6 +93,8 @@ pub struct SourceKey {
 pub const BUDGET_INITIATIONS: u32 = 0;
 /// Budget of unknown-index data messages passed up per source.
 pub const BUDGET_UNKNOWN_INDEX: u32 = 1;
+/// Budget of STUN responses per source.
+pub const BUDGET_STUN: u32 = 2;
 
 /// A token bucket kept as time credit (GCRA): each message costs `interval` nanoseconds of
 /// credit; credit accrues with time up to `interval × burst`.
@@ -94,6 +111,8 @@ pub const fn budget_params(kind: u32) -> (u64, u64) {
         // 5 initiations a second per source, bursts of 20: many peers behind one NAT still fit;
         // a legitimate peer sends at most one every 5 s.
         BUDGET_INITIATIONS => (200_000_000, 20),
+        // A node sends two STUN requests every 25 s (more after a network change).
+        BUDGET_STUN => (100_000_000, 10),
         // One stale-session sample a second per source.
         _ => (1_000_000_000, 1),
     }

@@ -43,3 +43,27 @@ pub const fn valid_len(msg_type: u8, len: usize) -> bool {
         _ => false,
     }
 }
+
+/// The magic cookie every STUN message (RFC 5389/8489) carries at bytes 4..8.
+pub const STUN_MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
+/// Size of a STUN header.
+pub const STUN_HEADER_LEN: usize = 20;
+
+/// Whether a datagram of `len` bytes starting with `head` is a STUN Binding response (success
+/// `0x0101` or error `0x0111`) whose declared length matches: the answers to the STUN requests a
+/// node sends from its tunnel socket. No WireGuard message starts this way (their bytes 1..4
+/// are zero), so the two cannot be confused.
+///
+/// The XDP shield and the userspace receive path both use this one predicate.
+#[inline(always)]
+pub const fn is_stun_response(head: [u8; 8], len: usize) -> bool {
+    let declared = ((head[2] as usize) << 8) | head[3] as usize;
+    head[0] == 0x01
+        && (head[1] == 0x01 || head[1] == 0x11)
+        && head[4] == STUN_MAGIC_COOKIE[0]
+        && head[5] == STUN_MAGIC_COOKIE[1]
+        && head[6] == STUN_MAGIC_COOKIE[2]
+        && head[7] == STUN_MAGIC_COOKIE[3]
+        && declared.is_multiple_of(4)
+        && STUN_HEADER_LEN + declared == len
+}

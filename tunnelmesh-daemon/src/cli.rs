@@ -124,9 +124,10 @@ enum Command {
         /// The coordinator (https://HOST:PORT or HOST): its STUN targets are asked.
         #[arg(long)]
         coordinator: String,
-        /// UDP port of the coordinator's second STUN target (default 3479).
-        #[arg(long)]
-        stun_second_port: Option<u16>,
+        /// UDP port of the coordinator's first STUN target; the second is the next port (as the
+        /// coordinator's `--stun-port` sets them).
+        #[arg(long, default_value_t = crate::stun::DEFAULT_PORT)]
+        stun_port: u16,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -316,10 +317,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Policy { command, data_dir } => policy_command(&data_dir, command),
         Command::Netcheck {
             coordinator,
-            stun_second_port,
+            stun_port,
             json,
         } => {
-            let report = crate::netcheck::run(crate::netcheck::targets(&coordinator, stun_second_port)?)?;
+            let report = crate::netcheck::run(crate::netcheck::targets(&coordinator, stun_port)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -397,6 +398,18 @@ fn print_status(s: &status::Status) {
         }
     }
     println!("  public key: {}", s.public_key);
+    let endpoints: Vec<String> = s.nat.endpoints().iter().map(|e| e.to_string()).collect();
+    println!(
+        "  nat: {} (reflexive {}, STUN RTT {}); candidates: {}",
+        s.nat.nat.name(),
+        s.nat.reflexive.map_or("unknown".into(), |r| r.to_string()),
+        s.nat.stun_rtt_ms.map_or("-".into(), |ms| format!("{ms:.2} ms")),
+        if endpoints.is_empty() {
+            "(none)".into()
+        } else {
+            endpoints.join(", ")
+        }
+    );
     match &s.policy {
         Some(p) => {
             println!(
@@ -455,6 +468,19 @@ fn print_status(s: &status::Status) {
             })
             .collect();
         println!("  path: {} (candidates: {})", p.path, paths.join("; "));
+        if let Some(n) = &p.nat {
+            println!(
+                "  nat: {}; udp candidates: {}; punches: {} started, {} direct",
+                n.kind.name(),
+                if n.candidates.is_empty() {
+                    "(none)".into()
+                } else {
+                    n.candidates.join(", ")
+                },
+                n.punches,
+                n.punched
+            );
+        }
         println!("  allowed ips: {}", p.allowed_ips.join(", "));
         match p.last_handshake_secs {
             Some(s) => println!("  latest handshake: {s} s ago"),

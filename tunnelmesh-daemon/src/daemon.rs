@@ -84,6 +84,8 @@ pub fn up_static(config_path: &Path, identity_override: Option<&Path>) -> Result
             identity: key.clone(),
             allowed_ips: pc.allowed_ips.clone(),
             endpoint: pc.endpoint,
+            candidates: pc.endpoint.into_iter().collect(),
+            nat: crate::nat::NatKind::None,
             ssh_endpoint: None,
             persistent_keepalive: (pc.persistent_keepalive > 0)
                 .then(|| Duration::from_secs(pc.persistent_keepalive.into())),
@@ -187,6 +189,9 @@ impl Interface {
             control: Default::default(),
             policy,
             relay_tx: Default::default(),
+            coordinator_tx: Default::default(),
+            stun_targets: Default::default(),
+            candidates: Default::default(),
             overlay_inbox: inbox_tx,
         });
         let local = LocalStatic {
@@ -205,6 +210,10 @@ impl Interface {
                 .name("tm-handshake".into())
                 .spawn(move || handshaker.run())?,
         );
+        match crate::nat::watch_network(dev.clone()) {
+            Ok(thread) => threads.push(thread),
+            Err(e) => warn!("cannot watch for address changes ({e}); candidates refresh every 25 s only"),
+        }
         let shield_for_status = shield.clone();
         let fastpath_status =
             Box::new(move || fastpath_status(&shield_for_status.lock().unwrap_or_else(|p| p.into_inner())));

@@ -91,6 +91,9 @@ fn random_and_mutated_datagrams_never_panic_any_parser() {
             Ok(wire::Kind::Data) => {
                 let _ = keypair.open(&mut msg, now);
             }
+            Ok(wire::Kind::Stun) => {
+                let _ = crate::stun::parse_binding_response(&msg, &[0; 12]);
+            }
             Err(_) => {}
         }
     }

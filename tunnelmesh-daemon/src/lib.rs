@@ -16,6 +16,7 @@ pub mod dataplane;
 pub mod device;
 pub mod fastpath;
 pub mod identity;
+pub mod nat;
 pub mod netcheck;
 pub mod netconf;
 pub mod noise;

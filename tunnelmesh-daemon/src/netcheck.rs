@@ -148,19 +148,20 @@ pub fn run(targets: [SocketAddr; 2]) -> Result<Report> {
     })
 }
 
-/// The two STUN targets of a coordinator: `HOST` from `https://HOST:PORT`, or `HOST[:PORT]`.
-pub fn targets(coordinator: &str, second_port: Option<u16>) -> Result<[SocketAddr; 2]> {
+/// The two STUN targets of a coordinator (`HOST` from `https://HOST:PORT`, or `HOST[:PORT]`):
+/// `port` and the next one.
+pub fn targets(coordinator: &str, port: u16) -> Result<[SocketAddr; 2]> {
     let rest = coordinator
         .strip_prefix("https://")
         .unwrap_or(coordinator)
         .trim_end_matches('/');
     let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h).trim_matches(['[', ']']);
-    let first = (host, stun::DEFAULT_PORT)
+    let first = (host, port)
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {host}"))?
         .next()
         .ok_or_else(|| anyhow!("{host} has no address"))?;
-    let second = SocketAddr::new(first.ip(), second_port.unwrap_or(stun::DEFAULT_SECOND_PORT));
+    let second = SocketAddr::new(first.ip(), port.wrapping_add(1));
     Ok([first, second])
 }
 

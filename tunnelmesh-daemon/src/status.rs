@@ -17,6 +17,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::device::{ControlState, Counters, Device, Event, PingReport, path::PathReport, policy::PolicyStatus};
+use crate::nat::{Candidates, NatKind};
 
 /// Directory of the status sockets.
 pub const RUN_DIR: &str = "/run/tunnelmesh";
@@ -42,6 +43,18 @@ pub struct PeerStatus {
     pub paths: Vec<PathReport>,
     /// Where the peer's SSH transport listens, if it runs one.
     pub ssh_endpoint: Option<String>,
+    /// The peer's UDP candidates and NAT kind (from the coordinator), and hole punching so far.
+    #[serde(default)]
+    pub nat: Option<PeerNat>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerNat {
+    pub kind: NatKind,
+    pub candidates: Vec<String>,
+    /// Punches started, and those that ended in a direct path.
+    pub punches: u64,
+    pub punched: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,6 +81,9 @@ pub struct Status {
     pub uptime_secs: u64,
     pub counters: std::collections::BTreeMap<String, u64>,
     pub fastpath: FastpathStatus,
+    /// This node's UDP candidates and the NAT in front of it, learned from the tunnel socket.
+    #[serde(default)]
+    pub nat: Candidates,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -87,6 +103,7 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
         uptime_secs: dev.started.elapsed().as_secs(),
         counters,
         fastpath: fastpath(),
+        nat: (**dev.candidates.load()).clone(),
         peers: dev
             .peers
             .load()
@@ -106,6 +123,15 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
                     path: p.path().name().to_string(),
                     paths: (**p.paths.load()).clone(),
                     ssh_endpoint: p.ssh_endpoint.map(|e| e.to_string()),
+                    nat: Some({
+                        let remote = p.remote.load();
+                        PeerNat {
+                            kind: remote.nat,
+                            candidates: remote.endpoints.iter().map(|e| e.to_string()).collect(),
+                            punches: p.punches.load(Ordering::Relaxed),
+                            punched: p.punched.load(Ordering::Relaxed),
+                        }
+                    }),
                 }
             })
             .collect(),

@@ -15,9 +15,8 @@ const ATTR_MAPPED_ADDRESS: u16 = 0x0001;
 const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
 const ATTR_SOFTWARE: u16 = 0x8022;
 const HEADER_LEN: usize = 20;
-/// Default ports of the coordinator's two STUN targets.
+/// Default port of the coordinator's first STUN target (the second is the next port).
 pub const DEFAULT_PORT: u16 = 3478;
-pub const DEFAULT_SECOND_PORT: u16 = 3479;
 
 /// Whether `msg` looks like a STUN message (the first two bits zero and the magic cookie), so
 /// it can share a port with other protocols.

@@ -27,6 +27,8 @@ pub enum Kind {
     Response,
     CookieReply,
     Data,
+    /// A STUN Binding response: the answer to a request this node sent from its tunnel socket.
+    Stun,
 }
 
 /// Why a datagram was dropped before any cryptography.
@@ -44,6 +46,11 @@ pub enum HeaderError {
 pub fn classify(msg: &[u8]) -> Result<Kind, HeaderError> {
     if msg.len() < 4 {
         return Err(HeaderError::TooShort);
+    }
+    if let Some(head) = msg.first_chunk::<8>()
+        && is_stun_response(*head, msg.len())
+    {
+        return Ok(Kind::Stun);
     }
     if msg[1..4] != [0, 0, 0] {
         return Err(HeaderError::BadType);

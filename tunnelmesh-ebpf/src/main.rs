@@ -27,7 +27,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use tunnelmesh_common::{
-    shield::{BUDGET_INITIATIONS, BUDGET_UNKNOWN_INDEX, Budget, KNOWN_INDICES_MAX, ShieldReason, SourceKey},
+    shield::{BUDGET_INITIATIONS, BUDGET_STUN, BUDGET_UNKNOWN_INDEX, Budget, KNOWN_INDICES_MAX, ShieldReason, SourceKey},
     wire,
 };
 
@@ -63,7 +63,7 @@ pub fn tunnelmesh_shield(ctx: XdpContext) -> u32 {
         Verdict::NotMesh => xdp_action::XDP_PASS,
         Verdict::Judged(reason) => {
             count(reason);
-            if reason as u32 == ShieldReason::Passed as u32 {
+            if reason.passes() {
                 xdp_action::XDP_PASS
             } else {
                 xdp_action::XDP_DROP
@@ -174,6 +174,18 @@ fn classify(ctx: &XdpContext) -> Verdict {
     let Some(header) = bytes(ctx, payload, 4) else {
         return Verdict::Judged(ShieldReason::TooShort);
     };
+    // STUN answers to the requests the daemon sends from this port (to learn its public
+    // address) share it with the mesh protocol; told apart by their first 8 bytes.
+    if let Some(head) = bytes(ctx, payload, 8) {
+        // SAFETY: `bytes` checked that the 8 bytes lie inside the packet.
+        let head = unsafe { *(head as *const [u8; 8]) };
+        if wire::is_stun_response(head, payload_len) {
+            if !within_budget(source, BUDGET_STUN) {
+                return Verdict::Judged(ShieldReason::StunRateLimited);
+            }
+            return Verdict::Judged(ShieldReason::Stun);
+        }
+    }
     // SAFETY: `bytes` checked that the 4 header bytes lie inside the packet.
     let (msg_type, reserved) = unsafe { (*header, *header.add(1) | *header.add(2) | *header.add(3)) };
     if reserved != 0 || !(wire::MSG_INITIATION..=wire::MSG_DATA).contains(&msg_type) {

@@ -31,8 +31,9 @@ use zeroize::Zeroizing;
 use crate::{
     coordinator::proto::{CONNECT_PATH, ClientMsg, JOIN_NAMESPACE, NodeInfo, PeerInfo, ServerMsg},
     daemon::{Interface, InterfacePlan},
-    device::{ControlState, Device, PeerSpec, Via},
+    device::{ControlState, Device, Event, PeerSpec, Via},
     identity::{Identity, PublicIdentity},
+    nat::{self, Candidates, NatKind},
     noise::MeshKey,
     policy::NodePolicy,
 };
@@ -73,6 +74,9 @@ pub struct MeshState {
     /// This node's inbound rules (default deny).
     #[serde(default)]
     pub policy: NodePolicy,
+    /// The coordinator's first STUN port (0: it runs none).
+    #[serde(default)]
+    pub stun_port: u16,
 }
 
 /// A refusal the operator must act on: retrying cannot help.
@@ -93,7 +97,10 @@ impl MeshState {
             ServerMsg::Policy { policy } => self.policy = policy,
             ServerMsg::Revoked { message } => return Err(Fatal(message).into()),
             ServerMsg::Error { message } => bail!("coordinator error: {message}"),
-            ServerMsg::Challenge { .. } | ServerMsg::Welcome { .. } | ServerMsg::Peers { .. } => return Ok(false),
+            ServerMsg::Challenge { .. }
+            | ServerMsg::Welcome { .. }
+            | ServerMsg::Peers { .. }
+            | ServerMsg::Punch { .. } => return Ok(false),
         }
         Ok(true)
     }
@@ -122,15 +129,22 @@ impl MeshState {
                     format!("{}/32", p.ipv4).parse().ok()?,
                     format!("{}/128", p.ipv6).parse().ok()?,
                 ];
+                let candidates = udp_endpoints(&p.endpoints);
                 Some(PeerSpec {
                     name: p.name.clone(),
                     identity,
                     allowed_ips,
-                    endpoint: p.endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok()),
+                    // Only a peer not behind NAT may be sent to unprompted: a datagram reaching a
+                    // NAT before the peer has sent through it can spoil the mapping (see `nat`).
+                    endpoint: candidates.first().copied().filter(|_| p.nat == NatKind::None),
+                    candidates,
+                    nat: p.nat,
+                    // The address a NAT'd peer's connection came from takes no connections.
                     ssh_endpoint: p
                         .endpoints
                         .iter()
-                        .find_map(|e| e.strip_prefix("ssh://")?.parse::<SocketAddr>().ok()),
+                        .find_map(|e| e.strip_prefix("ssh://")?.parse::<SocketAddr>().ok())
+                        .filter(|_| p.nat == NatKind::None),
                     persistent_keepalive: None,
                 })
             })
@@ -179,6 +193,8 @@ pub struct Client {
     name: Option<String>,
     listen_port: u16,
     ssh_port: u16,
+    /// What the hello tells about our UDP candidates (the device's latest before a rejoin).
+    candidates: arc_swap::ArcSwap<Candidates>,
 }
 
 /// An open, authenticated connection to the coordinator.
@@ -208,6 +224,10 @@ impl Client {
             name: opts.name.clone(),
             listen_port: opts.listen_port,
             ssh_port: opts.ssh_port,
+            candidates: arc_swap::ArcSwap::from_pointee(Candidates {
+                host: nat::host_candidates(&opts.interface, opts.listen_port),
+                ..Candidates::default()
+            }),
         })
     }
 
@@ -228,6 +248,7 @@ impl Client {
                         ipv6_prefix,
                         peers,
                         policy,
+                        stun_port,
                         ..
                     },
                     None,
@@ -240,6 +261,7 @@ impl Client {
                         ipv6_prefix,
                         peers,
                         policy,
+                        stun_port,
                     });
                 }
                 (ServerMsg::Peers { peers, .. }, Some(s)) => {
@@ -286,14 +308,16 @@ impl Client {
             ServerMsg::Challenge { nonce, .. } => BASE64.decode(nonce).context("challenge is not base64")?,
             other => bail!("the coordinator sent {other:?} instead of a challenge"),
         };
+        let candidates = self.candidates.load();
         let hello = ClientMsg::Hello {
             public_key: self.identity.public().ssh_line_with_comment(),
             signature: self.identity.sign(JOIN_NAMESPACE, &nonce),
             token: self.token.clone(),
             name: self.name.clone(),
             listen_port: self.listen_port,
-            endpoints: Vec::new(),
+            endpoints: candidates.endpoints().iter().map(|e| e.to_string()).collect(),
             ssh_port: (self.ssh_port != 0).then_some(self.ssh_port),
+            nat: candidates.nat,
         };
         ws.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
         // The welcome comes in parts; `type` and `more` lead each, so they need no parsing here.
@@ -318,6 +342,25 @@ impl Client {
                 return Ok((parts, ws));
             }
         }
+    }
+}
+
+/// The `ip:port` entries of a peer's endpoint list.
+fn udp_endpoints(endpoints: &[String]) -> Vec<SocketAddr> {
+    endpoints.iter().filter_map(|e| e.parse::<SocketAddr>().ok()).collect()
+}
+
+/// Point the device's discovery at the coordinator's STUN targets: its host, at the port the
+/// welcome named and the next one.
+fn set_stun_targets(dev: &Device, url: &str, state: &MeshState) {
+    let targets = match state.stun_port {
+        0 => None,
+        port => crate::netcheck::targets(url, port)
+            .inspect_err(|e| warn!("no STUN, so no hole punching from this side: {e:#}"))
+            .ok(),
+    };
+    if dev.stun_targets.load().as_deref() != targets.as_ref() {
+        dev.stun_targets.store(targets.map(Arc::new));
     }
 }
 
@@ -355,7 +398,8 @@ fn set_control(dev: &Device, url: &str, state: &str, error: Option<String>, upda
     })));
 }
 
-fn apply_to_device(dev: &Device, state: &MeshState) -> Result<()> {
+fn apply_to_device(dev: &Device, url: &str, state: &MeshState) -> Result<()> {
+    set_stun_targets(dev, url, state);
     dev.policy.set(state.policy.clone());
     dev.update(state.peer_specs(), state.mesh_keys()?);
     Ok(())
@@ -365,6 +409,8 @@ fn apply_to_device(dev: &Device, state: &MeshState) -> Result<()> {
 async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut socket: Option<Socket>, cache: PathBuf) {
     let mut backoff = BACKOFF_MIN;
     while !dev.shutdown.load(Ordering::Relaxed) {
+        // A rejoin's hello carries what the device learned since.
+        client.candidates.store(dev.candidates.load_full());
         let ws = match socket.take() {
             Some(ws) => ws,
             None => match client.join().await {
@@ -376,7 +422,7 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
                         );
                     }
                     state = fresh;
-                    if let Err(e) = apply_to_device(&dev, &state).and_then(|_| state.save(&cache)) {
+                    if let Err(e) = apply_to_device(&dev, &client.url, &state).and_then(|_| state.save(&cache)) {
                         warn!("applying the coordinator's state failed: {e:#}");
                     }
                     ws
@@ -405,6 +451,9 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
         // The relay path exists while we are connected.
         let (relay_tx, mut relay_rx) = tokio::sync::mpsc::channel::<([u8; 32], Vec<u8>)>(RELAY_QUEUE);
         dev.relay_tx.store(Some(Arc::new(relay_tx)));
+        // Candidates and punch requests from the handshake thread.
+        let (to_coordinator, mut outbox) = tokio::sync::mpsc::channel::<ClientMsg>(RELAY_QUEUE);
+        dev.coordinator_tx.store(Some(Arc::new(to_coordinator)));
         let mut last_heard = tokio::time::Instant::now();
         let reason = loop {
             let incoming = tokio::select! {
@@ -417,9 +466,18 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
                     }
                     continue;
                 }
+                out = outbox.recv() => {
+                    let Some(msg) = out else { continue };
+                    let text = serde_json::to_string(&msg).expect("client messages serialize");
+                    if let Err(e) = sink.send(Message::Text(text.into())).await {
+                        break anyhow!("writing to the coordinator failed: {e}");
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
                     if dev.shutdown.load(Ordering::Relaxed) {
                         dev.relay_tx.store(None);
+                        dev.coordinator_tx.store(None);
                         return;
                     }
                     if last_heard.elapsed() > SILENCE {
@@ -432,9 +490,13 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
             let msg = match incoming {
                 None => Err(anyhow!("the coordinator closed the connection")),
                 Some(Err(e)) => Err(anyhow!("connection to the coordinator failed: {e}")),
-                Some(Ok(Message::Text(t))) => {
-                    serde_json::from_str::<ServerMsg>(&t).context("unreadable message from the coordinator")
-                }
+                Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMsg>(&t) {
+                    Ok(ServerMsg::Punch { peer, endpoints, nat }) => {
+                        punch(&dev, &state, &peer, &endpoints, nat);
+                        continue;
+                    }
+                    other => other.context("unreadable message from the coordinator"),
+                },
                 Some(Ok(Message::Binary(frame))) => {
                     // A relayed wire message: the sender's Noise key, then the message.
                     if let Some((from, msg)) = frame.split_first_chunk::<32>() {
@@ -453,7 +515,7 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
             };
             match msg.and_then(|m| state.apply(m)) {
                 Ok(true) => {
-                    if let Err(e) = apply_to_device(&dev, &state).and_then(|_| state.save(&cache)) {
+                    if let Err(e) = apply_to_device(&dev, &client.url, &state).and_then(|_| state.save(&cache)) {
                         warn!("applying an update failed: {e:#}");
                     }
                     set_control(&dev, &client.url, "connected", None, true);
@@ -462,8 +524,9 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
                 Err(e) if e.downcast_ref::<Fatal>().is_some() => {
                     warn!("{e:#}; dropping every peer");
                     dev.relay_tx.store(None);
+                    dev.coordinator_tx.store(None);
                     state.peers.clear();
-                    let _ = apply_to_device(&dev, &state);
+                    let _ = apply_to_device(&dev, &client.url, &state);
                     let _ = fs::remove_file(&cache);
                     set_control(&dev, &client.url, "revoked", Some(format!("{e:#}")), true);
                     return;
@@ -472,9 +535,27 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
             }
         };
         dev.relay_tx.store(None);
+        dev.coordinator_tx.store(None);
         warn!("lost the coordinator ({reason:#}); tunnels keep running, reconnecting");
         set_control(&dev, &client.url, "disconnected", Some(format!("{reason:#}")), false);
     }
+}
+
+/// The coordinator asks us to punch towards `fingerprint` now: hand it to the handshake thread.
+fn punch(dev: &Device, state: &MeshState, fingerprint: &str, endpoints: &[String], nat: NatKind) {
+    let Some(key) = state
+        .peers
+        .get(fingerprint)
+        .and_then(|p| PublicIdentity::from_ssh_line(&p.public_key).ok())
+        .map(|id| *id.noise_public())
+    else {
+        return;
+    };
+    let _ = dev.events.try_send(Event::Punch {
+        key,
+        candidates: udp_endpoints(endpoints),
+        nat,
+    });
 }
 
 /// `tunnelmesh up --coordinator URL --fingerprint FP`.
@@ -527,6 +608,7 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
         policy: Some(state.policy.clone()),
     };
     let interface = Interface::start(&identity, plan)?;
+    set_stun_targets(&interface.dev, &opts.url, &state);
     set_control(
         &interface.dev,
         &opts.url,

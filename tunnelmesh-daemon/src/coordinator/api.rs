@@ -26,7 +26,7 @@ use rand::RngCore;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{
     hub::Hub,
@@ -112,7 +112,7 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
         Ok(ClientMsg::Hello { public_key, .. }) => PublicIdentity::from_ssh_line(public_key)
             .ok()
             .map(|id| *id.noise_public()),
-        Err(_) => None,
+        _ => None,
     };
     let admitted = hello.and_then(|h| {
         let mut hub = state.hub.lock().unwrap_or_else(|p| p.into_inner());
@@ -162,6 +162,19 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
                     Some(Ok(Message::Binary(frame))) => {
                         unanswered = 0;
                         state.relay.forward(&relay_key, &frame, &mut budget);
+                    }
+                    Some(Ok(Message::Text(t))) => {
+                        unanswered = 0;
+                        let outcome = serde_json::from_str::<ClientMsg>(&t)
+                            .map_err(|e| format!("unreadable message: {e}"))
+                            .and_then(|msg| {
+                                let mut hub = state.hub.lock().unwrap_or_else(|p| p.into_inner());
+                                hub.on_message(&fingerprint, msg)
+                            });
+                        if let Err(e) = outcome {
+                            // Not fatal: a newer peer may speak messages this coordinator lacks.
+                            warn!(%remote, %fingerprint, "ignored a message: {e}");
+                        }
                     }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                     Some(Ok(_)) => {}

@@ -7,14 +7,14 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     admission::{self, AuthorizedKey},
@@ -24,6 +24,7 @@ use super::{
 };
 use crate::{
     identity::{PublicIdentity, verify_signature},
+    nat::NatKind,
     policy::{Member, NodePolicy, PolicyFile, compile_for},
 };
 use ipnet::IpNet;
@@ -108,7 +109,18 @@ pub struct Hub {
     /// Revoked or removed fingerprints as last seen in the store.
     gone: std::collections::HashSet<String>,
     data_version: i64,
+    /// UDP port of the first STUN target, told to peers in the welcome (0: none).
+    pub stun_port: u16,
+    /// Per node: the NAT kind it reported, and the UDP address its connection came from
+    /// (`remote ip:listen port`, the guess used while it knows no better).
+    nat: HashMap<String, NatKind>,
+    observed: HashMap<String, SocketAddr>,
+    /// When each pair (ordered by fingerprint) was last asked to punch.
+    punched: HashMap<(String, String), Instant>,
 }
+
+/// A pair of nodes is asked to punch at most this often.
+pub const PUNCH_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Hub {
     pub fn new(store: Box<dyn Store>, ipam: Ipam, coordinator_key: String) -> Result<Self, StoreError> {
@@ -133,6 +145,10 @@ impl Hub {
             pushed_policy: HashMap::new(),
             gone,
             data_version,
+            stun_port: 0,
+            nat: HashMap::new(),
+            observed: HashMap::new(),
+            punched: HashMap::new(),
         };
         hub.pushed_mesh_keys = hub.effective_mesh_keys()?;
         for record in records {
@@ -236,6 +252,7 @@ impl Hub {
             ipv6: v6.to_string(),
             endpoints: n.endpoints.clone(),
             tags: n.tags.clone(),
+            nat: self.nat.get(&n.fingerprint).copied().unwrap_or_default(),
         }
     }
 
@@ -250,7 +267,11 @@ impl Hub {
             listen_port,
             endpoints,
             ssh_port,
-        } = hello;
+            nat,
+        } = hello
+        else {
+            return Err(Refusal::Malformed("expected a hello".into()));
+        };
         let identity = PublicIdentity::from_ssh_line(&public_key).map_err(|e| Refusal::Malformed(e.to_string()))?;
         let fingerprint = identity.fingerprint();
         if !verify_signature(&identity, JOIN_NAMESPACE, nonce, &signature) {
@@ -262,17 +283,10 @@ impl Hub {
         if let Some(n) = &name {
             admission::check_name(n).map_err(Refusal::Invalid)?;
         }
-        // The address the coordinator saw first: right for peers not behind NAT.
-        let mut reported: Vec<String> = vec![std::net::SocketAddr::new(remote.to_canonical(), listen_port).to_string()];
-        for e in endpoints.iter().take(8) {
-            let addr: std::net::SocketAddr = e
-                .parse()
-                .map_err(|_| Refusal::Malformed(format!("endpoint {e:?} is not ip:port")))?;
-            let addr = addr.to_string();
-            if !reported.contains(&addr) {
-                reported.push(addr);
-            }
-        }
+        let candidates = parse_endpoints(&endpoints).map_err(Refusal::Malformed)?;
+        let observed = SocketAddr::new(remote.to_canonical(), listen_port);
+        let nat = nat_of(nat, &candidates, observed);
+        let mut reported = udp_endpoints(&candidates, observed, nat);
         if let Some(port) = ssh_port.filter(|p| *p != 0) {
             reported.push(format!(
                 "ssh://{}",
@@ -352,6 +366,8 @@ impl Hub {
             }
         };
 
+        self.nat.insert(fingerprint.clone(), nat);
+        self.observed.insert(fingerprint.clone(), observed);
         self.remember(node.clone());
         let (v4, v6) = self.ipam.addresses(node.host);
         let node_info = NodeInfo {
@@ -388,8 +404,9 @@ impl Hub {
             .map(|(i, chunk)| {
                 let head = if i == 0 {
                     format!(
-                        r#"{{"type":"welcome","more":{},"node":{},"policy":{},"mesh_keys":{},"ipv4_prefix":{},"ipv6_prefix":{},"peers":["#,
+                        r#"{{"type":"welcome","more":{},"stun_port":{},"node":{},"policy":{},"mesh_keys":{},"ipv4_prefix":{},"ipv6_prefix":{},"peers":["#,
                         i < last,
+                        self.stun_port,
                         to_json(&node_info),
                         policy_json,
                         to_json(&self.pushed_mesh_keys),
@@ -426,6 +443,97 @@ impl Hub {
             welcome,
             updates: rx,
         })
+    }
+
+    /// A message from the connected node `fingerprint` after its welcome.
+    pub fn on_message(&mut self, fingerprint: &str, msg: ClientMsg) -> Result<(), String> {
+        match msg {
+            ClientMsg::Hello { .. } => Err("already joined; a hello is only valid first".into()),
+            ClientMsg::Candidates { endpoints, nat } => self.candidates(fingerprint, &endpoints, nat),
+            ClientMsg::Punch { peer } => self.punch(fingerprint, &peer),
+        }
+    }
+
+    /// New UDP candidates of `fingerprint`: keep them (and its SSH endpoint) and tell everyone.
+    fn candidates(&mut self, fingerprint: &str, endpoints: &[String], nat: NatKind) -> Result<(), String> {
+        let candidates = parse_endpoints(endpoints)?;
+        let Some(record) = self.nodes.get(fingerprint).cloned() else {
+            return Err("unknown node".into());
+        };
+        let Some(observed) = self.observed.get(fingerprint).copied() else {
+            return Err("unknown node".into());
+        };
+        let nat = nat_of(nat, &candidates, observed);
+        let mut reported = udp_endpoints(&candidates, observed, nat);
+        reported.extend(record.endpoints.iter().filter(|e| e.starts_with("ssh://")).cloned());
+        if reported == record.endpoints && self.nat.get(fingerprint) == Some(&nat) {
+            return Ok(());
+        }
+        if reported != record.endpoints {
+            self.store
+                .set_endpoints(fingerprint, &reported)
+                .map_err(|e| e.to_string())?;
+        }
+        self.nat.insert(fingerprint.to_string(), nat);
+        let record = NodeRecord {
+            endpoints: reported,
+            ..record
+        };
+        debug!(%fingerprint, endpoints = ?record.endpoints, nat = nat.name(), "candidates changed");
+        self.remember(record.clone());
+        self.broadcast(
+            Some(fingerprint),
+            ServerMsg::PeerUpsert {
+                peer: self.peer_info(&record),
+            },
+        );
+        Ok(())
+    }
+
+    /// `from` wants a direct path to `to`: tell both, at once, to send to each other.
+    fn punch(&mut self, from: &str, to: &str) -> Result<(), String> {
+        if from == to {
+            return Err("a node cannot punch to itself".into());
+        }
+        let (Some(a), Some(b)) = (self.nodes.get(from), self.nodes.get(to)) else {
+            return Err(format!("no member {to}"));
+        };
+        if b.revoked || b.removed || !self.sessions.contains_key(to) {
+            return Ok(()); // not connected: the relay will carry traffic until it is
+        }
+        let pair = if from < to {
+            (from.to_string(), to.to_string())
+        } else {
+            (to.to_string(), from.to_string())
+        };
+        let now = Instant::now();
+        if self
+            .punched
+            .get(&pair)
+            .is_some_and(|t| now.duration_since(*t) < PUNCH_INTERVAL)
+        {
+            return Ok(());
+        }
+        self.punched.retain(|_, t| now.duration_since(*t) < PUNCH_INTERVAL);
+        self.punched.insert(pair, now);
+        let about = |n: &NodeRecord| ServerMsg::Punch {
+            peer: n.fingerprint.clone(),
+            endpoints: n
+                .endpoints
+                .iter()
+                .filter(|e| !e.starts_with("ssh://"))
+                .cloned()
+                .collect(),
+            nat: self.nat.get(&n.fingerprint).copied().unwrap_or_default(),
+        };
+        let (to_b, to_a) = (about(a), about(b));
+        for (fp, msg) in [(to, to_b), (from, to_a)] {
+            if let Some(s) = self.sessions.get(fp) {
+                let _ = s.tx.try_send(Arc::new(msg));
+            }
+        }
+        debug!(%from, %to, "asked a pair to punch");
+        Ok(())
     }
 
     /// `base`, or `base-2`, `base-3`, … whichever no node has.
@@ -509,6 +617,50 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
 }
 
 /// Base64 of a new random mesh key.
+/// UDP endpoints a node reported: at most [`crate::nat::MAX_CANDIDATES`], each `ip:port`.
+fn parse_endpoints(endpoints: &[String]) -> Result<Vec<SocketAddr>, String> {
+    if endpoints.len() > crate::nat::MAX_CANDIDATES {
+        return Err(format!(
+            "{} endpoints reported; at most {} are accepted",
+            endpoints.len(),
+            crate::nat::MAX_CANDIDATES
+        ));
+    }
+    endpoints
+        .iter()
+        .map(|e| {
+            e.parse::<SocketAddr>()
+                .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+                .map_err(|_| format!("endpoint {e:?} is not ip:port"))
+        })
+        .collect()
+}
+
+/// A node's NAT kind: what its STUN answers showed; without any, `none` if its connection came
+/// from one of its own (host) addresses.
+fn nat_of(reported: NatKind, candidates: &[SocketAddr], observed: SocketAddr) -> NatKind {
+    match reported {
+        NatKind::Unknown if candidates.iter().any(|c| c.ip() == observed.ip()) => NatKind::None,
+        known => known,
+    }
+}
+
+/// The UDP endpoints to publish: the node's own candidates, then the address its connection came
+/// from with its listen port (a guess, right for nodes not behind NAT and for NATs that keep
+/// the port) unless STUN told it better.
+fn udp_endpoints(candidates: &[SocketAddr], observed: SocketAddr, nat: NatKind) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let guess = (nat == NatKind::Unknown).then_some(observed);
+    let public_first = (nat == NatKind::None).then_some(observed);
+    for e in public_first.iter().chain(candidates).chain(guess.iter()) {
+        let e = e.to_string();
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    out
+}
+
 pub fn new_mesh_key() -> String {
     use rand::RngCore;
     let mut key = [0u8; 32];
@@ -551,6 +703,7 @@ mod tests {
             listen_port: 51820,
             endpoints: vec![],
             ssh_port: None,
+            nat: NatKind::Unknown,
         }
     }
 

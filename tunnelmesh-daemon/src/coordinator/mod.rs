@@ -158,6 +158,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let hosts: Vec<u32> = store.nodes()?.iter().map(|n| n.host).collect();
     let ipam = Ipam::new(v4, v6, hosts)?;
     let mut hub = Hub::new(Box::new(store), ipam, identity.public().ssh_line())?;
+    hub.stun_port = opts.stun_port;
     let authorized_path = opts.authorized_keys.clone().or_else(|| {
         let default = opts.data_dir.join("authorized_keys");
         default.exists().then_some(default)

@@ -6,6 +6,8 @@
 //! coordinator → peer   welcome {more, node, mesh_keys, ipv4_prefix, ipv6_prefix, peers}   or error
 //! coordinator → peer   peers {more, peers} …   (the rest of the peer list while `more` is true)
 //! coordinator → peer   peer_upsert {peer} | peer_removed {fingerprint} | mesh_keys {keys} | policy | revoked
+//! peer → coordinator   candidates {endpoints, nat} | punch {peer}
+//! coordinator → peer   punch {peer, endpoints, nat}   (to both peers of a punch at once)
 //! ```
 //!
 //! The signature is SSHSIG (namespace [`JOIN_NAMESPACE`]) over the nonce: the peer proves it holds
@@ -13,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::NodePolicy;
+use crate::{nat::NatKind, policy::NodePolicy};
 
 /// SSHSIG namespace of join signatures.
 pub const JOIN_NAMESPACE: &str = "tunnelmesh-join@v1";
@@ -35,6 +37,10 @@ pub struct PeerInfo {
     /// SSH transport.
     pub endpoints: Vec<String>,
     pub tags: Vec<String>,
+    /// The NAT in front of the peer: `none` means its UDP endpoints may be sent to unprompted;
+    /// otherwise a direct path needs coordinated hole punching.
+    #[serde(default)]
+    pub nat: NatKind,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,6 +72,16 @@ pub enum ServerMsg {
         /// The node's inbound rules (default deny: empty means nothing may reach it).
         #[serde(default)]
         policy: NodePolicy,
+        /// UDP port of the coordinator's first STUN target (the second is the next port); 0: none.
+        #[serde(default)]
+        stun_port: u16,
+    },
+    /// Punch a hole to `peer` now: send to its `endpoints`. Sent to both sides at once.
+    Punch {
+        peer: String,
+        endpoints: Vec<String>,
+        #[serde(default)]
+        nat: NatKind,
     },
     /// The node's inbound rules changed.
     Policy {
@@ -110,5 +126,13 @@ pub enum ClientMsg {
         /// TCP port of the peer's SSH transport, if it runs one.
         #[serde(default)]
         ssh_port: Option<u16>,
+        /// The NAT kind the node's STUN answers showed (unknown before any).
+        #[serde(default)]
+        nat: NatKind,
     },
+    /// The node's UDP candidates changed (best first: host, port-mapped, reflexive), and the
+    /// NAT kind its STUN answers show.
+    Candidates { endpoints: Vec<String>, nat: NatKind },
+    /// Ask the coordinator to have `peer` (a fingerprint) and this node punch towards each other.
+    Punch { peer: String },
 }

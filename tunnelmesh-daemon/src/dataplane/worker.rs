@@ -200,6 +200,20 @@ impl Ctx {
                     }
                 }
             },
+            Ok(Kind::Stun) => {
+                // Only the handshake thread asks STUN questions; it matches the answers.
+                if let Via::Udp(from) = via
+                    && dev
+                        .events
+                        .try_send(Event::Stun {
+                            msg: msg.to_vec(),
+                            from,
+                        })
+                        .is_err()
+                {
+                    Counters::bump(&dev.counters.handshake_queue_full);
+                }
+            }
             Ok(_) => {
                 let event = Event::Handshake { msg: msg.to_vec(), via };
                 if dev.events.try_send(event).is_err() {

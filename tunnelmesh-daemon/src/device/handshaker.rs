@@ -23,6 +23,8 @@ use super::{
     probe,
 };
 use crate::{
+    coordinator::proto::ClientMsg,
+    nat::{self, Candidates, Discovery, NatKind},
     noise::{CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, MacVerdict, Tai64n, consume_initiation},
     session::{Keypair, REKEY_TIMEOUT, TimerAction, Timers, sealed_len, timers::CurrentKey},
     wire::{self, Kind},
@@ -40,6 +42,74 @@ const SENDING_WINDOW: Duration = Duration::from_secs(3);
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Nonces of `tunnelmesh ping` probes have this bit set; the path manager's never do.
 const PING_NONCE: u64 = 1 << 63;
+/// Offsets from a punch's start at which a handshake initiation goes to every candidate. The
+/// first datagrams die at the other side's NAT until that side's own have gone out through it;
+/// several rounds cover the skew between the two sides receiving the coordinator's word.
+const PUNCH_ROUNDS: [Duration; 6] = [
+    Duration::ZERO,
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_millis(1000),
+    Duration::from_millis(2000),
+];
+/// A punch that has not proven UDP this long after it started has failed.
+const PUNCH_GRACE: Duration = Duration::from_secs(3);
+/// Wait before asking for another punch: doubling from the first, up to the second, or up to
+/// the third when either side is behind a hard NAT (its punches spray ports).
+const PUNCH_RETRY: [Duration; 3] = [
+    Duration::from_secs(2),
+    Duration::from_secs(30),
+    Duration::from_secs(300),
+];
+/// Port prediction towards a hard NAT: the ports this far either side of each public candidate
+/// are tried too, in every round. A punch thus sends at most 6 × (8 + 2 × 16 × 8) datagrams.
+const HARD_NAT_SPREAD: u16 = 16;
+/// After a network change, wait this long for the burst of notifications to settle.
+const NETWORK_SETTLE: Duration = Duration::from_millis(200);
+
+/// One peer's hole punching.
+#[derive(Default)]
+struct Punch {
+    /// Where the punch in progress sends, and when it started.
+    targets: Vec<SocketAddr>,
+    started: Option<Instant>,
+    rounds_sent: usize,
+    /// No new punch is asked for before this.
+    next_request: Option<Instant>,
+    failures: u32,
+}
+
+impl Punch {
+    fn backoff(&self, hard: bool) -> Duration {
+        let cap = if hard { PUNCH_RETRY[2] } else { PUNCH_RETRY[1] };
+        PUNCH_RETRY[0].saturating_mul(1 << self.failures.min(16)).min(cap)
+    }
+}
+
+/// Where to send a punch towards a peer with `candidates` behind a `nat`: every candidate, and
+/// towards a hard NAT the ports near each public one (port prediction).
+fn punch_targets(candidates: &[SocketAddr], nat: NatKind) -> Vec<SocketAddr> {
+    let mut out = candidates.to_vec();
+    if nat == NatKind::Hard {
+        for c in candidates.iter().filter(|c| is_public(c.ip())) {
+            for d in 1..=HARD_NAT_SPREAD {
+                for port in [c.port().checked_add(d), c.port().checked_sub(d)].into_iter().flatten() {
+                    out.push(SocketAddr::new(c.ip(), port));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Not a private, loopback or link-local address: one a NAT could be mapping.
+fn is_public(ip: std::net::IpAddr) -> bool {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => !(v4.is_private() || v4.is_loopback() || v4.is_link_local()),
+        std::net::IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unique_local() || v6.is_unicast_link_local()),
+    }
+}
 
 /// Per-peer handshake state, owned by this thread.
 struct PeerHandshake {
@@ -54,6 +124,7 @@ struct PeerHandshake {
     paths: PathManager,
     /// The path our last handshake response went out on (its key's confirmation proves it).
     responded_via: Option<PathKind>,
+    punch: Punch,
 }
 
 impl PeerHandshake {
@@ -68,6 +139,7 @@ impl PeerHandshake {
             attempts: 0,
             paths: PathManager::new(rand::thread_rng().r#gen::<u64>() >> 1),
             responded_via: None,
+            punch: Punch::default(),
         }
     }
 }
@@ -93,6 +165,11 @@ pub struct Handshaker {
     pings: Vec<PendingPing>,
     ping_nonce: u64,
     ticks: u64,
+    discovery: Discovery,
+    /// Candidates as the coordinator last heard them from us.
+    published: Option<Candidates>,
+    /// Re-read this machine's addresses at this time (after a netlink notification).
+    network_changed: Option<Instant>,
 }
 
 /// The dual-stack sockets take IPv4 destinations as v4-mapped IPv6.
@@ -117,7 +194,11 @@ impl Handshaker {
     ) -> Self {
         let checker = CookieChecker::new(&local.public, Instant::now());
         let scratch = vec![0u8; sealed_len(dev.mtu) + 64];
+        let now = Instant::now();
         Handshaker {
+            discovery: Discovery::new(now, rand::thread_rng().r#gen()),
+            published: None,
+            network_changed: Some(now),
             dev,
             mirror,
             local,
@@ -154,9 +235,11 @@ impl Handshaker {
             if now >= next_tick {
                 let table = self.dev.peers.load_full();
                 self.ticks += 1;
+                self.poll_discovery(now);
                 for peer in &table.peers {
                     self.poll_paths(peer, now);
                     self.poll_timers(peer, now);
+                    self.poll_punch(peer, now);
                 }
                 self.finish_pings(now);
                 next_tick = now + TICK;
@@ -230,6 +313,129 @@ impl Handshaker {
                 }
             }
             Event::Ping { peer, answer } => self.start_ping(&peer, answer, now),
+            Event::Stun { msg, from } => {
+                if self.discovery.on_response(&msg, from, now) {
+                    self.publish_candidates();
+                }
+            }
+            Event::NetworkChanged => {
+                self.network_changed.get_or_insert(now + NETWORK_SETTLE);
+            }
+            Event::Punch { key, candidates, nat } => {
+                let table = self.dev.peers.load_full();
+                if let Some(peer) = table.get(&key) {
+                    self.start_punch(peer, punch_targets(&candidates, nat), nat, now);
+                }
+            }
+        }
+    }
+
+    /// STUN from the tunnel socket: send what discovery asks, publish what it learned.
+    fn poll_discovery(&mut self, now: Instant) {
+        if self.network_changed.is_some_and(|t| now >= t) {
+            self.network_changed = None;
+            let host = nat::host_candidates(&self.dev.interface, self.dev.listen_port);
+            debug!(?host, "network changed; asking STUN again");
+            self.discovery.network_changed(host, now);
+        }
+        let targets = self.dev.stun_targets.load().as_deref().copied();
+        self.discovery.set_targets(targets, now);
+        for (target, request) in self.discovery.poll(now) {
+            let _ = self.socket.send_to(&request, dual_stack(target));
+        }
+        self.publish_candidates();
+    }
+
+    /// Tell the coordinator our candidates when they differ from what it has.
+    fn publish_candidates(&mut self) {
+        let candidates = self.discovery.candidates();
+        if **self.dev.candidates.load() != candidates {
+            self.dev.candidates.store(Arc::new(candidates.clone()));
+        }
+        if !self.discovery.settled() || self.published.as_ref().is_some_and(|p| p.same_published(&candidates)) {
+            return;
+        }
+        let Some(tx) = self.dev.coordinator_tx.load_full() else {
+            return;
+        };
+        let msg = ClientMsg::Candidates {
+            endpoints: candidates.endpoints().iter().map(|e| e.to_string()).collect(),
+            nat: candidates.nat,
+        };
+        if tx.try_send(msg).is_ok() {
+            info!(endpoints = ?candidates.endpoints(), nat = candidates.nat.name(), "candidates published");
+            self.published = Some(candidates);
+        }
+    }
+
+    /// Start punching towards `peer` (the coordinator said both sides do it now).
+    fn start_punch(&mut self, peer: &Arc<Peer>, targets: Vec<SocketAddr>, nat: NatKind, now: Instant) {
+        if targets.is_empty() {
+            return;
+        }
+        let hard = nat == NatKind::Hard || self.dev.candidates.load().nat == NatKind::Hard;
+        let st = self.state(peer);
+        if st.punch.started.is_some() {
+            return;
+        }
+        debug!(peer = %peer.name, targets = targets.len(), "punching");
+        st.punch.targets = targets;
+        st.punch.started = Some(now);
+        st.punch.rounds_sent = 0;
+        let wait = st.punch.backoff(hard);
+        st.punch.next_request = Some(now + wait);
+        peer.punches.fetch_add(1, Ordering::Relaxed);
+        self.poll_punch(peer, now);
+    }
+
+    /// Carry on a punch in progress; ask the coordinator for one when the peer is behind NAT,
+    /// we want traffic with it, and UDP does not work.
+    fn poll_punch(&mut self, peer: &Arc<Peer>, now: Instant) {
+        let remote = peer.remote.load_full();
+        let hard = remote.nat == NatKind::Hard || self.dev.candidates.load().nat == NatKind::Hard;
+        let wanted = peer.keys.load().current.is_some();
+        let connected = self.dev.coordinator_tx.load().is_some();
+        let st = self.state(peer);
+        let udp_works = st.paths.proven_now(PathKind::Udp, now);
+        if let Some(started) = st.punch.started {
+            let elapsed = now.saturating_duration_since(started);
+            if udp_works {
+                st.punch.started = None;
+                st.punch.failures = 0;
+                peer.punched.fetch_add(1, Ordering::Relaxed);
+                info!(peer = %peer.name, after = ?elapsed, "hole punched");
+            } else if elapsed >= PUNCH_GRACE {
+                st.punch.started = None;
+                st.punch.failures += 1;
+                let wait = st.punch.backoff(hard);
+                st.punch.next_request = Some(now + wait);
+                debug!(peer = %peer.name, retry_in = ?wait, "punch failed");
+            } else if PUNCH_ROUNDS.get(st.punch.rounds_sent).is_some_and(|at| elapsed >= *at) {
+                st.punch.rounds_sent += 1;
+                let vias: Vec<Via> = st.punch.targets.iter().map(|t| Via::Udp(*t)).collect();
+                self.send_initiation(peer, &vias, now);
+            }
+            return;
+        }
+        if udp_works {
+            st.punch.failures = 0;
+            return;
+        }
+        let wanted = wanted || st.timers.handshaking();
+        if remote.nat == NatKind::None
+            || remote.endpoints.is_empty()
+            || !connected
+            || !wanted
+            || st.punch.next_request.is_some_and(|t| now < t)
+        {
+            return;
+        }
+        st.punch.next_request = Some(now + st.punch.backoff(hard));
+        let msg = ClientMsg::Punch {
+            peer: peer.identity.fingerprint(),
+        };
+        if let Some(tx) = self.dev.coordinator_tx.load_full() {
+            let _ = tx.try_send(msg);
         }
     }
 
@@ -624,6 +830,11 @@ impl Handshaker {
             debug!(peer = %peer.name, "no path known; waiting for the peer to reach us");
             return;
         }
+        self.send_initiation(peer, &vias, now);
+    }
+
+    /// Start a handshake: one initiation, sent on each of `vias` (the first answer wins).
+    fn send_initiation(&mut self, peer: &Peer, vias: &[Via], now: Instant) {
         debug!(peer = %peer.name, ?vias, "initiating");
         let index = self.new_index();
         // During a mesh-key rotation, alternate the keys: a peer that has not switched yet
@@ -640,7 +851,7 @@ impl Handshaker {
         st.last_initiation_sent = Some(now);
         st.timers
             .initiation_sent(now, Duration::from_millis(rand::thread_rng().gen_range(0..=333)));
-        for via in vias {
+        for &via in vias {
             if !self.send_via(via, &msg) {
                 debug!(peer = %peer.name, %via, "sending the initiation failed");
             }

@@ -30,7 +30,9 @@ use zeroize::Zeroizing;
 pub use path::PathKind;
 
 use crate::{
+    coordinator::proto::ClientMsg,
     identity::PublicIdentity,
+    nat::{Candidates, NatKind},
     routing::AllowedIps,
     session::{Activity, Keypair},
 };
@@ -124,6 +126,18 @@ pub struct Peer {
     pub want_ssh: AtomicBool,
     /// The path manager's view, refreshed by the handshake thread for `tunnelmesh status`.
     pub paths: ArcSwap<Vec<path::PathReport>>,
+    /// Where the peer says it may be reached over UDP, and the NAT in front of it.
+    pub remote: ArcSwap<RemoteCandidates>,
+    /// Punches started (asked for by either side), and punches that ended in a direct path.
+    pub punches: AtomicU64,
+    pub punched: AtomicU64,
+}
+
+/// A peer's UDP candidates, best first, and its NAT kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RemoteCandidates {
+    pub endpoints: Vec<SocketAddr>,
+    pub nat: NatKind,
 }
 
 impl Peer {
@@ -147,6 +161,12 @@ impl Peer {
             ssh_tx: ArcSwapOption::empty(),
             want_ssh: AtomicBool::new(false),
             paths: ArcSwap::from_pointee(Vec::new()),
+            remote: ArcSwap::from_pointee(RemoteCandidates {
+                endpoints: spec.candidates,
+                nat: spec.nat,
+            }),
+            punches: AtomicU64::new(0),
+            punched: AtomicU64::new(0),
         }
     }
 
@@ -191,6 +211,10 @@ pub struct PeerSpec {
     /// Where the peer's SSH transport listens, if it runs one.
     pub ssh_endpoint: Option<SocketAddr>,
     pub persistent_keepalive: Option<Duration>,
+    /// Every UDP endpoint the peer may be reached at (`endpoint` is the one to send to
+    /// unprompted, if any); tried all at once when punching.
+    pub candidates: Vec<SocketAddr>,
+    pub nat: NatKind,
 }
 
 /// The current set of peers, replaced as a whole when membership changes. `Peer` objects of keys
@@ -215,6 +239,13 @@ impl PeerTable {
                 Some(old) if old.allowed_ips == spec.allowed_ips && old.ssh_endpoint == spec.ssh_endpoint => {
                     if let Some(endpoint) = spec.endpoint {
                         old.suggest_endpoint(endpoint);
+                    }
+                    let remote = RemoteCandidates {
+                        endpoints: spec.candidates,
+                        nat: spec.nat,
+                    };
+                    if **old.remote.load() != remote {
+                        old.remote.store(Arc::new(remote));
                     }
                     old.clone()
                 }
@@ -274,6 +305,16 @@ pub enum Event {
         peer: String,
         answer: crossbeam_channel::Sender<Result<PingReport, String>>,
     },
+    /// A STUN response on the tunnel port.
+    Stun { msg: Vec<u8>, from: SocketAddr },
+    /// The coordinator asks us to punch towards the peer with this Noise key, now.
+    Punch {
+        key: [u8; 32],
+        candidates: Vec<SocketAddr>,
+        nat: NatKind,
+    },
+    /// This machine's addresses or routes changed (netlink).
+    NetworkChanged,
 }
 
 /// Where a message came from, or goes to: a UDP address, or a peer's SSH connection or relay
@@ -429,6 +470,12 @@ pub struct Device {
     pub started: Instant,
     /// The relay channel through the coordinator, while connected: (peer's Noise key, message).
     pub relay_tx: ArcSwapOption<tokio::sync::mpsc::Sender<([u8; 32], Vec<u8>)>>,
+    /// Messages to the coordinator (candidates, punch requests), while connected.
+    pub coordinator_tx: ArcSwapOption<tokio::sync::mpsc::Sender<ClientMsg>>,
+    /// The coordinator's two STUN targets.
+    pub stun_targets: ArcSwapOption<[SocketAddr; 2]>,
+    /// This node's candidates as last learned (for the coordinator and `status`).
+    pub candidates: ArcSwap<Candidates>,
     /// Messages received on SSH or relay paths go to the data plane through here.
     pub overlay_inbox: std::os::unix::net::UnixDatagram,
 }

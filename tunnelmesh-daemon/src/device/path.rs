@@ -132,6 +132,11 @@ impl PathManager {
         self.current
     }
 
+    /// Whether a round trip on `kind` happened within [`PROOF_TTL`].
+    pub fn proven_now(&self, kind: PathKind, now: Instant) -> bool {
+        self.paths[kind as usize].proven(now)
+    }
+
     pub fn is_available(&self, kind: PathKind) -> bool {
         self.paths[kind as usize].available
     }

@@ -342,6 +342,38 @@ mod tests {
     }
 
     #[test]
+    fn stun_responses_pass_within_their_sources_budget_and_lookalikes_do_not() {
+        let mut ebpf = shield_knowing_index_zero();
+        let response = crate::stun::binding_response([7; 12], "198.18.0.2:51820".parse().unwrap());
+        let from = |src, msg: &[u8]| frame_v4_from(src, PORT, msg);
+        assert_eq!(run(&mut ebpf, &from([198, 18, 0, 1], &response)), XDP_PASS);
+        let mut wrong_cookie = response.clone();
+        wrong_cookie[5] ^= 1;
+        let mut wrong_length = response.clone();
+        wrong_length.push(0);
+        let mut request = response.clone();
+        request[1] = 0x01;
+        request[0] = 0x00;
+        for junk in [&wrong_cookie, &wrong_length, &request] {
+            assert_eq!(run(&mut ebpf, &from([198, 18, 0, 1], junk)), XDP_DROP);
+        }
+        // A burst of 10 per source, then one per 100 ms.
+        let verdicts: Vec<u32> = (0..30)
+            .map(|_| run(&mut ebpf, &from([198, 18, 0, 3], &response)))
+            .collect();
+        let passed = verdicts.iter().filter(|&&v| v == XDP_PASS).count();
+        assert!((10..=11).contains(&passed), "{passed} of 30 passed");
+        let c = counts(&ebpf);
+        assert_eq!(c[&ShieldReason::Stun], 1 + passed as u64);
+        assert_eq!(c[&ShieldReason::StunRateLimited], 30 - passed as u64);
+        assert_eq!(c[&ShieldReason::BadType], 3);
+        assert_eq!(crate::wire::classify(&response), Ok(crate::wire::Kind::Stun));
+        for junk in [&wrong_cookie, &wrong_length, &request] {
+            assert!(crate::wire::classify(junk).is_err());
+        }
+    }
+
+    #[test]
     fn the_shield_and_userspace_agree_on_every_message_size() {
         let mut ebpf = shield_knowing_index_zero();
         for msg_type in 0..=5u8 {

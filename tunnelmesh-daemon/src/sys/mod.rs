@@ -5,6 +5,7 @@
 
 pub mod bpffs;
 pub mod mmsg;
+pub mod netlink;
 pub mod poll;
 pub mod rlimit;
 pub mod tun;

@@ -1,0 +1,499 @@
+//! What this node looks like from outside: its candidate UDP endpoints and the kind of NAT in
+//! front of it, learned from the tunnel socket itself.
+//!
+//! Sans-I/O: [`Discovery`] says which STUN Binding requests to send (to the coordinator's two
+//! targets) and takes the answers the workers hand over; the handshake thread does the I/O on
+//! the tunnel socket, so the mapping learned is the one peers must punch towards.
+//!
+//! - **host** candidates: this machine's global addresses with the listen port (what a peer on
+//!   the same LAN, or behind the same NAT, reaches us at);
+//! - **reflexive**: the address the first STUN target saw;
+//! - **port-mapped**: an address the gateway forwards to us (UPnP-IGD / NAT-PMP / PCP).
+//!
+//! The NAT kind: `none` (the reflexive address is one of ours), `easy` (both STUN targets saw
+//! the same address: endpoint-independent mapping, punchable), `hard` (each target saw another
+//! port: endpoint-dependent, "symmetric"), `unknown` (no STUN answer: UDP may be blocked).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    device::{Device, Event},
+    stun,
+    sys::{
+        netlink::{self, RouteEvents},
+        poll,
+    },
+};
+
+/// The NAT in front of a node, as its STUN answers show it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NatKind {
+    /// Publicly reachable at a host address: peers may send to it unprompted.
+    None,
+    /// Endpoint-independent mapping: coordinated hole punching works.
+    Easy,
+    /// Endpoint-dependent mapping: a new public port per destination.
+    Hard,
+    /// Not known (yet): no STUN answer.
+    #[default]
+    Unknown,
+}
+
+impl NatKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            NatKind::None => "none",
+            NatKind::Easy => "easy",
+            NatKind::Hard => "hard",
+            NatKind::Unknown => "unknown",
+        }
+    }
+}
+
+/// At most this many candidates are published (the coordinator accepts 8 UDP endpoints).
+pub const MAX_CANDIDATES: usize = 8;
+
+/// This node's candidates.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Candidates {
+    pub host: Vec<SocketAddr>,
+    pub reflexive: Option<SocketAddr>,
+    pub port_mapped: Option<SocketAddr>,
+    pub nat: NatKind,
+    /// Round trip to the first STUN target.
+    #[serde(default)]
+    pub stun_rtt_ms: Option<f64>,
+}
+
+impl Candidates {
+    /// The endpoints peers should try, best first: host (same LAN), port-mapped, reflexive.
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for e in self.host.iter().chain(&self.port_mapped).chain(&self.reflexive) {
+            if !out.contains(e) {
+                out.push(*e);
+            }
+        }
+        out.truncate(MAX_CANDIDATES);
+        out
+    }
+
+    /// What peers need to know (everything but the measurement).
+    pub fn same_published(&self, other: &Candidates) -> bool {
+        self.endpoints() == other.endpoints() && self.nat == other.nat
+    }
+}
+
+/// The NAT kind shown by the answers of the two targets, given our host candidates.
+pub fn classify(host: &[SocketAddr], first: Option<SocketAddr>, second: Option<SocketAddr>) -> NatKind {
+    match (first, second) {
+        (None, None) => NatKind::Unknown,
+        (Some(a), Some(b)) if a != b => NatKind::Hard,
+        (Some(a), _) | (None, Some(a)) if host.iter().any(|h| same_endpoint(*h, a)) => NatKind::None,
+        _ => NatKind::Easy,
+    }
+}
+
+fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
+}
+
+/// Time between discovery rounds while nothing changes (well within the 30 s a Linux NAT
+/// keeps an unanswered UDP mapping, so the reflexive address stays the one peers punch to).
+pub const ROUND_INTERVAL: Duration = Duration::from_secs(25);
+/// Requests of one round go out at these offsets (lost datagrams are retried).
+const RETRIES: [Duration; 3] = [Duration::ZERO, Duration::from_millis(300), Duration::from_millis(900)];
+/// A round ends this long after it started, answered or not.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+struct Round {
+    started: Instant,
+    transactions: [[u8; 12]; 2],
+    answers: [Option<(SocketAddr, Duration)>; 2],
+    sent: usize,
+}
+
+/// STUN discovery rounds against the coordinator's two targets.
+#[derive(Debug)]
+pub struct Discovery {
+    targets: Option<[SocketAddr; 2]>,
+    round: Option<Round>,
+    next_round: Instant,
+    host: Vec<SocketAddr>,
+    port_mapped: Option<SocketAddr>,
+    last: Candidates,
+    finished_rounds: u64,
+    seed: u64,
+}
+
+impl Discovery {
+    pub fn new(now: Instant, seed: u64) -> Self {
+        Discovery {
+            targets: None,
+            round: None,
+            next_round: now,
+            host: Vec::new(),
+            port_mapped: None,
+            last: Candidates::default(),
+            finished_rounds: 0,
+            seed,
+        }
+    }
+
+    /// The coordinator's STUN targets (None: it runs none).
+    pub fn set_targets(&mut self, targets: Option<[SocketAddr; 2]>, now: Instant) {
+        if self.targets != targets {
+            self.targets = targets;
+            self.round = None;
+            self.next_round = now;
+        }
+    }
+
+    /// This machine's addresses changed: new host candidates, and ask again at once.
+    pub fn network_changed(&mut self, host: Vec<SocketAddr>, now: Instant) {
+        self.host = host;
+        self.round = None;
+        self.next_round = now;
+    }
+
+    pub fn set_port_mapped(&mut self, mapped: Option<SocketAddr>) {
+        self.port_mapped = mapped;
+    }
+
+    /// Whether a round finished: what we know is worth publishing (before that, the hello's
+    /// host candidates stand).
+    pub fn settled(&self) -> bool {
+        self.finished_rounds > 0
+    }
+
+    /// The candidates as of the last finished round (host and port-mapped always current).
+    pub fn candidates(&self) -> Candidates {
+        Candidates {
+            host: self.host.clone(),
+            port_mapped: self.port_mapped,
+            ..self.last.clone()
+        }
+    }
+
+    fn transaction(&mut self) -> [u8; 12] {
+        // splitmix64: distinct, unpredictable-enough ids without a lock on the thread RNG.
+        let mut t = [0u8; 12];
+        for chunk in t.chunks_mut(4) {
+            self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.seed;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            chunk.copy_from_slice(&((z ^ (z >> 31)) as u32).to_le_bytes());
+        }
+        t
+    }
+
+    /// Requests to send now, as (target, message). Finishes a round that timed out.
+    pub fn poll(&mut self, now: Instant) -> Vec<(SocketAddr, [u8; 20])> {
+        let Some(targets) = self.targets else {
+            return Vec::new();
+        };
+        if self.round.is_none() && now >= self.next_round {
+            let transactions = [self.transaction(), self.transaction()];
+            self.round = Some(Round {
+                started: now,
+                transactions,
+                answers: [None, None],
+                sent: 0,
+            });
+        }
+        let Some(round) = &mut self.round else {
+            return Vec::new();
+        };
+        let elapsed = now.saturating_duration_since(round.started);
+        if elapsed >= ROUND_TIMEOUT {
+            self.finish(now);
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        while round.sent < RETRIES.len() && elapsed >= RETRIES[round.sent] {
+            round.sent += 1;
+            for ((target, transaction), answer) in targets.iter().zip(&round.transactions).zip(&round.answers) {
+                if answer.is_none() {
+                    out.push((*target, stun::binding_request(*transaction)));
+                }
+            }
+        }
+        out
+    }
+
+    /// A STUN response arrived from `from`; true if it completed a round.
+    pub fn on_response(&mut self, msg: &[u8], from: SocketAddr, now: Instant) -> bool {
+        let (Some(targets), Some(round)) = (self.targets, &mut self.round) else {
+            return false;
+        };
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        for ((target, transaction), answer) in targets.iter().zip(&round.transactions).zip(&mut round.answers) {
+            if *target == from
+                && answer.is_none()
+                && let Some(mapped) = stun::parse_binding_response(msg, transaction)
+            {
+                let mapped = SocketAddr::new(mapped.ip().to_canonical(), mapped.port());
+                *answer = Some((mapped, now.saturating_duration_since(round.started)));
+            }
+        }
+        if round.answers.iter().all(Option::is_some) {
+            self.finish(now);
+            return true;
+        }
+        false
+    }
+
+    fn finish(&mut self, now: Instant) {
+        let Some(round) = self.round.take() else {
+            return;
+        };
+        let [first, second] = round.answers.map(|a| a.map(|(m, _)| m));
+        self.last = Candidates {
+            host: self.host.clone(),
+            reflexive: first.or(second),
+            port_mapped: self.port_mapped,
+            nat: classify(&self.host, first, second),
+            stun_rtt_ms: round.answers[0].map(|(_, rtt)| rtt.as_secs_f64() * 1e3),
+        };
+        self.finished_rounds += 1;
+        self.next_round = now + ROUND_INTERVAL;
+    }
+}
+
+/// This machine's global addresses (not on loopback, not on `mesh_interface`) with `port`.
+pub fn host_candidates(mesh_interface: &str, port: u16) -> Vec<SocketAddr> {
+    let Ok(out) = std::process::Command::new("ip")
+        .args(["-o", "addr", "show", "up", "scope", "global"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    parse_ip_addr(&String::from_utf8_lossy(&out.stdout), mesh_interface, port)
+}
+
+/// Addresses from `ip -o addr` lines: `N: IFACE    inet A/LEN ... scope global ...`.
+fn parse_ip_addr(listing: &str, mesh_interface: &str, port: u16) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for line in listing.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(iface), Some(family), Some(addr)) = (fields.get(1), fields.get(2), fields.get(3)) else {
+            continue;
+        };
+        if *iface == "lo" || *iface == mesh_interface || !matches!(*family, "inet" | "inet6") {
+            continue;
+        }
+        let Some(ip) = addr.split('/').next().and_then(|a| a.parse::<IpAddr>().ok()) else {
+            continue;
+        };
+        let candidate = SocketAddr::new(ip, port);
+        if !out.contains(&candidate) {
+            out.push(candidate);
+        }
+    }
+    // IPv4 first: the common case for LAN peers.
+    out.sort_by_key(|a| a.is_ipv6());
+    out.truncate(MAX_CANDIDATES - 2);
+    out
+}
+
+/// Watch route netlink until `dev` shuts down; tell the handshake thread when an address, route
+/// or link of any interface but the mesh interface changes (routes of the mesh interface change
+/// whenever peers come and go; they say nothing about how the world reaches us).
+pub fn watch_network(dev: Arc<Device>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let events = RouteEvents::open()?;
+    std::thread::Builder::new().name("tm-netwatch".into()).spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        while !dev.shutdown.load(Ordering::Relaxed) {
+            if !matches!(poll::readable([events.as_fd()], Duration::from_millis(500)), Ok([true])) {
+                continue;
+            }
+            let mesh = netlink::interface_index(&dev.interface).unwrap_or(0);
+            let mut changed = false;
+            while let Ok(n) = events.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                changed |= n == buf.len() || concerns_other_interfaces(&buf[..n], mesh);
+            }
+            if changed {
+                let _ = dev.events.try_send(Event::NetworkChanged);
+            }
+        }
+    })
+}
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+const RTA_OIF: u16 = 4;
+const NLMSG_HDR: usize = 16;
+const RTMSG_LEN: usize = 12;
+
+/// Whether a batch of route-netlink notifications is about an interface other than `mesh`.
+fn concerns_other_interfaces(mut batch: &[u8], mesh: u32) -> bool {
+    let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|v| u16::from_ne_bytes([v[0], v[1]]));
+    let u32_at = |b: &[u8], i: usize| b.get(i..i + 4).map(|v| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]));
+    while let (Some(len), Some(kind)) = (u32_at(batch, 0), u16_at(batch, 4)) {
+        let len = len as usize;
+        if len < NLMSG_HDR || len > batch.len() {
+            return false;
+        }
+        let body = &batch[NLMSG_HDR..len];
+        let index = match kind {
+            // ifinfomsg and ifaddrmsg both carry the interface index at offset 4.
+            RTM_NEWLINK | RTM_DELLINK | RTM_NEWADDR | RTM_DELADDR => u32_at(body, 4),
+            RTM_NEWROUTE | RTM_DELROUTE => {
+                let mut attrs = body.get(RTMSG_LEN..).unwrap_or(&[]);
+                let mut oif = None;
+                while let (Some(alen), Some(atype)) = (u16_at(attrs, 0), u16_at(attrs, 2)) {
+                    let alen = alen as usize;
+                    if alen < 4 || alen > attrs.len() {
+                        break;
+                    }
+                    if atype == RTA_OIF {
+                        oif = u32_at(attrs, 4);
+                    }
+                    attrs = attrs.get(alen.next_multiple_of(4)..).unwrap_or(&[]);
+                }
+                // A route without an output interface (unreachable, blackhole) is a change too.
+                Some(oif.unwrap_or(0))
+            }
+            _ => None,
+        };
+        if index.is_some_and(|i| i != mesh) {
+            return true;
+        }
+        batch = batch.get(len.next_multiple_of(4)..).unwrap_or(&[]);
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn nat_kind_follows_the_two_answers() {
+        let host = [sa("10.0.0.2:51820")];
+        assert_eq!(classify(&host, None, None), NatKind::Unknown);
+        assert_eq!(
+            classify(&host, Some(sa("198.18.1.1:51820")), Some(sa("198.18.1.1:51820"))),
+            NatKind::Easy
+        );
+        assert_eq!(
+            classify(&host, Some(sa("198.18.1.1:40000")), Some(sa("198.18.1.1:40001"))),
+            NatKind::Hard
+        );
+        assert_eq!(
+            classify(&host, Some(sa("10.0.0.2:51820")), Some(sa("10.0.0.2:51820"))),
+            NatKind::None
+        );
+        // Same address, other port: a NAT on our own address (port not preserved).
+        assert_eq!(
+            classify(&host, Some(sa("10.0.0.2:40000")), Some(sa("10.0.0.2:40000"))),
+            NatKind::Easy
+        );
+        assert_eq!(classify(&host, None, Some(sa("198.18.1.1:51820"))), NatKind::Easy);
+    }
+
+    #[test]
+    fn a_round_asks_both_targets_retries_the_silent_one_and_classifies() {
+        let t0 = Instant::now();
+        let targets = [sa("198.18.0.1:3478"), sa("198.18.0.1:3479")];
+        let mut d = Discovery::new(t0, 7);
+        assert!(d.poll(t0).is_empty(), "no targets, no requests");
+        d.network_changed(vec![sa("10.0.0.2:51820")], t0);
+        d.set_targets(Some(targets), t0);
+        let first = d.poll(t0);
+        assert_eq!(first.iter().map(|r| r.0).collect::<Vec<_>>(), targets);
+        assert!(d.poll(t0 + Duration::from_millis(100)).is_empty());
+        let transaction = |m: &[u8; 20]| -> [u8; 12] { m[8..20].try_into().unwrap() };
+        let answer = stun::binding_response(transaction(&first[0].1), sa("198.18.5.5:51820"));
+        // From the wrong target: ignored.
+        assert!(!d.on_response(&answer, targets[1], t0 + Duration::from_millis(5)));
+        assert!(!d.on_response(&answer, targets[0], t0 + Duration::from_millis(5)));
+        let retry = d.poll(t0 + Duration::from_millis(300));
+        assert_eq!(
+            retry.iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![targets[1]],
+            "only the silent one"
+        );
+        let second = stun::binding_response(transaction(&retry[0].1), sa("198.18.5.5:51820"));
+        assert!(d.on_response(&second, targets[1], t0 + Duration::from_millis(310)));
+        let c = d.candidates();
+        assert_eq!(c.nat, NatKind::Easy);
+        assert_eq!(c.reflexive, Some(sa("198.18.5.5:51820")));
+        assert_eq!(c.stun_rtt_ms, Some(5.0));
+        assert_eq!(c.endpoints(), vec![sa("10.0.0.2:51820"), sa("198.18.5.5:51820")]);
+        // Next round only after the interval, or at once after a network change.
+        assert!(d.poll(t0 + Duration::from_secs(10)).is_empty());
+        d.network_changed(vec![sa("10.0.1.2:51820")], t0 + Duration::from_secs(11));
+        assert_eq!(d.poll(t0 + Duration::from_secs(11)).len(), 2);
+        // Nobody answers: the round ends unknown.
+        d.poll(t0 + Duration::from_secs(14));
+        assert_eq!(d.candidates().nat, NatKind::Unknown);
+        assert_eq!(d.candidates().endpoints(), vec![sa("10.0.1.2:51820")]);
+    }
+
+    /// One netlink message: header of `kind`, then `body`.
+    fn nlmsg(kind: u16, body: &[u8]) -> Vec<u8> {
+        let mut m = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(body);
+        m.resize(m.len().next_multiple_of(4), 0);
+        m
+    }
+
+    #[test]
+    fn netlink_changes_on_the_mesh_interface_alone_are_ignored() {
+        let addr_on = |index: u32| nlmsg(RTM_NEWADDR, &[&[2, 24, 0, 0][..], &index.to_ne_bytes()].concat());
+        let route_via = |index: u32| {
+            let mut body = vec![2, 32, 0, 0, 254, 4, 0, 1, 0, 0, 0, 0];
+            body.extend_from_slice(&8u16.to_ne_bytes());
+            body.extend_from_slice(&RTA_OIF.to_ne_bytes());
+            body.extend_from_slice(&index.to_ne_bytes());
+            nlmsg(RTM_NEWROUTE, &body)
+        };
+        let mesh = 7;
+        assert!(!concerns_other_interfaces(&addr_on(mesh), mesh));
+        assert!(!concerns_other_interfaces(&route_via(mesh), mesh));
+        assert!(concerns_other_interfaces(&addr_on(2), mesh));
+        assert!(concerns_other_interfaces(
+            &[route_via(mesh), route_via(3)].concat(),
+            mesh
+        ));
+        assert!(!concerns_other_interfaces(&nlmsg(3, &[]), mesh), "NLMSG_DONE");
+        assert!(!concerns_other_interfaces(&[1, 2, 3], mesh), "truncated");
+    }
+
+    #[test]
+    fn host_candidates_skip_loopback_the_mesh_and_repeat_addresses() {
+        let listing = "1: lo    inet 127.0.0.1/8 scope host lo\n\
+            2: eth0    inet 10.0.0.2/24 brd 10.0.0.255 scope global eth0\n\
+            2: eth0    inet6 2001:db8::2/64 scope global\n\
+            5: tm0    inet 100.64.0.1/10 scope global tm0\n\
+            6: wlan0    inet 192.168.1.7/24 scope global dynamic wlan0\n";
+        assert_eq!(
+            parse_ip_addr(listing, "tm0", 51820),
+            vec![sa("10.0.0.2:51820"), sa("192.168.1.7:51820"), sa("[2001:db8::2]:51820")]
+        );
+    }
+}
