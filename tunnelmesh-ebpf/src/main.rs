@@ -27,7 +27,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use tunnelmesh_common::{
-    shield::{BUDGET_INITIATIONS, BUDGET_STUN, BUDGET_UNKNOWN_INDEX, Budget, KNOWN_INDICES_MAX, ShieldReason, SourceKey},
+    shield::{
+        BUDGET_INITIATIONS, BUDGET_STUN, BUDGET_UNKNOWN_INDEX, Budget, KNOWN_INDICES_MAX, ShieldReason, SourceKey,
+    },
     wire,
 };
 
