@@ -194,6 +194,8 @@ mod coordinator {
             state_dir: Default::default(),
             no_ebpf: true,
             ssh_port: 0,
+            port_mapping: tunnelmesh_daemon::portmap::Mode::Off,
+            port_mapping_lifetime: tunnelmesh_daemon::portmap::DEFAULT_LIFETIME,
         };
         Client::new(&opts, identity).expect("client")
     }

@@ -107,7 +107,7 @@ fn with_udp_blocked_netcheck_says_so() {
 }
 
 /// What a router of the matrix does to its LAN's traffic. Every kind drops connections from
-/// outside that its LAN did not open, as a home router does: an unsolicited datagram is dropped
+/// outside that its LAN did not open (port forwards aside), as a home router does: an unsolicited datagram is dropped
 /// before conntrack keeps it, so it cannot spoil a mapping (see the README on hole punching).
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Nat {
@@ -145,6 +145,7 @@ table inet fw {{
   }}
   chain through {{
     type filter hook forward priority 0; policy accept;
+    ct status dnat accept
     iifname != \"{lan}\" ct state new drop
     {udp}
   }}
@@ -325,4 +326,144 @@ fn nat_matrix_every_pair_ends_on_the_path_its_nats_allow_and_carries_traffic() {
         let _ = p.kill();
         let _ = p.wait();
     }
+}
+
+/// A `miniupnpd` (Debian's, nftables backend) serving NAT-PMP, PCP and UPnP-IGD on a router's LAN;
+/// killed when dropped.
+struct Miniupnpd(Child);
+
+impl Drop for Miniupnpd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start miniupnpd on `router` (WAN address `wan`, LAN interface `lan`). It learns that its WAN
+/// address is reachable from the coordinator's STUN target (`stun`): the lab's addresses are in
+/// 198.18.0.0/15, which miniupnpd otherwise refuses as "reserved".
+fn miniupnpd(lab: &Lab, router: &str, wan: Ipv4Addr, lan: &str, stun: Ipv4Addr) -> Miniupnpd {
+    let wan_if = String::from_utf8(
+        lab.sh(router, &format!("ip -o -4 addr show to {wan}/32 | awk '{{print $2}}'"))
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    // The chains miniupnpd fills (Debian's nft_init.sh builds the same).
+    lab.sh(
+        router,
+        "nft add table inet filter && \
+         nft add chain inet filter miniupnpd && \
+         nft add chain inet filter prerouting_miniupnpd && \
+         nft add chain inet filter postrouting_miniupnpd && \
+         nft add chain inet filter prerouting '{ type nat hook prerouting priority -100; policy accept; }' && \
+         nft add rule inet filter prerouting jump prerouting_miniupnpd && \
+         nft add chain inet filter postrouting '{ type nat hook postrouting priority 100; policy accept; }' && \
+         nft add rule inet filter postrouting jump postrouting_miniupnpd",
+    );
+    let dir = lab.dir.path();
+    let conf = dir.join(format!("{router}-miniupnpd.conf"));
+    fs::write(
+        &conf,
+        format!(
+            "ext_ifname={wan_if}\next_perform_stun=yes\next_stun_host={stun}\next_stun_port=3478\n\
+             listening_ip={lan}\nhttp_port=0\nenable_natpmp=yes\nenable_upnp=yes\nsecure_mode=yes\n\
+             system_uptime=yes\nmin_lifetime=2\nlease_file={}\nuuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n\
+             allow 1024-65535 198.19.0.0/16 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+            dir.join(format!("{router}-upnp.leases")).display()
+        ),
+    )
+    .unwrap();
+    let log = fs::File::create(dir.join(format!("{router}-miniupnpd.log"))).unwrap();
+    let child = lab
+        .sh_cmd(
+            router,
+            &format!(
+                "exec miniupnpd -d -f {} -P {}",
+                conf.display(),
+                dir.join(format!("{router}-miniupnpd.pid")).display()
+            ),
+        )
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("miniupnpd runs (cargo xtask setup installs it)");
+    Miniupnpd(child)
+}
+
+#[test]
+fn port_mapping_with_pcp_nat_pmp_and_upnp_is_made_renewed_and_removed_and_lets_a_hard_nat_in() {
+    let mut lab = Lab::new();
+    let wan = lab.switched(90, &["c", "rm", "rs"]);
+    let (m_lan, m_bridge) = lab.lan(&wan[1].0, 91, &["m"]);
+    nat_router(&lab, &wan[1].0, &m_bridge, Nat::Restricted);
+    let (s_lan, s_bridge) = lab.lan(&wan[2].0, 92, &["s"]);
+    nat_router(&lab, &wan[2].0, &s_bridge, Nat::Symmetric);
+    let m = lab.node("m", &m_lan[0].0, m_lan[0].1, 1, PORT);
+    let s = lab.node("s", &s_lan[0].0, s_lan[0].1, 2, PORT);
+    let authorized = lab.dir.path().join("authorized_keys");
+    let keys = format!("{}\n{}\n", lab.nodes[m].public_line, lab.nodes[s].public_line);
+    fs::write(&authorized, keys).unwrap();
+    let c = lab.coordinator_with_policy(&wan[0], &authorized, ALLOW_ALL, &[]);
+    let _upnpd = miniupnpd(&lab, &wan[1].0, wan[1].1, &m_bridge, wan[0].1);
+    let router_rules = |lab: &Lab| {
+        String::from_utf8(
+            lab.sh(&wan[1].0, "nft list chain inet filter prerouting_miniupnpd")
+                .stdout,
+        )
+        .unwrap()
+    };
+    let m_addr = m_lan[0].1.to_string();
+
+    for protocol in ["pcp", "nat-pmp", "upnp"] {
+        lab.join(m, &c, &["--port-mapping", protocol, "--port-mapping-lifetime", "4"]);
+        let mapping = |lab: &Lab| lab.status(m)["port_mapping"].clone();
+        tunnelmesh_tests::eventually(&format!("a mapping via {protocol}"), Duration::from_secs(15), || {
+            mapping(&lab)["protocol"] == protocol
+        });
+        let external = mapping(&lab)["external"].as_str().unwrap().to_string();
+        assert!(
+            external.starts_with(&format!("{}:", wan[1].1)),
+            "{protocol}: {external}"
+        );
+        assert!(
+            router_rules(&lab).contains(&m_addr),
+            "{protocol}: the router forwards to m:\n{}",
+            router_rules(&lab)
+        );
+        tunnelmesh_tests::eventually(
+            &format!("{protocol} renews at half the lifetime"),
+            Duration::from_secs(10),
+            || mapping(&lab)["renewals"].as_u64().unwrap_or(0) >= 2,
+        );
+        tunnelmesh_tests::eventually(
+            &format!("the {protocol} mapping is a candidate"),
+            Duration::from_secs(30),
+            || lab.status(m)["nat"]["port_mapped"] == external.as_str(),
+        );
+        lab.stop(m);
+        tunnelmesh_tests::eventually(
+            &format!("{protocol}: the mapping is removed on exit"),
+            Duration::from_secs(5),
+            || !router_rules(&lab).contains(&m_addr),
+        );
+    }
+
+    // A peer behind a symmetric NAT reaches m directly through the mapping.
+    lab.join(m, &c, &[]);
+    lab.join(s, &c, &[]);
+    tunnelmesh_tests::eventually("m's mapping is published", Duration::from_secs(30), || {
+        lab.status(m)["nat"]["port_mapped"].is_string()
+    });
+    let m_mesh = lab.mesh_addrs(m).0;
+    let mut pinger = keep_pinging(&lab, &lab.nodes[s].ns, &m_mesh, 30);
+    tunnelmesh_tests::eventually(
+        "symmetric s <-> port-mapped m goes direct",
+        Duration::from_secs(25),
+        || lab.peer_path(s, m) == "udp" && lab.peer_path(m, s) == "udp",
+    );
+    assert!(lab.ping(&lab.nodes[s].ns, &m_mesh, 3));
+    let _ = pinger.kill();
+    let _ = pinger.wait();
 }

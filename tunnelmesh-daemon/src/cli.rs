@@ -38,6 +38,8 @@ fn up(args: UpArgs) -> Result<()> {
         state_dir: args.state_dir,
         no_ebpf: args.no_ebpf,
         ssh_port: args.ssh_port.unwrap_or(args.listen_port),
+        port_mapping: args.port_mapping,
+        port_mapping_lifetime: std::time::Duration::from_secs(args.port_mapping_lifetime),
     };
     control::up(opts, identity)
 }
@@ -193,6 +195,14 @@ struct UpArgs {
     /// number as --listen-port; 0 turns it off).
     #[arg(long)]
     ssh_port: Option<u16>,
+    /// Ask the gateway to forward a public UDP port to --listen-port: auto (PCP, then NAT-PMP,
+    /// then UPnP-IGD), pcp, nat-pmp, upnp, or off. The mapping is renewed at half its lifetime
+    /// and removed on exit.
+    #[arg(long, default_value = "auto")]
+    port_mapping: crate::portmap::Mode,
+    /// Lifetime to ask for a port mapping, in seconds.
+    #[arg(long, default_value_t = crate::portmap::DEFAULT_LIFETIME.as_secs(), value_parser = clap::value_parser!(u64).range(2..=86400))]
+    port_mapping_lifetime: u64,
     /// OpenSSH ed25519 private key (default: the config's identity, else /etc/ssh/ssh_host_ed25519_key).
     #[arg(long)]
     identity: Option<PathBuf>,
@@ -410,6 +420,15 @@ fn print_status(s: &status::Status) {
             endpoints.join(", ")
         }
     );
+    if let Some(m) = &s.port_mapping {
+        println!(
+            "  port mapping: {} via {} (lifetime {} s, renewed {} times)",
+            m.external,
+            m.protocol.name(),
+            m.lifetime_secs,
+            m.renewals
+        );
+    }
     match &s.policy {
         Some(p) => {
             println!(

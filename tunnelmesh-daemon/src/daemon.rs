@@ -56,6 +56,8 @@ pub struct InterfacePlan {
     pub mesh_keys: Vec<MeshKey>,
     /// Inbound policy (coordinated meshes); `None`: every configured peer may connect.
     pub policy: Option<NodePolicy>,
+    /// Port mapping at the gateway, and the lifetime to ask for.
+    pub port_mapping: (crate::portmap::Mode, Duration),
 }
 
 /// `tunnelmesh up --config FILE`.
@@ -108,6 +110,7 @@ pub fn up_static(config_path: &Path, identity_override: Option<&Path>) -> Result
         peers,
         mesh_keys: vec![iface.mesh_key.0.clone()],
         policy: None,
+        port_mapping: (crate::portmap::Mode::Off, crate::portmap::DEFAULT_LIFETIME),
     };
     let running = Interface::start(&identity, plan)?;
     running.wait_for_signal()
@@ -192,6 +195,8 @@ impl Interface {
             coordinator_tx: Default::default(),
             stun_targets: Default::default(),
             candidates: Default::default(),
+            port_mapping: Default::default(),
+            network_generation: Default::default(),
             overlay_inbox: inbox_tx,
         });
         let local = LocalStatic {
@@ -213,6 +218,16 @@ impl Interface {
         match crate::nat::watch_network(dev.clone()) {
             Ok(thread) => threads.push(thread),
             Err(e) => warn!("cannot watch for address changes ({e}); candidates refresh every 25 s only"),
+        }
+        if let (mode, lifetime) = plan.port_mapping
+            && mode != crate::portmap::Mode::Off
+        {
+            let dev = dev.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("tm-portmap".into())
+                    .spawn(move || crate::portmap::run(dev, mode, lifetime))?,
+            );
         }
         let shield_for_status = shield.clone();
         let fastpath_status =

@@ -21,6 +21,7 @@ pub mod netcheck;
 pub mod netconf;
 pub mod noise;
 pub mod policy;
+pub mod portmap;
 pub mod routing;
 pub mod session;
 pub mod ssh;

@@ -70,7 +70,7 @@ fn binding(socket: &UdpSocket, target: SocketAddr) -> Option<(SocketAddr, Durati
 }
 
 /// The IPv4 default gateway from `/proc/net/route`.
-fn default_gateway() -> Option<Ipv4Addr> {
+pub(crate) fn default_gateway() -> Option<Ipv4Addr> {
     let table = std::fs::read_to_string("/proc/net/route").ok()?;
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();

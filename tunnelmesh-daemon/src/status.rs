@@ -84,6 +84,9 @@ pub struct Status {
     /// This node's UDP candidates and the NAT in front of it, learned from the tunnel socket.
     #[serde(default)]
     pub nat: Candidates,
+    /// The gateway's port mapping for our tunnel port, if one holds.
+    #[serde(default)]
+    pub port_mapping: Option<crate::portmap::Mapping>,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -104,6 +107,7 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
         counters,
         fastpath: fastpath(),
         nat: (**dev.candidates.load()).clone(),
+        port_mapping: dev.port_mapping.load().as_deref().cloned(),
         peers: dev
             .peers
             .load()

@@ -32,6 +32,9 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "nftables",
     "tcpdump",
+    // NAT lab: the routers' port-mapping service (NAT-PMP, PCP, UPnP-IGD), nftables backend.
+    "miniupnpd",
+    "miniupnpd-nftables",
 ];
 
 type Result<T = ()> = std::result::Result<T, String>;

@@ -61,6 +61,8 @@ pub struct JoinOptions {
     pub no_ebpf: bool,
     /// TCP port of the SSH transport (0: do not run one).
     pub ssh_port: u16,
+    pub port_mapping: crate::portmap::Mode,
+    pub port_mapping_lifetime: Duration,
 }
 
 /// What the coordinator told us, as cached on disk.
@@ -224,10 +226,7 @@ impl Client {
             name: opts.name.clone(),
             listen_port: opts.listen_port,
             ssh_port: opts.ssh_port,
-            candidates: arc_swap::ArcSwap::from_pointee(Candidates {
-                host: nat::host_candidates(&opts.interface, opts.listen_port),
-                ..Candidates::default()
-            }),
+            candidates: Default::default(),
         })
     }
 
@@ -562,6 +561,10 @@ fn punch(dev: &Device, state: &MeshState, fingerprint: &str, endpoints: &[String
 pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
     let identity = Arc::new(identity);
     let client = Client::new(&opts, identity.clone())?;
+    client.candidates.store(Arc::new(Candidates {
+        host: nat::host_candidates(&opts.interface, opts.listen_port),
+        ..Candidates::default()
+    }));
     let cache = opts.state_dir.join(&opts.interface).join("state.json");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -606,6 +609,7 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
         peers: state.peer_specs(),
         mesh_keys: state.mesh_keys()?,
         policy: Some(state.policy.clone()),
+        port_mapping: (opts.port_mapping, opts.port_mapping_lifetime),
     };
     let interface = Interface::start(&identity, plan)?;
     set_stun_targets(&interface.dev, &opts.url, &state);

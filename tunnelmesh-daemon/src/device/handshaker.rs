@@ -340,6 +340,8 @@ impl Handshaker {
         }
         let targets = self.dev.stun_targets.load().as_deref().copied();
         self.discovery.set_targets(targets, now);
+        self.discovery
+            .set_port_mapped(self.dev.port_mapping.load().as_ref().map(|m| m.external));
         for (target, request) in self.discovery.poll(now) {
             let _ = self.socket.send_to(&request, dual_stack(target));
         }

@@ -476,6 +476,10 @@ pub struct Device {
     pub stun_targets: ArcSwapOption<[SocketAddr; 2]>,
     /// This node's candidates as last learned (for the coordinator and `status`).
     pub candidates: ArcSwap<Candidates>,
+    /// The port mapping the gateway granted, while it holds.
+    pub port_mapping: ArcSwapOption<crate::portmap::Mapping>,
+    /// Bumped on every change of this machine's addresses or routes.
+    pub network_generation: AtomicU64,
     /// Messages received on SSH or relay paths go to the data plane through here.
     pub overlay_inbox: std::os::unix::net::UnixDatagram,
 }

@@ -1,0 +1,461 @@
+//! Port mapping: ask the gateway to forward a public UDP port to our tunnel port, so peers behind
+//! any NAT (a hard one included) can reach us unprompted.
+//!
+//! Three protocols, tried in this order: PCP (RFC 6887, MAP), NAT-PMP (RFC 6886) — both on the
+//! gateway's UDP 5351, tiny binary messages written here — and UPnP-IGD (SSDP + SOAP, through
+//! the `igd-next` crate). A mapping is renewed at half its lifetime and deleted when the daemon
+//! stops. The mapped address becomes a candidate (see [`crate::nat`]).
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    str::FromStr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::device::Device;
+
+/// UDP port of PCP and NAT-PMP servers.
+const PORT_5351: u16 = 5351;
+/// Each request waits this long for its answer (and is sent twice).
+const WAIT: Duration = Duration::from_millis(400);
+/// After a failure, try again after this long.
+const RETRY: Duration = Duration::from_secs(60);
+/// Default lifetime asked for.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+const DESCRIPTION: &str = "tunnelmesh";
+
+/// Which protocol to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    Pcp,
+    NatPmp,
+    Upnp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Pcp, Protocol::NatPmp, Protocol::Upnp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Pcp => "pcp",
+            Protocol::NatPmp => "nat-pmp",
+            Protocol::Upnp => "upnp",
+        }
+    }
+}
+
+/// `--port-mapping`: `auto` (try each), one protocol, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Off,
+    Auto,
+    Only(Protocol),
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Mode::Off),
+            "auto" => Ok(Mode::Auto),
+            other => Protocol::ALL
+                .into_iter()
+                .find(|p| p.name() == other)
+                .map(Mode::Only)
+                .ok_or_else(|| format!("{other:?} is not a port-mapping mode: use auto, pcp, nat-pmp, upnp or off")),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mode::Off => f.write_str("off"),
+            Mode::Auto => f.write_str("auto"),
+            Mode::Only(p) => f.write_str(p.name()),
+        }
+    }
+}
+
+/// A mapping the gateway granted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mapping {
+    pub protocol: Protocol,
+    /// The public address peers reach us at.
+    pub external: SocketAddr,
+    pub lifetime_secs: u32,
+    /// Times the mapping was renewed.
+    pub renewals: u64,
+    #[serde(skip)]
+    pcp_nonce: [u8; 12],
+}
+
+// ------------------------------------------------------------------------------------ NAT-PMP
+
+/// NAT-PMP "map UDP" request (opcode 1): internal port, suggested external port, lifetime.
+fn natpmp_map_request(internal: u16, external: u16, lifetime: u32) -> [u8; 12] {
+    let mut m = [0u8; 12];
+    m[1] = 1;
+    m[4..6].copy_from_slice(&internal.to_be_bytes());
+    m[6..8].copy_from_slice(&external.to_be_bytes());
+    m[8..12].copy_from_slice(&lifetime.to_be_bytes());
+    m
+}
+
+/// (external port, lifetime) from a NAT-PMP map response to `internal`.
+fn parse_natpmp_map(m: &[u8], internal: u16) -> Result<(u16, u32), String> {
+    if m.len() < 16 || m[0] != 0 || m[1] != 129 {
+        return Err("not a NAT-PMP map response".into());
+    }
+    let result = u16::from_be_bytes([m[2], m[3]]);
+    if result != 0 {
+        return Err(format!("NAT-PMP result code {result}"));
+    }
+    if u16::from_be_bytes([m[8], m[9]]) != internal {
+        return Err("NAT-PMP answered for another port".into());
+    }
+    Ok((
+        u16::from_be_bytes([m[10], m[11]]),
+        u32::from_be_bytes([m[12], m[13], m[14], m[15]]),
+    ))
+}
+
+/// The external address from a NAT-PMP opcode-0 response.
+fn parse_natpmp_address(m: &[u8]) -> Result<Ipv4Addr, String> {
+    if m.len() < 12 || m[0] != 0 || m[1] != 128 {
+        return Err("not a NAT-PMP address response".into());
+    }
+    match u16::from_be_bytes([m[2], m[3]]) {
+        0 => Ok(Ipv4Addr::new(m[8], m[9], m[10], m[11])),
+        code => Err(format!("NAT-PMP result code {code}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------- PCP
+
+/// A PCP MAP request (RFC 6887 §11) for UDP from `client:internal`.
+fn pcp_map_request(client: Ipv4Addr, nonce: [u8; 12], internal: u16, external: u16, lifetime: u32) -> [u8; 60] {
+    let mut m = [0u8; 60];
+    m[0] = 2; // version
+    m[1] = 1; // request, opcode MAP
+    m[4..8].copy_from_slice(&lifetime.to_be_bytes());
+    m[8..24].copy_from_slice(&client.to_ipv6_mapped().octets());
+    m[24..36].copy_from_slice(&nonce);
+    m[36] = 17; // UDP
+    m[40..42].copy_from_slice(&internal.to_be_bytes());
+    m[42..44].copy_from_slice(&external.to_be_bytes());
+    m[44..60].copy_from_slice(&Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().octets());
+    m
+}
+
+/// (external address, lifetime) from a PCP MAP response to our `nonce`.
+fn parse_pcp_map(m: &[u8], nonce: &[u8; 12]) -> Result<(SocketAddr, u32), String> {
+    if m.len() < 60 || m[0] != 2 || m[1] != 0x81 {
+        return Err("not a PCP MAP response".into());
+    }
+    if m[3] != 0 {
+        return Err(format!("PCP result code {}", m[3]));
+    }
+    if &m[24..36] != nonce {
+        return Err("PCP answered another request".into());
+    }
+    let lifetime = u32::from_be_bytes([m[4], m[5], m[6], m[7]]);
+    let port = u16::from_be_bytes([m[42], m[43]]);
+    let octets: [u8; 16] = m[44..60].try_into().expect("16 bytes");
+    let ip = Ipv6Addr::from(octets).to_canonical();
+    Ok((SocketAddr::new(ip, port), lifetime))
+}
+
+/// Send `request` to the gateway's 5351 (twice if need be) and return the first answer from it.
+fn ask_5351(gateway: Ipv4Addr, request: &[u8]) -> Result<Vec<u8>, String> {
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    socket.set_read_timeout(Some(WAIT)).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 1100];
+    for _ in 0..2 {
+        socket
+            .send_to(request, (gateway, PORT_5351))
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) if from.ip() == IpAddr::V4(gateway) => return Ok(buf[..n].to_vec()),
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    Err(format!("no answer from {gateway}:{PORT_5351}"))
+}
+
+// -------------------------------------------------------------------------------------- client
+
+/// Keeps one mapping of our tunnel port alive.
+pub struct PortMapper {
+    mode: Mode,
+    port: u16,
+    lifetime: Duration,
+    mapping: Option<Mapping>,
+    /// The UPnP gateway found, kept for renewals and the deletion.
+    igd: Option<igd_next::Gateway>,
+}
+
+impl PortMapper {
+    pub fn new(mode: Mode, port: u16, lifetime: Duration) -> Self {
+        PortMapper {
+            mode,
+            port,
+            lifetime,
+            mapping: None,
+            igd: None,
+        }
+    }
+
+    /// Map (or renew) the port with the first protocol that works.
+    fn map(&mut self, gateway: Ipv4Addr, local: Ipv4Addr) -> Result<Mapping, String> {
+        let protocols: Vec<Protocol> = match (self.mode, &self.mapping) {
+            (Mode::Off, _) => return Err("off".into()),
+            // Renew with the protocol that granted it.
+            (_, Some(m)) => vec![m.protocol],
+            (Mode::Only(p), None) => vec![p],
+            (Mode::Auto, None) => Protocol::ALL.to_vec(),
+        };
+        let mut errors = Vec::new();
+        for protocol in protocols {
+            match self.map_with(protocol, gateway, local) {
+                Ok(mut m) => {
+                    if let Some(old) = &self.mapping {
+                        m.renewals = old.renewals + 1;
+                    }
+                    return Ok(m);
+                }
+                Err(e) => errors.push(format!("{}: {e}", protocol.name())),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    fn map_with(&mut self, protocol: Protocol, gateway: Ipv4Addr, local: Ipv4Addr) -> Result<Mapping, String> {
+        let lifetime = self.lifetime.as_secs().clamp(1, u32::MAX as u64) as u32;
+        let previous = self.mapping.as_ref().filter(|m| m.protocol == protocol);
+        let suggested = previous.map_or(self.port, |m| m.external.port());
+        match protocol {
+            Protocol::Pcp => {
+                // A renewal repeats the nonce (RFC 6887 §11.2).
+                let nonce = previous.map_or_else(
+                    || {
+                        let mut n = [0u8; 12];
+                        rand::thread_rng().fill_bytes(&mut n);
+                        n
+                    },
+                    |m| m.pcp_nonce,
+                );
+                let answer = ask_5351(gateway, &pcp_map_request(local, nonce, self.port, suggested, lifetime))?;
+                let (external, lifetime_secs) = parse_pcp_map(&answer, &nonce)?;
+                Ok(Mapping {
+                    protocol,
+                    external,
+                    lifetime_secs,
+                    renewals: 0,
+                    pcp_nonce: nonce,
+                })
+            }
+            Protocol::NatPmp => {
+                let address = parse_natpmp_address(&ask_5351(gateway, &[0, 0])?)?;
+                let answer = ask_5351(gateway, &natpmp_map_request(self.port, suggested, lifetime))?;
+                let (port, lifetime_secs) = parse_natpmp_map(&answer, self.port)?;
+                Ok(Mapping {
+                    protocol,
+                    external: SocketAddr::new(IpAddr::V4(address), port),
+                    lifetime_secs,
+                    renewals: 0,
+                    pcp_nonce: [0; 12],
+                })
+            }
+            Protocol::Upnp => {
+                if self.igd.is_none() {
+                    let mut options = igd_next::SearchOptions::default();
+                    options.timeout = Some(Duration::from_secs(2));
+                    options.single_search_timeout = Some(Duration::from_secs(2));
+                    self.igd = Some(igd_next::search_gateway(options).map_err(|e| e.to_string())?);
+                }
+                let igd = self.igd.as_ref().expect("just found");
+                let internal = SocketAddr::V4(SocketAddrV4::new(local, self.port));
+                igd.add_port(
+                    igd_next::PortMappingProtocol::UDP,
+                    suggested,
+                    internal,
+                    lifetime,
+                    DESCRIPTION,
+                )
+                .map_err(|e| e.to_string())?;
+                let ip = igd.get_external_ip().map_err(|e| e.to_string())?;
+                Ok(Mapping {
+                    protocol,
+                    external: SocketAddr::new(ip, suggested),
+                    lifetime_secs: lifetime,
+                    renewals: 0,
+                    pcp_nonce: [0; 12],
+                })
+            }
+        }
+    }
+
+    /// Delete the mapping (lifetime 0), if there is one.
+    fn unmap(&mut self, gateway: Ipv4Addr, local: Ipv4Addr) {
+        let Some(m) = self.mapping.take() else {
+            return;
+        };
+        let result = match m.protocol {
+            Protocol::Pcp => ask_5351(
+                gateway,
+                &pcp_map_request(local, m.pcp_nonce, self.port, m.external.port(), 0),
+            )
+            .map(drop),
+            Protocol::NatPmp => ask_5351(gateway, &natpmp_map_request(self.port, 0, 0)).map(drop),
+            Protocol::Upnp => match &self.igd {
+                Some(igd) => igd
+                    .remove_port(igd_next::PortMappingProtocol::UDP, m.external.port())
+                    .map_err(|e| e.to_string()),
+                None => Ok(()),
+            },
+        };
+        match result {
+            Ok(()) => info!(protocol = m.protocol.name(), external = %m.external, "port mapping removed"),
+            Err(e) => warn!(protocol = m.protocol.name(), "removing the port mapping failed: {e}"),
+        }
+    }
+}
+
+/// Our address towards `gateway` (the internal address of a mapping).
+fn local_address_towards(gateway: Ipv4Addr) -> Option<Ipv4Addr> {
+    let socket = UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect((gateway, PORT_5351)).ok()?;
+    match socket.local_addr().ok()?.ip() {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// Keep a mapping of the device's port while it runs: map, renew at half the lifetime, map
+/// again after a network change or a failure, delete at shutdown. The mapping is published in
+/// `dev.port_mapping` (discovery turns it into a candidate).
+pub fn run(dev: Arc<Device>, mode: Mode, lifetime: Duration) {
+    let mut mapper = PortMapper::new(mode, dev.listen_port, lifetime);
+    let mut next = Instant::now();
+    let mut seen_change = dev.network_generation.load(Ordering::Relaxed);
+    let mut route: Option<(Ipv4Addr, Ipv4Addr)> = None;
+    while !dev.shutdown.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        let generation = dev.network_generation.load(Ordering::Relaxed);
+        if generation != seen_change {
+            seen_change = generation;
+            next = Instant::now();
+        }
+        if Instant::now() < next {
+            continue;
+        }
+        let now_route = crate::netcheck::default_gateway().and_then(|g| Some((g, local_address_towards(g)?)));
+        if now_route != route {
+            // Another network: the old gateway's mapping is not ours to renew.
+            if let Some((g, l)) = route {
+                mapper.unmap(g, l);
+            }
+            mapper.mapping = None;
+            mapper.igd = None;
+            route = now_route;
+        }
+        let result = match route {
+            Some((gateway, local)) => mapper.map(gateway, local),
+            None => Err("no IPv4 default gateway".into()),
+        };
+        match result {
+            Ok(m) => {
+                if mapper.mapping.as_ref().is_none_or(|old| old.external != m.external) {
+                    info!(protocol = m.protocol.name(), external = %m.external, lifetime = m.lifetime_secs, "port mapped");
+                } else {
+                    debug!(protocol = m.protocol.name(), external = %m.external, "port mapping renewed");
+                }
+                next = Instant::now() + Duration::from_secs(u64::from(m.lifetime_secs.max(2)) / 2);
+                mapper.mapping = Some(m.clone());
+                dev.port_mapping.store(Some(Arc::new(m)));
+            }
+            Err(e) => {
+                if mapper.mapping.take().is_some() || dev.port_mapping.load().is_some() {
+                    warn!("port mapping lost: {e}");
+                } else {
+                    debug!("no port mapping: {e}");
+                }
+                dev.port_mapping.store(None);
+                next = Instant::now() + RETRY;
+            }
+        }
+    }
+    if let Some((gateway, local)) = route {
+        mapper.unmap(gateway, local);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nat_pmp_messages_follow_rfc_6886() {
+        assert_eq!(
+            natpmp_map_request(51820, 51820, 7200),
+            [0, 1, 0, 0, 0xca, 0x6c, 0xca, 0x6c, 0, 0, 0x1c, 0x20]
+        );
+        let mut answer = vec![0, 129, 0, 0, 0, 0, 0, 9, 0xca, 0x6c, 0xd4, 0x31, 0, 0, 0x1c, 0x20];
+        assert_eq!(parse_natpmp_map(&answer, 51820), Ok((54321, 7200)));
+        assert!(parse_natpmp_map(&answer, 4000).is_err(), "another internal port");
+        answer[3] = 3;
+        assert_eq!(parse_natpmp_map(&answer, 51820), Err("NAT-PMP result code 3".into()));
+        assert_eq!(
+            parse_natpmp_address(&[0, 128, 0, 0, 0, 0, 0, 9, 198, 18, 0, 1]),
+            Ok(Ipv4Addr::new(198, 18, 0, 1))
+        );
+        assert!(parse_natpmp_address(&[0, 128, 0, 2, 0, 0, 0, 9, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn pcp_map_round_trips_and_checks_the_nonce_and_result() {
+        let nonce = [7u8; 12];
+        let request = pcp_map_request(Ipv4Addr::new(198, 19, 1, 2), nonce, 51820, 51820, 120);
+        assert_eq!(&request[..2], &[2, 1]);
+        assert_eq!(&request[8..24], &Ipv4Addr::new(198, 19, 1, 2).to_ipv6_mapped().octets());
+        // A server's answer: the request with R set, a result, the lifetime, the assignment.
+        let mut answer = request;
+        answer[1] = 0x81;
+        answer[3] = 0;
+        answer[8..24].fill(0);
+        answer[42..44].copy_from_slice(&40000u16.to_be_bytes());
+        answer[44..60].copy_from_slice(&Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped().octets());
+        assert_eq!(
+            parse_pcp_map(&answer, &nonce),
+            Ok(("198.18.0.9:40000".parse().unwrap(), 120))
+        );
+        assert!(parse_pcp_map(&answer, &[8; 12]).is_err(), "another nonce");
+        answer[3] = 8; // NO_RESOURCES
+        assert_eq!(parse_pcp_map(&answer, &nonce), Err("PCP result code 8".into()));
+    }
+
+    #[test]
+    fn modes_parse_and_name_themselves() {
+        for s in ["off", "auto", "pcp", "nat-pmp", "upnp"] {
+            assert_eq!(s.parse::<Mode>().unwrap().to_string(), s);
+        }
+        assert!(
+            "igd"
+                .parse::<Mode>()
+                .unwrap_err()
+                .contains("auto, pcp, nat-pmp, upnp or off")
+        );
+    }
+}
