@@ -741,6 +741,129 @@ mod tests {
         assert_eq!(peers, 600);
     }
 
+    /// Every message queued for a connected node so far.
+    fn drain(rx: &mut mpsc::Receiver<Arc<ServerMsg>>) -> Vec<ServerMsg> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|m| (*m).clone())
+            .collect()
+    }
+
+    #[test]
+    fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once() {
+        let mut hub = hub();
+        let nat_d: IpAddr = "198.18.0.9".parse().unwrap();
+        let (a, _) = crate::identity::Identity::generate("root@a");
+        let (b, _) = crate::identity::Identity::generate("root@b");
+        // a says it has host address 10.0.0.2: its connection from 198.18.0.9 went through NAT.
+        let mut hello_a = hello(&a, b"n", Some("tmtok_test"));
+        if let ClientMsg::Hello { endpoints, .. } = &mut hello_a {
+            endpoints.push("10.0.0.2:51820".into());
+        }
+        let mut a_conn = hub.admit(hello_a, b"n", nat_d).unwrap();
+        // b's connection comes from its own address: not behind NAT.
+        let mut hello_b = hello(&b, b"n", Some("tmtok_test"));
+        if let ClientMsg::Hello { endpoints, .. } = &mut hello_b {
+            endpoints.push("198.18.0.20:51820".into());
+        }
+        let mut b_conn = hub.admit(hello_b, b"n", "198.18.0.20".parse().unwrap()).unwrap();
+        let info = |hub: &Hub, fp: &str| hub.peer_info(&hub.nodes[fp]);
+        assert_eq!(info(&hub, &b_conn.fingerprint).nat, NatKind::None);
+        let a_info = info(&hub, &a_conn.fingerprint);
+        assert_eq!(a_info.nat, NatKind::Unknown);
+        assert_eq!(
+            a_info.endpoints,
+            ["10.0.0.2:51820", "198.18.0.9:51820"],
+            "until STUN says better, the connection's address with the listen port is a guess"
+        );
+        drain(&mut b_conn.updates);
+
+        // STUN told a its public address: kept, the guess dropped, and b is told.
+        let stun = ClientMsg::Candidates {
+            endpoints: vec!["10.0.0.2:51820".into(), "198.18.0.9:40000".into()],
+            nat: NatKind::Hard,
+        };
+        hub.on_message(&a_conn.fingerprint, stun.clone()).unwrap();
+        let a_info = info(&hub, &a_conn.fingerprint);
+        assert_eq!(
+            (a_info.endpoints.as_slice(), a_info.nat),
+            (
+                &["10.0.0.2:51820".to_string(), "198.18.0.9:40000".into()][..],
+                NatKind::Hard
+            )
+        );
+        match drain(&mut b_conn.updates).as_slice() {
+            [ServerMsg::PeerUpsert { peer }] => assert_eq!(peer, &a_info),
+            other => panic!("b should get one upsert: {other:?}"),
+        }
+        hub.on_message(&a_conn.fingerprint, stun).unwrap();
+        assert!(drain(&mut b_conn.updates).is_empty(), "no change, no push");
+
+        // Bad input is refused with a reason, and changes nothing.
+        let nine = (0..9).map(|i| format!("10.0.0.{i}:1")).collect();
+        for (bad, why) in [(vec!["10.0.0.2".to_string()], "is not ip:port"), (nine, "at most 8")] {
+            let err = hub
+                .on_message(
+                    &a_conn.fingerprint,
+                    ClientMsg::Candidates {
+                        endpoints: bad,
+                        nat: NatKind::Easy,
+                    },
+                )
+                .unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
+        assert_eq!(info(&hub, &a_conn.fingerprint), a_info);
+
+        // A punch: both sides hear about the other, with its candidates, in one go.
+        drain(&mut a_conn.updates);
+        hub.on_message(
+            &a_conn.fingerprint,
+            ClientMsg::Punch {
+                peer: b_conn.fingerprint.clone(),
+            },
+        )
+        .unwrap();
+        let to_a = drain(&mut a_conn.updates);
+        let to_b = drain(&mut b_conn.updates);
+        assert!(
+            matches!(to_a.as_slice(), [ServerMsg::Punch { peer, endpoints, nat: NatKind::None }]
+            if *peer == b_conn.fingerprint && endpoints == &["198.18.0.20:51820"]),
+            "{to_a:?}"
+        );
+        assert!(
+            matches!(to_b.as_slice(), [ServerMsg::Punch { peer, endpoints, nat: NatKind::Hard }]
+            if *peer == a_conn.fingerprint && endpoints.len() == 2),
+            "{to_b:?}"
+        );
+        // The pair is asked at most every PUNCH_INTERVAL, whoever asks.
+        hub.on_message(
+            &b_conn.fingerprint,
+            ClientMsg::Punch {
+                peer: a_conn.fingerprint.clone(),
+            },
+        )
+        .unwrap();
+        assert!(drain(&mut a_conn.updates).is_empty() && drain(&mut b_conn.updates).is_empty());
+        assert!(
+            hub.on_message(
+                &a_conn.fingerprint,
+                ClientMsg::Punch {
+                    peer: a_conn.fingerprint.clone()
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            hub.on_message(
+                &a_conn.fingerprint,
+                ClientMsg::Punch {
+                    peer: "SHA256:nobody".into()
+                }
+            )
+            .is_err()
+        );
+    }
+
     #[test]
     fn admission_checks_the_signature_the_token_and_revocation() {
         let mut hub = hub();

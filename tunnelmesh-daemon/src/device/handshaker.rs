@@ -959,3 +959,33 @@ impl Handshaker {
         !queued.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn punches_spray_ports_only_around_a_hard_nats_public_candidates_and_back_off_to_a_cap() {
+        let candidates: Vec<SocketAddr> = vec!["10.0.0.2:51820".parse().unwrap(), "198.18.0.9:40000".parse().unwrap()];
+        assert_eq!(punch_targets(&candidates, NatKind::Easy), candidates);
+        let hard = punch_targets(&candidates, NatKind::Hard);
+        assert_eq!(hard.len(), 2 + 2 * HARD_NAT_SPREAD as usize);
+        assert!(hard[2..].iter().all(|t| t.ip() == candidates[1].ip()));
+        let ports: Vec<u16> = hard[2..].iter().map(|t| t.port()).collect();
+        assert!(ports.contains(&40001) && ports.contains(&39984) && !ports.contains(&40000));
+        // No port beyond the ends of the range.
+        let edge = punch_targets(&["198.18.0.9:65530".parse().unwrap()], NatKind::Hard);
+        assert!(edge.iter().all(|t| t.port() >= 65514) && edge.len() == 1 + 16 + 5);
+
+        let mut p = Punch::default();
+        let waits: Vec<u64> = (0..8)
+            .map(|f| {
+                p.failures = f;
+                p.backoff(false).as_secs()
+            })
+            .collect();
+        assert_eq!(waits, [2, 4, 8, 16, 30, 30, 30, 30]);
+        p.failures = 40;
+        assert_eq!(p.backoff(true), PUNCH_RETRY[2]);
+    }
+}
