@@ -111,6 +111,9 @@ fn with_udp_blocked_netcheck_says_so() {
 /// before conntrack keeps it, so it cannot spoil a mapping (see the README on hole punching).
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Nat {
+    /// `masquerade` alone: endpoint-independent mapping, and a router that takes unsolicited
+    /// datagrams for local delivery (no input filter), so conntrack keeps them.
+    Cone,
     /// `masquerade`: endpoint-independent mapping (the port is kept), filtering by the remote
     /// address and port.
     Restricted,
@@ -126,6 +129,7 @@ fn nat_router(lab: &Lab, router: &str, lan: &str, nat: Nat) {
         Nat::Symmetric => "masquerade random,fully-random",
         _ => "masquerade",
     };
+    let input = if nat == Nat::Cone { "accept" } else { "drop" };
     let udp = if nat == Nat::UdpBlocked {
         "meta l4proto udp drop"
     } else {
@@ -141,7 +145,7 @@ fn nat_router(lab: &Lab, router: &str, lan: &str, nat: Nat) {
 table inet fw {{
   chain in {{
     type filter hook input priority 0; policy accept;
-    iifname != {{ \"lo\", \"{lan}\" }} ct state new drop
+    iifname != {{ \"lo\", \"{lan}\" }} ct state new {input}
   }}
   chain through {{
     type filter hook forward priority 0; policy accept;
@@ -174,7 +178,7 @@ fn keep_pinging(lab: &Lab, ns: &str, dst: &str, secs: u32) -> Child {
 fn nat_matrix_every_pair_ends_on_the_path_its_nats_allow_and_carries_traffic() {
     let mut lab = Lab::new();
     // The internet: the coordinator, a public peer, and the routers' WAN sides.
-    let wan = lab.switched(80, &["c", "p", "ra", "rb", "rs", "rt", "rd", "rl", "ru"]);
+    let wan = lab.switched(80, &["c", "p", "ra", "rb", "rs", "rt", "rd", "rl", "ru", "rk1", "rk2"]);
     let router = |name: &str| {
         wan.iter()
             .find(|(ns, _)| ns.ends_with(&format!("-{name}")))
@@ -189,6 +193,8 @@ fn nat_matrix_every_pair_ends_on_the_path_its_nats_allow_and_carries_traffic() {
         ("rt", 84, Nat::Symmetric, &["t"]),
         ("rl", 87, Nat::Restricted, &["l1", "l2"]),
         ("ru", 88, Nat::UdpBlocked, &["u"]),
+        ("rk1", 93, Nat::Cone, &["k1"]),
+        ("rk2", 94, Nat::Cone, &["k2"]),
     ] {
         let (lan_hosts, bridge) = lab.lan(&router(r).0, net, names);
         nat_router(&lab, &router(r).0, &bridge, nat);
@@ -226,6 +232,7 @@ fn nat_matrix_every_pair_ends_on_the_path_its_nats_allow_and_carries_traffic() {
         ("s", "hard"),
         ("d", "easy"),
         ("l1", "easy"),
+        ("k1", "easy"),
         ("u", "unknown"),
     ];
     for (name, kind) in expect_nat {
@@ -259,6 +266,11 @@ fn nat_matrix_every_pair_ends_on_the_path_its_nats_allow_and_carries_traffic() {
         ("d", "s", "relay"),
         ("s", "t", "relay"),
         ("a", "u", "relay"),
+        // A router without an input filter: the first datagram that reaches it from the other
+        // side spoils its mapping (see README). A public peer still gets through (it answers the
+        // port the spoiled mapping moved to); two such routers never do.
+        ("p", "k1", "udp"),
+        ("k1", "k2", "relay"),
     ];
     let mesh = |name: &str| lab.mesh_addrs(node(name)).0;
     let mut pingers: Vec<Child> = matrix

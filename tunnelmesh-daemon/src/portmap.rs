@@ -23,7 +23,9 @@ use crate::device::Device;
 /// UDP port of PCP and NAT-PMP servers.
 const PORT_5351: u16 = 5351;
 /// Each request waits this long for its answer (and is sent twice).
-const WAIT: Duration = Duration::from_millis(400);
+const WAIT: Duration = Duration::from_millis(300);
+/// How long an SSDP search for a UPnP gateway waits.
+const UPNP_SEARCH: Duration = Duration::from_millis(1500);
 /// After a failure, try again after this long.
 const RETRY: Duration = Duration::from_secs(60);
 /// Default lifetime asked for.
@@ -281,8 +283,9 @@ impl PortMapper {
             Protocol::Upnp => {
                 if self.igd.is_none() {
                     let mut options = igd_next::SearchOptions::default();
-                    options.timeout = Some(Duration::from_secs(2));
-                    options.single_search_timeout = Some(Duration::from_secs(2));
+                    // Short: the daemon waits for this thread when it stops.
+                    options.timeout = Some(UPNP_SEARCH);
+                    options.single_search_timeout = Some(UPNP_SEARCH);
                     self.igd = Some(igd_next::search_gateway(options).map_err(|e| e.to_string())?);
                 }
                 let igd = self.igd.as_ref().expect("just found");
