@@ -520,26 +520,14 @@ impl Lab {
     pub fn switched(&mut self, net: u8, names: &[&str]) -> Vec<(String, Ipv4Addr)> {
         let sw = self.netns("sw");
         self.sh(&sw, "ip link add br0 type bridge && ip link set br0 up");
-        let mut out = Vec::new();
-        for (i, name) in names.iter().enumerate() {
-            let ns = self.netns(name);
-            let addr = Ipv4Addr::new(198, 18, net, i as u8 + 1);
-            self.links += 1;
-            let (inside, port) = (
-                format!("{}h{}", self.prefix, self.links),
-                format!("{}s{}", self.prefix, self.links),
-            );
-            host(&[
-                "ip", "link", "add", &inside, "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &sw,
-            ]);
-            self.sh(
-                &ns,
-                &format!("ip addr add {addr}/24 dev {inside} && ip link set {inside} up"),
-            );
-            self.sh(&sw, &format!("ip link set {port} master br0 && ip link set {port} up"));
-            out.push((ns, addr));
-        }
-        out
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let addr = Ipv4Addr::new(198, 18, net, i as u8 + 1);
+                (self.plug(&sw, "br0", name, addr, "true"), addr)
+            })
+            .collect()
     }
 
     /// A LAN behind `router`: a bridge in the router's namespace at 198.19.`net`.1/24 and a new
@@ -554,29 +542,39 @@ impl Lab {
                 "ip link add {bridge} type bridge && ip addr add {gateway}/24 dev {bridge} && ip link set {bridge} up"
             ),
         );
-        let mut out = Vec::new();
-        for (i, name) in names.iter().enumerate() {
-            let ns = self.netns(name);
-            let addr = Ipv4Addr::new(198, 19, net, i as u8 + 2);
-            self.links += 1;
-            let (inside, port) = (
-                format!("{}h{}", self.prefix, self.links),
-                format!("{}s{}", self.prefix, self.links),
-            );
-            host(&[
-                "ip", "link", "add", &inside, "netns", &ns, "type", "veth", "peer", "name", &port, "netns", router,
-            ]);
-            self.sh(
-                &ns,
-                &format!("ip addr add {addr}/24 dev {inside} && ip link set {inside} up && ip route add default via {gateway}"),
-            );
-            self.sh(
-                router,
-                &format!("ip link set {port} master {bridge} && ip link set {port} up"),
-            );
-            out.push((ns, addr));
-        }
-        (out, bridge)
+        let hosts = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let addr = Ipv4Addr::new(198, 19, net, i as u8 + 2);
+                let route = format!("ip route add default via {gateway}");
+                (self.plug(router, &bridge, name, addr, &route), addr)
+            })
+            .collect();
+        (hosts, bridge)
+    }
+
+    /// A new namespace `name` with `addr`/24 on a veth whose other end is a port of `bridge` in
+    /// namespace `owner`; `then` runs in the new namespace afterwards. Returns its name.
+    fn plug(&mut self, owner: &str, bridge: &str, name: &str, addr: Ipv4Addr, then: &str) -> String {
+        let ns = self.netns(name);
+        self.links += 1;
+        let (inside, port) = (
+            format!("{}h{}", self.prefix, self.links),
+            format!("{}s{}", self.prefix, self.links),
+        );
+        host(&[
+            "ip", "link", "add", &inside, "netns", &ns, "type", "veth", "peer", "name", &port, "netns", owner,
+        ]);
+        self.sh(
+            &ns,
+            &format!("ip addr add {addr}/24 dev {inside} && ip link set {inside} up && {then}"),
+        );
+        self.sh(
+            owner,
+            &format!("ip link set {port} master {bridge} && ip link set {port} up"),
+        );
+        ns
     }
 
     /// Start a coordinator in namespace `ns` listening on `addr`:8443 with `extra` arguments.

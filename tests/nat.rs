@@ -268,9 +268,11 @@ fn nat_matrix_every_pair_ends_on_the_path_its_nats_allow_and_carries_traffic() {
         ("a", "u", "relay"),
         // A router without an input filter: the first datagram that reaches it from the other
         // side spoils its mapping (see README). A public peer still gets through (it answers the
-        // port the spoiled mapping moved to); two such routers never do.
+        // port the spoiled mapping moved to). Two such routers end direct only if the two sides'
+        // first datagrams cross in flight — a matter of microseconds in this lab (direct in 1 of
+        // 8 runs here): either path is right, as long as both sides agree and traffic flows.
         ("p", "k1", "udp"),
-        ("k1", "k2", "relay"),
+        ("k1", "k2", "udp|relay"),
     ];
     let mesh = |name: &str| lab.mesh_addrs(node(name)).0;
     let mut pingers: Vec<Child> = matrix
@@ -289,9 +291,10 @@ fn nat_matrix_every_pair_ends_on_the_path_its_nats_allow_and_carries_traffic() {
             if settled[i].is_some() {
                 continue;
             }
-            let both = path(x, y) == *want && path(y, x) == *want;
+            let now = path(x, y);
+            let both = want.split('|').any(|w| w == now) && path(y, x) == now;
             // A relay pair is settled once punching was tried, failed, and tried again.
-            let tried = *want != "relay" || (punches(x, y).0 >= 2 && punches(y, x).0 >= 2);
+            let tried = now != "relay" || (punches(x, y).0 >= 2 && punches(y, x).0 >= 2);
             if both && tried {
                 settled[i] = Some(start.elapsed());
             }

@@ -132,11 +132,10 @@ pub struct Discovery {
     port_mapped: Option<SocketAddr>,
     last: Candidates,
     finished_rounds: u64,
-    seed: u64,
 }
 
 impl Discovery {
-    pub fn new(now: Instant, seed: u64) -> Self {
+    pub fn new(now: Instant) -> Self {
         Discovery {
             targets: None,
             round: None,
@@ -145,7 +144,6 @@ impl Discovery {
             port_mapped: None,
             last: Candidates::default(),
             finished_rounds: 0,
-            seed,
         }
     }
 
@@ -184,17 +182,10 @@ impl Discovery {
         }
     }
 
-    fn transaction(&mut self) -> [u8; 12] {
-        // splitmix64: distinct, unpredictable-enough ids without a lock on the thread RNG.
-        let mut t = [0u8; 12];
-        for chunk in t.chunks_mut(4) {
-            self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.seed;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            chunk.copy_from_slice(&((z ^ (z >> 31)) as u32).to_le_bytes());
-        }
-        t
+    /// A transaction id off-path attackers cannot guess (a forged answer would plant a wrong
+    /// public address).
+    fn transaction() -> [u8; 12] {
+        rand::random()
     }
 
     /// Requests to send now, as (target, message). Finishes a round that timed out.
@@ -203,7 +194,7 @@ impl Discovery {
             return Vec::new();
         };
         if self.round.is_none() && now >= self.next_round {
-            let transactions = [self.transaction(), self.transaction()];
+            let transactions = [Self::transaction(), Self::transaction()];
             self.round = Some(Round {
                 started: now,
                 transactions,
@@ -418,7 +409,7 @@ mod tests {
     fn a_round_asks_both_targets_retries_the_silent_one_and_classifies() {
         let t0 = Instant::now();
         let targets = [sa("198.18.0.1:3478"), sa("198.18.0.1:3479")];
-        let mut d = Discovery::new(t0, 7);
+        let mut d = Discovery::new(t0);
         assert!(d.poll(t0).is_empty(), "no targets, no requests");
         d.network_changed(vec![sa("10.0.0.2:51820")], t0);
         d.set_targets(Some(targets), t0);

@@ -350,12 +350,13 @@ fn udp_endpoints(endpoints: &[String]) -> Vec<SocketAddr> {
 }
 
 /// Point the device's discovery at the coordinator's STUN targets: its host, at the port the
-/// welcome named and the next one.
+/// welcome named and the next one. Called per welcome (the host name is resolved here), not
+/// per pushed update.
 fn set_stun_targets(dev: &Device, url: &str, state: &MeshState) {
     let targets = match state.stun_port {
         0 => None,
         port => crate::netcheck::targets(url, port)
-            .inspect_err(|e| warn!("no STUN, so no hole punching from this side: {e:#}"))
+            .inspect_err(|e| warn!("no STUN targets ({e:#}); this node's public address stays a guess"))
             .ok(),
     };
     if dev.stun_targets.load().as_deref() != targets.as_ref() {
@@ -397,8 +398,7 @@ fn set_control(dev: &Device, url: &str, state: &str, error: Option<String>, upda
     })));
 }
 
-fn apply_to_device(dev: &Device, url: &str, state: &MeshState) -> Result<()> {
-    set_stun_targets(dev, url, state);
+fn apply_to_device(dev: &Device, state: &MeshState) -> Result<()> {
     dev.policy.set(state.policy.clone());
     dev.update(state.peer_specs(), state.mesh_keys()?);
     Ok(())
@@ -421,7 +421,8 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
                         );
                     }
                     state = fresh;
-                    if let Err(e) = apply_to_device(&dev, &client.url, &state).and_then(|_| state.save(&cache)) {
+                    set_stun_targets(&dev, &client.url, &state);
+                    if let Err(e) = apply_to_device(&dev, &state).and_then(|_| state.save(&cache)) {
                         warn!("applying the coordinator's state failed: {e:#}");
                     }
                     ws
@@ -514,7 +515,7 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
             };
             match msg.and_then(|m| state.apply(m)) {
                 Ok(true) => {
-                    if let Err(e) = apply_to_device(&dev, &client.url, &state).and_then(|_| state.save(&cache)) {
+                    if let Err(e) = apply_to_device(&dev, &state).and_then(|_| state.save(&cache)) {
                         warn!("applying an update failed: {e:#}");
                     }
                     set_control(&dev, &client.url, "connected", None, true);
@@ -525,7 +526,7 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
                     dev.relay_tx.store(None);
                     dev.coordinator_tx.store(None);
                     state.peers.clear();
-                    let _ = apply_to_device(&dev, &client.url, &state);
+                    let _ = apply_to_device(&dev, &state);
                     let _ = fs::remove_file(&cache);
                     set_control(&dev, &client.url, "revoked", Some(format!("{e:#}")), true);
                     return;

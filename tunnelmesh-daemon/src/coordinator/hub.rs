@@ -286,7 +286,7 @@ impl Hub {
         let candidates = parse_endpoints(&endpoints).map_err(Refusal::Malformed)?;
         let observed = SocketAddr::new(remote.to_canonical(), listen_port);
         let nat = nat_of(nat, &candidates, observed);
-        let mut reported = udp_endpoints(&candidates, observed, nat);
+        let mut reported = published_endpoints(&candidates, observed, nat);
         if let Some(port) = ssh_port.filter(|p| *p != 0) {
             reported.push(format!(
                 "ssh://{}",
@@ -464,7 +464,7 @@ impl Hub {
             return Err("unknown node".into());
         };
         let nat = nat_of(nat, &candidates, observed);
-        let mut reported = udp_endpoints(&candidates, observed, nat);
+        let mut reported = published_endpoints(&candidates, observed, nat);
         reported.extend(record.endpoints.iter().filter(|e| e.starts_with("ssh://")).cloned());
         if reported == record.endpoints && self.nat.get(fingerprint) == Some(&nat) {
             return Ok(());
@@ -648,7 +648,7 @@ fn nat_of(reported: NatKind, candidates: &[SocketAddr], observed: SocketAddr) ->
 /// The UDP endpoints to publish: the node's own candidates, then the address its connection came
 /// from with its listen port (a guess, right for nodes not behind NAT and for NATs that keep
 /// the port) unless STUN told it better.
-fn udp_endpoints(candidates: &[SocketAddr], observed: SocketAddr, nat: NatKind) -> Vec<String> {
+fn published_endpoints(candidates: &[SocketAddr], observed: SocketAddr, nat: NatKind) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let guess = (nat == NatKind::Unknown).then_some(observed);
     let public_first = (nat == NatKind::None).then_some(observed);

@@ -196,7 +196,7 @@ impl Handshaker {
         let scratch = vec![0u8; sealed_len(dev.mtu) + 64];
         let now = Instant::now();
         Handshaker {
-            discovery: Discovery::new(now, rand::thread_rng().r#gen()),
+            discovery: Discovery::new(now),
             published: None,
             network_changed: Some(now),
             dev,
@@ -370,12 +370,17 @@ impl Handshaker {
         }
     }
 
+    /// Whether we or a peer behind `nat` sit behind a hard NAT (punches spray ports: retry rarely).
+    fn hard_nat_involved(&self, nat: NatKind) -> bool {
+        nat == NatKind::Hard || self.dev.candidates.load().nat == NatKind::Hard
+    }
+
     /// Start punching towards `peer` (the coordinator said both sides do it now).
     fn start_punch(&mut self, peer: &Arc<Peer>, targets: Vec<SocketAddr>, nat: NatKind, now: Instant) {
         if targets.is_empty() {
             return;
         }
-        let hard = nat == NatKind::Hard || self.dev.candidates.load().nat == NatKind::Hard;
+        let hard = self.hard_nat_involved(nat);
         let st = self.state(peer);
         if st.punch.started.is_some() {
             return;
@@ -394,7 +399,7 @@ impl Handshaker {
     /// we want traffic with it, and UDP does not work.
     fn poll_punch(&mut self, peer: &Arc<Peer>, now: Instant) {
         let remote = peer.remote.load_full();
-        let hard = remote.nat == NatKind::Hard || self.dev.candidates.load().nat == NatKind::Hard;
+        let hard = self.hard_nat_involved(remote.nat);
         let wanted = peer.keys.load().current.is_some();
         let connected = self.dev.coordinator_tx.load().is_some();
         let st = self.state(peer);
