@@ -167,7 +167,8 @@ table inet fw {{
 /// Ping `dst` from `ns` five times a second for `secs`, in the background: traffic that makes
 /// both ends want a session (and a direct path) while the matrix settles.
 fn keep_pinging(lab: &Lab, ns: &str, dst: &str, secs: u32) -> Child {
-    lab.sh_cmd(ns, &format!("ping -n -q -i 0.2 -w {secs} {dst}"))
+    // `exec`: killing the child must stop the ping, not just the shell around it.
+    lab.sh_cmd(ns, &format!("exec ping -n -q -i 0.2 -w {secs} {dst}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -341,6 +342,16 @@ fn nat_matrix_every_pair_ends_on_the_path_its_nats_allow_and_carries_traffic() {
         let _ = p.kill();
         let _ = p.wait();
     }
+    // Gone quiet, a punched path stays open: the path manager renews its proof of the path in
+    // use (a probe round trip once the last proof is 25 s old) while the session lives, which
+    // also keeps both NATs' mappings. (WireGuard's own passive keepalive goes once, 10 s after
+    // the last data.)
+    std::thread::sleep(Duration::from_secs(15));
+    let passed = |lab: &Lab| lab.status(node("b"))["fastpath"]["shield"]["passed"].as_u64().unwrap();
+    let before = passed(&lab);
+    std::thread::sleep(Duration::from_secs(30));
+    assert!(passed(&lab) > before, "no NAT keepalive reached b in 30 quiet seconds");
+    assert_eq!((path("a", "b"), path("b", "a")), ("udp".into(), "udp".into()));
 }
 
 /// A `miniupnpd` (Debian's, nftables backend) serving NAT-PMP, PCP and UPnP-IGD on a router's LAN;
