@@ -62,6 +62,16 @@ fn lift_block(lab: &Lab, hosts: &[(String, Ipv4Addr)]) {
     }
 }
 
+/// `bytes` (what the coordinator saw, by `what`) hold the relayed stream and never the marker.
+fn saw_the_stream_but_no_plaintext(what: &str, bytes: &[u8]) {
+    assert!(
+        bytes.len() > 100_000,
+        "{what} saw the relayed stream ({} bytes)",
+        bytes.len()
+    );
+    assert!(!bytes.windows(MARKER.len()).any(|w| w == MARKER), "plaintext in {what}");
+}
+
 fn path(lab: &Lab, i: usize, peer: usize) -> String {
     lab.peer_path(i, peer)
 }
@@ -176,26 +186,11 @@ fn only_the_coordinator_reachable_traffic_goes_through_the_relay_which_cannot_re
     thread::sleep(Duration::from_secs(2));
     let _ = tcpdump.kill();
     let _ = tcpdump.wait();
-    let wire = fs::read(&capture).expect("the capture was written");
-    assert!(
-        wire.len() > 100_000,
-        "the capture saw the relayed stream ({} bytes)",
-        wire.len()
+    saw_the_stream_but_no_plaintext(
+        "the coordinator's wire",
+        &fs::read(&capture).expect("the capture was written"),
     );
-    assert!(
-        !wire.windows(MARKER.len()).any(|w| w == MARKER),
-        "plaintext on the coordinator's wire"
-    );
-    let dump = fs::read(lab.dir.path().join("relay.dump")).unwrap();
-    assert!(
-        dump.len() > 100_000,
-        "the relay carried the stream ({} bytes seen)",
-        dump.len()
-    );
-    assert!(
-        !dump.windows(MARKER.len()).any(|w| w == MARKER),
-        "the coordinator saw plaintext"
-    );
+    saw_the_stream_but_no_plaintext("the relay dump", &fs::read(lab.dir.path().join("relay.dump")).unwrap());
     let info: serde_json::Value =
         serde_json::from_slice(&lab.sh(&c.ns, &format!("curl -sk {}/v1/info", c.url)).stdout).unwrap();
     assert!(info["relay"]["frames"].as_u64() > Some(100), "{info}");

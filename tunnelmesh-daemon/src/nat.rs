@@ -103,7 +103,7 @@ pub fn classify(host: &[SocketAddr], first: Option<SocketAddr>, second: Option<S
 }
 
 fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
-    a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
+    stun::canonical(a) == stun::canonical(b)
 }
 
 /// Time between discovery rounds while nothing changes (well within the 30 s a Linux NAT
@@ -227,14 +227,13 @@ impl Discovery {
         let (Some(targets), Some(round)) = (self.targets, &mut self.round) else {
             return false;
         };
-        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        let from = stun::canonical(from);
         for ((target, transaction), answer) in targets.iter().zip(&round.transactions).zip(&mut round.answers) {
             if *target == from
                 && answer.is_none()
                 && let Some(mapped) = stun::parse_binding_response(msg, transaction)
             {
-                let mapped = SocketAddr::new(mapped.ip().to_canonical(), mapped.port());
-                *answer = Some((mapped, now.saturating_duration_since(round.started)));
+                *answer = Some((stun::canonical(mapped), now.saturating_duration_since(round.started)));
             }
         }
         if round.answers.iter().all(Option::is_some) {

@@ -8,7 +8,7 @@
 //! speaks NAT-PMP or PCP (UDP 5351), and the LAN whether a UPnP IGD answers SSDP.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -82,32 +82,10 @@ pub(crate) fn default_gateway() -> Option<Ipv4Addr> {
     })
 }
 
-/// Ask `gateway` on UDP 5351 with `request`; whether an answer with `version` came back.
+/// Ask `gateway` on UDP 5351 with `request` (the port-mapping client's exchange); whether an
+/// answer with `version` came back.
 fn answers_on_5351(gateway: Ipv4Addr, request: &[u8], version: u8) -> bool {
-    let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else {
-        return false;
-    };
-    let _ = socket.set_read_timeout(Some(WAIT));
-    let mut buf = [0u8; 1100];
-    socket.send_to(request, (gateway, 5351)).is_ok()
-        && socket
-            .recv_from(&mut buf)
-            .is_ok_and(|(n, from)| from.ip() == IpAddr::V4(gateway) && n >= 8 && buf[0] == version)
-}
-
-/// Whether a UPnP Internet Gateway Device answers an SSDP search.
-fn upnp_igd() -> bool {
-    let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else {
-        return false;
-    };
-    let _ = socket.set_read_timeout(Some(WAIT));
-    let search = "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\n\
-                  ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n";
-    let mut buf = [0u8; 2048];
-    socket.send_to(search.as_bytes(), "239.255.255.250:1900").is_ok()
-        && socket
-            .recv_from(&mut buf)
-            .is_ok_and(|(n, _)| String::from_utf8_lossy(&buf[..n]).contains("InternetGatewayDevice"))
+    crate::portmap::ask_5351(gateway, request).is_ok_and(|a| a.len() >= 8 && a[0] == version)
 }
 
 /// Run every check against the STUN `targets` (the coordinator's two ports).
@@ -144,7 +122,7 @@ pub fn run(targets: [SocketAddr; 2]) -> Result<Report> {
         gateway: gateway.map(|g| g.to_string()),
         nat_pmp,
         pcp,
-        upnp_igd: upnp_igd(),
+        upnp_igd: crate::portmap::find_upnp_gateway().is_ok(),
     })
 }
 

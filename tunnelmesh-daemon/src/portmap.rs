@@ -176,7 +176,7 @@ fn parse_pcp_map(m: &[u8], nonce: &[u8; 12]) -> Result<(SocketAddr, u32), String
 }
 
 /// Send `request` to the gateway's 5351 (twice if need be) and return the first answer from it.
-fn ask_5351(gateway: Ipv4Addr, request: &[u8]) -> Result<Vec<u8>, String> {
+pub(crate) fn ask_5351(gateway: Ipv4Addr, request: &[u8]) -> Result<Vec<u8>, String> {
     let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
     socket.set_read_timeout(Some(WAIT)).map_err(|e| e.to_string())?;
     let mut buf = [0u8; 1100];
@@ -282,11 +282,7 @@ impl PortMapper {
             }
             Protocol::Upnp => {
                 if self.igd.is_none() {
-                    let mut options = igd_next::SearchOptions::default();
-                    // Short: the daemon waits for this thread when it stops.
-                    options.timeout = Some(UPNP_SEARCH);
-                    options.single_search_timeout = Some(UPNP_SEARCH);
-                    self.igd = Some(igd_next::search_gateway(options).map_err(|e| e.to_string())?);
+                    self.igd = Some(find_upnp_gateway()?);
                 }
                 let igd = self.igd.as_ref().expect("just found");
                 let internal = SocketAddr::V4(SocketAddrV4::new(local, self.port));
@@ -334,6 +330,15 @@ impl PortMapper {
             Err(e) => warn!(protocol = m.protocol.name(), "removing the port mapping failed: {e}"),
         }
     }
+}
+
+/// An Internet Gateway Device answering an SSDP search (and serving its description).
+pub(crate) fn find_upnp_gateway() -> Result<igd_next::Gateway, String> {
+    let mut options = igd_next::SearchOptions::default();
+    // Short: the daemon waits for the port-mapping thread when it stops.
+    options.timeout = Some(UPNP_SEARCH);
+    options.single_search_timeout = Some(UPNP_SEARCH);
+    igd_next::search_gateway(options).map_err(|e| e.to_string())
 }
 
 /// Our address towards `gateway` (the internal address of a mapping).

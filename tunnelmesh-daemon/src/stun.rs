@@ -18,6 +18,12 @@ const HEADER_LEN: usize = 20;
 /// Default port of the coordinator's first STUN target (the second is the next port).
 pub const DEFAULT_PORT: u16 = 3478;
 
+/// `addr` with an IPv4 address as itself rather than v4-mapped IPv6 (as dual-stack sockets
+/// report it), so addresses compare and print alike whichever socket saw them.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// Whether `msg` looks like a STUN message (the first two bits zero and the magic cookie), so
 /// it can share a port with other protocols.
 pub fn is_stun(msg: &[u8]) -> bool {
@@ -135,7 +141,7 @@ pub async fn serve(socket: tokio::net::UdpSocket) {
             continue;
         };
         if let Some(transaction) = parse_binding_request(&buf[..n]) {
-            let seen = SocketAddr::new(from.ip().to_canonical(), from.port());
+            let seen = canonical(from);
             let _ = socket.send_to(&binding_response(transaction, seen), from).await;
         }
     }

@@ -630,7 +630,7 @@ fn parse_endpoints(endpoints: &[String]) -> Result<Vec<SocketAddr>, String> {
         .iter()
         .map(|e| {
             e.parse::<SocketAddr>()
-                .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+                .map(crate::stun::canonical)
                 .map_err(|_| format!("endpoint {e:?} is not ip:port"))
         })
         .collect()

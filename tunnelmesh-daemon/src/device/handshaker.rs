@@ -360,12 +360,14 @@ impl Handshaker {
         let Some(tx) = self.dev.coordinator_tx.load_full() else {
             return;
         };
+        let endpoints: Vec<String> = candidates.endpoints().iter().map(|e| e.to_string()).collect();
         let msg = ClientMsg::Candidates {
-            endpoints: candidates.endpoints().iter().map(|e| e.to_string()).collect(),
+            endpoints,
             nat: candidates.nat,
         };
         if tx.try_send(msg).is_ok() {
-            info!(endpoints = ?candidates.endpoints(), nat = candidates.nat.name(), "candidates published");
+            info!(host = ?candidates.host, reflexive = ?candidates.reflexive, port_mapped = ?candidates.port_mapped,
+                nat = candidates.nat.name(), "candidates published");
             self.published = Some(candidates);
         }
     }
