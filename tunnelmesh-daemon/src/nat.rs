@@ -262,13 +262,13 @@ impl Discovery {
 
 /// This machine's global addresses (not on loopback, not on `mesh_interface`) with `port`.
 pub fn host_candidates(mesh_interface: &str, port: u16) -> Vec<SocketAddr> {
-    let Ok(out) = std::process::Command::new("ip")
-        .args(["-o", "addr", "show", "up", "scope", "global"])
-        .output()
-    else {
-        return Vec::new();
-    };
-    parse_ip_addr(&String::from_utf8_lossy(&out.stdout), mesh_interface, port)
+    match crate::netconf::ip_output(&["-o", "addr", "show", "up", "scope", "global"]) {
+        Ok(listing) => parse_ip_addr(&listing, mesh_interface, port),
+        Err(e) => {
+            tracing::warn!("no host candidates: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// Addresses from `ip -o addr` lines: `N: IFACE    inet A/LEN ... scope global ...`.

@@ -15,7 +15,7 @@ pub struct NetconfError {
     message: String,
 }
 
-fn ip_output(args: &[&str]) -> Result<String, NetconfError> {
+pub(crate) fn ip_output(args: &[&str]) -> Result<String, NetconfError> {
     let fail = |message: String| NetconfError {
         args: args.join(" "),
         message,
