@@ -37,6 +37,7 @@ fn up(args: UpArgs) -> Result<()> {
         workers: args.workers,
         state_dir: args.state_dir,
         no_ebpf: args.no_ebpf,
+        no_offload: args.no_offload,
         ssh_port: args.ssh_port.unwrap_or(args.listen_port),
         port_mapping: args.port_mapping,
         port_mapping_lifetime: std::time::Duration::from_secs(args.port_mapping_lifetime),
@@ -191,6 +192,9 @@ struct UpArgs {
     /// Do not load the eBPF fast path.
     #[arg(long)]
     no_ebpf: bool,
+    /// Turn off TUN offloads (TSO/USO super-packets, GRO): one packet per TUN read and write.
+    #[arg(long)]
+    no_offload: bool,
     /// TCP port of the SSH transport, the fallback path when UDP is blocked (default: the same
     /// number as --listen-port; 0 turns it off).
     #[arg(long)]
@@ -399,6 +403,7 @@ fn print_status(s: &status::Status) {
         "interface: {} (port {}, mtu {}, up {} s)",
         s.interface, s.listen_port, s.mtu, s.uptime_secs
     );
+    println!("  offloads: {}", s.offloads);
     println!("  identity: {}", s.fingerprint);
     println!("  addresses: {}", s.addresses.join(", "));
     if let Some(c) = &s.coordinator {

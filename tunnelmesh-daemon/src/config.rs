@@ -113,6 +113,9 @@ pub struct InterfaceConfig {
     /// Disable the eBPF fast path (the daemon's own checks still apply).
     #[serde(default)]
     pub no_ebpf: bool,
+    /// Disable TUN offloads (TSO/USO super-packets and GRO): one packet per TUN read and write.
+    #[serde(default)]
+    pub no_offload: bool,
 }
 
 #[derive(Debug, Deserialize)]

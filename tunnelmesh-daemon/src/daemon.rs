@@ -52,6 +52,8 @@ pub struct InterfacePlan {
     pub routes: Vec<IpNet>,
     pub xdp_interfaces: Vec<String>,
     pub no_ebpf: bool,
+    /// Turn off TUN offloads (virtio headers, TSO/USO, GRO): one packet per read and write.
+    pub no_offload: bool,
     pub peers: Vec<PeerSpec>,
     pub mesh_keys: Vec<MeshKey>,
     /// Inbound policy (coordinated meshes); `None`: every configured peer may connect.
@@ -107,6 +109,7 @@ pub fn up_static(config_path: &Path, identity_override: Option<&Path>) -> Result
             .collect(),
         xdp_interfaces: iface.xdp_interfaces.clone(),
         no_ebpf: iface.no_ebpf,
+        no_offload: iface.no_offload,
         peers,
         mesh_keys: vec![iface.mesh_key.0.clone()],
         policy: None,
@@ -133,15 +136,12 @@ impl Interface {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let queues = (0..workers)
-            .map(|_| tun::open_queue(&plan.name))
-            .collect::<std::io::Result<Vec<_>>>()
-            .with_context(|| {
-                format!(
-                    "cannot create TUN device {} (needs root or CAP_NET_ADMIN, and /dev/net/tun)",
-                    plan.name
-                )
-            })?;
+        let (queues, offloads) = tun::open_queues(&plan.name, workers, !plan.no_offload).with_context(|| {
+            format!(
+                "cannot create TUN device {} (needs root or CAP_NET_ADMIN, and /dev/net/tun)",
+                plan.name
+            )
+        })?;
         let sockets = dataplane::bind_sockets(plan.listen_port, workers).with_context(|| {
             format!(
                 "cannot bind UDP port {}; is another tunnelmesh or WireGuard using it? choose another listen port",
@@ -178,6 +178,7 @@ impl Interface {
         let dev = Arc::new(Device {
             interface: plan.name.clone(),
             mtu: plan.mtu,
+            offloads,
             listen_port,
             local: identity.public().clone(),
             addresses: plan.addresses.clone(),

@@ -20,6 +20,7 @@ pub mod nat;
 pub mod netcheck;
 pub mod netconf;
 pub mod noise;
+pub mod offload;
 pub mod policy;
 pub mod portmap;
 pub mod routing;

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::{ControlState, Counters, Device, Event, PingReport, path::PathReport, policy::PolicyStatus};
 use crate::nat::{Candidates, NatKind};
+use crate::sys::tun::Offloads;
 
 /// Directory of the status sockets.
 pub const RUN_DIR: &str = "/run/tunnelmesh";
@@ -78,6 +79,9 @@ pub struct Status {
     pub public_key: String,
     pub listen_port: u16,
     pub mtu: usize,
+    /// TUN offloads in use (`off`, `vnet_header`, `tso`, `tso_uso`).
+    #[serde(default = "offloads_unknown")]
+    pub offloads: Offloads,
     pub uptime_secs: u64,
     pub counters: std::collections::BTreeMap<String, u64>,
     pub fastpath: FastpathStatus,
@@ -88,6 +92,11 @@ pub struct Status {
     #[serde(default)]
     pub port_mapping: Option<crate::portmap::Mapping>,
     pub peers: Vec<PeerStatus>,
+}
+
+/// A daemon from before offloads existed had none.
+fn offloads_unknown() -> Offloads {
+    Offloads::Off
 }
 
 /// Build the status document.
@@ -103,6 +112,7 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
         public_key: dev.local.noise_public_base64(),
         listen_port: dev.listen_port,
         mtu: dev.mtu,
+        offloads: dev.offloads,
         uptime_secs: dev.started.elapsed().as_secs(),
         counters,
         fastpath: fastpath(),

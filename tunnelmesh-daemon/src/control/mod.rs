@@ -59,6 +59,8 @@ pub struct JoinOptions {
     pub workers: usize,
     pub state_dir: PathBuf,
     pub no_ebpf: bool,
+    /// Turn off TUN offloads.
+    pub no_offload: bool,
     /// TCP port of the SSH transport (0: do not run one).
     pub ssh_port: u16,
     pub port_mapping: crate::portmap::Mode,
@@ -607,6 +609,7 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
         routes: Vec::new(),
         xdp_interfaces: Vec::new(),
         no_ebpf: opts.no_ebpf,
+        no_offload: opts.no_offload,
         peers: state.peer_specs(),
         mesh_keys: state.mesh_keys()?,
         policy: Some(state.policy.clone()),

@@ -1,7 +1,14 @@
 //! One data-plane worker: the hot loop.
+//!
+//! TUN → network: each read is one packet, or (with offloads) a TSO/USO super-packet that is cut
+//! into MTU-sized segments straight into the send slots, with the route, key, endpoint and
+//! counters taken once for all of them. Network → TUN: every data message of a receive batch is
+//! opened and checked on its own; what passes is handed to the [`Coalescer`] and written at the
+//! end of the batch, TCP segments of one flow as one super-packet (GRO).
 
 use std::{
-    net::{SocketAddr, UdpSocket},
+    io::IoSlice,
+    net::UdpSocket,
     os::{
         fd::{AsFd, OwnedFd},
         unix::net::UnixDatagram,
@@ -17,9 +24,18 @@ use crate::{
     device::{
         ActivityStamps, Counters, Device, Event, INBOX_HEADER, IndexEntry, KeySet, PathKind, PeerTable, Via, probe,
     },
+    offload::{
+        VNET_HDR_LEN, VnetHeader,
+        coalesce::{Coalescer, Span},
+        split::Segments,
+    },
     routing::inner_addrs,
     session::{DecryptError, sealed_len},
-    sys::{mmsg::Batch, poll, tun},
+    sys::{
+        mmsg::Batch,
+        poll,
+        tun::{self, Offloads},
+    },
     wire::{self, Kind},
 };
 
@@ -32,6 +48,7 @@ const STALE_HINT_INTERVAL: Duration = Duration::from_millis(500);
 struct Ctx {
     dev: Arc<Device>,
     tun: OwnedFd,
+    offloads: Offloads,
     last_stale_hint: Option<Instant>,
 }
 
@@ -43,19 +60,31 @@ pub struct Worker {
     inbox_buf: Vec<u8>,
     rx: Batch,
     tx: Batch,
+    /// One TUN read: the virtio header and a packet or super-packet.
+    tun_buf: Vec<u8>,
+    gro: Coalescer,
 }
 
 impl Worker {
     pub fn new(dev: Arc<Device>, tun: OwnedFd, udp: UdpSocket, inbox: UnixDatagram) -> Self {
         let slot = sealed_len(dev.mtu) + 64;
+        let offloads = dev.offloads;
+        let tun_read = if offloads.vnet_header() {
+            VNET_HDR_LEN + crate::offload::MAX_SUPER_PACKET
+        } else {
+            dev.mtu
+        };
         Worker {
             rx: Batch::new(BATCH, slot),
             tx: Batch::new(BATCH, slot),
             inbox_buf: vec![0u8; slot + INBOX_HEADER],
+            tun_buf: vec![0u8; tun_read],
+            gro: Coalescer::new(BATCH),
             inbox,
             ctx: Ctx {
                 dev,
                 tun,
+                offloads,
                 last_stale_hint: None,
             },
             udp,
@@ -84,19 +113,21 @@ impl Worker {
         }
     }
 
-    /// TUN → network: read a burst, seal in place, send as one batch.
+    /// TUN → network: read a burst, cut super-packets into segments, seal each in place in a
+    /// send slot, send as one batch (earlier when the slots run out).
     fn transmit(&mut self) {
-        let mtu = self.ctx.dev.mtu;
+        let Worker {
+            ctx, udp, tx, tun_buf, ..
+        } = self;
+        let dev = &*ctx.dev;
+        let vnet = ctx.offloads.vnet_header();
         loop {
             let now = Instant::now();
-            let table = self.ctx.dev.peers.load();
-            let mut n = 0;
-            while n < BATCH {
-                let buf = self.tx.buf_mut(n);
-                let len = match tun::read(
-                    &self.ctx.tun,
-                    &mut buf[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + mtu],
-                ) {
+            let table = dev.peers.load();
+            let mut filled = 0;
+            let mut reads = 0;
+            while reads < BATCH {
+                let len = match tun::read(&ctx.tun, tun_buf) {
                     Ok(Some(len)) => len,
                     Ok(None) => break,
                     Err(e) => {
@@ -104,23 +135,23 @@ impl Worker {
                         break;
                     }
                 };
-                if let Some((sealed, dst)) = seal_outbound(&self.ctx.dev, &table, self.tx.buf_mut(n), len, now) {
-                    self.tx.set_send(n, sealed, dst);
-                    n += 1;
+                reads += 1;
+                let segments = if vnet {
+                    VnetHeader::parse(&tun_buf[..len])
+                        .and_then(|hdr| Segments::new(hdr, &mut tun_buf[VNET_HDR_LEN..len], dev.mtu))
+                } else {
+                    Segments::new(VnetHeader::default(), &mut tun_buf[..len], dev.mtu)
+                };
+                match segments {
+                    Ok(segments) => filled = seal_outbound(dev, &table, &segments, tx, filled, udp, now),
+                    Err(e) => {
+                        Counters::bump(&dev.counters.tun_bad_offload);
+                        debug!("dropped a packet from the TUN device: {e}");
+                    }
                 }
             }
-            if n > 0 {
-                let outcome = self.tx.send(self.udp.as_fd(), n);
-                if outcome.failed > 0 {
-                    self.ctx
-                        .dev
-                        .counters
-                        .tx_send_failed
-                        .fetch_add(outcome.failed as u64, Ordering::Relaxed);
-                    debug!("{} of {n} datagrams not sent: {:?}", outcome.failed, outcome.last_error);
-                }
-            }
-            if n < BATCH {
+            send_batch(dev, tx, udp, filled);
+            if reads < BATCH {
                 return;
             }
         }
@@ -142,10 +173,30 @@ impl Worker {
             let now = Instant::now();
             let sessions = self.ctx.dev.sessions.load();
             let table = self.ctx.dev.peers.load();
+            let coalesce = self.ctx.offloads.tso();
             for i in 0..got {
+                let start = i * self.rx.slot();
                 let (msg, src) = self.rx.packet_mut(i);
                 let via = Via::Udp(src);
-                self.ctx.dispatch(&table, &sessions, msg, via, now);
+                if let Some(len) = self.ctx.dispatch(&table, &sessions, msg, via, now) {
+                    let span = Span {
+                        start: start + wire::DATA_HEADER_LEN,
+                        len,
+                    };
+                    if coalesce {
+                        self.gro.push(self.rx.storage(), span);
+                    } else {
+                        self.ctx.deliver(&self.rx.storage()[span.start..span.start + span.len]);
+                    }
+                }
+            }
+            if coalesce {
+                let (ctx, gro) = (&self.ctx, &mut self.gro);
+                gro.flush(self.rx.storage_mut(), |pieces| ctx.write_tun(pieces));
+                let merged = gro.take_merged();
+                if merged > 0 {
+                    ctx.dev.counters.rx_coalesced.fetch_add(merged, Ordering::Relaxed);
+                }
             }
             if got < BATCH {
                 return;
@@ -171,13 +222,17 @@ impl Worker {
             let sessions = self.ctx.dev.sessions.load();
             let table = self.ctx.dev.peers.load();
             let msg = &mut self.inbox_buf[INBOX_HEADER..n];
-            self.ctx.dispatch(&table, &sessions, msg, via, now);
+            if let Some(len) = self.ctx.dispatch(&table, &sessions, msg, via, now) {
+                self.ctx
+                    .deliver(&msg[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + len]);
+            }
         }
     }
 }
 
 impl Ctx {
-    /// Handle one wire message that arrived `via` a path.
+    /// Handle one wire message that arrived `via` a path. A data message whose inner packet may
+    /// be delivered returns that packet's length (it starts at `msg[DATA_HEADER_LEN]`).
     #[inline]
     fn dispatch(
         &mut self,
@@ -186,12 +241,12 @@ impl Ctx {
         msg: &mut [u8],
         via: Via,
         now: Instant,
-    ) {
-        let (dev, tun, last_stale_hint) = (&*self.dev, &self.tun, &mut self.last_stale_hint);
+    ) -> Option<usize> {
+        let (dev, last_stale_hint) = (&*self.dev, &mut self.last_stale_hint);
         match wire::classify(msg) {
             Err(_) => Counters::bump(&dev.counters.rx_malformed),
             Ok(Kind::Data) => match sessions.get(&wire::receiver_index(msg)) {
-                Some(entry) => open_inbound(dev, table, tun, entry, msg, via, now),
+                Some(entry) => return open_inbound(dev, table, entry, msg, via, now),
                 None => {
                     Counters::bump(&dev.counters.rx_unknown_index);
                     if last_stale_hint.is_none_or(|t| now.duration_since(t) >= STALE_HINT_INTERVAL) {
@@ -221,73 +276,140 @@ impl Ctx {
                 }
             }
         }
+        None
+    }
+
+    /// Write one packet to the TUN device (behind an empty virtio header with offloads).
+    fn deliver(&self, packet: &[u8]) {
+        if self.offloads.vnet_header() {
+            let hdr = VnetHeader::default().encode();
+            self.write_tun(&[IoSlice::new(&hdr), IoSlice::new(packet)]);
+        } else {
+            self.write_tun(&[IoSlice::new(packet)]);
+        }
+    }
+
+    fn write_tun(&self, pieces: &[IoSlice<'_>]) {
+        if let Err(e) = tun::write_vectored(&self.tun, pieces) {
+            Counters::bump(&self.dev.counters.tun_write_failed);
+            debug!("the TUN device refused a packet: {e}");
+        }
     }
 }
 
-/// Route and seal one packet read from TUN into `buf[16..16 + len]`; the destination to send to.
+/// Send slots `0..n` of the batch, counting what the kernel refused.
+fn send_batch(dev: &Device, tx: &mut Batch, udp: &UdpSocket, n: usize) {
+    if n == 0 {
+        return;
+    }
+    let outcome = tx.send(udp.as_fd(), n);
+    if outcome.failed > 0 {
+        dev.counters
+            .tx_send_failed
+            .fetch_add(outcome.failed as u64, Ordering::Relaxed);
+        debug!("{} of {n} datagrams not sent: {:?}", outcome.failed, outcome.last_error);
+    }
+}
+
+/// Route and seal every packet of one TUN read into the send slots from `filled` on (sending
+/// the batch when it is full); the new fill level. One route, key, endpoint and counter
+/// reservation serves all segments of a super-packet: they share addresses.
 #[inline]
 fn seal_outbound(
     dev: &Device,
     table: &PeerTable,
-    buf: &mut [u8],
-    len: usize,
+    segments: &Segments<'_>,
+    tx: &mut Batch,
+    mut filled: usize,
+    udp: &UdpSocket,
     now: Instant,
-) -> Option<(usize, SocketAddr)> {
-    let packet = &buf[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + len];
+) -> usize {
+    if filled == BATCH {
+        send_batch(dev, tx, udp, filled);
+        filled = 0;
+    }
+    let packet = segments.packet();
+    let count = segments.count();
+    let payload = wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + dev.mtu;
     let Some(peer) = inner_addrs(packet).and_then(|(_, dst, _)| table.route(dst)) else {
-        Counters::bump(&dev.counters.tx_no_route);
-        return None;
+        dev.counters.tx_no_route.fetch_add(count as u64, Ordering::Relaxed);
+        return filled;
     };
     dev.policy.track_outbound(packet, now);
     let keys = peer.keys.load();
     let Some(key) = keys.current.as_ref().filter(|k| k.can_send(now)) else {
-        dev.stage(peer, packet);
+        // Segments wait for the session; a free slot serves to cut them.
+        let scratch = &mut tx.buf_mut(filled)[payload];
+        for i in 0..count {
+            let len = segments.write(i, scratch);
+            dev.stage(peer, &scratch[..len]);
+        }
         dev.request_session(peer);
-        return None;
+        return filled;
     };
     let path = peer.path();
     let endpoint = match path {
         PathKind::Udp => match peer.endpoint.load().as_deref().copied() {
             Some(e) => Some(e),
             None => {
-                Counters::bump(&dev.counters.tx_dropped);
-                return None;
+                dev.counters.tx_dropped.fetch_add(count as u64, Ordering::Relaxed);
+                return filled;
             }
         },
         _ => None,
     };
-    let sealed = key.seal(buf, len, now).ok()?;
+    let Ok(first_counter) = key.reserve(count as u64, now) else {
+        return filled;
+    };
+    let mut bytes = 0;
+    for i in 0..count {
+        if filled == BATCH {
+            send_batch(dev, tx, udp, filled);
+            filled = 0;
+        }
+        let buf = tx.buf_mut(filled);
+        let len = segments.write(i, &mut buf[payload.clone()]);
+        let sealed = key.seal_with(first_counter + i as u64, buf, len);
+        bytes += len as u64;
+        match endpoint {
+            Some(e) => {
+                tx.set_send(filled, sealed, e);
+                filled += 1;
+            }
+            // SSH and relay: a fallback, one message at a time.
+            None => {
+                dev.send_overlay(peer, path, &buf[..sealed]);
+            }
+        }
+    }
     let stamp = dev.clock.stamp(now);
     ActivityStamps::touch(&peer.activity.data_sent, stamp);
     ActivityStamps::touch(&peer.activity.any_sent, stamp);
-    peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-    match endpoint {
-        Some(e) => Some((sealed, e)),
-        // SSH and relay: a fallback, one message at a time.
-        None => {
-            dev.send_overlay(peer, path, &buf[..sealed]);
-            None
-        }
-    }
+    peer.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    filled
 }
 
-/// Open one data message and deliver its inner packet if its source belongs to the sender.
+/// Open one data message; the length of its inner packet if that may be delivered (its source
+/// belongs to the sender and the policy lets it in).
 #[inline]
 fn open_inbound(
     dev: &Device,
     table: &PeerTable,
-    tun_fd: &OwnedFd,
     entry: &IndexEntry,
     msg: &mut [u8],
     via: Via,
     now: Instant,
-) {
+) -> Option<usize> {
     let counters = &dev.counters;
+    let drop = |counter: &std::sync::atomic::AtomicU64| {
+        Counters::bump(counter);
+        None
+    };
     let plain_len = match entry.keypair.open(msg, now) {
         Ok((len, _)) => len,
-        Err(DecryptError::Replay) => return Counters::bump(&counters.rx_replayed),
-        Err(DecryptError::Auth) => return Counters::bump(&counters.rx_auth_failed),
-        Err(DecryptError::Expired) => return Counters::bump(&counters.rx_unknown_index),
+        Err(DecryptError::Replay) => return drop(&counters.rx_replayed),
+        Err(DecryptError::Auth) => return drop(&counters.rx_auth_failed),
+        Err(DecryptError::Expired) => return drop(&counters.rx_unknown_index),
     };
     let peer = &entry.peer;
     // First data on a responder key confirms it: promote it to current.
@@ -316,7 +438,7 @@ fn open_inbound(
     ActivityStamps::touch(&peer.activity.any_received, stamp);
     ActivityStamps::touch(&peer.rx_via[via.kind() as usize], stamp);
     if plain_len == 0 {
-        return; // keepalive
+        return None; // keepalive
     }
     let plain = &msg[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + plain_len];
     if plain[0] >> 4 == 0 {
@@ -332,19 +454,18 @@ fn open_inbound(
             }
             None => Counters::bump(&counters.rx_bad_inner),
         }
-        return;
+        return None;
     }
     ActivityStamps::touch(&peer.activity.data_received, stamp);
     let Some((inner_src, _, total)) = inner_addrs(plain) else {
-        return Counters::bump(&counters.rx_bad_inner);
+        return drop(&counters.rx_bad_inner);
     };
     if !table.route(inner_src).is_some_and(|owner| Arc::ptr_eq(owner, peer)) {
-        return Counters::bump(&counters.rx_spoofed_source);
+        return drop(&counters.rx_spoofed_source);
     }
     if !dev.policy.inbound_allowed(&plain[..total], now) {
-        return;
+        return None;
     }
-    if tun::write(tun_fd, &plain[..total]).is_ok() {
-        peer.rx_bytes.fetch_add(total as u64, Ordering::Relaxed);
-    }
+    peer.rx_bytes.fetch_add(total as u64, Ordering::Relaxed);
+    Some(total)
 }

@@ -426,6 +426,12 @@ pub struct Counters {
     pub rx_overlay_dropped: AtomicU64,
     /// SSH servers that presented a host key other than the peer's mesh key (refused).
     pub ssh_host_key_mismatch: AtomicU64,
+    /// TUN reads with a malformed virtio header or super-packet (dropped).
+    pub tun_bad_offload: AtomicU64,
+    /// Packets the TUN device refused to take.
+    pub tun_write_failed: AtomicU64,
+    /// Received TCP segments coalesced into a super-packet before the previous one (GRO).
+    pub rx_coalesced: AtomicU64,
 }
 
 impl Counters {
@@ -450,6 +456,8 @@ pub struct ControlState {
 pub struct Device {
     pub interface: String,
     pub mtu: usize,
+    /// What the TUN device offloads (fixed when its queues open).
+    pub offloads: crate::sys::tun::Offloads,
     pub listen_port: u16,
     pub local: PublicIdentity,
     /// Our own mesh addresses.

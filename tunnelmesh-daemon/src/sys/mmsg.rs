@@ -62,6 +62,20 @@ impl Batch {
         )
     }
 
+    /// Bytes per slot: slot `i` starts at `i * slot()` in [`Batch::storage`].
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// Every slot's buffer, one after another.
+    pub fn storage(&self) -> &[u8] {
+        &self.bufs
+    }
+
+    pub fn storage_mut(&mut self) -> &mut [u8] {
+        &mut self.bufs
+    }
+
     /// Mark slot `i` to be sent: `len` bytes to `dst`.
     pub fn set_send(&mut self, i: usize, len: usize, dst: SocketAddr) {
         self.lens[i] = len;
