@@ -193,6 +193,7 @@ mod coordinator {
             workers: 1,
             state_dir: Default::default(),
             no_ebpf: true,
+            no_offload: false,
             ssh_port: 0,
             port_mapping: tunnelmesh_daemon::portmap::Mode::Off,
             port_mapping_lifetime: tunnelmesh_daemon::portmap::DEFAULT_LIFETIME,
