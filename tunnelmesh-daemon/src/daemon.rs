@@ -208,7 +208,7 @@ impl Interface {
         let status_listener =
             status::bind(&plan.name).context("cannot create the status socket under /run/tunnelmesh")?;
 
-        let mut threads = dataplane::start(dev.clone(), queues, sockets, inbox_rx)?;
+        let mut threads = dataplane::start(dev.clone(), queues, sockets, inbox_rx, !plan.no_offload)?;
         let shield: SharedShield = Arc::new(Mutex::new(shield));
         let handshaker = Handshaker::new(dev.clone(), Box::new(shield.clone()), local, handshake_socket, rx);
         threads.push(

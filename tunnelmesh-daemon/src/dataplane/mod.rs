@@ -55,19 +55,21 @@ pub fn overlay_inbox() -> io::Result<(UnixDatagram, UnixDatagram)> {
     Ok((tx, rx))
 }
 
-/// Start one worker per (TUN queue, socket) pair.
+/// Start one worker per (TUN queue, socket) pair; `udp_offload`: UDP GSO and GRO where the
+/// kernel takes them.
 pub fn start(
     dev: Arc<Device>,
     queues: Vec<OwnedFd>,
     sockets: Vec<UdpSocket>,
     inbox: UnixDatagram,
+    udp_offload: bool,
 ) -> io::Result<Vec<JoinHandle<()>>> {
     queues
         .into_iter()
         .zip(sockets)
         .enumerate()
         .map(|(i, (tun, udp))| {
-            let worker = worker::Worker::new(dev.clone(), tun, udp, inbox.try_clone()?);
+            let worker = worker::Worker::new(dev.clone(), tun, udp, inbox.try_clone()?, udp_offload);
             std::thread::Builder::new()
                 .name(format!("tm-worker-{i}"))
                 .spawn(move || worker.run())

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use super::BATCH;
 use crate::{
@@ -32,7 +32,7 @@ use crate::{
     routing::inner_addrs,
     session::{DecryptError, sealed_len},
     sys::{
-        mmsg::Batch,
+        mmsg::{self, Batch},
         poll,
         tun::{self, Offloads},
     },
@@ -41,6 +41,8 @@ use crate::{
 
 /// How long a worker sleeps in `poll` before rechecking the shutdown flag.
 const POLL_TIMEOUT: Duration = Duration::from_millis(200);
+/// Receive buffers per `recvmmsg` with UDP GRO on (64 KiB each).
+const GRO_BUFFERS: usize = 16;
 /// At most one "stale session" hint per worker per this interval.
 const STALE_HINT_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -66,8 +68,20 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(dev: Arc<Device>, tun: OwnedFd, udp: UdpSocket, inbox: UnixDatagram) -> Self {
+    /// A worker on one TUN queue and one UDP socket; `udp_offload` turns on UDP GSO and GRO.
+    pub fn new(dev: Arc<Device>, tun: OwnedFd, udp: UdpSocket, inbox: UnixDatagram, udp_offload: bool) -> Self {
         let slot = sealed_len(dev.mtu) + 64;
+        let mut tx = Batch::new(BATCH, slot);
+        let rx = if udp_offload && mmsg::enable_gro(udp.as_fd()) {
+            tx.enable_gso();
+            // A coalesced buffer can hold up to 64 KiB: fewer, larger slots.
+            Batch::new(GRO_BUFFERS, crate::offload::MAX_SUPER_PACKET)
+        } else {
+            if udp_offload {
+                tx.enable_gso();
+            }
+            Batch::new(BATCH, slot)
+        };
         let offloads = dev.offloads;
         let tun_read = if offloads.vnet_header() {
             VNET_HDR_LEN + crate::offload::MAX_SUPER_PACKET
@@ -75,8 +89,8 @@ impl Worker {
             dev.mtu
         };
         Worker {
-            rx: Batch::new(BATCH, slot),
-            tx: Batch::new(BATCH, slot),
+            rx,
+            tx,
             inbox_buf: vec![0u8; slot + INBOX_HEADER],
             tun_buf: vec![0u8; tun_read],
             gro: Coalescer::new(BATCH),
@@ -175,18 +189,34 @@ impl Worker {
             let table = self.ctx.dev.peers.load();
             let coalesce = self.ctx.offloads.tso();
             for i in 0..got {
-                let start = i * self.rx.slot();
-                let (msg, src) = self.rx.packet_mut(i);
+                let slot = i * self.rx.slot();
+                let (len, src) = (self.rx.len(i), self.rx.source(i));
                 let via = Via::Udp(src);
-                if let Some(len) = self.ctx.dispatch(&table, &sessions, msg, via, now) {
-                    let span = Span {
-                        start: start + wire::DATA_HEADER_LEN,
-                        len,
-                    };
-                    if coalesce {
-                        self.gro.push(self.rx.storage(), span);
-                    } else {
-                        self.ctx.deliver(&self.rx.storage()[span.start..span.start + span.len]);
+                // With UDP GRO one buffer holds several datagrams of one sender, each
+                // `segment_size` long but the last; each is its own wire message.
+                let step = match self.rx.segment_size(i) {
+                    0 => len.max(1),
+                    size => size,
+                };
+                let mut offset = 0;
+                loop {
+                    let start = slot + offset;
+                    let end = slot + len.min(offset + step);
+                    let msg = &mut self.rx.storage_mut()[start..end];
+                    if let Some(plain) = self.ctx.dispatch(&table, &sessions, msg, via, now) {
+                        let span = Span {
+                            start: start + wire::DATA_HEADER_LEN,
+                            len: plain,
+                        };
+                        if coalesce {
+                            self.gro.push(self.rx.storage(), span);
+                        } else {
+                            self.ctx.deliver(&self.rx.storage()[span.start..span.start + span.len]);
+                        }
+                    }
+                    offset += step;
+                    if offset >= len {
+                        break;
                     }
                 }
             }
@@ -198,7 +228,7 @@ impl Worker {
                     ctx.dev.counters.rx_coalesced.fetch_add(merged, Ordering::Relaxed);
                 }
             }
-            if got < BATCH {
+            if got < self.rx.capacity() {
                 return;
             }
         }
@@ -303,6 +333,10 @@ fn send_batch(dev: &Device, tx: &mut Batch, udp: &UdpSocket, n: usize) {
         return;
     }
     let outcome = tx.send(udp.as_fd(), n);
+    if let Some(e) = outcome.gso_refused {
+        Counters::bump(&dev.counters.udp_gso_refused);
+        warn!("UDP segmentation offload refused ({e}); sending one datagram per message from now on");
+    }
     if outcome.failed > 0 {
         dev.counters
             .tx_send_failed

@@ -432,6 +432,8 @@ pub struct Counters {
     pub tun_write_failed: AtomicU64,
     /// Received TCP segments coalesced into a super-packet before the previous one (GRO).
     pub rx_coalesced: AtomicU64,
+    /// Times a worker's socket fell back from UDP GSO to one datagram per message.
+    pub udp_gso_refused: AtomicU64,
 }
 
 impl Counters {

@@ -1,7 +1,18 @@
-//! Batched UDP receive and send (`recvmmsg(2)` / `sendmmsg(2)`) over preallocated buffers.
+//! Batched UDP receive and send (`recvmmsg(2)` / `sendmmsg(2)`) over preallocated buffers, with
+//! UDP segmentation offload both ways.
 //!
 //! A [`Batch`] owns `N` packet buffers with their addresses; the data plane fills or drains them
 //! in place, so a batch of packets costs one syscall and no allocation.
+//!
+//! **GSO** (send): a run of slots with equal lengths (the last may be shorter) to one destination
+//! goes out as one message with a `UDP_SEGMENT` control message; the kernel cuts it into
+//! datagrams as late as it can (on veth and many NICs, not before the receiver). If the kernel
+//! or the device refuses (`EIO` when the device cannot checksum, `EINVAL`, `ENOPROTOOPT`), the
+//! batch falls back to one datagram per message for good, and says so once.
+//!
+//! **GRO** (receive): with `UDP_GRO` on the socket, one received buffer may hold several
+//! datagrams of one sender, all `segment_size(i)` long but the last; slots must then be large
+//! enough for a whole coalesced buffer (64 KiB), or the kernel truncates it.
 
 use std::{
     io,
@@ -11,14 +22,33 @@ use std::{
     ptr,
 };
 
+/// Room for one `UDP_SEGMENT` / `UDP_GRO` control message (`CMSG_SPACE` of an int), aligned
+/// as `cmsghdr` needs.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct Control([u8; 32]);
+
+/// Most datagrams in one GSO message (the kernel's `UDP_MAX_SEGMENTS` is 64 or more).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Most bytes in one GSO message (a UDP length is 16 bits; leave room for the headers).
+const GSO_MAX_BYTES: usize = 65_000;
+
 /// A fixed set of packet buffers with their peer addresses.
 pub struct Batch {
     bufs: Vec<u8>,
     slot: usize,
     lens: Vec<usize>,
+    /// Received: the GRO segment size of slot `i` (0: one datagram).
+    segs: Vec<usize>,
     addrs: Vec<libc::sockaddr_storage>,
+    /// To send: the destination of slot `i` (compared to form GSO runs).
+    dsts: Vec<SocketAddr>,
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
+    controls: Vec<Control>,
+    /// To send: (first slot, slots) of each prepared message.
+    runs: Vec<(usize, usize)>,
+    gso: bool,
 }
 
 // SAFETY: the raw pointers inside `iovs`/`hdrs` only ever point into this struct's own heap
@@ -34,12 +64,33 @@ impl Batch {
             bufs: vec![0; count * slot],
             slot,
             lens: vec![0; count],
+            segs: vec![0; count],
             addrs: (0..count).map(|_| zeroed()).collect(),
+            dsts: vec![SocketAddr::from(([0, 0, 0, 0], 0)); count],
             // SAFETY: as above.
             iovs: (0..count).map(|_| unsafe { mem::zeroed() }).collect(),
             // SAFETY: as above.
             hdrs: (0..count).map(|_| unsafe { mem::zeroed() }).collect(),
+            controls: vec![Control([0; 32]); count],
+            runs: Vec::with_capacity(count),
+            gso: false,
         }
+    }
+
+    /// Send runs of equal-sized datagrams to one destination as one GSO message.
+    pub fn enable_gso(&mut self) {
+        self.gso = true;
+    }
+
+    /// Whether sends still use GSO (false after a refusal).
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// The GRO segment size of received slot `i`: every datagram in it is this long but the
+    /// last; 0 when the slot holds one datagram.
+    pub fn segment_size(&self, i: usize) -> usize {
+        self.segs[i]
     }
 
     /// Number of slots.
@@ -52,14 +103,14 @@ impl Batch {
         &mut self.bufs[i * self.slot..(i + 1) * self.slot]
     }
 
-    /// The received packet in slot `i`, with its source.
-    pub fn packet_mut(&mut self, i: usize) -> (&mut [u8], SocketAddr) {
-        let addr = from_storage(&self.addrs[i]);
-        let len = self.lens[i];
-        (
-            &mut self.bufs[i * self.slot..i * self.slot + len],
-            addr.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
-        )
+    /// Bytes received in slot `i`.
+    pub fn len(&self, i: usize) -> usize {
+        self.lens[i]
+    }
+
+    /// Where the datagrams in slot `i` came from.
+    pub fn source(&self, i: usize) -> SocketAddr {
+        from_storage(&self.addrs[i]).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// Bytes per slot: slot `i` starts at `i * slot()` in [`Batch::storage`].
@@ -79,32 +130,92 @@ impl Batch {
     /// Mark slot `i` to be sent: `len` bytes to `dst`.
     pub fn set_send(&mut self, i: usize, len: usize, dst: SocketAddr) {
         self.lens[i] = len;
+        self.dsts[i] = dst;
         to_storage(dst, &mut self.addrs[i]);
     }
 
-    fn prepare(&mut self, n: usize, for_recv: bool) {
-        for i in 0..n {
-            let len = if for_recv { self.slot } else { self.lens[i] };
+    fn prepare_recv(&mut self) {
+        for i in 0..self.capacity() {
             self.iovs[i] = libc::iovec {
                 iov_base: self.bufs[i * self.slot..].as_mut_ptr().cast(),
-                iov_len: len,
+                iov_len: self.slot,
             };
             let hdr = &mut self.hdrs[i].msg_hdr;
             hdr.msg_name = ptr::from_mut(&mut self.addrs[i]).cast();
             hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             hdr.msg_iov = &mut self.iovs[i];
             hdr.msg_iovlen = 1;
-            hdr.msg_control = ptr::null_mut();
-            hdr.msg_controllen = 0;
+            hdr.msg_control = ptr::from_mut(&mut self.controls[i]).cast();
+            hdr.msg_controllen = mem::size_of::<Control>();
             hdr.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
         }
     }
 
-    /// Receive up to `capacity()` datagrams without blocking; returns how many arrived.
+    /// Build one message per GSO run (or per slot without GSO) of slots `from..n`; how many.
+    fn prepare_send(&mut self, from: usize, n: usize) -> usize {
+        self.runs.clear();
+        let mut i = from;
+        while i < n {
+            let (len, dst) = (self.lens[i], self.dsts[i]);
+            let mut count = 1;
+            let mut bytes = len;
+            if self.gso {
+                while i + count < n
+                    && count < GSO_MAX_SEGMENTS
+                    && self.dsts[i + count] == dst
+                    && self.lens[i + count] <= len
+                    && bytes + self.lens[i + count] <= GSO_MAX_BYTES
+                {
+                    bytes += self.lens[i + count];
+                    count += 1;
+                    if self.lens[i + count - 1] < len {
+                        break; // a shorter datagram ends the run
+                    }
+                }
+            }
+            for k in i..i + count {
+                self.iovs[k] = libc::iovec {
+                    iov_base: self.bufs[k * self.slot..].as_mut_ptr().cast(),
+                    iov_len: self.lens[k],
+                };
+            }
+            let m = self.runs.len();
+            let control = ptr::from_mut(&mut self.controls[m]).cast::<libc::c_void>();
+            let hdr = &mut self.hdrs[m].msg_hdr;
+            hdr.msg_name = ptr::from_mut(&mut self.addrs[i]).cast();
+            hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_iov = &mut self.iovs[i];
+            hdr.msg_iovlen = count;
+            hdr.msg_flags = 0;
+            if count > 1 {
+                hdr.msg_control = control;
+                // SAFETY: CMSG_SPACE only computes a size.
+                hdr.msg_controllen = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as usize;
+                // SAFETY: `hdr` points at a control buffer of `msg_controllen` (<= 32) bytes
+                // aligned for `cmsghdr`, so the first header and its 2 data bytes fit in it.
+                unsafe {
+                    let cmsg = libc::CMSG_FIRSTHDR(hdr);
+                    (*cmsg).cmsg_level = libc::SOL_UDP;
+                    (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+                    (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as usize;
+                    ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), len as u16);
+                }
+            } else {
+                hdr.msg_control = ptr::null_mut();
+                hdr.msg_controllen = 0;
+            }
+            self.hdrs[m].msg_len = 0;
+            self.runs.push((i, count));
+            i += count;
+        }
+        self.runs.len()
+    }
+
+    /// Receive up to `capacity()` buffers without blocking; returns how many arrived.
     pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
         let n = self.capacity();
-        self.prepare(n, true);
+        self.prepare_recv();
         // SAFETY: `hdrs[..n]` point at `n` valid iovecs/addresses owned by `self`, which outlive the call.
         let got = unsafe {
             libc::recvmmsg(
@@ -125,6 +236,7 @@ impl Batch {
         }
         for i in 0..got as usize {
             self.lens[i] = self.hdrs[i].msg_len as usize;
+            self.segs[i] = gro_segment_size(&self.hdrs[i].msg_hdr);
         }
         Ok(got as usize)
     }
@@ -132,33 +244,81 @@ impl Batch {
     /// Send slots `0..n` (as set by [`Batch::set_send`]). A message the kernel refuses (say, an
     /// unreachable destination) is skipped and counted; the rest of the batch still goes out.
     pub fn send(&mut self, fd: BorrowedFd<'_>, n: usize) -> SendOutcome {
-        self.prepare(n, false);
         let mut outcome = SendOutcome::default();
-        let mut next = 0;
-        while next < n {
-            // SAFETY: `hdrs[next..n]` point at valid iovecs/addresses owned by `self`.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    fd.as_raw_fd(),
-                    self.hdrs[next..].as_mut_ptr(),
-                    (n - next) as libc::c_uint,
-                    0,
-                )
-            };
-            if rc < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    next += 1;
-                    outcome.failed += 1;
-                    outcome.last_error = Some(err);
+        let mut from = 0;
+        'prepare: while from < n {
+            let msgs = self.prepare_send(from, n);
+            let mut next = 0;
+            while next < msgs {
+                // SAFETY: `hdrs[next..msgs]` point at valid iovecs, addresses and control
+                // buffers owned by `self`.
+                let rc = unsafe {
+                    libc::sendmmsg(
+                        fd.as_raw_fd(),
+                        self.hdrs[next..].as_mut_ptr(),
+                        (msgs - next) as libc::c_uint,
+                        0,
+                    )
+                };
+                if rc >= 0 {
+                    let sent = rc as usize;
+                    outcome.sent += self.runs[next..next + sent].iter().map(|r| r.1).sum::<usize>();
+                    next += sent;
+                    continue;
                 }
-                continue;
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                let (first, count) = self.runs[next];
+                if count > 1 && matches!(err.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) {
+                    // The kernel or the device cannot segment: send one datagram per message.
+                    self.gso = false;
+                    outcome.gso_refused = Some(err);
+                    from = first;
+                    continue 'prepare;
+                }
+                outcome.failed += count;
+                outcome.last_error = Some(err);
+                next += 1;
             }
-            next += rc as usize;
-            outcome.sent += rc as usize;
+            break;
         }
         outcome
     }
+}
+
+/// Turn on `UDP_GRO` for `socket`: false when the kernel refuses (before Linux 5.0).
+pub fn enable_gro(socket: BorrowedFd<'_>) -> bool {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a valid int for the duration of the call; the fd is an open UDP socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            ptr::from_ref(&on).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
+/// The `UDP_GRO` segment size in a received message's control data (0: none).
+fn gro_segment_size(hdr: &libc::msghdr) -> usize {
+    let mut size = 0;
+    // SAFETY: the kernel filled `msg_control` with `msg_controllen` bytes of well-formed
+    // control messages; CMSG_FIRSTHDR/NXTHDR stay within them and return null at the end.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
+                size = ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>()).max(0) as usize;
+            }
+            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+        }
+    }
+    size
 }
 
 /// What a batched send did.
@@ -167,6 +327,8 @@ pub struct SendOutcome {
     pub sent: usize,
     pub failed: usize,
     pub last_error: Option<io::Error>,
+    /// GSO was refused during this send (and is off from now on), with the error.
+    pub gso_refused: Option<io::Error>,
 }
 
 fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
