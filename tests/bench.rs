@@ -1,14 +1,15 @@
-//! `cargo xtask bench`: throughput, latency and CPU cost of the tunnel against raw veth.
-//!
-//! Two namespaces joined by a veth, a TunnelMesh node in each. iperf3 measures one TCP stream
-//! each way and four streams; ping measures round-trip time; the daemons' CPU time comes from
-//! `/proc/<pid>/stat`. The same runs over the bare veth give the reference. Prints a table and
-//! writes JSON to `target/bench/tunnel.json`. Benchmarks only report; they assert nothing.
+//! `cargo xtask bench [SUITE]`: the benchmark suites (tables on stdout, JSON under
+//! `target/bench/`). `tunnel` (the default, in `bench/tunnel.rs`) compares TunnelMesh with raw
+//! veth, wireguard-go and boringtun-cli; `crypto` times the AEAD candidates; `coordinator`,
+//! `shield` and `paths` are below. Benchmarks only report; they assert nothing.
 
 use std::{fs, process::Stdio, thread, time::Duration};
 
-use serde_json::{Value, json};
-use tunnelmesh_tests::{Lab, NodeOptions};
+use serde_json::Value;
+use tunnelmesh_tests::Lab;
+
+#[path = "bench/tunnel.rs"]
+mod tunnel;
 
 const SECONDS: u32 = 5;
 
@@ -67,7 +68,7 @@ fn ping_ms(lab: &Lab, ns: &str, dst: &str) -> f64 {
 fn main() {
     let suite = std::env::args().nth(1).unwrap_or_else(|| "tunnel".into());
     match suite.as_str() {
-        "tunnel" => tunnel(),
+        "tunnel" => tunnel::run(),
         "coordinator" => coordinator::run(),
         "shield" => shield::run(),
         "paths" => paths::run(),
@@ -84,67 +85,6 @@ fn write_json(name: &str, doc: &Value) {
     let file = dir.join(format!("{name}.json"));
     fs::write(&file, serde_json::to_string_pretty(doc).unwrap()).expect("write JSON");
     println!("\nJSON: {}", file.display());
-}
-
-fn tunnel() {
-    let (lab, a, b) = Lab::pair(200, &NodeOptions::default(), &NodeOptions::default());
-    let (ns_a, ns_b) = (lab.nodes[a].ns.clone(), lab.nodes[b].ns.clone());
-    assert!(lab.ping(&ns_a, &lab.nodes[b].mesh4.to_string(), 2), "tunnel is up");
-    let pids = [lab.pid(a).expect("a runs"), lab.pid(b).expect("b runs")];
-    let cpu = || pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
-
-    let mut rows = Vec::new();
-    for (path, dst_b, dst_a) in [
-        (
-            "raw veth",
-            lab.nodes[b].underlay.to_string(),
-            lab.nodes[a].underlay.to_string(),
-        ),
-        (
-            "tunnelmesh",
-            lab.nodes[b].mesh4.to_string(),
-            lab.nodes[a].mesh4.to_string(),
-        ),
-    ] {
-        let runs = [
-            ("1 stream a→b", &ns_b, &ns_a, &dst_b, ""),
-            ("1 stream b→a", &ns_a, &ns_b, &dst_a, ""),
-            ("4 streams a→b", &ns_b, &ns_a, &dst_b, "-P 4"),
-        ];
-        for (name, server, client, dst, extra) in runs {
-            let before = cpu();
-            let bps = iperf(&lab, server, client, dst, extra);
-            let daemon_cpu = cpu() - before;
-            let gbit = bps * SECONDS as f64 / 1e9;
-            rows.push(json!({
-                "path": path, "test": name, "gbit_per_s": bps / 1e9,
-                "daemon_cpu_s": if path == "tunnelmesh" { json!(daemon_cpu) } else { Value::Null },
-                "daemon_cpu_s_per_gbit": if path == "tunnelmesh" && gbit > 0.0 { json!(daemon_cpu / gbit) } else { Value::Null },
-            }));
-        }
-        rows.push(json!({ "path": path, "test": "ping rtt avg", "ms": ping_ms(&lab, &ns_a, &dst_b) }));
-    }
-
-    println!("| path | test | throughput | daemon CPU s (both) | CPU s per Gbit | RTT |");
-    println!("|---|---|---|---|---|---|");
-    for r in &rows {
-        let f =
-            |k: &str, unit: &str, prec: usize| r[k].as_f64().map_or("–".to_string(), |v| format!("{v:.prec$}{unit}"));
-        println!(
-            "| {} | {} | {} | {} | {} | {} |",
-            r["path"].as_str().unwrap(),
-            r["test"].as_str().unwrap(),
-            f("gbit_per_s", " Gbit/s", 2),
-            f("daemon_cpu_s", "", 2),
-            f("daemon_cpu_s_per_gbit", "", 3),
-            f("ms", " ms", 3)
-        );
-    }
-    let nproc = thread::available_parallelism().map_or(1, |n| n.get());
-    write_json(
-        "tunnel",
-        &json!({ "suite": "tunnel", "seconds_per_run": SECONDS, "cores": nproc, "results": rows }),
-    );
 }
 
 /// `cargo xtask bench coordinator`: registration rate and memory with 10,000 simulated peers, and
