@@ -8,6 +8,8 @@ use std::{fs, process::Stdio, thread, time::Duration};
 use serde_json::Value;
 use tunnelmesh_tests::Lab;
 
+#[path = "bench/crypto.rs"]
+mod crypto;
 #[path = "bench/tunnel.rs"]
 mod tunnel;
 
@@ -72,8 +74,9 @@ fn main() {
         "coordinator" => coordinator::run(),
         "shield" => shield::run(),
         "paths" => paths::run(),
+        "crypto" => crypto::run(),
         other => {
-            eprintln!("unknown bench suite {other:?}; available: tunnel, coordinator, shield, paths");
+            eprintln!("unknown bench suite {other:?}; available: tunnel, crypto, coordinator, shield, paths");
             std::process::exit(2);
         }
     }

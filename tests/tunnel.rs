@@ -25,13 +25,40 @@ fn peers_ping_each_other_over_ipv4_and_ipv6() {
     assert!(seen["rx_bytes"].as_u64().unwrap() > 0 && seen["tx_bytes"].as_u64().unwrap() > 0);
 }
 
+/// With offloads (the default) the kernel hands the daemon TSO super-packets and takes GRO
+/// super-packets back; the receiver coalesced segments (`rx_coalesced`).
 #[test]
-fn a_100_mb_tcp_transfer_arrives_intact() {
+fn a_100_mb_tcp_transfer_arrives_intact_and_coalesced() {
     let (lab, a, b) = default_pair(2);
     assert!(lab.ping(&lab.nodes[a].ns, &lab.nodes[b].mesh4.to_string(), 1));
+    for i in [a, b] {
+        assert_ne!(lab.status(i)["offloads"], "off", "offloads negotiated on this kernel");
+    }
     let (sent, received, secs) = lab.tcp_transfer(a, b, 100 << 20);
     assert_eq!(sent, received, "SHA-256 of what was sent and what arrived");
     eprintln!("100 MiB in {secs:.2} s");
+    let coalesced = lab.status(b)["counters"]["rx_coalesced"].as_u64().unwrap();
+    assert!(coalesced > 1000, "b coalesced {coalesced} segments");
+    assert_eq!(lab.status(a)["counters"]["tun_bad_offload"], 0);
+}
+
+/// Offloads are local to a host: one side without them, one with, same wire.
+#[test]
+fn a_100_mb_transfer_with_offloads_off_on_one_side_and_then_both_arrives_intact() {
+    let off = NodeOptions {
+        extra: "no_offload = true".into(),
+        ..NodeOptions::default()
+    };
+    for (net, a_opts) in [(9, NodeOptions::default()), (10, off.clone())] {
+        let (lab, a, b) = Lab::pair(net, &a_opts, &off);
+        assert!(lab.ping(&lab.nodes[a].ns, &lab.nodes[b].mesh4.to_string(), 1));
+        assert_eq!(lab.status(b)["offloads"], "off");
+        let (sent, received, _) = lab.tcp_transfer(a, b, 100 << 20);
+        assert_eq!(sent, received, "SHA-256 of what was sent and what arrived");
+        let (sent, received, _) = lab.tcp_transfer(b, a, 20 << 20);
+        assert_eq!(sent, received, "and back");
+        assert_eq!(lab.status(b)["counters"]["rx_coalesced"], 0);
+    }
 }
 
 #[test]

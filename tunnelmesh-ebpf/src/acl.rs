@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_hdr_start_off::BPF_HDR_START_NET},
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT, bpf_hdr_start_off::BPF_HDR_START_NET},
     btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes_relative},
     macros::{btf_map, classifier},
@@ -228,16 +228,25 @@ fn rule_matches(rule: &AclRule, p: &Packet) -> bool {
     rule.low <= value && value <= rule.high
 }
 
+/// Packets `ctx` stands for: a GSO super-packet (the kernel's TSO on egress, the daemon's GRO
+/// on ingress) counts as its segments, so the counters stay per packet.
 #[inline(always)]
-fn count(reason: AclReason) {
-    bump(&ACL_COUNTERS, reason as u32);
+fn packets(ctx: &TcContext) -> u64 {
+    // SAFETY: a TC program's context is its `__sk_buff`, valid for the whole run.
+    let segs = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).gso_segs };
+    u64::from(segs.max(1))
 }
 
 #[inline(always)]
-fn bump<const N: usize>(map: &PerCpuArray<u64, N>, index: u32) {
+fn count(reason: AclReason, n: u64) {
+    bump(&ACL_COUNTERS, reason as u32, n);
+}
+
+#[inline(always)]
+fn bump<const N: usize>(map: &PerCpuArray<u64, N>, index: u32, n: u64) {
     if let Some(slot) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot of this CPU; the program cannot be preempted on it.
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
 
@@ -254,8 +263,9 @@ pub fn tunnelmesh_acl_ingress(ctx: TcContext) -> i32 {
     if config.enforce == 0 {
         return TC_ACT_OK as i32;
     }
+    let n = packets(&ctx);
     let Some(p) = parse(&ctx) else {
-        count(AclReason::Malformed);
+        count(AclReason::Malformed, n);
         return TC_ACT_SHOT as i32;
     };
     if let Some(flow) = reply_flow(&p)
@@ -270,19 +280,19 @@ pub fn tunnelmesh_acl_ingress(ctx: TcContext) -> i32 {
         if (now.wrapping_sub(last) as i64) < flow_idle_ns(flow.proto) as i64 {
             // SAFETY: as above.
             unsafe { *seen = now };
-            count(AclReason::Reply);
+            count(AclReason::Reply, n);
             return TC_ACT_OK as i32;
         }
         let _ = ACL_CONNTRACK.remove(&flow);
     }
     match allowing_slot(&config, &p) {
         Some(slot) => {
-            bump(&ACL_RULE_HITS, slot);
-            count(AclReason::Allowed);
+            bump(&ACL_RULE_HITS, slot, n);
+            count(AclReason::Allowed, n);
             TC_ACT_OK as i32
         }
         None => {
-            count(AclReason::Denied);
+            count(AclReason::Denied, n);
             TC_ACT_SHOT as i32
         }
     }
@@ -336,7 +346,7 @@ pub fn tunnelmesh_acl_egress(ctx: TcContext) -> i32 {
                 let _ = ACL_CONNTRACK.insert(&flow, &now, 0);
             }
         }
-        count(AclReason::Tracked);
+        count(AclReason::Tracked, packets(&ctx));
     }
     TC_ACT_OK as i32
 }

@@ -53,7 +53,7 @@ fn main() -> ExitCode {
             .and_then(|_| lab_binary("tunnelmesh-bench", &args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  setup        install pinned toolchains, bpf-linker and test packages (idempotent)\n  build-ebpf   build the kernel programs into target/bpf/tunnelmesh.bpf.o\n  test         run every test (fmt, clippy, unit, interop, BPF and network-namespace tests)\n  demo         two peers in network namespaces: ping and a TCP transfer through the tunnel\n  bench [tunnel|coordinator|shield|paths]\n               tunnel: throughput, latency, CPU against raw veth; coordinator: 10,000 peers;\n               shield: a junk flood with and without the XDP shield; paths: UDP vs SSH vs relay\n               (tables + JSON)"
+                "usage: cargo xtask <task>\n\n  setup        install pinned toolchains, bpf-linker and test packages (idempotent)\n  build-ebpf   build the kernel programs into target/bpf/tunnelmesh.bpf.o\n  test         run every test (fmt, clippy, unit, interop, BPF and network-namespace tests)\n  demo         two peers in network namespaces: ping and a TCP transfer through the tunnel\n  bench [tunnel|crypto|coordinator|shield|paths]\n               tunnel: against raw veth, wireguard-go, boringtun-cli; crypto: AEAD candidates;\n               coordinator: 10,000 peers;\n               shield: a junk flood with and without the XDP shield; paths: UDP vs SSH vs relay\n               (tables + JSON)"
             );
             return ExitCode::from(2);
         }

@@ -306,11 +306,24 @@ mod tests {
     }
 
     fn run(acl: &mut KernelAcl, program: &str, packet: &[u8]) -> u32 {
+        run_segments(acl, program, packet, 0)
+    }
+
+    /// Offset of `gso_segs` in the uapi `struct __sk_buff` (192 bytes), the context a test run
+    /// may set for a TC program.
+    const SKB_GSO_SEGS: usize = 164;
+    const SKB_SIZE: usize = 192;
+
+    /// Run `program` on `packet` as a GSO super-packet of `segments` segments (0: none).
+    fn run_segments(acl: &mut KernelAcl, program: &str, packet: &[u8], segments: u32) -> u32 {
         let frame = frame(packet);
         let mut out = vec![0u8; frame.len() + 256];
+        let mut ctx = [0u8; SKB_SIZE];
+        ctx[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&segments.to_ne_bytes());
         let opts = TestRunOptions {
             data_in: Some(&frame),
             data_out: Some(&mut out),
+            ctx_in: (segments > 0).then_some(&ctx[..]),
             ..Default::default()
         };
         classifier(&mut acl.ebpf, program)
@@ -379,6 +392,31 @@ mod tests {
 
     fn web_acl() -> KernelAcl {
         KernelAcl::load(&cases::web_policy()).expect("the ACL must load (run as root on a BPF-capable kernel)")
+    }
+
+    /// A super-packet (the daemon's GRO writes, the kernel's TSO) counts as its segments.
+    #[test]
+    fn super_packets_count_as_their_segments() {
+        let mut acl = web_acl();
+        let https = cases::packet(
+            cases::LAPTOP,
+            cases::WEB,
+            true,
+            cases::L4::Tcp(1, 443),
+            cases::Frag::None,
+        );
+        let opened = cases::packet(cases::WEB, cases::DB, false, cases::L4::Udp(7, 53), cases::Frag::None);
+        let before = counts(&acl);
+        let hits_before: u64 = acl.rule_hits().unwrap().iter().map(|h| h.1).sum();
+        assert_eq!(run_segments(&mut acl, ACL_INGRESS_PROGRAM, &https, 5), TC_ACT_OK);
+        assert_eq!(run_segments(&mut acl, ACL_EGRESS_PROGRAM, &opened, 3), TC_ACT_OK);
+        assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &https), TC_ACT_OK);
+        let after = counts(&acl);
+        let moved = |r: AclReason| after[&r] - before[&r];
+        assert_eq!(moved(AclReason::Allowed), 5 + 1);
+        assert_eq!(moved(AclReason::Tracked), 3);
+        let hits_after: u64 = acl.rule_hits().unwrap().iter().map(|h| h.1).sum();
+        assert_eq!(hits_after - hits_before, 6);
     }
 
     #[test]
