@@ -105,6 +105,11 @@ fn without_ebpf_the_daemon_drops_the_same_junk_itself() {
     };
     let (lab, a, b) = Lab::pair(21, &no_ebpf, &no_ebpf);
     assert_eq!(lab.status(a)["fastpath"]["enforcement"], "userspace");
+    assert_eq!(
+        lab.status(a)["fastpath"]["steering"],
+        "hash",
+        "without eBPF the kernel's hash steers"
+    );
     let target = lab.nodes[a].endpoint();
     lab.in_netns(&lab.nodes[b].ns, move || {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();

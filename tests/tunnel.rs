@@ -224,3 +224,48 @@ fn traffic_continues_when_a_peers_underlay_address_changes() {
     // And b can reach a at its new address on its own.
     assert!(lab.ping(&nb.ns, &na.mesh4.to_string(), 2));
 }
+
+/// With the eBPF fast path each session's data goes to the worker named in the receiver index it
+/// allocated, the least-loaded first: four peers of a two-worker hub end two per worker (the
+/// kernel's 4-tuple hash alone gives that only by chance), and each peer's data is opened by
+/// exactly one worker.
+#[test]
+fn sessions_spread_over_the_workers_and_each_sessions_data_stays_on_one() {
+    let mut lab = Lab::new();
+    let hosts = lab.switched(12, &["hub", "s1", "s2", "s3", "s4"]);
+    let nodes: Vec<usize> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, (ns, addr))| lab.node(&format!("w{i}"), ns, *addr, i as u8 + 1, PORT))
+        .collect();
+    let hub = nodes[0];
+    let two_workers = NodeOptions {
+        workers: 2,
+        ..NodeOptions::default()
+    };
+    lab.configure(hub, &nodes[1..], &two_workers);
+    for &s in &nodes[1..] {
+        lab.configure(s, &[hub], &NodeOptions::default());
+    }
+    for &n in &nodes {
+        lab.start(n);
+    }
+    assert_eq!(lab.status(hub)["fastpath"]["steering"], "ebpf");
+    let hub4 = lab.nodes[hub].mesh4.to_string();
+    // One after another, so that each session is allocated knowing the ones before it.
+    for &s in &nodes[1..] {
+        assert!(lab.ping(&lab.nodes[s].ns, &hub4, 5), "{} → hub", lab.nodes[s].name);
+    }
+    let mut per_worker = [0; 2];
+    for &s in &nodes[1..] {
+        let workers = lab.peer_status(hub, s)["rx_workers"].as_array().unwrap().clone();
+        assert_eq!(
+            workers.len(),
+            1,
+            "{}'s data on exactly one worker: {workers:?}",
+            lab.nodes[s].name
+        );
+        per_worker[workers[0].as_u64().unwrap() as usize] += 1;
+    }
+    assert_eq!(per_worker, [2, 2], "sessions per worker");
+}

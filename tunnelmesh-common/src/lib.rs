@@ -8,4 +8,5 @@
 
 pub mod acl;
 pub mod shield;
+pub mod steer;
 pub mod wire;

@@ -28,7 +28,7 @@ use crate::{
     config::Config,
     dataplane,
     device::{Clock, Counters, Device, PeerSpec, PeerTable, handshaker::Handshaker, policy::PolicyEnforcer},
-    fastpath::{SharedShield, Shield},
+    fastpath::{SharedShield, Shield, Steering},
     identity::{DEFAULT_IDENTITY, Identity},
     netconf,
     noise::{LocalStatic, MeshKey},
@@ -124,6 +124,8 @@ pub struct Interface {
     pub dev: Arc<Device>,
     threads: Vec<JoinHandle<()>>,
     shield: SharedShield,
+    /// Held for the interface's life (the program stays with the sockets anyway).
+    _steering: Option<Steering>,
 }
 
 impl Interface {
@@ -149,6 +151,19 @@ impl Interface {
             )
         })?;
         let listen_port = sockets[0].local_addr()?.port();
+        let steering = if plan.no_ebpf {
+            Err("disabled by no_ebpf".to_string())
+        } else {
+            Steering::attach(&sockets).map_err(|e| e.to_string())
+        };
+        match &steering {
+            Ok(_) => info!(
+                workers,
+                "worker steering attached: each session's data goes to the worker that owns it"
+            ),
+            Err(e) => info!("worker steering unavailable ({e}); the kernel's hash spreads peers over the workers"),
+        }
+        let steered = steering.is_ok();
         // In force before the interface is up and before the first packet can arrive: a
         // coordinated node fails closed.
         let policy = match plan.policy {
@@ -210,7 +225,14 @@ impl Interface {
 
         let mut threads = dataplane::start(dev.clone(), queues, sockets, inbox_rx, !plan.no_offload)?;
         let shield: SharedShield = Arc::new(Mutex::new(shield));
-        let handshaker = Handshaker::new(dev.clone(), Box::new(shield.clone()), local, handshake_socket, rx);
+        let handshaker = Handshaker::new(
+            dev.clone(),
+            Box::new(shield.clone()),
+            local,
+            handshake_socket,
+            rx,
+            workers,
+        );
         threads.push(
             std::thread::Builder::new()
                 .name("tm-handshake".into())
@@ -232,7 +254,7 @@ impl Interface {
         }
         let shield_for_status = shield.clone();
         let fastpath_status =
-            Box::new(move || fastpath_status(&shield_for_status.lock().unwrap_or_else(|p| p.into_inner())));
+            Box::new(move || fastpath_status(&shield_for_status.lock().unwrap_or_else(|p| p.into_inner()), steered));
         let status_dev = dev.clone();
         threads.push(
             std::thread::Builder::new()
@@ -248,7 +270,12 @@ impl Interface {
             workers,
             "tunnelmesh is up"
         );
-        Ok(Interface { dev, threads, shield })
+        Ok(Interface {
+            dev,
+            threads,
+            shield,
+            _steering: steering.ok(),
+        })
     }
 
     /// Run until SIGINT or SIGTERM, then shut down cleanly.
@@ -272,7 +299,8 @@ impl Interface {
     }
 }
 
-fn fastpath_status(shield: &Result<Shield, String>) -> FastpathStatus {
+fn fastpath_status(shield: &Result<Shield, String>, steered: bool) -> FastpathStatus {
+    let steering = if steered { "ebpf" } else { "hash" }.to_string();
     match shield {
         Ok(s) => {
             let (shield, error) = match s.counters() {
@@ -285,6 +313,7 @@ fn fastpath_status(shield: &Result<Shield, String>) -> FastpathStatus {
                 xdp_mode: Some(s.mode.into()),
                 shield,
                 error,
+                steering,
             }
         }
         Err(e) => FastpathStatus {
@@ -293,6 +322,7 @@ fn fastpath_status(shield: &Result<Shield, String>) -> FastpathStatus {
             xdp_mode: None,
             shield: BTreeMap::new(),
             error: Some(e.clone()),
+            steering,
         },
     }
 }

@@ -44,6 +44,9 @@ pub struct PeerStatus {
     pub paths: Vec<PathReport>,
     /// Where the peer's SSH transport listens, if it runs one.
     pub ssh_endpoint: Option<String>,
+    /// Workers that opened data from this peer (one, with steering, whatever the peer's port).
+    #[serde(default)]
+    pub rx_workers: Vec<u32>,
     /// The peer's UDP candidates and NAT kind (from the coordinator), and hole punching so far.
     #[serde(default)]
     pub nat: Option<PeerNat>,
@@ -65,6 +68,10 @@ pub struct FastpathStatus {
     pub xdp_mode: Option<String>,
     pub shield: std::collections::BTreeMap<String, u64>,
     pub error: Option<String>,
+    /// How inbound data reaches the workers: `ebpf` (by session, `SK_REUSEPORT`) or `hash` (the
+    /// kernel's 4-tuple hash).
+    #[serde(default)]
+    pub steering: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -137,6 +144,10 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
                     path: p.path().name().to_string(),
                     paths: (**p.paths.load()).clone(),
                     ssh_endpoint: p.ssh_endpoint.map(|e| e.to_string()),
+                    rx_workers: {
+                        let mask = p.rx_workers.load(Ordering::Relaxed);
+                        (0..64).filter(|w| mask & (1 << w) != 0).collect()
+                    },
                     nat: Some({
                         let remote = p.remote.load();
                         PeerNat {

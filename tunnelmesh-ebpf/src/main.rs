@@ -1,5 +1,5 @@
-//! TunnelMesh kernel programs: the XDP underlay shield (here) and the mesh interface's ACL
-//! ([`acl`]).
+//! TunnelMesh kernel programs: the XDP underlay shield (here), the mesh interface's ACL
+//! ([`acl`]) and the workers' socket steering ([`steer`]).
 //!
 //! `tunnelmesh_shield` (XDP, underlay interfaces): looks at every UDP datagram addressed to the
 //! mesh port and drops what cannot be a TunnelMesh message — wrong type, non-zero reserved bytes,
@@ -17,6 +17,7 @@
 #![no_main]
 
 mod acl;
+mod steer;
 
 use aya_ebpf::{
     Global,

@@ -69,7 +69,7 @@ pub fn start(
         .zip(sockets)
         .enumerate()
         .map(|(i, (tun, udp))| {
-            let worker = worker::Worker::new(dev.clone(), tun, udp, inbox.try_clone()?, udp_offload);
+            let worker = worker::Worker::new(i, dev.clone(), tun, udp, inbox.try_clone()?, udp_offload);
             std::thread::Builder::new()
                 .name(format!("tm-worker-{i}"))
                 .spawn(move || worker.run())

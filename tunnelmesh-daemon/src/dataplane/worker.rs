@@ -48,6 +48,8 @@ const STALE_HINT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What handling one received message needs, apart from the buffers it lives in.
 struct Ctx {
+    /// This worker's number (its bit in `Peer::rx_workers`).
+    id: usize,
     dev: Arc<Device>,
     tun: OwnedFd,
     offloads: Offloads,
@@ -69,7 +71,14 @@ pub struct Worker {
 
 impl Worker {
     /// A worker on one TUN queue and one UDP socket; `udp_offload` turns on UDP GSO and GRO.
-    pub fn new(dev: Arc<Device>, tun: OwnedFd, udp: UdpSocket, inbox: UnixDatagram, udp_offload: bool) -> Self {
+    pub fn new(
+        id: usize,
+        dev: Arc<Device>,
+        tun: OwnedFd,
+        udp: UdpSocket,
+        inbox: UnixDatagram,
+        udp_offload: bool,
+    ) -> Self {
         let slot = sealed_len(dev.mtu) + 64;
         let mut tx = Batch::new(BATCH, slot);
         let rx = if udp_offload && mmsg::enable_gro(udp.as_fd()) {
@@ -96,6 +105,7 @@ impl Worker {
             gro: Coalescer::new(BATCH),
             inbox,
             ctx: Ctx {
+                id,
                 dev,
                 tun,
                 offloads,
@@ -276,7 +286,7 @@ impl Ctx {
         match wire::classify(msg) {
             Err(_) => Counters::bump(&dev.counters.rx_malformed),
             Ok(Kind::Data) => match sessions.get(&wire::receiver_index(msg)) {
-                Some(entry) => return open_inbound(dev, table, entry, msg, via, now),
+                Some(entry) => return open_inbound(dev, self.id, table, entry, msg, via, now),
                 None => {
                     Counters::bump(&dev.counters.rx_unknown_index);
                     if last_stale_hint.is_none_or(|t| now.duration_since(t) >= STALE_HINT_INTERVAL) {
@@ -428,6 +438,7 @@ fn seal_outbound(
 #[inline]
 fn open_inbound(
     dev: &Device,
+    worker: usize,
     table: &PeerTable,
     entry: &IndexEntry,
     msg: &mut [u8],
@@ -467,6 +478,10 @@ fn open_inbound(
         && peer.endpoint.load().as_deref() != Some(&src)
     {
         peer.endpoint.store(Some(Arc::new(src)));
+    }
+    let bit = 1u64 << (worker % 64);
+    if peer.rx_workers.load(Ordering::Relaxed) & bit == 0 {
+        peer.rx_workers.fetch_or(bit, Ordering::Relaxed);
     }
     let stamp = dev.clock.stamp(now);
     ActivityStamps::touch(&peer.activity.any_received, stamp);

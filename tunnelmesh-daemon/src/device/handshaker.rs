@@ -155,6 +155,8 @@ struct PendingPing {
 
 pub struct Handshaker {
     dev: Arc<Device>,
+    /// Data-plane workers: each session's receiver index names the one that owns it.
+    workers: u32,
     mirror: Box<dyn IndexMirror>,
     local: LocalStatic,
     socket: UdpSocket,
@@ -191,6 +193,7 @@ impl Handshaker {
         local: LocalStatic,
         socket: UdpSocket,
         events: Receiver<Event>,
+        workers: usize,
     ) -> Self {
         let checker = CookieChecker::new(&local.public, Instant::now());
         let scratch = vec![0u8; sealed_len(dev.mtu) + 64];
@@ -199,6 +202,7 @@ impl Handshaker {
             discovery: Discovery::new(now),
             published: None,
             network_changed: Some(now),
+            workers: (workers as u32).clamp(1, tunnelmesh_common::steer::MAX_WORKERS),
             dev,
             mirror,
             local,
@@ -802,12 +806,24 @@ impl Handshaker {
         peer.session_requested.store(false, Ordering::Release);
     }
 
-    /// A fresh random index not in use.
+    /// A fresh random index not in use, naming the worker that owns the fewest sessions (the
+    /// steering program delivers the session's data to it; without steering it is only a
+    /// number).
     fn new_index(&self) -> u32 {
+        use tunnelmesh_common::steer::{index_for, worker_of};
         let table = self.dev.sessions.load();
+        let pending = self
+            .states
+            .values()
+            .filter_map(|s| s.pending.as_ref().map(|h| h.local_index()));
+        let mut load = [0usize; tunnelmesh_common::steer::MAX_WORKERS as usize];
+        for index in table.keys().copied().chain(pending) {
+            load[worker_of(index) as usize] += 1;
+        }
+        let worker = (0..self.workers).min_by_key(|&w| load[w as usize]).unwrap_or(0);
         let mut rng = rand::thread_rng();
         loop {
-            let i: u32 = rng.r#gen();
+            let i = index_for(worker, rng.r#gen());
             let pending = self
                 .states
                 .values()

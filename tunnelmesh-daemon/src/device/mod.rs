@@ -128,6 +128,8 @@ pub struct Peer {
     pub paths: ArcSwap<Vec<path::PathReport>>,
     /// Where the peer says it may be reached over UDP, and the NAT in front of it.
     pub remote: ArcSwap<RemoteCandidates>,
+    /// Data-plane workers that opened data from this peer (bit `i`: worker `i`, up to 64).
+    pub rx_workers: AtomicU64,
     /// Punches started (asked for by either side), and punches that ended in a direct path.
     pub punches: AtomicU64,
     pub punched: AtomicU64,
@@ -165,6 +167,7 @@ impl Peer {
                 endpoints: spec.candidates,
                 nat: spec.nat,
             }),
+            rx_workers: AtomicU64::new(0),
             punches: AtomicU64::new(0),
             punched: AtomicU64::new(0),
         }

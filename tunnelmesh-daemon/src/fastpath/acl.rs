@@ -24,13 +24,6 @@ use tunnelmesh_common::acl::{
 use super::{EBPF_OBJECT, FastpathError, Pins, loader};
 use crate::policy::{NodePolicy, Proto, compile::ECHO_ONLY};
 
-/// Maps only the shield uses, shrunk to one entry in the ACL's copy of the object.
-const SHIELD_ONLY_MAPS: [&str; 3] = [
-    tunnelmesh_common::shield::SHIELD_COUNTERS_MAP,
-    tunnelmesh_common::shield::KNOWN_INDICES_MAP,
-    tunnelmesh_common::shield::SOURCE_BUDGETS_MAP,
-];
-
 /// Pinned maps, by map name and pin file name.
 const PINS: [(&str, &str); 6] = [
     (ACL_CONFIG_MAP, "acl_config"),
@@ -143,7 +136,7 @@ impl KernelAcl {
     /// Load the programs (not attached) with `policy` in force.
     pub fn load(policy: &NodePolicy) -> Result<Self, FastpathError> {
         let tables = KernelTables::build(policy)?;
-        let mut ebpf = loader(&SHIELD_ONLY_MAPS).load(EBPF_OBJECT)?;
+        let mut ebpf = loader(&super::ACL_MAPS).load(EBPF_OBJECT)?;
         for name in [ACL_INGRESS_PROGRAM, ACL_EGRESS_PROGRAM] {
             classifier(&mut ebpf, name)
                 .load()

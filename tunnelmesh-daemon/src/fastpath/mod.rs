@@ -3,14 +3,17 @@
 //! - [`shield`]: XDP on the underlay interfaces drops what cannot be a mesh message.
 //! - [`acl`]: TC ingress/egress on the mesh TUN device enforces the node's inbound policy with
 //!   connection tracking.
+//! - [`steer`]: `SK_REUSEPORT` on the workers' sockets delivers each session's data to the worker
+//!   that owns it.
 //!
-//! Each component loads its own copy of the one embedded object with the other component's maps
-//! shrunk to a single entry, so either works alone (a static mesh has no policy; `xdp_interfaces`
+//! Each component loads its own copy of the one embedded object with the other components' maps
+//! shrunk to a single entry, so each works alone (a static mesh has no policy; `xdp_interfaces`
 //! may be empty). Maps are pinned under `/sys/fs/bpf/tunnelmesh/<interface>/` with BTF and
 //! unpinned when the component drops.
 
 pub mod acl;
 pub mod shield;
+pub mod steer;
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +21,7 @@ use aya::{Ebpf, EbpfLoader};
 
 pub use acl::KernelAcl;
 pub use shield::{SharedShield, Shield};
+pub use steer::Steering;
 
 /// The kernel programs, built by `cargo xtask build-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TUNNELMESH_EBPF_OBJECT"));
@@ -48,13 +52,34 @@ pub enum FastpathError {
     PolicyTooLarge { rules: usize },
     #[error("cannot count the CPUs: {0}")]
     Cpus(std::io::Error),
+    #[error("steering addresses 1 to {max} workers, not {0}", max = tunnelmesh_common::steer::MAX_WORKERS)]
+    Workers(usize),
 }
 
-/// A loader for the embedded object with `unused` maps shrunk to one entry.
-fn loader(unused: &[&'static str]) -> EbpfLoader<'static> {
+/// The maps of each component.
+const SHIELD_MAPS: [&str; 3] = [
+    tunnelmesh_common::shield::SHIELD_COUNTERS_MAP,
+    tunnelmesh_common::shield::KNOWN_INDICES_MAP,
+    tunnelmesh_common::shield::SOURCE_BUDGETS_MAP,
+];
+const ACL_MAPS: [&str; 6] = [
+    tunnelmesh_common::acl::ACL_CONFIG_MAP,
+    tunnelmesh_common::acl::ACL_SOURCES_MAP,
+    tunnelmesh_common::acl::ACL_RULES_MAP,
+    tunnelmesh_common::acl::ACL_CONNTRACK_MAP,
+    tunnelmesh_common::acl::ACL_COUNTERS_MAP,
+    tunnelmesh_common::acl::ACL_RULE_HITS_MAP,
+];
+const STEER_MAPS: [&str; 1] = [tunnelmesh_common::steer::WORKER_SOCKETS_MAP];
+
+/// A loader for the embedded object with every map but the component's `own` shrunk to one
+/// entry.
+fn loader(own: &[&'static str]) -> EbpfLoader<'static> {
     let mut loader = EbpfLoader::new();
-    for map in unused {
-        loader.map_max_entries(map, 1);
+    for map in SHIELD_MAPS.iter().chain(&ACL_MAPS).chain(&STEER_MAPS) {
+        if !own.contains(map) {
+            loader.map_max_entries(map, 1);
+        }
     }
     loader
 }

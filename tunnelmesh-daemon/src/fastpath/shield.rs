@@ -21,20 +21,10 @@ use tunnelmesh_common::shield::{
 use super::{FastpathError, Pins, loader};
 use crate::device::IndexMirror;
 
-/// Maps only the ACL uses, shrunk to one entry in the shield's copy of the object.
-const ACL_ONLY_MAPS: [&str; 6] = [
-    tunnelmesh_common::acl::ACL_CONFIG_MAP,
-    tunnelmesh_common::acl::ACL_SOURCES_MAP,
-    tunnelmesh_common::acl::ACL_RULES_MAP,
-    tunnelmesh_common::acl::ACL_CONNTRACK_MAP,
-    tunnelmesh_common::acl::ACL_COUNTERS_MAP,
-    tunnelmesh_common::acl::ACL_RULE_HITS_MAP,
-];
-
 /// Load the object with the mesh port set, the shield program loaded but not attached.
 pub fn load_shield(port: u16) -> Result<Ebpf, FastpathError> {
     let port_be = port.to_be();
-    let mut ebpf = loader(&ACL_ONLY_MAPS)
+    let mut ebpf = loader(&super::SHIELD_MAPS)
         .override_global(SHIELD_PORT_GLOBAL, &port_be, true)
         .load(super::EBPF_OBJECT)?;
     shield_program(&mut ebpf)
