@@ -138,108 +138,103 @@ impl Worker {
     }
 
     /// TUN → network: read a burst, cut super-packets into segments, seal each in place in a
-    /// send slot, send as one batch (earlier when the slots run out).
+    /// send slot, send as one batch (earlier when the slots run out). Bounded to about one batch
+    /// of segments per turn, so that a bulk stream out of the TUN device never keeps the worker
+    /// from what arrives on the socket (ACKs, pings) for long.
     fn transmit(&mut self) {
         let Worker {
             ctx, udp, tx, tun_buf, ..
         } = self;
         let dev = &*ctx.dev;
         let vnet = ctx.offloads.vnet_header();
-        loop {
-            let now = Instant::now();
-            let table = dev.peers.load();
-            let mut filled = 0;
-            let mut reads = 0;
-            while reads < BATCH {
-                let len = match tun::read(&ctx.tun, tun_buf) {
-                    Ok(Some(len)) => len,
-                    Ok(None) => break,
-                    Err(e) => {
-                        error!("reading the TUN device failed: {e}");
-                        break;
-                    }
-                };
-                reads += 1;
-                let segments = if vnet {
-                    VnetHeader::parse(&tun_buf[..len])
-                        .and_then(|hdr| Segments::new(hdr, &mut tun_buf[VNET_HDR_LEN..len], dev.mtu))
-                } else {
-                    Segments::new(VnetHeader::default(), &mut tun_buf[..len], dev.mtu)
-                };
-                match segments {
-                    Ok(segments) => filled = seal_outbound(dev, &table, &segments, tx, filled, udp, now),
-                    Err(e) => {
-                        Counters::bump(&dev.counters.tun_bad_offload);
-                        debug!("dropped a packet from the TUN device: {e}");
-                    }
-                }
-            }
-            send_batch(dev, tx, udp, filled);
-            if reads < BATCH {
-                return;
-            }
-        }
-    }
-
-    /// Network → TUN: receive a batch, open each data message in place, deliver.
-    fn receive(&mut self) {
-        loop {
-            let got = match self.rx.recv(self.udp.as_fd()) {
-                Ok(n) => n,
+        let now = Instant::now();
+        let table = dev.peers.load();
+        let (mut filled, mut reads, mut segments_read) = (0, 0, 0);
+        while reads < BATCH && segments_read < BATCH {
+            let len = match tun::read(&ctx.tun, tun_buf) {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
                 Err(e) => {
-                    error!("receiving from the UDP socket failed: {e}");
-                    return;
+                    error!("reading the TUN device failed: {e}");
+                    break;
                 }
             };
-            if got == 0 {
-                return;
-            }
-            let now = Instant::now();
-            let sessions = self.ctx.dev.sessions.load();
-            let table = self.ctx.dev.peers.load();
-            let coalesce = self.ctx.offloads.tso();
-            for i in 0..got {
-                let slot = i * self.rx.slot();
-                let (len, src) = (self.rx.len(i), self.rx.source(i));
-                let via = Via::Udp(src);
-                // With UDP GRO one buffer holds several datagrams of one sender, each
-                // `segment_size` long but the last; each is its own wire message.
-                let step = match self.rx.segment_size(i) {
-                    0 => len.max(1),
-                    size => size,
-                };
-                let mut offset = 0;
-                loop {
-                    let start = slot + offset;
-                    let end = slot + len.min(offset + step);
-                    let msg = &mut self.rx.storage_mut()[start..end];
-                    if let Some(plain) = self.ctx.dispatch(&table, &sessions, msg, via, now) {
-                        let span = Span {
-                            start: start + wire::DATA_HEADER_LEN,
-                            len: plain,
-                        };
-                        if coalesce {
-                            self.gro.push(self.rx.storage(), span);
-                        } else {
-                            self.ctx.deliver(&self.rx.storage()[span.start..span.start + span.len]);
-                        }
-                    }
-                    offset += step;
-                    if offset >= len {
-                        break;
-                    }
+            reads += 1;
+            let segments = if vnet {
+                VnetHeader::parse(&tun_buf[..len])
+                    .and_then(|hdr| Segments::new(hdr, &mut tun_buf[VNET_HDR_LEN..len], dev.mtu))
+            } else {
+                Segments::new(VnetHeader::default(), &mut tun_buf[..len], dev.mtu)
+            };
+            match segments {
+                Ok(segments) => {
+                    segments_read += segments.count();
+                    filled = seal_outbound(dev, &table, &segments, tx, filled, udp, now);
+                }
+                Err(e) => {
+                    Counters::bump(&dev.counters.tun_bad_offload);
+                    debug!("dropped a packet from the TUN device: {e}");
                 }
             }
-            if coalesce {
-                let (ctx, gro) = (&self.ctx, &mut self.gro);
-                gro.flush(self.rx.storage_mut(), |pieces| ctx.write_tun(pieces));
-                let merged = gro.take_merged();
-                if merged > 0 {
-                    ctx.dev.counters.rx_coalesced.fetch_add(merged, Ordering::Relaxed);
+        }
+        send_batch(dev, tx, udp, filled);
+    }
+
+    /// Network → TUN: receive a batch, open each data message in place, deliver. One batch per
+    /// turn: the TUN side gets its turn in between.
+    fn receive(&mut self) {
+        let got = match self.rx.recv(self.udp.as_fd()) {
+            Ok(n) => n,
+            Err(e) => {
+                error!("receiving from the UDP socket failed: {e}");
+                return;
+            }
+        };
+        if got == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let sessions = self.ctx.dev.sessions.load();
+        let table = self.ctx.dev.peers.load();
+        let coalesce = self.ctx.offloads.tso();
+        for i in 0..got {
+            let slot = i * self.rx.slot();
+            let (len, src) = (self.rx.len(i), self.rx.source(i));
+            let via = Via::Udp(src);
+            // With UDP GRO one buffer holds several datagrams of one sender, each
+            // `segment_size` long but the last; each is its own wire message.
+            let step = match self.rx.segment_size(i) {
+                0 => len.max(1),
+                size => size,
+            };
+            let mut offset = 0;
+            loop {
+                let start = slot + offset;
+                let end = slot + len.min(offset + step);
+                let msg = &mut self.rx.storage_mut()[start..end];
+                if let Some(plain) = self.ctx.dispatch(&table, &sessions, msg, via, now) {
+                    let span = Span {
+                        start: start + wire::DATA_HEADER_LEN,
+                        len: plain,
+                    };
+                    if coalesce {
+                        self.gro.push(self.rx.storage(), span);
+                    } else {
+                        self.ctx.deliver(&self.rx.storage()[span.start..span.start + span.len]);
+                    }
+                }
+                offset += step;
+                if offset >= len {
+                    break;
                 }
             }
-            if got < self.rx.capacity() {
-                return;
+        }
+        if coalesce {
+            let (ctx, gro) = (&self.ctx, &mut self.gro);
+            gro.flush(self.rx.storage_mut(), |pieces| ctx.write_tun(pieces));
+            let merged = gro.take_merged();
+            if merged > 0 {
+                ctx.dev.counters.rx_coalesced.fetch_add(merged, Ordering::Relaxed);
             }
         }
     }
