@@ -4,7 +4,8 @@
 //! into MTU-sized segments straight into the send slots, with the route, key, endpoint and
 //! counters taken once for all of them. Network → TUN: every data message of a receive batch is
 //! opened and checked on its own; what passes is handed to the [`Coalescer`] and written at the
-//! end of the batch, TCP segments of one flow as one super-packet (GRO).
+//! end of the batch, TCP segments (and, with USO, UDP datagrams) of one flow as one super-packet
+//! (GRO).
 
 use std::{
     io::IoSlice,
@@ -102,7 +103,7 @@ impl Worker {
             tx,
             inbox_buf: vec![0u8; slot + INBOX_HEADER],
             tun_buf: vec![0u8; tun_read],
-            gro: Coalescer::new(BATCH),
+            gro: Coalescer::new(BATCH, offloads == Offloads::TsoUso),
             inbox,
             ctx: Ctx {
                 id,

@@ -1,4 +1,5 @@
-//! Coalescing received TCP segments into super-packets for the TUN device (GRO in userspace).
+//! Coalescing received TCP segments (and UDP datagrams, when the device takes USO) into
+//! super-packets for the TUN device (GRO in userspace).
 //!
 //! The worker hands every packet that authenticated, passed the replay window, the inner-source
 //! check and the policy to [`Coalescer::push`], in arrival order; at the end of the receive batch
@@ -10,7 +11,9 @@
 //! group of its flow when it has the same addresses, ports, IP fields (TOS/traffic class, TTL/hop
 //! limit, DF, flow label), ACK number, window and TCP options; carries only ACK, or ACK and PSH;
 //! starts exactly where the group ends; is no longer than the group's first payload; and the
-//! group stays within 64 KiB. A PSH or a shorter segment ends its group. Every segment's checksum
+//! group stays within 64 KiB. A PSH or a shorter segment ends its group. UDP datagrams of one
+//! flow (same addresses, ports and IP fields) merge under the same size rules; the kernel cuts
+//! them apart again at exactly those boundaries (`GSO_UDP_L4`). Every segment's checksum
 //! is verified before it joins (the merged packet's is left to the kernel as `NEEDS_CSUM`, so a
 //! bad one would otherwise be hidden). A packet that cannot join — another protocol, IPv4 options,
 //! IPv6 extension headers, other flags, a bad checksum — goes out on its own and ends its flow's
@@ -18,7 +21,10 @@
 
 use std::io::IoSlice;
 
-use super::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, Layout, MAX_SUPER_PACKET, PROTO_TCP, VnetHeader, checksum};
+use super::{
+    F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, Layout, MAX_SUPER_PACKET, PROTO_TCP, PROTO_UDP, VnetHeader,
+    checksum,
+};
 
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
@@ -61,15 +67,18 @@ pub struct Coalescer {
     /// (payload of a member, next member of its group).
     members: Vec<(Span, u16)>,
     merged: u64,
+    /// Coalesce UDP too (the TUN device accepted USO).
+    udp: bool,
 }
 
 impl Coalescer {
-    /// Room for `batch` packets per flush without allocating.
-    pub fn new(batch: usize) -> Self {
+    /// Room for `batch` packets per flush without allocating; `udp`: merge UDP datagrams too.
+    pub fn new(batch: usize, udp: bool) -> Self {
         Coalescer {
             groups: Vec::with_capacity(batch),
             members: Vec::with_capacity(batch),
             merged: 0,
+            udp,
         }
     }
 
@@ -81,28 +90,35 @@ impl Coalescer {
     /// Add the packet `buf[span]` (a whole IP packet, no padding).
     pub fn push(&mut self, buf: &[u8], span: Span) {
         let p = span.of(buf);
-        let layout = Layout::whole(p).filter(|l| l.proto == PROTO_TCP);
+        let layout = Layout::whole(p).filter(|l| l.proto == PROTO_TCP || (self.udp && l.proto == PROTO_UDP));
         let Some(l) = layout else {
             return self.start(span, None, false);
         };
         let t = l.ip_len;
-        let flags = p[t + 13];
+        let tcp = l.proto == PROTO_TCP;
         let payload = p.len() - l.hdr_len;
-        let seq = u32::from_be_bytes(p[t + 4..t + 8].try_into().expect("4 bytes"));
-        let eligible = (l.v6 || l.ip_len == 20)
-            && (flags == TCP_ACK || flags == TCP_ACK | TCP_PSH)
-            && payload > 0
-            && checksum::transport_valid(p, &l);
+        // UDP has no flags and no sequence: only sizes decide.
+        let (flags_ok, psh, seq) = if tcp {
+            let flags = p[t + 13];
+            (
+                flags == TCP_ACK || flags == TCP_ACK | TCP_PSH,
+                flags & TCP_PSH != 0,
+                u32::from_be_bytes(p[t + 4..t + 8].try_into().expect("4 bytes")),
+            )
+        } else {
+            (true, false, 0)
+        };
+        let eligible = (l.v6 || l.ip_len == 20) && flags_ok && payload > 0 && checksum::transport_valid(p, &l);
         let last_of_flow = self.groups.iter().rposition(|g| {
             g.layout
-                .is_some_and(|gl| gl.hdr_len == l.hdr_len && same_flow(g.head.of(buf), p, &l))
+                .is_some_and(|gl| gl.proto == l.proto && gl.hdr_len == l.hdr_len && same_flow(g.head.of(buf), p, &l))
         });
         if let Some(gi) = last_of_flow {
             let g = &mut self.groups[gi];
             let headers_after = l.hdr_len - if l.v6 { 40 } else { 0 };
             if eligible
                 && g.open
-                && seq == g.next_seq
+                && (!tcp || seq == g.next_seq)
                 && payload <= g.gso_size
                 && headers_after + g.payload + payload <= MAX_SUPER_PACKET
                 && g.count < MAX_MEMBERS
@@ -124,8 +140,8 @@ impl Coalescer {
                 g.count += 1;
                 g.next_seq = seq.wrapping_add(payload as u32);
                 g.payload += payload;
-                g.psh = flags & TCP_PSH != 0;
-                g.open = !g.psh && payload == g.gso_size;
+                g.psh = psh;
+                g.open = !psh && payload == g.gso_size;
                 self.merged += 1;
                 return;
             }
@@ -138,8 +154,8 @@ impl Coalescer {
             g.gso_size = payload;
             g.next_seq = seq.wrapping_add(payload as u32);
             g.payload = payload;
-            g.psh = flags & TCP_PSH != 0;
-            g.open = !g.psh;
+            g.psh = psh;
+            g.open = !psh;
         }
     }
 
@@ -164,7 +180,7 @@ impl Coalescer {
         // First rewrite the heads of merged groups, then hand out the (shared) slices.
         for g in &self.groups {
             if g.first_member != NONE {
-                let l = g.layout.expect("only TCP segments merge");
+                let l = g.layout.expect("only TCP segments and UDP datagrams merge");
                 rewrite_head(&mut buf[g.head.start..g.head.start + g.head.len], &l, g.payload, g.psh);
             }
         }
@@ -173,11 +189,15 @@ impl Coalescer {
                 (NONE, _) | (_, None) => VnetHeader::default(),
                 (_, Some(l)) => VnetHeader {
                     flags: F_NEEDS_CSUM,
-                    gso_type: if l.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+                    gso_type: match (l.proto, l.v6) {
+                        (PROTO_UDP, _) => GSO_UDP_L4,
+                        (_, true) => GSO_TCPV6,
+                        (_, false) => GSO_TCPV4,
+                    },
                     hdr_len: l.hdr_len as u16,
                     gso_size: g.gso_size as u16,
                     csum_start: l.ip_len as u16,
-                    csum_offset: 16,
+                    csum_offset: (l.csum_at() - l.ip_len) as u16,
                 },
             }
             .encode();
@@ -205,7 +225,8 @@ const MAX_MEMBERS: usize = crate::dataplane::BATCH - 1;
 const MAX_IOV: usize = 2 + MAX_MEMBERS;
 
 /// Whether `p` belongs to the flow of `head` (both with the headers `l`): every IP and TCP field
-/// but lengths, IPv4 id, checksums, sequence number and flags is equal.
+/// but lengths, IPv4 id, checksums, sequence number and flags is equal (for UDP: the IP fields
+/// and the ports).
 fn same_flow(head: &[u8], p: &[u8], l: &Layout) -> bool {
     let t = l.ip_len;
     let ip_same = if l.v6 {
@@ -215,15 +236,18 @@ fn same_flow(head: &[u8], p: &[u8], l: &Layout) -> bool {
         // version/IHL, TOS; DF/fragment; TTL, protocol; addresses
         head[0..2] == p[0..2] && head[6..10] == p[6..10] && head[12..20] == p[12..20]
     };
-    ip_same
-        && head[t..t + 4] == p[t..t + 4] // ports
-        && head[t + 8..t + 13] == p[t + 8..t + 13] // ACK number, data offset
+    if !ip_same || head[t..t + 4] != p[t..t + 4] {
+        return false; // other addresses, IP fields or ports
+    }
+    l.proto == PROTO_UDP
+        || head[t + 8..t + 13] == p[t + 8..t + 13] // ACK number, data offset
         && head[t + 14..t + 16] == p[t + 14..t + 16] // window
         && head[t + 20..l.hdr_len] == p[t + 20..l.hdr_len] // options
 }
 
-/// Turn the first segment's headers into the super-packet's: lengths, IPv4 header checksum,
-/// PSH of the last segment, and the pseudo-header sum in the TCP checksum (`NEEDS_CSUM`).
+/// Turn the first segment's headers into the super-packet's: lengths (with UDP's own), IPv4
+/// header checksum, PSH of the last segment, and the pseudo-header sum in the transport
+/// checksum (`NEEDS_CSUM`).
 fn rewrite_head(head: &mut [u8], l: &Layout, payload: usize, psh: bool) {
     let total = l.hdr_len + payload;
     if l.v6 {
@@ -233,11 +257,14 @@ fn rewrite_head(head: &mut [u8], l: &Layout, payload: usize, psh: bool) {
         checksum::set_ipv4_header(head, l.ip_len);
     }
     let t = l.ip_len;
-    if psh {
+    if l.proto == PROTO_UDP {
+        head[t + 4..t + 6].copy_from_slice(&((total - t) as u16).to_be_bytes());
+    } else if psh {
         head[t + 13] |= TCP_PSH;
     }
-    let pseudo = checksum::fold(checksum::pseudo_header(head, l.v6, PROTO_TCP, total - t));
-    head[t + 16..t + 18].copy_from_slice(&pseudo.to_be_bytes());
+    let pseudo = checksum::fold(checksum::pseudo_header(head, l.v6, l.proto, total - t));
+    let at = l.csum_at();
+    head[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
 }
 
 /// The bytes one `writev` of `iov` puts on the TUN device (for tests and fuzzing).
@@ -261,7 +288,7 @@ mod tests {
     /// Lay `packets` out in one buffer (slots of 2,000 bytes), push them all, flush.
     fn coalesce(packets: &[Vec<u8>]) -> Vec<(VnetHeader, Vec<u8>)> {
         let mut buf = vec![0u8; packets.len() * 2000];
-        let mut c = Coalescer::new(64);
+        let mut c = Coalescer::new(64, true);
         for (i, p) in packets.iter().enumerate() {
             buf[i * 2000..i * 2000 + p.len()].copy_from_slice(p);
         }
@@ -395,6 +422,116 @@ mod tests {
             };
             assert_eq!(&got, want, "{name}");
         }
+    }
+
+    /// A UDP datagram of `len` payload bytes from port `sport`.
+    fn udp_packet(v6: bool, sport: u16, len: usize, salt: u8) -> Vec<u8> {
+        let mut p = tcp_packet(v6, 0, 0, 0, 0, &[]);
+        let t = if v6 { 40 } else { 20 };
+        p.truncate(t + 8);
+        if v6 {
+            p[6] = PROTO_UDP;
+        } else {
+            p[9] = PROTO_UDP;
+        }
+        p.extend_from_slice(&payload(len, salt));
+        let total = p.len();
+        if v6 {
+            p[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+        } else {
+            p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            checksum::set_ipv4_header(&mut p, 20);
+        }
+        p[t..t + 2].copy_from_slice(&sport.to_be_bytes());
+        p[t + 4..t + 6].copy_from_slice(&((total - t) as u16).to_be_bytes());
+        p[t + 6..t + 8].fill(0);
+        let mut c = checksum::checksum(&p[t..], checksum::pseudo_header(&p, v6, PROTO_UDP, total - t));
+        if c == 0 {
+            c = 0xffff;
+        }
+        p[t + 6..t + 8].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn udp_datagrams_of_one_flow_coalesce_by_size_and_split_back() {
+        for v6 in [false, true] {
+            let flow = |sizes: &[usize]| -> Vec<Vec<u8>> {
+                sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| udp_packet(v6, 9000, n, i as u8))
+                    .collect()
+            };
+            let mut other_port = flow(&[64, 64, 64]);
+            other_port[1] = udp_packet(v6, 9001, 64, 1);
+            type Case<'a> = (&'a str, Vec<Vec<u8>>, &'a [usize]);
+            let cases: &[Case] = &[
+                ("equal sizes", flow(&[64; 10]), &[10]),
+                ("a shorter last", flow(&[500, 500, 100]), &[3]),
+                ("a shorter one ends the group", flow(&[500, 100, 500]), &[2, 1]),
+                ("another port in between", other_port, &[2, 1]),
+            ];
+            for (name, input, want) in cases {
+                let out = coalesce(input);
+                let got: Vec<usize> = out
+                    .iter()
+                    .map(|(h, p)| {
+                        if h.gso_type == GSO_NONE {
+                            return 1;
+                        }
+                        assert_eq!(h.gso_type, GSO_UDP_L4, "{name}");
+                        let mut p = p.clone();
+                        Segments::new(*h, &mut p, 1500)
+                            .expect("a valid USO super-packet")
+                            .count()
+                    })
+                    .collect();
+                assert_eq!(&got, want, "{name} (v6={v6})");
+            }
+            // Split back, the datagrams are the ones that went in (IPv4 ids and header
+            // checksums aside).
+            let input = flow(&[700, 700, 700, 300]);
+            let out = coalesce(&input);
+            let (h, mut p) = out[0].clone();
+            let s = Segments::new(h, &mut p, 1500).unwrap();
+            assert_eq!(s.count(), input.len());
+            for (i, want) in input.iter().enumerate() {
+                let mut seg = vec![0u8; 1500];
+                let n = s.write(i, &mut seg);
+                let strip = |b: &[u8]| {
+                    if v6 {
+                        b.to_vec()
+                    } else {
+                        [&b[..4], &b[6..10], &b[12..]].concat()
+                    }
+                };
+                assert_eq!(strip(&seg[..n]), strip(want), "datagram {i} (v6={v6})");
+            }
+        }
+    }
+
+    #[test]
+    fn udp_is_not_merged_without_uso() {
+        let input: Vec<Vec<u8>> = (0..4).map(|i| udp_packet(false, 9000, 64, i)).collect();
+        let mut buf = vec![0u8; 4 * 2000];
+        let mut c = Coalescer::new(64, false);
+        for (i, p) in input.iter().enumerate() {
+            buf[i * 2000..i * 2000 + p.len()].copy_from_slice(p);
+            c.push(
+                &buf,
+                Span {
+                    start: i * 2000,
+                    len: p.len(),
+                },
+            );
+        }
+        let mut writes = 0;
+        c.flush(&mut buf, |iov| {
+            assert_eq!(concat(iov).0, VnetHeader::default());
+            writes += 1;
+        });
+        assert_eq!(writes, 4);
     }
 
     #[test]
