@@ -82,14 +82,13 @@ impl Worker {
     ) -> Self {
         let slot = sealed_len(dev.mtu) + 64;
         let mut tx = Batch::new(BATCH, slot);
-        let rx = if udp_offload && mmsg::enable_gro(udp.as_fd()) {
+        if udp_offload {
             tx.enable_gso();
+        }
+        let rx = if udp_offload && mmsg::enable_gro(udp.as_fd()) {
             // A coalesced buffer can hold up to 64 KiB: fewer, larger slots.
             Batch::new(GRO_BUFFERS, crate::offload::MAX_SUPER_PACKET)
         } else {
-            if udp_offload {
-                tx.enable_gso();
-            }
             Batch::new(BATCH, slot)
         };
         let offloads = dev.offloads;
