@@ -82,11 +82,6 @@ impl Batch {
         self.gso = true;
     }
 
-    /// Whether sends still use GSO (false after a refusal).
-    pub fn gso(&self) -> bool {
-        self.gso
-    }
-
     /// The GRO segment size of received slot `i`: every datagram in it is this long but the
     /// last; 0 when the slot holds one datagram.
     pub fn segment_size(&self, i: usize) -> usize {
