@@ -26,8 +26,9 @@ fn cpu_seconds(pid: u32) -> f64 {
     (field(11) + field(12)) / ticks
 }
 
-/// One iperf3 run from `client_ns` to `server_ns`'s `dst`; bits per second received.
-fn iperf(lab: &Lab, server_ns: &str, client_ns: &str, dst: &str, extra: &str) -> f64 {
+/// One iperf3 run from `client_ns` to `server_ns`'s `dst`: its JSON report (null if the client
+/// failed: a benchmark reports what it got).
+fn iperf3(lab: &Lab, server_ns: &str, client_ns: &str, dst: &str, extra: &str) -> Value {
     let mut server = lab
         .sh_cmd(server_ns, "iperf3 -s -1")
         .stdout(Stdio::null())
@@ -35,10 +36,21 @@ fn iperf(lab: &Lab, server_ns: &str, client_ns: &str, dst: &str, extra: &str) ->
         .spawn()
         .expect("iperf3");
     thread::sleep(Duration::from_millis(300));
-    let out = lab.sh(client_ns, &format!("iperf3 -c {dst} -t {SECONDS} -J {extra}"));
+    let out = lab
+        .sh_cmd(client_ns, &format!("iperf3 -c {dst} -t {SECONDS} -J {extra}"))
+        .output();
+    let _ = server.kill();
     let _ = server.wait();
-    let v: Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0)
+    out.ok()
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// One iperf3 run from `client_ns` to `server_ns`'s `dst`; bits per second received.
+fn iperf(lab: &Lab, server_ns: &str, client_ns: &str, dst: &str, extra: &str) -> f64 {
+    iperf3(lab, server_ns, client_ns, dst, extra)["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
 }
 
 /// Run `ping ARGS DST` in `ns`: (average RTT in ms, loss in %).

@@ -23,7 +23,7 @@ use std::{
 use serde_json::{Value, json};
 use tunnelmesh_tests::{Lab, NodeOptions, host};
 
-use super::{SECONDS, cpu_seconds, ping_stats, write_json};
+use super::{SECONDS, cpu_seconds, iperf3, ping_stats, write_json};
 
 const ROUNDS: usize = 3;
 /// boringtun-cli from crates.io, installed by the bench itself.
@@ -248,25 +248,6 @@ fn install_tools() -> Tools {
         wireguard_go: "/usr/bin/wireguard-go".into(),
         boringtun,
     }
-}
-
-/// iperf3 from `client` to `server` (`dst`): the parsed JSON report.
-fn iperf3(lab: &Lab, server: &str, client: &str, dst: &str, extra: &str) -> Value {
-    let mut s = lab
-        .sh_cmd(server, "iperf3 -s -1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3");
-    thread::sleep(Duration::from_millis(300));
-    let out = lab
-        .sh_cmd(client, &format!("iperf3 -c {dst} -t {SECONDS} -J {extra}"))
-        .output();
-    let _ = s.kill();
-    let _ = s.wait();
-    out.ok()
-        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
-        .unwrap_or(Value::Null)
 }
 
 /// Measure one system once.
