@@ -387,18 +387,28 @@ mod tests {
         KernelAcl::load(&cases::web_policy()).expect("the ACL must load (run as root on a BPF-capable kernel)")
     }
 
-    /// A super-packet (the daemon's GRO writes, the kernel's TSO) counts as its segments.
-    #[test]
-    fn super_packets_count_as_their_segments() {
-        let mut acl = web_acl();
-        let https = cases::packet(
+    /// laptop → web tcp/443 (allowed by the web policy).
+    fn https_from_laptop() -> Vec<u8> {
+        cases::packet(
             cases::LAPTOP,
             cases::WEB,
             true,
             cases::L4::Tcp(1, 443),
             cases::Frag::None,
-        );
-        let opened = cases::packet(cases::WEB, cases::DB, false, cases::L4::Udp(7, 53), cases::Frag::None);
+        )
+    }
+
+    /// web → db udp/53 (a flow web opens).
+    fn dns_from_web() -> Vec<u8> {
+        cases::packet(cases::WEB, cases::DB, false, cases::L4::Udp(7, 53), cases::Frag::None)
+    }
+
+    /// A super-packet (the daemon's GRO writes, the kernel's TSO) counts as its segments.
+    #[test]
+    fn super_packets_count_as_their_segments() {
+        let mut acl = web_acl();
+        let https = https_from_laptop();
+        let opened = dns_from_web();
         let before = counts(&acl);
         let hits_before: u64 = acl.rule_hits().unwrap().iter().map(|h| h.1).sum();
         assert_eq!(run_segments(&mut acl, ACL_INGRESS_PROGRAM, &https, 5), TC_ACT_OK);
@@ -434,14 +444,8 @@ mod tests {
             cases::L4::Tcp(1, 22),
             cases::Frag::None,
         );
-        let https = cases::packet(
-            cases::LAPTOP,
-            cases::WEB,
-            true,
-            cases::L4::Tcp(1, 443),
-            cases::Frag::None,
-        );
-        let opened = cases::packet(cases::WEB, cases::DB, false, cases::L4::Udp(7, 53), cases::Frag::None);
+        let https = https_from_laptop();
+        let opened = dns_from_web();
         let answer = cases::packet(cases::DB, cases::WEB, false, cases::L4::Udp(53, 7), cases::Frag::None);
         run(&mut acl, ACL_EGRESS_PROGRAM, &opened);
         assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &ssh_from_laptop), TC_ACT_SHOT);
