@@ -115,8 +115,8 @@ mod coordinator {
 
     use serde_json::json;
     use tunnelmesh_daemon::{
-        control::{Client, JoinOptions, next_text},
         identity::Identity,
+        node::control::{Client, JoinOptions, next_text},
     };
 
     const PEERS: usize = 10_000;
@@ -150,8 +150,8 @@ mod coordinator {
             no_ebpf: true,
             no_offload: false,
             ssh_port: 0,
-            port_mapping: tunnelmesh_daemon::portmap::Mode::Off,
-            port_mapping_lifetime: tunnelmesh_daemon::portmap::DEFAULT_LIFETIME,
+            port_mapping: tunnelmesh_daemon::nat::portmap::Mode::Off,
+            port_mapping_lifetime: tunnelmesh_daemon::nat::portmap::DEFAULT_LIFETIME,
         };
         Client::new(&opts, identity).expect("client")
     }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use chacha20poly1305::{AeadInPlace, ChaCha20Poly1305, KeyInit};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use serde_json::json;
-use tunnelmesh_daemon::{noise::SessionKeys, session::Keypair};
+use tunnelmesh_daemon::{protocol::noise::SessionKeys, protocol::session::Keypair};
 use zeroize::Zeroizing;
 
 use super::write_json;

@@ -6,14 +6,15 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    control, coordinator, daemon,
+    coordinator,
     identity::{DEFAULT_IDENTITY, Identity},
-    status,
+    node::control,
+    node::status,
 };
 
 fn up(args: UpArgs) -> Result<()> {
     if let Some(config) = &args.config {
-        return daemon::up_static(config, args.identity.as_deref());
+        return crate::node::interface::up_static(config, args.identity.as_deref());
     }
     let (Some(url), Some(fingerprint)) = (args.coordinator, args.fingerprint) else {
         bail!("give --config FILE, or --coordinator URL with --fingerprint SHA256:…");
@@ -129,7 +130,7 @@ enum Command {
         coordinator: String,
         /// UDP port of the coordinator's first STUN target; the second is the next port (as the
         /// coordinator's `--stun-port` sets them).
-        #[arg(long, default_value_t = crate::stun::DEFAULT_PORT)]
+        #[arg(long, default_value_t = crate::protocol::stun::DEFAULT_PORT)]
         stun_port: u16,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -178,16 +179,16 @@ struct UpArgs {
     #[arg(long, default_value = "tunnelmesh0")]
     interface: String,
     /// UDP port for tunnel traffic.
-    #[arg(long, default_value_t = crate::config::DEFAULT_PORT)]
+    #[arg(long, default_value_t = crate::node::config::DEFAULT_PORT)]
     listen_port: u16,
     /// MTU of the mesh interface.
-    #[arg(long, default_value_t = crate::config::DEFAULT_MTU, value_parser = clap::value_parser!(u16).range(1280..=65000))]
+    #[arg(long, default_value_t = crate::node::config::DEFAULT_MTU, value_parser = clap::value_parser!(u16).range(1280..=65000))]
     mtu: u16,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
     /// Where the last coordinator state is cached.
-    #[arg(long, default_value = crate::control::DEFAULT_STATE_DIR)]
+    #[arg(long, default_value = crate::node::control::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// Do not load the eBPF fast path.
     #[arg(long)]
@@ -203,9 +204,9 @@ struct UpArgs {
     /// then UPnP-IGD), pcp, nat-pmp, upnp, or off. The mapping is renewed at half its lifetime
     /// and removed on exit.
     #[arg(long, default_value = "auto")]
-    port_mapping: crate::portmap::Mode,
+    port_mapping: crate::nat::portmap::Mode,
     /// Lifetime to ask for a port mapping, in seconds.
-    #[arg(long, default_value_t = crate::portmap::DEFAULT_LIFETIME.as_secs(), value_parser = clap::value_parser!(u64).range(2..=86400))]
+    #[arg(long, default_value_t = crate::nat::portmap::DEFAULT_LIFETIME.as_secs(), value_parser = clap::value_parser!(u64).range(2..=86400))]
     port_mapping_lifetime: u64,
     /// OpenSSH ed25519 private key (default: the config's identity, else /etc/ssh/ssh_host_ed25519_key).
     #[arg(long)]
@@ -249,7 +250,7 @@ struct CoordinatorArgs {
     #[arg(long)]
     relay_dump: Option<PathBuf>,
     /// UDP port of the first STUN target; the second is the next port (0: no STUN).
-    #[arg(long, default_value_t = crate::stun::DEFAULT_PORT)]
+    #[arg(long, default_value_t = crate::protocol::stun::DEFAULT_PORT)]
     stun_port: u16,
 }
 
@@ -334,7 +335,7 @@ pub fn run(cli: Cli) -> Result<()> {
             stun_port,
             json,
         } => {
-            let report = crate::netcheck::run(crate::netcheck::targets(&coordinator, stun_port)?)?;
+            let report = crate::nat::netcheck::run(crate::nat::netcheck::targets(&coordinator, stun_port)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

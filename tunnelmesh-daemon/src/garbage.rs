@@ -7,11 +7,11 @@ use curve25519_dalek::MontgomeryPoint;
 use zeroize::Zeroizing;
 
 use crate::{
-    noise::{CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, Tai64n, consume_initiation},
     policy::PacketInfo,
-    routing::inner_addrs,
-    session::Keypair,
-    wire,
+    protocol::noise::{CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, Tai64n, consume_initiation},
+    protocol::routing::inner_addrs,
+    protocol::session::Keypair,
+    protocol::wire,
 };
 
 struct XorShift(u64);
@@ -45,7 +45,7 @@ fn random_and_mutated_datagrams_never_panic_any_parser() {
     let psk = Zeroizing::new([3u8; 32]);
     let mut checker = CookieChecker::new(&us.public, now);
     let mut jar = CookieJar::new(&us.public);
-    let keys = crate::noise::SessionKeys {
+    let keys = crate::protocol::noise::SessionKeys {
         send: Zeroizing::new([4; 32]),
         recv: Zeroizing::new([5; 32]),
         local_index: 1,
@@ -92,7 +92,7 @@ fn random_and_mutated_datagrams_never_panic_any_parser() {
                 let _ = keypair.open(&mut msg, now);
             }
             Ok(wire::Kind::Stun) => {
-                let _ = crate::stun::parse_binding_response(&msg, &[0; 12]);
+                let _ = crate::protocol::stun::parse_binding_response(&msg, &[0; 12]);
             }
             Err(_) => {}
         }

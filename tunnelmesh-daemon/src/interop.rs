@@ -13,11 +13,11 @@ use rand::RngCore;
 use zeroize::Zeroizing;
 
 use crate::{
-    noise::{
+    protocol::noise::{
         CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, MacVerdict, MeshKey, Tai64n, consume_initiation,
     },
-    session::Keypair,
-    wire,
+    protocol::session::Keypair,
+    protocol::wire,
 };
 
 struct Pair {

@@ -1,35 +1,44 @@
 //! TunnelMesh: the daemon, coordinator and CLI behind the one `tunnelmesh` binary.
 //!
-//! Module map (one concern each): `identity` (SSH key → Noise key), `wire` (message layouts),
-//! `noise` (handshake, cookies), `session` (keys, replay window, timers), `routing` (cryptokey
-//! routing), `device` (shared interface state and the handshake thread), `dataplane` (worker
-//! threads), `sys` (the only `unsafe`: syscalls and ioctls), `fastpath` (eBPF), `netconf`
-//! (addresses and routes), `coordinator` (the control plane server), `control` (its client in
-//! the peer), `config`, `status`, `daemon` (`up`), `cli`.
+//! Rooms, from the bottom up (the module graph has no cycles; `cargo xtask modules` checks it):
+//!
+//! - `protocol` — the pure core, no I/O and no `unsafe`: `wire`, `noise`, `session`, `routing`,
+//!   `stun`, `discovery`, `path`, `punch`, `probe`.
+//! - `policy` — the policy file, its compiler and the userspace matcher (no I/O).
+//! - `offload` — TUN offload segmentation and coalescing (no I/O).
+//! - `sync` — the one lock helper.
+//! - `device` — the shared state of a running interface that workers and the slow path read.
+//! - `slowpath` — the sans-I/O slow path (handshakes, timers, index table, paths, ping,
+//!   discovery, punching) and the thread that does its I/O.
+//! - `dataplane` — the worker threads (I/O: TUN queues, UDP sockets).
+//! - `fastpath` — the eBPF loaders (I/O: bpf(2)).
+//! - `nat` — host addresses, gateway, netcheck, port mapping (I/O).
+//! - `paths` — the SSH transport (I/O).
+//! - `identity` (key files), `netconf` (iproute2) — I/O.
+//! - `node` — assembling and running an interface, the coordinator client, config, status.
+//! - `coordinator` — the control-plane server.
+//! - `cli` — arguments, dispatch, output.
+//! - `sys` — the only place with `unsafe`: syscalls and ioctls, each block with a `SAFETY` line.
+
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
-pub mod config;
-pub mod control;
 pub mod coordinator;
-pub mod daemon;
 pub mod dataplane;
 pub mod device;
 pub mod fastpath;
 pub mod identity;
 pub mod nat;
-pub mod netcheck;
 pub mod netconf;
-pub mod noise;
+pub mod node;
 pub mod offload;
+pub mod paths;
 pub mod policy;
-pub mod portmap;
-pub mod routing;
-pub mod session;
-pub mod ssh;
-pub mod status;
-pub mod stun;
+pub mod protocol;
+pub mod slowpath;
+pub mod sync;
 pub mod sys;
-pub mod wire;
 
 #[cfg(test)]
 mod garbage;

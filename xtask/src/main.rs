@@ -6,6 +6,8 @@
 //! packages the tests use. Every other task calls it first. This crate has no dependencies so it
 //! builds with any stable toolchain.
 
+mod modgraph;
+
 use std::{
     env, fs,
     io::{BufRead, BufReader},
@@ -44,6 +46,8 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
         Some("build-ebpf") => setup().and_then(|_| build_ebpf()),
+        Some("modules") if args.len() > 1 => args[1..].iter().try_for_each(|src| modgraph::check(Path::new(src))),
+        Some("modules") => check_modules(),
         Some("test") => setup().and_then(|_| build_ebpf()).and_then(|_| test(&args[1..])),
         Some("demo") => setup()
             .and_then(|_| build_ebpf())
@@ -53,7 +57,7 @@ fn main() -> ExitCode {
             .and_then(|_| lab_binary("tunnelmesh-bench", &args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  setup        install pinned toolchains, bpf-linker and test packages (idempotent)\n  build-ebpf   build the kernel programs into target/bpf/tunnelmesh.bpf.o\n  test         run every test (fmt, clippy, unit, interop, BPF and network-namespace tests)\n  demo         two peers in network namespaces: ping and a TCP transfer through the tunnel\n  bench [tunnel|crypto|coordinator|shield|paths]\n               tunnel: against raw veth, wireguard-go, boringtun-cli; crypto: AEAD candidates;\n               coordinator: 10,000 peers;\n               shield: a junk flood with and without the XDP shield; paths: UDP vs SSH vs relay\n               (tables + JSON)"
+                "usage: cargo xtask <task>\n\n  setup        install pinned toolchains, bpf-linker and test packages (idempotent)\n  build-ebpf   build the kernel programs into target/bpf/tunnelmesh.bpf.o\n  modules [SRC_DIR...]\n               check that the module graphs have no cycles (part of test)\n  test         run every test (fmt, clippy, unit, interop, BPF and network-namespace tests)\n  demo         two peers in network namespaces: ping and a TCP transfer through the tunnel\n  bench [tunnel|crypto|coordinator|shield|paths]\n               tunnel: against raw veth, wireguard-go, boringtun-cli; crypto: AEAD candidates;\n               coordinator: 10,000 peers;\n               shield: a junk flood with and without the XDP shield; paths: UDP vs SSH vs relay\n               (tables + JSON)"
             );
             return ExitCode::from(2);
         }
@@ -292,6 +296,14 @@ fn build_ebpf() -> Result {
 
 // ---------------------------------------------------------------------------------------- test
 
+/// No module cycles in the daemon and the common crate.
+fn check_modules() -> Result {
+    for krate in ["tunnelmesh-daemon", "tunnelmesh-common"] {
+        modgraph::check(&root().join(krate).join("src"))?;
+    }
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result {
     run(cargo(STABLE).args(["fmt", "--all", "--", "--check"]))?;
     // The kernel programs and xtask are workspaces of their own: check them with the same rustfmt.
@@ -303,6 +315,11 @@ fn test(extra: &[String]) -> Result {
             .env("RUSTUP_AUTO_INSTALL", "0");
         run(&mut rustfmt)?;
     }
+    // Dependencies point one way: no module cycles (the checker's own tests first).
+    run(cargo(STABLE)
+        .args(["test", "--quiet", "--manifest-path"])
+        .arg(root().join("xtask/Cargo.toml")))?;
+    check_modules()?;
     run(cargo(STABLE).args([
         "clippy",
         "--workspace",

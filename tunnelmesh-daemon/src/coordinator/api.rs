@@ -58,7 +58,7 @@ pub fn router(state: ApiState) -> Router {
 }
 
 async fn info(State(state): State<ApiState>) -> impl IntoResponse {
-    let hub = state.hub.lock().unwrap_or_else(|p| p.into_inner());
+    let hub = crate::sync::lock(&state.hub);
     Json(json!({
         "tls_fingerprint": state.tls_fingerprint,
         "coordinator_key": hub.coordinator_key,
@@ -84,12 +84,7 @@ fn text(msg: &ServerMsg) -> Message {
 async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
     let mut nonce = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut nonce);
-    let coordinator = state
-        .hub
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .coordinator_key
-        .clone();
+    let coordinator = crate::sync::lock(&state.hub).coordinator_key.clone();
     if socket
         .send(text(&ServerMsg::Challenge {
             nonce: BASE64.encode(nonce),
@@ -115,7 +110,7 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
         _ => None,
     };
     let admitted = hello.and_then(|h| {
-        let mut hub = state.hub.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hub = crate::sync::lock(&state.hub);
         hub.admit(h, &nonce, remote.ip()).map_err(|e| e.to_string())
     });
     let super::hub::Admitted {
@@ -168,7 +163,7 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
                         let outcome = serde_json::from_str::<ClientMsg>(&t)
                             .map_err(|e| format!("unreadable message: {e}"))
                             .and_then(|msg| {
-                                let mut hub = state.hub.lock().unwrap_or_else(|p| p.into_inner());
+                                let mut hub = crate::sync::lock(&state.hub);
                                 hub.on_message(&fingerprint, msg)
                             });
                         if let Err(e) = outcome {
@@ -196,11 +191,7 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
     }
     state.relay.unregister(&relay_key, id);
     let _ = socket.close().await;
-    state
-        .hub
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .disconnect(&fingerprint, id);
+    crate::sync::lock(&state.hub).disconnect(&fingerprint, id);
     debug!(%remote, %fingerprint, "peer disconnected");
 }
 

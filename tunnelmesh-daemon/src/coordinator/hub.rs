@@ -24,8 +24,8 @@ use super::{
 };
 use crate::{
     identity::{PublicIdentity, verify_signature},
-    nat::NatKind,
     policy::{Member, NodePolicy, PolicyFile, compile_for},
+    protocol::discovery::NatKind,
 };
 use ipnet::IpNet;
 
@@ -617,20 +617,20 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
 }
 
 /// Base64 of a new random mesh key.
-/// UDP endpoints a node reported: at most [`crate::nat::MAX_CANDIDATES`], each `ip:port`.
+/// UDP endpoints a node reported: at most [`crate::protocol::discovery::MAX_CANDIDATES`], each `ip:port`.
 fn parse_endpoints(endpoints: &[String]) -> Result<Vec<SocketAddr>, String> {
-    if endpoints.len() > crate::nat::MAX_CANDIDATES {
+    if endpoints.len() > crate::protocol::discovery::MAX_CANDIDATES {
         return Err(format!(
             "{} endpoints reported; at most {} are accepted",
             endpoints.len(),
-            crate::nat::MAX_CANDIDATES
+            crate::protocol::discovery::MAX_CANDIDATES
         ));
     }
     endpoints
         .iter()
         .map(|e| {
             e.parse::<SocketAddr>()
-                .map(crate::stun::canonical)
+                .map(crate::protocol::stun::canonical)
                 .map_err(|_| format!("endpoint {e:?} is not ip:port"))
         })
         .collect()

@@ -207,7 +207,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
                     .with_context(|| {
                         format!("cannot listen for STUN on UDP port {port}; choose another --stun-port (0: none)")
                     })?;
-                tokio::spawn(crate::stun::serve(socket));
+                tokio::spawn(crate::protocol::stun::serve(socket));
             }
             info!(ports = ?[opts.stun_port, opts.stun_port.wrapping_add(1)], "STUN targets up");
         }
@@ -288,7 +288,7 @@ async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>, policy: Option
             && file.due(forced)
         {
             match load_authorized(&file.path) {
-                Ok(keys) => hub.lock().unwrap_or_else(|p| p.into_inner()).set_authorized(keys),
+                Ok(keys) => crate::sync::lock(&hub).set_authorized(keys),
                 Err(e) => warn!("keeping the previous authorized keys: {e:#}"),
             }
         }
@@ -296,11 +296,11 @@ async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>, policy: Option
             && file.due(forced)
         {
             match load_policy(&file.path) {
-                Ok(p) => hub.lock().unwrap_or_else(|p| p.into_inner()).set_policy(p),
+                Ok(p) => crate::sync::lock(&hub).set_policy(p),
                 Err(e) => warn!("keeping the policy in force: {e:#}"),
             }
         }
-        if let Err(e) = hub.lock().unwrap_or_else(|p| p.into_inner()).reconcile() {
+        if let Err(e) = crate::sync::lock(&hub).reconcile() {
             warn!("reconciling with the store failed: {e}");
         }
     }
@@ -409,7 +409,7 @@ pub fn rotate_mesh_key(data_dir: &Path) -> Result<()> {
 /// node DST, or that default deny applies.
 pub fn explain(data_dir: &Path, policy_path: &Path, src: &str, dst: &str, spec: &str) -> Result<()> {
     use crate::policy::{
-        Conntrack, Member, PacketInfo, Proto, Verdict, compile::parse_ports, compile_for, inbound_verdict,
+        Conntrack, Member, PacketInfo, Proto, Verdict, compile_for, inbound_verdict, ports::parse_ports,
     };
     let store = open_existing_store(data_dir)?;
     let policy = load_policy(policy_path)?;

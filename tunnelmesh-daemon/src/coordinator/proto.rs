@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{nat::NatKind, policy::NodePolicy};
+use crate::{policy::NodePolicy, protocol::discovery::NatKind};
 
 /// SSHSIG namespace of join signatures.
 pub const JOIN_NAMESPACE: &str = "tunnelmesh-join@v1";

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::wire;
+use crate::protocol::wire;
 
 /// Frames queued per destination before new ones are dropped.
 pub const QUEUE: usize = 1024;
@@ -98,16 +98,13 @@ impl Relay {
     /// on the returned receiver. A newer connection of the same peer replaces an older one.
     pub fn register(&self, key: [u8; 32], session: u64) -> mpsc::Receiver<Bytes> {
         let (tx, rx) = mpsc::channel(QUEUE);
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, (session, tx));
+        crate::sync::lock(&self.routes).insert(key, (session, tx));
         rx
     }
 
     /// Forget the connection, unless a newer one of the same peer took its place.
     pub fn unregister(&self, key: &[u8; 32], session: u64) {
-        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routes = crate::sync::lock(&self.routes);
         if routes.get(key).is_some_and(|(s, _)| *s == session) {
             routes.remove(key);
         }
@@ -128,12 +125,7 @@ impl Relay {
             c.dropped_rate_limited.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let target = self
-            .routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(dst)
-            .map(|(_, tx)| tx.clone());
+        let target = crate::sync::lock(&self.routes).get(dst).map(|(_, tx)| tx.clone());
         let Some(tx) = target else {
             c.dropped_no_destination.fetch_add(1, Ordering::Relaxed);
             return;
@@ -146,7 +138,7 @@ impl Relay {
                 c.frames.fetch_add(1, Ordering::Relaxed);
                 c.bytes.fetch_add(msg.len() as u64, Ordering::Relaxed);
                 if let Some(dump) = &self.dump {
-                    let _ = std::io::Write::write_all(&mut *dump.lock().unwrap_or_else(|p| p.into_inner()), msg);
+                    let _ = std::io::Write::write_all(&mut *crate::sync::lock(dump), msg);
                 }
             }
             Err(_) => {

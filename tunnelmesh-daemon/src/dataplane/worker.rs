@@ -22,22 +22,23 @@ use tracing::{debug, error, warn};
 
 use super::BATCH;
 use crate::{
-    device::{
-        ActivityStamps, Counters, Device, Event, INBOX_HEADER, IndexEntry, KeySet, PathKind, PeerTable, Via, probe,
-    },
+    device::{ActivityStamps, Counters, Device, Event, INBOX_HEADER, IndexEntry, KeySet, PathKind, PeerTable, Via},
     offload::{
         VNET_HDR_LEN, VnetHeader,
         coalesce::{Coalescer, Span},
         split::Segments,
     },
-    routing::inner_addrs,
-    session::{DecryptError, sealed_len},
+    protocol::wire::{self, Kind},
+    protocol::{
+        probe,
+        routing::inner_addrs,
+        session::{DecryptError, sealed_len},
+    },
     sys::{
         mmsg::{self, Batch},
         poll,
         tun::{self, Offloads},
     },
-    wire::{self, Kind},
 };
 
 /// How long a worker sleeps in `poll` before rechecking the shutdown flag.

@@ -3,13 +3,11 @@
 //!
 //! Two kinds of thread touch it. Data-plane workers read it on every packet without locks
 //! (`ArcSwap` snapshots, atomics) and only write atomics, plus the rare endpoint change on
-//! roaming and the promotion of a confirmed responder key. The handshake thread
-//! ([`handshaker`]) owns everything else: handshake state, timers, cookies, and it is the only
-//! writer of keys and of the index table. Workers reach it through a bounded channel of
+//! roaming and the promotion of a confirmed responder key. The slow path
+//! ([`crate::slowpath`]) owns everything else: handshake state, timers, cookies, and it is the
+//! only writer of keys and of the index table. Workers reach it through a bounded channel of
 //! [`Event`]s.
 
-pub mod handshaker;
-pub mod path;
 pub mod policy;
 
 use std::{
@@ -27,14 +25,16 @@ use ipnet::IpNet;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-pub use path::PathKind;
-
+pub use crate::protocol::path::PathKind;
 use crate::{
-    coordinator::proto::ClientMsg,
     identity::PublicIdentity,
-    nat::{Candidates, NatKind},
-    routing::AllowedIps,
-    session::{Activity, Keypair},
+    protocol::{
+        discovery::{Candidates, NatKind},
+        path::PathReport,
+        routing::AllowedIps,
+        session::{Activity, Keypair},
+    },
+    sync::lock,
 };
 
 /// Packets queued per peer while its handshake completes.
@@ -125,7 +125,7 @@ pub struct Peer {
     /// The path manager wants an SSH connection (UDP is not working).
     pub want_ssh: AtomicBool,
     /// The path manager's view, refreshed by the handshake thread for `tunnelmesh status`.
-    pub paths: ArcSwap<Vec<path::PathReport>>,
+    pub paths: ArcSwap<Vec<PathReport>>,
     /// Where the peer says it may be reached over UDP, and the NAT in front of it.
     pub remote: ArcSwap<RemoteCandidates>,
     /// Data-plane workers that opened data from this peer (bit `i`: worker `i`, up to 64).
@@ -179,6 +179,11 @@ impl Peer {
         PathKind::from_u8(self.path.load(Ordering::Relaxed))
     }
 
+    /// Take the packets that waited for a session.
+    pub fn take_staged(&self) -> Vec<Vec<u8>> {
+        lock(&self.staged).drain(..).collect()
+    }
+
     /// Take an endpoint from configuration or the coordinator, unless the peer has proven a
     /// different one recently (authenticated roaming wins over hearsay).
     pub fn suggest_endpoint(&self, endpoint: SocketAddr) {
@@ -191,7 +196,7 @@ impl Peer {
             .load()
             .current
             .as_ref()
-            .is_some_and(|k| k.created.elapsed() < crate::session::REJECT_AFTER_TIME);
+            .is_some_and(|k| k.created.elapsed() < crate::protocol::session::REJECT_AFTER_TIME);
         if current.is_none() || !heard_recently {
             self.endpoint.store(Some(Arc::new(endpoint)));
         }
@@ -320,6 +325,16 @@ pub enum Event {
     NetworkChanged,
 }
 
+/// What the slow path asks of the coordinator; the coordinator client turns it into a protocol
+/// message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CoordinatorRequest {
+    /// Publish this node's candidates (best first) and its NAT kind.
+    Candidates { endpoints: Vec<SocketAddr>, nat: NatKind },
+    /// Have both sides punch towards the peer with this fingerprint.
+    Punch { peer: String },
+}
+
 /// Where a message came from, or goes to: a UDP address, or a peer's SSH connection or relay
 /// channel (named by the peer's Noise key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -366,32 +381,6 @@ pub struct PingReport {
     pub current: Option<PathKind>,
     /// (path, where, round trip in ms or None if unanswered).
     pub paths: Vec<(PathKind, String, Option<f64>)>,
-}
-
-/// Wire format of a path probe: the plaintext of a data message. Its first byte is not an IP
-/// version, so no IP stack would take it for a packet.
-pub mod probe {
-    pub const LEN: usize = 12;
-    const MAGIC: [u8; 3] = [0x00, b'T', b'M'];
-    const REQUEST: u8 = 1;
-    const REPLY: u8 = 2;
-
-    pub fn encode(reply: bool, nonce: u64) -> [u8; LEN] {
-        let mut p = [0u8; LEN];
-        p[..3].copy_from_slice(&MAGIC);
-        p[3] = if reply { REPLY } else { REQUEST };
-        p[4..].copy_from_slice(&nonce.to_le_bytes());
-        p
-    }
-
-    /// (is a reply, nonce) of a probe plaintext (padded to 16 bytes by the sender's seal).
-    #[inline]
-    pub fn decode(plain: &[u8]) -> Option<(bool, u64)> {
-        if plain.len() < LEN || plain[..3] != MAGIC || !matches!(plain[3], REQUEST | REPLY) {
-            return None;
-        }
-        Some((plain[3] == REPLY, u64::from_le_bytes(plain[4..LEN].try_into().ok()?)))
-    }
 }
 
 /// Drop and error counters of the interface, as shown by `tunnelmesh status`.
@@ -479,20 +468,20 @@ pub struct Device {
     pub counters: Counters,
     pub clock: Clock,
     pub events: crossbeam_channel::Sender<Event>,
-    pub shutdown: AtomicBool,
+    pub shutdown: Arc<AtomicBool>,
     pub started: Instant,
     /// The relay channel through the coordinator, while connected: (peer's Noise key, message).
     pub relay_tx: ArcSwapOption<tokio::sync::mpsc::Sender<([u8; 32], Vec<u8>)>>,
-    /// Messages to the coordinator (candidates, punch requests), while connected.
-    pub coordinator_tx: ArcSwapOption<tokio::sync::mpsc::Sender<ClientMsg>>,
+    /// Requests for the coordinator (candidates, punches), while connected.
+    pub coordinator_tx: ArcSwapOption<tokio::sync::mpsc::Sender<CoordinatorRequest>>,
     /// The coordinator's two STUN targets.
     pub stun_targets: ArcSwapOption<[SocketAddr; 2]>,
     /// This node's candidates as last learned (for the coordinator and `status`).
     pub candidates: ArcSwap<Candidates>,
     /// The port mapping the gateway granted, while it holds.
-    pub port_mapping: ArcSwapOption<crate::portmap::Mapping>,
+    pub port_mapping: Arc<ArcSwapOption<crate::nat::portmap::Mapping>>,
     /// Bumped on every change of this machine's addresses or routes.
-    pub network_generation: AtomicU64,
+    pub network_generation: Arc<AtomicU64>,
     /// Messages received on SSH or relay paths go to the data plane through here.
     pub overlay_inbox: std::os::unix::net::UnixDatagram,
 }
@@ -558,7 +547,7 @@ impl Device {
 
     /// Queue a packet for `peer` until its handshake completes (slow path).
     pub fn stage(&self, peer: &Peer, packet: &[u8]) {
-        let mut staged = peer.staged.lock().unwrap_or_else(|p| p.into_inner());
+        let mut staged = lock(&peer.staged);
         if staged.len() >= MAX_STAGED {
             staged.pop_front();
             Counters::bump(&self.counters.tx_dropped);

@@ -110,7 +110,7 @@ impl PolicyEnforcer {
                     "policy enforced in the kernel (TC ACL)"
                 );
                 let enforcer = Self::userspace(Some(policy), None);
-                *enforcer.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(acl);
+                *crate::sync::lock(&enforcer.kernel) = Some(acl);
                 enforcer.in_kernel.store(true, Ordering::SeqCst);
                 enforcer
             }
@@ -123,13 +123,13 @@ impl PolicyEnforcer {
 
     /// Put a new policy in force.
     pub fn set(&self, policy: NodePolicy) {
-        let mut kernel = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kernel = crate::sync::lock(&self.kernel);
         let fallback = kernel.as_mut().and_then(|acl| acl.install(&policy).err());
         self.active.store(Some(Arc::new(ActivePolicy::new(policy))));
         if let Some(e) = fallback {
             warn!("cannot load the new policy into the kernel ({e}); the daemon enforces it from now on");
             self.in_kernel.store(false, Ordering::SeqCst);
-            *self.userspace_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            *crate::sync::lock(&self.userspace_reason) = Some(e.to_string());
             // Detach only now that userspace enforces the new policy.
             *kernel = None;
         }
@@ -160,7 +160,7 @@ impl PolicyEnforcer {
         let info = PacketInfo::parse(packet);
         let mut ct = match info.and_then(|i| i.reply_flow()) {
             Some(flow) => self.shard(&flow),
-            None => self.conntrack[0].lock().unwrap_or_else(|p| p.into_inner()),
+            None => crate::sync::lock(&self.conntrack[0]),
         };
         let verdict = decide(&active.rules, &mut ct, packet, now);
         drop(ct);
@@ -181,15 +181,13 @@ impl PolicyEnforcer {
     fn shard(&self, flow: &FlowKey) -> std::sync::MutexGuard<'_, Conntrack> {
         use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
         let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(flow);
-        self.conntrack[hash as usize % self.conntrack.len()]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.conntrack[hash as usize % self.conntrack.len()])
     }
 
     /// The status section (`None` in a static mesh).
     pub fn status(&self) -> Option<PolicyStatus> {
         let active = self.active.load_full()?;
-        let kernel = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        let kernel = crate::sync::lock(&self.kernel);
         let mut error = None;
         let (enforcement, (counters, hits)): (_, Readings) = match kernel.as_ref() {
             Some(acl) => match acl.counters().and_then(|c| Ok((c, acl.rule_hits()?))) {
@@ -220,7 +218,7 @@ impl PolicyEnforcer {
         }
         Some(PolicyStatus {
             enforcement: enforcement.into(),
-            userspace_reason: self.userspace_reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            userspace_reason: crate::sync::lock(&self.userspace_reason).clone(),
             error,
             rules: active
                 .rules

@@ -22,7 +22,7 @@ use tunnelmesh_common::acl::{
 };
 
 use super::{EBPF_OBJECT, FastpathError, Pins, loader};
-use crate::policy::{NodePolicy, Proto, compile::ECHO_ONLY};
+use crate::policy::{NodePolicy, Proto, ports::ECHO_ONLY};
 
 /// Pinned maps, by map name and pin file name.
 const PINS: [(&str, &str); 6] = [

@@ -115,7 +115,7 @@ pub type SharedShield = Arc<Mutex<Result<Shield, String>>>;
 
 impl IndexMirror for SharedShield {
     fn insert(&self, index: u32) {
-        if let Ok(shield) = self.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+        if let Ok(shield) = crate::sync::lock(self).as_mut()
             && let Err(e) = shield.known_indices.insert(&index, &1, 0)
         {
             warn!("the XDP shield could not learn receiver index {index:#x}: {e}; its data will be dropped");
@@ -123,7 +123,7 @@ impl IndexMirror for SharedShield {
     }
 
     fn remove(&self, index: u32) {
-        if let Ok(shield) = self.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        if let Ok(shield) = crate::sync::lock(self).as_mut() {
             let _ = shield.known_indices.remove(&index);
         }
     }
@@ -334,7 +334,7 @@ mod tests {
     #[test]
     fn stun_responses_pass_within_their_sources_budget_and_lookalikes_do_not() {
         let mut ebpf = shield_knowing_index_zero();
-        let response = crate::stun::binding_response([7; 12], "198.18.0.2:51820".parse().unwrap());
+        let response = crate::protocol::stun::binding_response([7; 12], "198.18.0.2:51820".parse().unwrap());
         let from = |src, msg: &[u8]| frame_v4_from(src, PORT, msg);
         assert_eq!(run(&mut ebpf, &from([198, 18, 0, 1], &response)), XDP_PASS);
         let mut wrong_cookie = response.clone();
@@ -357,9 +357,12 @@ mod tests {
         assert_eq!(c[&ShieldReason::Stun], 1 + passed as u64);
         assert_eq!(c[&ShieldReason::StunRateLimited], 30 - passed as u64);
         assert_eq!(c[&ShieldReason::BadType], 3);
-        assert_eq!(crate::wire::classify(&response), Ok(crate::wire::Kind::Stun));
+        assert_eq!(
+            crate::protocol::wire::classify(&response),
+            Ok(crate::protocol::wire::Kind::Stun)
+        );
         for junk in [&wrong_cookie, &wrong_length, &request] {
-            assert!(crate::wire::classify(junk).is_err());
+            assert!(crate::protocol::wire::classify(junk).is_err());
         }
     }
 
@@ -372,7 +375,7 @@ mod tests {
                 let kernel_passes = run(&mut ebpf, &frame_v4(PORT, &msg)) == XDP_PASS;
                 assert_eq!(
                     kernel_passes,
-                    crate::wire::classify(&msg).is_ok(),
+                    crate::protocol::wire::classify(&msg).is_ok(),
                     "type {msg_type} len {len}"
                 );
             }

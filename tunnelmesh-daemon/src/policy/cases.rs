@@ -10,7 +10,7 @@
 use std::net::IpAddr;
 
 use super::{Member, NodePolicy, PolicyFile, Verdict, compile_for};
-use crate::routing::{AllowedIps, inner_addrs};
+use crate::protocol::routing::{AllowedIps, inner_addrs};
 
 pub const POLICY: &str = r#"
 [[allow]]

@@ -8,96 +8,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::model::{Member, PolicyFile};
-
-/// Transport protocol of a rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Tcp,
-    Udp,
-    /// ICMP for IPv4, ICMPv6 for IPv6.
-    Icmp,
-    Any,
-}
-
-/// Inclusive range of destination ports, or of ICMP types for [`Proto::Icmp`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortRange {
-    pub low: u16,
-    pub high: u16,
-}
-
-impl PortRange {
-    pub const ALL: PortRange = PortRange { low: 0, high: u16::MAX };
-
-    pub fn contains(&self, port: u16) -> bool {
-        (self.low..=self.high).contains(&port)
-    }
-}
-
-/// ICMP echo request: type 8 (IPv4) and 128 (ICMPv6).
-pub const ICMP_ECHO_REQUEST: u16 = 8;
-/// ICMPv6 echo request.
-pub const ICMPV6_ECHO_REQUEST: u16 = 128;
-/// The range of `icmp/echo` (written with the IPv4 type): it means echo request in either family.
-pub const ECHO_ONLY: PortRange = PortRange {
-    low: ICMP_ECHO_REQUEST,
-    high: ICMP_ECHO_REQUEST,
-};
-
-/// Parse one `ports` item.
-pub fn parse_ports(spec: &str) -> Result<(Proto, PortRange), String> {
-    let (proto, range) = spec.split_once('/').map_or((spec, None), |(p, r)| (p, Some(r)));
-    let proto = match proto {
-        "tcp" => Proto::Tcp,
-        "udp" => Proto::Udp,
-        "icmp" => Proto::Icmp,
-        "any" if range.is_none() => return Ok((Proto::Any, PortRange::ALL)),
-        other => {
-            return Err(format!(
-                "unknown protocol {other:?} in {spec:?}: use tcp, udp, icmp or any"
-            ));
-        }
-    };
-    let Some(range) = range else {
-        return Ok((proto, PortRange::ALL));
-    };
-    if proto == Proto::Icmp {
-        return match range {
-            "echo" => Ok((
-                proto,
-                PortRange {
-                    low: ICMP_ECHO_REQUEST,
-                    high: ICMP_ECHO_REQUEST,
-                },
-            )),
-            t => t
-                .parse::<u8>()
-                .map(|t| {
-                    (
-                        proto,
-                        PortRange {
-                            low: t as u16,
-                            high: t as u16,
-                        },
-                    )
-                })
-                .map_err(|_| format!("{spec:?}: an ICMP type is \"echo\" or a number 0-255")),
-        };
-    }
-    let port = |p: &str| {
-        p.parse::<u16>()
-            .map_err(|_| format!("{spec:?}: {p:?} is not a port (0-65535)"))
-    };
-    let (low, high) = match range.split_once('-') {
-        Some((l, h)) => (port(l)?, port(h)?),
-        None => (port(range)?, port(range)?),
-    };
-    if low > high {
-        return Err(format!("{spec:?}: the range is backwards"));
-    }
-    Ok((proto, PortRange { low, high }))
-}
+use super::ports::{PortRange, Proto};
 
 /// One inbound rule of a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,8 +44,7 @@ pub fn compile_for(file: &PolicyFile, members: &[Member], node: &str) -> NodePol
         if sources.is_empty() {
             continue;
         }
-        for p in &rule.ports {
-            let (proto, ports) = parse_ports(p.get_ref()).expect("checked when the file was parsed");
+        for &(proto, ports) in &rule.parsed_ports {
             rules.push(CompiledRule {
                 id: id as u32,
                 sources: sources.clone(),
@@ -149,26 +59,6 @@ pub fn compile_for(file: &PolicyFile, members: &[Member], node: &str) -> NodePol
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn port_specs_parse_into_protocol_and_range() {
-        assert_eq!(
-            parse_ports("tcp/443"),
-            Ok((Proto::Tcp, PortRange { low: 443, high: 443 }))
-        );
-        assert_eq!(
-            parse_ports("udp/5000-5010"),
-            Ok((Proto::Udp, PortRange { low: 5000, high: 5010 }))
-        );
-        assert_eq!(parse_ports("tcp"), Ok((Proto::Tcp, PortRange::ALL)));
-        assert_eq!(
-            parse_ports("icmp/echo"),
-            Ok((Proto::Icmp, PortRange { low: 8, high: 8 }))
-        );
-        assert_eq!(parse_ports("any"), Ok((Proto::Any, PortRange::ALL)));
-        assert!(parse_ports("tcp/10-1").unwrap_err().contains("backwards"));
-        assert!(parse_ports("icmp/300").is_err() && parse_ports("any/1").is_err());
-    }
 
     #[test]
     fn a_node_receives_only_the_rules_that_concern_it() {

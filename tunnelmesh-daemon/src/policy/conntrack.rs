@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::compile::Proto;
+use super::ports::Proto;
 
 /// A flow as seen from this node: (protocol, local address and port, remote address and port).
 /// For ICMP echo the "ports" are the echo identifier on both sides.

@@ -4,8 +4,9 @@
 use std::{net::IpAddr, time::Instant};
 
 use super::{
-    compile::{ECHO_ONLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, NodePolicy, Proto},
+    compile::NodePolicy,
     conntrack::{Conntrack, FlowKey},
+    ports::{ECHO_ONLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, Proto},
 };
 
 /// The header fields policy looks at.

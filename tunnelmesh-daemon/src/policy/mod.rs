@@ -15,8 +15,10 @@ pub mod compile;
 pub mod conntrack;
 pub mod matcher;
 pub mod model;
+pub mod ports;
 
-pub use compile::{CompiledRule, NodePolicy, PortRange, Proto, compile_for};
+pub use compile::{CompiledRule, NodePolicy, compile_for};
 pub use conntrack::{Conntrack, FlowKey};
 pub use matcher::{PacketInfo, Verdict, decide, inbound_verdict};
 pub use model::{Member, PolicyError, PolicyFile};
+pub use ports::{PortRange, Proto};

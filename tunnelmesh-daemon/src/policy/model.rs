@@ -19,6 +19,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::ports::{PortRange, Proto, parse_ports};
+
 /// A node as policy sees it: its name, tags and mesh addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
@@ -36,6 +38,9 @@ pub struct Rule {
     pub from: Vec<Spanned<String>>,
     pub to: Vec<Spanned<String>>,
     pub ports: Vec<Spanned<String>>,
+    /// `ports` parsed (filled in by [`PolicyFile::parse`]), in the same order.
+    #[serde(skip)]
+    pub parsed_ports: Vec<(Proto, PortRange)>,
 }
 
 /// The parsed policy file.
@@ -91,9 +96,15 @@ impl PolicyFile {
                 file.check_selector(s.get_ref())
                     .map_err(|reason| PolicyError { line: at(s), reason })?;
             }
-            for p in &rule.ports {
-                super::compile::parse_ports(p.get_ref()).map_err(|reason| PolicyError { line: at(p), reason })?;
-            }
+        }
+        for rule in &mut file.rules {
+            rule.parsed_ports = rule
+                .ports
+                .iter()
+                .map(|p| parse_ports(p.get_ref()).map_err(|reason| PolicyError { line: at(p), reason }))
+                .collect::<Result<_, _>>()?;
+        }
+        for rule in &file.rules {
             if rule.ports.is_empty() {
                 let line = rule.from.first().map_or(1, at);
                 return Err(PolicyError {

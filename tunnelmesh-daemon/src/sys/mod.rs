@@ -3,6 +3,8 @@
 //! This is the only place with `unsafe` in the daemon. Every block carries a `// SAFETY:` line;
 //! everything above this module is safe Rust.
 
+#![allow(unsafe_code)]
+
 pub mod bpffs;
 pub mod mmsg;
 pub mod netlink;

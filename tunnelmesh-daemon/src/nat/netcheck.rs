@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow};
 use rand::RngCore;
 use serde::Serialize;
 
-use crate::stun;
+use crate::protocol::stun;
 
 /// How long each question waits for an answer.
 const WAIT: Duration = Duration::from_millis(800);
@@ -69,23 +69,10 @@ fn binding(socket: &UdpSocket, target: SocketAddr) -> Option<(SocketAddr, Durati
     None
 }
 
-/// The IPv4 default gateway from `/proc/net/route`.
-pub(crate) fn default_gateway() -> Option<Ipv4Addr> {
-    let table = std::fs::read_to_string("/proc/net/route").ok()?;
-    table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (f.get(1) == Some(&"00000000")).then(|| {
-            u32::from_str_radix(f.get(2)?, 16)
-                .ok()
-                .map(|g| Ipv4Addr::from(g.swap_bytes()))
-        })?
-    })
-}
-
 /// Ask `gateway` on UDP 5351 with `request` (the port-mapping client's exchange); whether an
 /// answer with `version` came back.
 fn answers_on_5351(gateway: Ipv4Addr, request: &[u8], version: u8) -> bool {
-    crate::portmap::ask_5351(gateway, request).is_ok_and(|a| a.len() >= 8 && a[0] == version)
+    crate::nat::portmap::ask_5351(gateway, request).is_ok_and(|a| a.len() >= 8 && a[0] == version)
 }
 
 /// Run every check against the STUN `targets` (the coordinator's two ports).
@@ -106,7 +93,7 @@ pub fn run(targets: [SocketAddr; 2]) -> Result<Report> {
         other.is_some_and(|o| o.send_to(marker, public).is_ok())
             && socket.recv_from(&mut buf).is_ok_and(|(n, _)| &buf[..n] == marker)
     });
-    let gateway = default_gateway();
+    let gateway = super::default_gateway();
     // NAT-PMP: version 0, opcode 0 (external address). PCP: version 2, ANNOUNCE.
     let nat_pmp = gateway.is_some_and(|g| answers_on_5351(g, &[0, 0], 0));
     let mut announce = [0u8; 24];
@@ -122,7 +109,7 @@ pub fn run(targets: [SocketAddr; 2]) -> Result<Report> {
         gateway: gateway.map(|g| g.to_string()),
         nat_pmp,
         pcp,
-        upnp_igd: crate::portmap::find_upnp_gateway().is_ok(),
+        upnp_igd: crate::nat::portmap::find_upnp_gateway().is_ok(),
     })
 }
 

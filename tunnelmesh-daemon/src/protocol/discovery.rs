@@ -2,7 +2,7 @@
 //! front of it, learned from the tunnel socket itself.
 //!
 //! Sans-I/O: [`Discovery`] says which STUN Binding requests to send (to the coordinator's two
-//! targets) and takes the answers the workers hand over; the handshake thread does the I/O on
+//! targets) and takes the answers the workers hand over; the slow path does the I/O on
 //! the tunnel socket, so the mapping learned is the one peers must punch towards.
 //!
 //! - **host** candidates: this machine's global addresses with the listen port (what a peer on
@@ -15,22 +15,13 @@
 //! port: endpoint-dependent, "symmetric"), `unknown` (no STUN answer: UDP may be blocked).
 
 use std::{
-    net::{IpAddr, SocketAddr},
-    os::fd::AsFd,
-    sync::{Arc, atomic::Ordering},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    device::{Device, Event},
-    stun,
-    sys::{
-        netlink::{self, RouteEvents},
-        poll,
-    },
-};
+use super::stun;
 
 /// The NAT in front of a node, as its STUN answers show it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,118 +251,6 @@ impl Discovery {
     }
 }
 
-/// This machine's global addresses (not on loopback, not on `mesh_interface`) with `port`.
-pub fn host_candidates(mesh_interface: &str, port: u16) -> Vec<SocketAddr> {
-    match crate::netconf::ip_output(&["-o", "addr", "show", "up", "scope", "global"]) {
-        Ok(listing) => parse_ip_addr(&listing, mesh_interface, port),
-        Err(e) => {
-            tracing::warn!("no host candidates: {e}");
-            Vec::new()
-        }
-    }
-}
-
-/// Addresses from `ip -o addr` lines: `N: IFACE    inet A/LEN ... scope global ...`.
-fn parse_ip_addr(listing: &str, mesh_interface: &str, port: u16) -> Vec<SocketAddr> {
-    let mut out: Vec<SocketAddr> = Vec::new();
-    for line in listing.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (Some(iface), Some(family), Some(addr)) = (fields.get(1), fields.get(2), fields.get(3)) else {
-            continue;
-        };
-        if *iface == "lo" || *iface == mesh_interface || !matches!(*family, "inet" | "inet6") {
-            continue;
-        }
-        let Some(ip) = addr.split('/').next().and_then(|a| a.parse::<IpAddr>().ok()) else {
-            continue;
-        };
-        let candidate = SocketAddr::new(ip, port);
-        if !out.contains(&candidate) {
-            out.push(candidate);
-        }
-    }
-    // IPv4 first: the common case for LAN peers.
-    out.sort_by_key(|a| a.is_ipv6());
-    out.truncate(MAX_CANDIDATES - 2);
-    out
-}
-
-/// Watch route netlink until `dev` shuts down; tell the handshake thread when an address, route
-/// or link of any interface but the mesh interface changes (routes of the mesh interface change
-/// whenever peers come and go; they say nothing about how the world reaches us).
-pub fn watch_network(dev: Arc<Device>) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let events = RouteEvents::open()?;
-    std::thread::Builder::new().name("tm-netwatch".into()).spawn(move || {
-        let mut buf = vec![0u8; 16 * 1024];
-        while !dev.shutdown.load(Ordering::Relaxed) {
-            if !matches!(poll::readable([events.as_fd()], Duration::from_millis(500)), Ok([true])) {
-                continue;
-            }
-            let mesh = netlink::interface_index(&dev.interface).unwrap_or(0);
-            let mut changed = false;
-            while let Ok(n) = events.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                changed |= n == buf.len() || concerns_other_interfaces(&buf[..n], mesh);
-            }
-            if changed {
-                dev.network_generation.fetch_add(1, Ordering::Relaxed);
-                let _ = dev.events.try_send(Event::NetworkChanged);
-            }
-        }
-    })
-}
-
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
-const RTM_NEWADDR: u16 = 20;
-const RTM_DELADDR: u16 = 21;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_DELROUTE: u16 = 25;
-const RTA_OIF: u16 = 4;
-const NLMSG_HDR: usize = 16;
-const RTMSG_LEN: usize = 12;
-
-/// Whether a batch of route-netlink notifications is about an interface other than `mesh`.
-fn concerns_other_interfaces(mut batch: &[u8], mesh: u32) -> bool {
-    let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|v| u16::from_ne_bytes([v[0], v[1]]));
-    let u32_at = |b: &[u8], i: usize| b.get(i..i + 4).map(|v| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]));
-    while let (Some(len), Some(kind)) = (u32_at(batch, 0), u16_at(batch, 4)) {
-        let len = len as usize;
-        if len < NLMSG_HDR || len > batch.len() {
-            return false;
-        }
-        let body = &batch[NLMSG_HDR..len];
-        let index = match kind {
-            // ifinfomsg and ifaddrmsg both carry the interface index at offset 4.
-            RTM_NEWLINK | RTM_DELLINK | RTM_NEWADDR | RTM_DELADDR => u32_at(body, 4),
-            RTM_NEWROUTE | RTM_DELROUTE => {
-                let mut attrs = body.get(RTMSG_LEN..).unwrap_or(&[]);
-                let mut oif = None;
-                while let (Some(alen), Some(atype)) = (u16_at(attrs, 0), u16_at(attrs, 2)) {
-                    let alen = alen as usize;
-                    if alen < 4 || alen > attrs.len() {
-                        break;
-                    }
-                    if atype == RTA_OIF {
-                        oif = u32_at(attrs, 4);
-                    }
-                    attrs = attrs.get(alen.next_multiple_of(4)..).unwrap_or(&[]);
-                }
-                // A route without an output interface (unreachable, blackhole) is a change too.
-                Some(oif.unwrap_or(0))
-            }
-            _ => None,
-        };
-        if index.is_some_and(|i| i != mesh) {
-            return true;
-        }
-        batch = batch.get(len.next_multiple_of(4)..).unwrap_or(&[]);
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,50 +320,5 @@ mod tests {
         d.poll(t0 + Duration::from_secs(14));
         assert_eq!(d.candidates().nat, NatKind::Unknown);
         assert_eq!(d.candidates().endpoints(), vec![sa("10.0.1.2:51820")]);
-    }
-
-    /// One netlink message: header of `kind`, then `body`.
-    fn nlmsg(kind: u16, body: &[u8]) -> Vec<u8> {
-        let mut m = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&[0; 10]);
-        m.extend_from_slice(body);
-        m.resize(m.len().next_multiple_of(4), 0);
-        m
-    }
-
-    #[test]
-    fn netlink_changes_on_the_mesh_interface_alone_are_ignored() {
-        let addr_on = |index: u32| nlmsg(RTM_NEWADDR, &[&[2, 24, 0, 0][..], &index.to_ne_bytes()].concat());
-        let route_via = |index: u32| {
-            let mut body = vec![2, 32, 0, 0, 254, 4, 0, 1, 0, 0, 0, 0];
-            body.extend_from_slice(&8u16.to_ne_bytes());
-            body.extend_from_slice(&RTA_OIF.to_ne_bytes());
-            body.extend_from_slice(&index.to_ne_bytes());
-            nlmsg(RTM_NEWROUTE, &body)
-        };
-        let mesh = 7;
-        assert!(!concerns_other_interfaces(&addr_on(mesh), mesh));
-        assert!(!concerns_other_interfaces(&route_via(mesh), mesh));
-        assert!(concerns_other_interfaces(&addr_on(2), mesh));
-        assert!(concerns_other_interfaces(
-            &[route_via(mesh), route_via(3)].concat(),
-            mesh
-        ));
-        assert!(!concerns_other_interfaces(&nlmsg(3, &[]), mesh), "NLMSG_DONE");
-        assert!(!concerns_other_interfaces(&[1, 2, 3], mesh), "truncated");
-    }
-
-    #[test]
-    fn host_candidates_skip_loopback_the_mesh_and_repeat_addresses() {
-        let listing = "1: lo    inet 127.0.0.1/8 scope host lo\n\
-            2: eth0    inet 10.0.0.2/24 brd 10.0.0.255 scope global eth0\n\
-            2: eth0    inet6 2001:db8::2/64 scope global\n\
-            5: tm0    inet 100.64.0.1/10 scope global tm0\n\
-            6: wlan0    inet 192.168.1.7/24 scope global dynamic wlan0\n";
-        assert_eq!(
-            parse_ip_addr(listing, "tm0", 51820),
-            vec![sa("10.0.0.2:51820"), sa("192.168.1.7:51820"), sa("[2001:db8::2]:51820")]
-        );
     }
 }

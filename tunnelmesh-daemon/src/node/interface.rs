@@ -25,15 +25,16 @@ use tracing::{info, warn};
 use zeroize::Zeroizing;
 
 use crate::{
-    config::Config,
     dataplane,
-    device::{Clock, Counters, Device, PeerSpec, PeerTable, handshaker::Handshaker, policy::PolicyEnforcer},
+    device::{Clock, Counters, Device, PeerSpec, PeerTable, policy::PolicyEnforcer},
     fastpath::{SharedShield, Shield, Steering},
     identity::{DEFAULT_IDENTITY, Identity},
     netconf,
-    noise::{LocalStatic, MeshKey},
+    node::config::Config,
+    node::status::{self, FastpathStatus},
     policy::NodePolicy,
-    status::{self, FastpathStatus},
+    protocol::noise::{LocalStatic, MeshKey},
+    slowpath::{SlowPath, thread::SlowPathIo},
     sys::tun,
 };
 
@@ -59,7 +60,7 @@ pub struct InterfacePlan {
     /// Inbound policy (coordinated meshes); `None`: every configured peer may connect.
     pub policy: Option<NodePolicy>,
     /// Port mapping at the gateway, and the lifetime to ask for.
-    pub port_mapping: (crate::portmap::Mode, Duration),
+    pub port_mapping: (crate::nat::portmap::Mode, Duration),
 }
 
 /// `tunnelmesh up --config FILE`.
@@ -89,7 +90,7 @@ pub fn up_static(config_path: &Path, identity_override: Option<&Path>) -> Result
             allowed_ips: pc.allowed_ips.clone(),
             endpoint: pc.endpoint,
             candidates: pc.endpoint.into_iter().collect(),
-            nat: crate::nat::NatKind::None,
+            nat: crate::protocol::discovery::NatKind::None,
             ssh_endpoint: None,
             persistent_keepalive: (pc.persistent_keepalive > 0)
                 .then(|| Duration::from_secs(pc.persistent_keepalive.into())),
@@ -113,7 +114,7 @@ pub fn up_static(config_path: &Path, identity_override: Option<&Path>) -> Result
         peers,
         mesh_keys: vec![iface.mesh_key.0.clone()],
         policy: None,
-        port_mapping: (crate::portmap::Mode::Off, crate::portmap::DEFAULT_LIFETIME),
+        port_mapping: (crate::nat::portmap::Mode::Off, crate::nat::portmap::DEFAULT_LIFETIME),
     };
     let running = Interface::start(&identity, plan)?;
     running.wait_for_signal()
@@ -225,36 +226,39 @@ impl Interface {
 
         let mut threads = dataplane::start(dev.clone(), queues, sockets, inbox_rx, !plan.no_offload)?;
         let shield: SharedShield = Arc::new(Mutex::new(shield));
-        let handshaker = Handshaker::new(
-            dev.clone(),
-            Box::new(shield.clone()),
-            local,
-            handshake_socket,
-            rx,
-            workers,
-        );
+        let slow_path = SlowPath::new(dev.clone(), local, workers, Instant::now());
+        let io = SlowPathIo {
+            dev: dev.clone(),
+            socket: handshake_socket,
+            events: rx,
+            mirror: Box::new(shield.clone()),
+        };
         threads.push(
             std::thread::Builder::new()
-                .name("tm-handshake".into())
-                .spawn(move || handshaker.run())?,
+                .name("tm-slowpath".into())
+                .spawn(move || io.run(slow_path))?,
         );
-        match crate::nat::watch_network(dev.clone()) {
+        match crate::node::netwatch::watch_network(dev.clone()) {
             Ok(thread) => threads.push(thread),
             Err(e) => warn!("cannot watch for address changes ({e}); candidates refresh every 25 s only"),
         }
         if let (mode, lifetime) = plan.port_mapping
-            && mode != crate::portmap::Mode::Off
+            && mode != crate::nat::portmap::Mode::Off
         {
-            let dev = dev.clone();
+            let handle = crate::nat::portmap::MappingHandle {
+                port: dev.listen_port,
+                shutdown: dev.shutdown.clone(),
+                network_generation: dev.network_generation.clone(),
+                slot: dev.port_mapping.clone(),
+            };
             threads.push(
                 std::thread::Builder::new()
                     .name("tm-portmap".into())
-                    .spawn(move || crate::portmap::run(dev, mode, lifetime))?,
+                    .spawn(move || crate::nat::portmap::run(handle, mode, lifetime))?,
             );
         }
         let shield_for_status = shield.clone();
-        let fastpath_status =
-            Box::new(move || fastpath_status(&shield_for_status.lock().unwrap_or_else(|p| p.into_inner()), steered));
+        let fastpath_status = Box::new(move || fastpath_status(&crate::sync::lock(&shield_for_status), steered));
         let status_dev = dev.clone();
         threads.push(
             std::thread::Builder::new()

@@ -20,7 +20,7 @@ use blake2::{
 use chacha20poly1305::{AeadInPlace, XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 
-use crate::wire;
+use crate::protocol::wire;
 
 const LABEL_MAC1: &[u8] = b"mac1----";
 const LABEL_COOKIE: &[u8] = b"cookie--";

@@ -30,12 +30,12 @@ use zeroize::Zeroizing;
 
 use crate::{
     coordinator::proto::{CONNECT_PATH, ClientMsg, JOIN_NAMESPACE, NodeInfo, PeerInfo, ServerMsg},
-    daemon::{Interface, InterfacePlan},
-    device::{ControlState, Device, Event, PeerSpec, Via},
+    device::{ControlState, CoordinatorRequest, Device, Event, PeerSpec, Via},
     identity::{Identity, PublicIdentity},
-    nat::{self, Candidates, NatKind},
-    noise::MeshKey,
+    node::interface::{Interface, InterfacePlan},
     policy::NodePolicy,
+    protocol::discovery::{Candidates, NatKind},
+    protocol::noise::MeshKey,
 };
 
 /// Default directory of the peer's cached state.
@@ -63,7 +63,7 @@ pub struct JoinOptions {
     pub no_offload: bool,
     /// TCP port of the SSH transport (0: do not run one).
     pub ssh_port: u16,
-    pub port_mapping: crate::portmap::Mode,
+    pub port_mapping: crate::nat::portmap::Mode,
     pub port_mapping_lifetime: Duration,
 }
 
@@ -357,7 +357,7 @@ fn udp_endpoints(endpoints: &[String]) -> Vec<SocketAddr> {
 fn set_stun_targets(dev: &Device, url: &str, state: &MeshState) {
     let targets = match state.stun_port {
         0 => None,
-        port => crate::netcheck::targets(url, port)
+        port => crate::nat::netcheck::targets(url, port)
             .inspect_err(|e| warn!("no STUN targets ({e:#}); this node's public address stays a guess"))
             .ok(),
     };
@@ -453,8 +453,8 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
         // The relay path exists while we are connected.
         let (relay_tx, mut relay_rx) = tokio::sync::mpsc::channel::<([u8; 32], Vec<u8>)>(RELAY_QUEUE);
         dev.relay_tx.store(Some(Arc::new(relay_tx)));
-        // Candidates and punch requests from the handshake thread.
-        let (to_coordinator, mut outbox) = tokio::sync::mpsc::channel::<ClientMsg>(RELAY_QUEUE);
+        // Candidates and punch requests from the slow path.
+        let (to_coordinator, mut outbox) = tokio::sync::mpsc::channel::<CoordinatorRequest>(RELAY_QUEUE);
         dev.coordinator_tx.store(Some(Arc::new(to_coordinator)));
         let mut last_heard = tokio::time::Instant::now();
         let reason = loop {
@@ -469,8 +469,8 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
                     continue;
                 }
                 out = outbox.recv() => {
-                    let Some(msg) = out else { continue };
-                    let text = serde_json::to_string(&msg).expect("client messages serialize");
+                    let Some(request) = out else { continue };
+                    let text = serde_json::to_string(&protocol_message(request)).expect("client messages serialize");
                     if let Err(e) = sink.send(Message::Text(text.into())).await {
                         break anyhow!("writing to the coordinator failed: {e}");
                     }
@@ -543,6 +543,17 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
     }
 }
 
+/// The coordinator protocol's message for a request of the slow path.
+fn protocol_message(request: CoordinatorRequest) -> ClientMsg {
+    match request {
+        CoordinatorRequest::Candidates { endpoints, nat } => ClientMsg::Candidates {
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            nat,
+        },
+        CoordinatorRequest::Punch { peer } => ClientMsg::Punch { peer },
+    }
+}
+
 /// The coordinator asks us to punch towards `fingerprint` now: hand it to the handshake thread.
 fn punch(dev: &Device, state: &MeshState, fingerprint: &str, endpoints: &[String], nat: NatKind) {
     let Some(key) = state
@@ -565,7 +576,7 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
     let identity = Arc::new(identity);
     let client = Client::new(&opts, identity.clone())?;
     client.candidates.store(Arc::new(Candidates {
-        host: nat::host_candidates(&opts.interface, opts.listen_port),
+        host: crate::nat::host_candidates(&opts.interface, opts.listen_port),
         ..Candidates::default()
     }));
     let cache = opts.state_dir.join(&opts.interface).join("state.json");
@@ -626,7 +637,7 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
     );
     if opts.ssh_port != 0 {
         let dev = interface.dev.clone();
-        let key = crate::ssh::host_key(&identity)?;
+        let key = crate::paths::ssh::host_key(&identity)?;
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind((
                 std::net::Ipv6Addr::UNSPECIFIED,
@@ -638,8 +649,8 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
                     opts.ssh_port
                 )
             })?;
-        runtime.spawn(crate::ssh::serve(dev.clone(), listener, key.clone()));
-        runtime.spawn(crate::ssh::supervise(dev, key));
+        runtime.spawn(crate::paths::ssh::serve(dev.clone(), listener, key.clone()));
+        runtime.spawn(crate::paths::ssh::supervise(dev, key));
     }
     runtime.spawn(follow(client, interface.dev.clone(), state, socket, cache));
     let result = interface.wait_for_signal();

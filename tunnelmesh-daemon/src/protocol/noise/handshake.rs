@@ -9,7 +9,7 @@
 use zeroize::Zeroizing;
 
 use super::Tai64n;
-use crate::wire;
+use crate::protocol::wire;
 
 /// Noise protocol name; the construction string WireGuard hashes first.
 const PATTERN: &str = "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";

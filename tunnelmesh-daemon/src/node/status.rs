@@ -16,8 +16,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::{ControlState, Counters, Device, Event, PingReport, path::PathReport, policy::PolicyStatus};
-use crate::nat::{Candidates, NatKind};
+use crate::device::{ControlState, Counters, Device, Event, PingReport, policy::PolicyStatus};
+use crate::protocol::discovery::{Candidates, NatKind};
+use crate::protocol::path::PathReport;
 use crate::sys::tun::Offloads;
 
 /// Directory of the status sockets.
@@ -97,7 +98,7 @@ pub struct Status {
     pub nat: Candidates,
     /// The gateway's port mapping for our tunnel port, if one holds.
     #[serde(default)]
-    pub port_mapping: Option<crate::portmap::Mapping>,
+    pub port_mapping: Option<crate::nat::portmap::Mapping>,
     pub peers: Vec<PeerStatus>,
 }
 

@@ -10,7 +10,10 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket},
     str::FromStr,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -18,7 +21,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::device::Device;
+use arc_swap::ArcSwapOption;
 
 /// UDP port of PCP and NAT-PMP servers.
 const PORT_5351: u16 = 5351;
@@ -351,17 +354,34 @@ fn local_address_towards(gateway: Ipv4Addr) -> Option<Ipv4Addr> {
     }
 }
 
-/// Keep a mapping of the device's port while it runs: map, renew at half the lifetime, map
-/// again after a network change or a failure, delete at shutdown. The mapping is published in
-/// `dev.port_mapping` (discovery turns it into a candidate).
-pub fn run(dev: Arc<Device>, mode: Mode, lifetime: Duration) {
-    let mut mapper = PortMapper::new(mode, dev.listen_port, lifetime);
+/// What the mapping thread shares with the interface it serves.
+pub struct MappingHandle {
+    /// The UDP port to map.
+    pub port: u16,
+    /// Set when the interface stops: delete the mapping and return.
+    pub shutdown: Arc<AtomicBool>,
+    /// Bumped on every change of this machine's addresses or routes: map again.
+    pub network_generation: Arc<AtomicU64>,
+    /// Where the mapping is published while it holds (discovery turns it into a candidate).
+    pub slot: Arc<ArcSwapOption<Mapping>>,
+}
+
+/// Keep a mapping of the port while the interface runs: map, renew at half the lifetime, map
+/// again after a network change or a failure, delete at shutdown.
+pub fn run(handle: MappingHandle, mode: Mode, lifetime: Duration) {
+    let MappingHandle {
+        port,
+        shutdown,
+        network_generation,
+        slot,
+    } = handle;
+    let mut mapper = PortMapper::new(mode, port, lifetime);
     let mut next = Instant::now();
-    let mut seen_change = dev.network_generation.load(Ordering::Relaxed);
+    let mut seen_change = network_generation.load(Ordering::Relaxed);
     let mut route: Option<(Ipv4Addr, Ipv4Addr)> = None;
-    while !dev.shutdown.load(Ordering::Relaxed) {
+    while !shutdown.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
-        let generation = dev.network_generation.load(Ordering::Relaxed);
+        let generation = network_generation.load(Ordering::Relaxed);
         if generation != seen_change {
             seen_change = generation;
             next = Instant::now();
@@ -369,7 +389,7 @@ pub fn run(dev: Arc<Device>, mode: Mode, lifetime: Duration) {
         if Instant::now() < next {
             continue;
         }
-        let now_route = crate::netcheck::default_gateway().and_then(|g| Some((g, local_address_towards(g)?)));
+        let now_route = super::default_gateway().and_then(|g| Some((g, local_address_towards(g)?)));
         if now_route != route {
             // Another network: the old gateway's mapping is not ours to renew.
             if let Some((g, l)) = route {
@@ -392,15 +412,15 @@ pub fn run(dev: Arc<Device>, mode: Mode, lifetime: Duration) {
                 }
                 next = Instant::now() + Duration::from_secs(u64::from(m.lifetime_secs.max(2)) / 2);
                 mapper.mapping = Some(m.clone());
-                dev.port_mapping.store(Some(Arc::new(m)));
+                slot.store(Some(Arc::new(m)));
             }
             Err(e) => {
-                if mapper.mapping.take().is_some() || dev.port_mapping.load().is_some() {
+                if mapper.mapping.take().is_some() || slot.load().is_some() {
                     warn!("port mapping lost: {e}");
                 } else {
                     debug!("no port mapping: {e}");
                 }
-                dev.port_mapping.store(None);
+                slot.store(None);
                 next = Instant::now() + RETRY;
             }
         }

@@ -22,7 +22,7 @@ use std::{
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 
 use super::{REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME, ReplayWindow};
-use crate::{noise::SessionKeys, wire};
+use crate::{protocol::noise::SessionKeys, protocol::wire};
 
 /// Why a data message was dropped by the crypto layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,19 +140,14 @@ impl Keypair {
             return Err(DecryptError::Expired);
         }
         // Cheap pre-check so replayed floods cost no decryption.
-        if !self
-            .replay
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .may_accept(counter)
-        {
+        if !crate::sync::lock(&self.replay).may_accept(counter) {
             return Err(DecryptError::Replay);
         }
         let len = msg.len();
         self.recv
             .open_in_place(nonce(counter), Aad::empty(), &mut msg[wire::DATA_HEADER_LEN..])
             .map_err(|_| DecryptError::Auth)?;
-        if !self.replay.lock().unwrap_or_else(|p| p.into_inner()).accept(counter) {
+        if !crate::sync::lock(&self.replay).accept(counter) {
             return Err(DecryptError::Replay);
         }
         Ok((len - wire::DATA_MIN_LEN, counter))

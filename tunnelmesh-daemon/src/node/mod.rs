@@ -1,0 +1,15 @@
+//! A running node: everything that assembles a mesh interface and keeps it in touch with the
+//! world. May do I/O.
+//!
+//! - [`interface`]: `tunnelmesh up` — open the TUN queues, bind sockets, configure the kernel,
+//!   start the slow path, the data-plane workers and the eBPF fast path, stop them in order.
+//! - [`control`]: the coordinator client (join, follow updates, the relay channel).
+//! - [`config`]: the static configuration file.
+//! - [`status`]: the status socket and what `tunnelmesh status` shows.
+//! - [`netwatch`]: route netlink → "the network changed".
+
+pub mod config;
+pub mod control;
+pub mod interface;
+pub mod netwatch;
+pub mod status;
