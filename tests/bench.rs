@@ -116,7 +116,7 @@ mod coordinator {
     use serde_json::json;
     use tunnelmesh_daemon::{
         identity::Identity,
-        node::control::{Client, JoinOptions, next_text},
+        node::client::{Client, JoinOptions, next_text},
     };
 
     const PEERS: usize = 10_000;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use crate::{
     coordinator,
     identity::{DEFAULT_IDENTITY, Identity},
-    node::control,
+    node::client,
     node::status,
 };
 
@@ -27,7 +27,7 @@ fn up(args: UpArgs) -> Result<()> {
             .as_deref()
             .unwrap_or(std::path::Path::new(DEFAULT_IDENTITY)),
     )?;
-    let opts = control::JoinOptions {
+    let opts = client::JoinOptions {
         url,
         fingerprint,
         token: args.token,
@@ -43,7 +43,7 @@ fn up(args: UpArgs) -> Result<()> {
         port_mapping: args.port_mapping,
         port_mapping_lifetime: std::time::Duration::from_secs(args.port_mapping_lifetime),
     };
-    control::up(opts, identity)
+    client::up(opts, identity)
 }
 
 fn coordinator_command(args: CoordinatorArgs) -> Result<()> {
@@ -188,7 +188,7 @@ struct UpArgs {
     #[arg(long, default_value_t = 0)]
     workers: usize,
     /// Where the last coordinator state is cached.
-    #[arg(long, default_value = crate::node::control::DEFAULT_STATE_DIR)]
+    #[arg(long, default_value = crate::node::client::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// Do not load the eBPF fast path.
     #[arg(long)]
@@ -502,8 +502,8 @@ fn print_status(s: &status::Status) {
                 } else {
                     n.candidates.join(", ")
                 },
-                n.punches,
-                n.punched
+                n.punches_started,
+                n.punches_succeeded
             );
         }
         println!("  allowed ips: {}", p.allowed_ips.join(", "));

@@ -2,8 +2,9 @@
 //!
 //! Rooms, from the bottom up (the module graph has no cycles; `cargo xtask modules` checks it):
 //!
-//! - `protocol` — the pure core, no I/O and no `unsafe`: `wire`, `noise`, `session`, `routing`,
-//!   `stun`, `discovery`, `path`, `punch`, `probe`.
+//! - `protocol` — the pure core, no I/O and no `unsafe`: `wire`, `noise`, `session`, `ip`,
+//!   `routing`, `stun`, `discovery`, `path`, `punch`, `probe`.
+//! - `control` — what the coordinator and the nodes share: messages, fingerprints, the clock.
 //! - `policy` — the policy file, its compiler and the userspace matcher (no I/O).
 //! - `offload` — TUN offload segmentation and coalescing (no I/O).
 //! - `sync` — the one lock helper.
@@ -15,7 +16,8 @@
 //! - `nat` — host addresses, gateway, netcheck, port mapping (I/O).
 //! - `paths` — the SSH transport (I/O).
 //! - `identity` (key files), `netconf` (iproute2) — I/O.
-//! - `node` — assembling and running an interface, the coordinator client, config, status.
+//! - `node` — assembling and running an interface, the coordinator client (`node::client`),
+//!   config, status.
 //! - `coordinator` — the control-plane server.
 //! - `cli` — arguments, dispatch, output.
 //! - `sys` — the only place with `unsafe`: syscalls and ioctls, each block with a `SAFETY` line.
@@ -24,6 +26,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
+pub mod control;
 pub mod coordinator;
 pub mod dataplane;
 pub mod device;
@@ -41,6 +44,6 @@ pub mod sync;
 pub mod sys;
 
 #[cfg(test)]
-mod garbage;
-#[cfg(test)]
 mod interop;
+#[cfg(test)]
+mod malformed_input;

@@ -27,6 +27,10 @@ use tunnelmesh_common::acl::{
     ACL_PROTO_ICMP, ACL_PROTO_TCP, ACL_PROTO_UDP, AclConfig, AclFlow, AclMask, AclReason, AclRule, AclSource,
     flow_idle_ns,
 };
+use tunnelmesh_common::ip::{
+    ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_IPV6_FRAGMENT, PROTO_TCP, PROTO_UDP,
+};
 
 #[btf_map]
 static ACL_CONFIG: Array<AclConfig, 1> = Array::new();
@@ -46,15 +50,6 @@ static ACL_COUNTERS: PerCpuArray<u64, { AclReason::COUNT as usize }> = PerCpuArr
 #[btf_map]
 static ACL_RULE_HITS: PerCpuArray<u64, { 2 * ACL_MAX_RULES as usize }> = PerCpuArray::new();
 
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMPV6_ECHO_REQUEST: u8 = 128;
-const ICMPV6_ECHO_REPLY: u8 = 129;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
-const IPPROTO_FRAGMENT: u8 = 44;
 
 /// The header fields policy looks at (the userspace `PacketInfo`).
 struct Packet {
@@ -137,7 +132,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
             p.v6 = true;
             p.src.copy_from_slice(&h[8..24]);
             p.dst.copy_from_slice(&h[24..40]);
-            if h[6] == IPPROTO_FRAGMENT {
+            if h[6] == PROTO_IPV6_FRAGMENT {
                 let f = load::<8>(ctx, 40)?;
                 p.later_fragment = u16::from_be_bytes([f[2], f[3]]) >> 3 != 0;
                 (f[0], 48)
@@ -151,9 +146,9 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         return Some(p);
     }
     match next {
-        IPPROTO_TCP | IPPROTO_UDP => {
+        PROTO_TCP | PROTO_UDP => {
             let t = load::<4>(ctx, l4)?;
-            p.proto = if next == IPPROTO_TCP {
+            p.proto = if next == PROTO_TCP {
                 ACL_PROTO_TCP
             } else {
                 ACL_PROTO_UDP
@@ -161,7 +156,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
             p.src_port = u16::from_be_bytes([t[0], t[1]]);
             p.dst_port = u16::from_be_bytes([t[2], t[3]]);
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+        PROTO_ICMP | PROTO_ICMPV6 => {
             let t = load::<8>(ctx, l4)?;
             p.proto = ACL_PROTO_ICMP;
             p.icmp_type = t[0];

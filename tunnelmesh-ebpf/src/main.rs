@@ -28,6 +28,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use tunnelmesh_common::{
+    ip,
     shield::{
         BUDGET_INITIATIONS, BUDGET_STUN, BUDGET_UNKNOWN_INDEX, Budget, KNOWN_INDICES_MAX, ShieldReason, SourceKey,
     },
@@ -50,7 +51,6 @@ static SOURCE_BUDGETS: LruHashMap<SourceKey, Budget, 65536> = LruHashMap::new();
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
-const IPPROTO_UDP: u8 = 17;
 const IPV6_HDR_LEN: usize = 40;
 const UDP_HDR_LEN: usize = 8;
 
@@ -124,7 +124,7 @@ fn classify(ctx: &XdpContext) -> Verdict {
             let Some(ver_ihl) = byte(ctx, ETH_HDR_LEN) else {
                 return Verdict::NotMesh;
             };
-            if byte(ctx, ETH_HDR_LEN + 9) != Some(IPPROTO_UDP) {
+            if byte(ctx, ETH_HDR_LEN + 9) != Some(ip::PROTO_UDP) {
                 return Verdict::NotMesh;
             }
             // Later fragments carry no UDP header; leave them to the stack's reassembly.
@@ -147,7 +147,7 @@ fn classify(ctx: &XdpContext) -> Verdict {
         }
         ETH_P_IPV6 => {
             // Extension headers before UDP are not used by the mesh protocol; pass them.
-            if byte(ctx, ETH_HDR_LEN + 6) != Some(IPPROTO_UDP) {
+            if byte(ctx, ETH_HDR_LEN + 6) != Some(ip::PROTO_UDP) {
                 return Verdict::NotMesh;
             }
             let Some(saddr) = bytes(ctx, ETH_HDR_LEN + 8, 16) else {

@@ -30,9 +30,9 @@ use tracing::{debug, info, warn};
 
 use super::{
     hub::Hub,
-    proto::{CONNECT_PATH, ClientMsg, ServerMsg},
     relay::{Budget, Relay},
 };
+use crate::control::proto::{CONNECT_PATH, ClientMsg, ServerMsg};
 use crate::identity::PublicIdentity;
 
 /// Time a new connection has to send its hello.

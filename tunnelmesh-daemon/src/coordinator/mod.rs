@@ -12,7 +12,6 @@ pub mod admission;
 pub mod api;
 pub mod hub;
 pub mod ipam;
-pub mod proto;
 pub mod relay;
 pub mod store;
 pub mod tls;
@@ -32,12 +31,12 @@ use rand::Rng;
 use tracing::{info, warn};
 
 use self::{
-    hub::{Hub, new_mesh_key, unix_now},
+    hub::{Hub, new_mesh_key},
     ipam::Ipam,
     store::{MeshKeyRecord, SqliteStore, Store, TokenRecord},
     tls::Certificate,
 };
-use crate::identity::Identity;
+use crate::{control::unix_now, identity::Identity};
 
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/tunnelmesh-coordinator";
@@ -415,19 +414,7 @@ pub fn explain(data_dir: &Path, policy_path: &Path, src: &str, dst: &str, spec: 
     let policy = load_policy(policy_path)?;
     let (v4, v6) = prefixes(&store, None, None)?;
     let ipam = Ipam::new(v4, v6, [])?;
-    let members: Vec<Member> = store
-        .nodes()?
-        .into_iter()
-        .filter(|n| !n.revoked && !n.removed)
-        .map(|n| {
-            let (a4, a6) = ipam.addresses(n.host);
-            Member {
-                name: n.name,
-                tags: n.tags,
-                addresses: vec![std::net::IpAddr::V4(a4).into(), std::net::IpAddr::V6(a6).into()],
-            }
-        })
-        .collect();
+    let members: Vec<Member> = hub::members(&store.nodes()?, &ipam);
     let find = |name: &str| {
         members
             .iter()

@@ -3,11 +3,11 @@
 //! Peers pin the certificate by its SHA-256 fingerprint (`SHA256:<base64>`, the form SSH uses for
 //! keys), like `known_hosts`; no CA is involved, so names in the certificate do not matter.
 
-use std::{fs, os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+use std::{fs, os::unix::fs::PermissionsExt, path::Path};
 
-use base64::{Engine, engine::general_purpose::STANDARD_NO_PAD};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use sha2::{Digest, Sha256};
+
+use crate::control::tls::{fingerprint, provider};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -19,16 +19,6 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("generating a certificate failed: {0}")]
     Generate(#[from] rcgen::Error),
-}
-
-/// `SHA256:<base64>` of a DER certificate.
-pub fn fingerprint(cert: &[u8]) -> String {
-    format!("SHA256:{}", STANDARD_NO_PAD.encode(Sha256::digest(cert)))
-}
-
-/// The crypto provider used on both ends.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// A loaded certificate chain and key.

@@ -30,8 +30,8 @@ use crate::{
     },
     protocol::wire::{self, Kind},
     protocol::{
+        ip::IpHeader,
         probe,
-        routing::inner_addrs,
         session::{DecryptError, sealed_len},
     },
     sys::{
@@ -49,7 +49,7 @@ const GRO_BUFFERS: usize = 16;
 const STALE_HINT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What handling one received message needs, apart from the buffers it lives in.
-struct Ctx {
+struct Dispatcher {
     /// This worker's number (its bit in `Peer::rx_workers`).
     id: usize,
     dev: Arc<Device>,
@@ -59,7 +59,7 @@ struct Ctx {
 }
 
 pub struct Worker {
-    ctx: Ctx,
+    dispatcher: Dispatcher,
     udp: UdpSocket,
     /// Messages that arrived on SSH connections or the relay (shared by all workers).
     inbox: UnixDatagram,
@@ -105,7 +105,7 @@ impl Worker {
             tun_buf: vec![0u8; tun_read],
             gro: Coalescer::new(BATCH, offloads == Offloads::TsoUso),
             inbox,
-            ctx: Ctx {
+            dispatcher: Dispatcher {
                 id,
                 dev,
                 tun,
@@ -117,8 +117,8 @@ impl Worker {
     }
 
     pub fn run(mut self) {
-        while !self.ctx.dev.shutdown.load(Ordering::Relaxed) {
-            let fds = [self.ctx.tun.as_fd(), self.udp.as_fd(), self.inbox.as_fd()];
+        while !self.dispatcher.dev.shutdown.load(Ordering::Relaxed) {
+            let fds = [self.dispatcher.tun.as_fd(), self.udp.as_fd(), self.inbox.as_fd()];
             let ready = match poll::readable(fds, POLL_TIMEOUT) {
                 Ok(r) => r,
                 Err(e) => {
@@ -144,15 +144,19 @@ impl Worker {
     /// from what arrives on the socket (ACKs, pings) for long.
     fn transmit(&mut self) {
         let Worker {
-            ctx, udp, tx, tun_buf, ..
+            dispatcher,
+            udp,
+            tx,
+            tun_buf,
+            ..
         } = self;
-        let dev = &*ctx.dev;
-        let vnet = ctx.offloads.vnet_header();
+        let dev = &*dispatcher.dev;
+        let vnet = dispatcher.offloads.vnet_header();
         let now = Instant::now();
         let table = dev.peers.load();
         let (mut filled, mut reads, mut segments_read) = (0, 0, 0);
         while reads < BATCH && segments_read < BATCH {
-            let len = match tun::read(&ctx.tun, tun_buf) {
+            let len = match tun::read(&dispatcher.tun, tun_buf) {
                 Ok(Some(len)) => len,
                 Ok(None) => break,
                 Err(e) => {
@@ -195,9 +199,9 @@ impl Worker {
             return;
         }
         let now = Instant::now();
-        let sessions = self.ctx.dev.sessions.load();
-        let table = self.ctx.dev.peers.load();
-        let coalesce = self.ctx.offloads.tso();
+        let sessions = self.dispatcher.dev.sessions.load();
+        let table = self.dispatcher.dev.peers.load();
+        let coalesce = self.dispatcher.offloads.tso();
         for i in 0..got {
             let slot = i * self.rx.slot();
             let (len, src) = (self.rx.len(i), self.rx.source(i));
@@ -213,7 +217,7 @@ impl Worker {
                 let start = slot + offset;
                 let end = slot + len.min(offset + step);
                 let msg = &mut self.rx.storage_mut()[start..end];
-                if let Some(plain) = self.ctx.dispatch(&table, &sessions, msg, via, now) {
+                if let Some(plain) = self.dispatcher.dispatch(&table, &sessions, msg, via, now) {
                     let span = Span {
                         start: start + wire::DATA_HEADER_LEN,
                         len: plain,
@@ -221,7 +225,8 @@ impl Worker {
                     if coalesce {
                         self.gro.push(self.rx.storage(), span);
                     } else {
-                        self.ctx.deliver(&self.rx.storage()[span.start..span.start + span.len]);
+                        self.dispatcher
+                            .deliver(&self.rx.storage()[span.start..span.start + span.len]);
                     }
                 }
                 offset += step;
@@ -231,11 +236,15 @@ impl Worker {
             }
         }
         if coalesce {
-            let (ctx, gro) = (&self.ctx, &mut self.gro);
-            gro.flush(self.rx.storage_mut(), |pieces| ctx.write_tun(pieces));
+            let (dispatcher, gro) = (&self.dispatcher, &mut self.gro);
+            gro.flush(self.rx.storage_mut(), |pieces| dispatcher.write_tun(pieces));
             let merged = gro.take_merged();
             if merged > 0 {
-                ctx.dev.counters.rx_coalesced.fetch_add(merged, Ordering::Relaxed);
+                dispatcher
+                    .dev
+                    .counters
+                    .rx_coalesced
+                    .fetch_add(merged, Ordering::Relaxed);
             }
         }
     }
@@ -255,18 +264,18 @@ impl Worker {
                 _ => Via::Relay(key),
             };
             let now = Instant::now();
-            let sessions = self.ctx.dev.sessions.load();
-            let table = self.ctx.dev.peers.load();
+            let sessions = self.dispatcher.dev.sessions.load();
+            let table = self.dispatcher.dev.peers.load();
             let msg = &mut self.inbox_buf[INBOX_HEADER..n];
-            if let Some(len) = self.ctx.dispatch(&table, &sessions, msg, via, now) {
-                self.ctx
+            if let Some(len) = self.dispatcher.dispatch(&table, &sessions, msg, via, now) {
+                self.dispatcher
                     .deliver(&msg[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + len]);
             }
         }
     }
 }
 
-impl Ctx {
+impl Dispatcher {
     /// Handle one wire message that arrived `via` a path. A data message whose inner packet may
     /// be delivered returns that packet's length (it starts at `msg[DATA_HEADER_LEN]`).
     #[inline]
@@ -371,11 +380,12 @@ fn seal_outbound(
     let packet = segments.packet();
     let count = segments.count();
     let payload = wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + dev.mtu;
-    let Some(peer) = inner_addrs(packet).and_then(|(_, dst, _)| table.route(dst)) else {
+    let header = IpHeader::parse(packet);
+    let Some((header, peer)) = header.and_then(|h| Some((h, table.route(h.dst)?))) else {
         dev.counters.tx_no_route.fetch_add(count as u64, Ordering::Relaxed);
         return filled;
     };
-    dev.policy.track_outbound(packet, now);
+    dev.policy.track_outbound(&header, packet, now);
     let keys = peer.keys.load();
     let Some(key) = keys.current.as_ref().filter(|k| k.can_send(now)) else {
         // Segments wait for the session; a free slot serves to cut them.
@@ -502,15 +512,15 @@ fn open_inbound(
         return None;
     }
     ActivityStamps::touch(&peer.activity.data_received, stamp);
-    let Some((inner_src, _, total)) = inner_addrs(plain) else {
+    let Some(header) = IpHeader::parse(plain) else {
         return drop(&counters.rx_bad_inner);
     };
-    if !table.route(inner_src).is_some_and(|owner| Arc::ptr_eq(owner, peer)) {
+    if !table.route(header.src).is_some_and(|owner| Arc::ptr_eq(owner, peer)) {
         return drop(&counters.rx_spoofed_source);
     }
-    if !dev.policy.inbound_allowed(&plain[..total], now) {
+    if !dev.policy.inbound_allowed(&header, plain, now) {
         return None;
     }
-    peer.rx_bytes.fetch_add(total as u64, Ordering::Relaxed);
-    Some(total)
+    peer.rx_bytes.fetch_add(header.len as u64, Ordering::Relaxed);
+    Some(header.len)
 }

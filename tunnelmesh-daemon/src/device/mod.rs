@@ -131,8 +131,8 @@ pub struct Peer {
     /// Data-plane workers that opened data from this peer (bit `i`: worker `i`, up to 64).
     pub rx_workers: AtomicU64,
     /// Punches started (asked for by either side), and punches that ended in a direct path.
-    pub punches: AtomicU64,
-    pub punched: AtomicU64,
+    pub punches_started: AtomicU64,
+    pub punches_succeeded: AtomicU64,
 }
 
 /// A peer's UDP candidates, best first, and its NAT kind.
@@ -168,8 +168,8 @@ impl Peer {
                 nat: spec.nat,
             }),
             rx_workers: AtomicU64::new(0),
-            punches: AtomicU64::new(0),
-            punched: AtomicU64::new(0),
+            punches_started: AtomicU64::new(0),
+            punches_succeeded: AtomicU64::new(0),
         }
     }
 
@@ -435,12 +435,39 @@ impl Counters {
     }
 }
 
+/// Where the coordinator connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectionState {
+    /// Started from the cached state; joining.
+    Connecting,
+    Connected,
+    /// Lost; tunnels keep running on the last state while we reconnect.
+    Disconnected,
+    /// The coordinator will not have this node (certificate mismatch, refused hello): the
+    /// operator must act.
+    Refused,
+    /// Revoked while connected: every peer was dropped.
+    Revoked,
+}
+
+impl std::fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConnectionState::Connecting => "connecting",
+            ConnectionState::Connected => "connected",
+            ConnectionState::Disconnected => "disconnected",
+            ConnectionState::Refused => "refused",
+            ConnectionState::Revoked => "revoked",
+        })
+    }
+}
+
 /// The coordinator connection, as `tunnelmesh status` reports it.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ControlState {
     pub url: String,
-    /// `connecting`, `connected`, `disconnected`, `refused`.
-    pub state: String,
+    pub state: ConnectionState,
     pub last_error: Option<String>,
     /// Unix time of the last update received.
     pub last_update_unix: Option<u64>,

@@ -24,7 +24,8 @@ use tunnelmesh_common::acl::AclReason;
 
 use crate::{
     fastpath::KernelAcl,
-    policy::{Conntrack, FlowKey, NodePolicy, PacketInfo, Verdict, decide},
+    policy::{Conntrack, FlowKey, NodePolicy, PacketInfo, Verdict, inbound_verdict},
+    protocol::ip::IpHeader,
 };
 
 /// Shards of the userspace flow table; a flow and its replies hash to the same shard.
@@ -137,11 +138,11 @@ impl PolicyEnforcer {
 
     /// Record the flow an outbound packet opens (userspace enforcement only).
     #[inline]
-    pub fn track_outbound(&self, packet: &[u8], now: Instant) {
+    pub fn track_outbound(&self, header: &IpHeader, packet: &[u8], now: Instant) {
         if self.in_kernel.load(Ordering::Relaxed) || self.active.load().is_none() {
             return;
         }
-        if let Some(flow) = PacketInfo::parse(packet).and_then(|p| p.outbound_flow()) {
+        if let Some(flow) = PacketInfo::of(header, packet).and_then(|p| p.outbound_flow()) {
             self.shard(&flow).outbound(flow, now);
             self.counters.bump(AclReason::Tracked);
         }
@@ -149,7 +150,7 @@ impl PolicyEnforcer {
 
     /// Whether an inbound packet (source already checked) may pass; counts the verdict.
     #[inline]
-    pub fn inbound_allowed(&self, packet: &[u8], now: Instant) -> bool {
+    pub fn inbound_allowed(&self, header: &IpHeader, packet: &[u8], now: Instant) -> bool {
         if self.in_kernel.load(Ordering::Relaxed) {
             return true;
         }
@@ -157,12 +158,15 @@ impl PolicyEnforcer {
         let Some(active) = active.as_deref() else {
             return true;
         };
-        let info = PacketInfo::parse(packet);
+        let info = PacketInfo::of(header, packet);
         let mut ct = match info.and_then(|i| i.reply_flow()) {
             Some(flow) => self.shard(&flow),
             None => crate::sync::lock(&self.conntrack[0]),
         };
-        let verdict = decide(&active.rules, &mut ct, packet, now);
+        let verdict = match &info {
+            Some(info) => inbound_verdict(&active.rules, &mut ct, info, now),
+            None => Verdict::Deny,
+        };
         drop(ct);
         match verdict {
             Verdict::Reply => self.counters.bump(AclReason::Reply),
@@ -191,14 +195,14 @@ impl PolicyEnforcer {
         let mut error = None;
         let (enforcement, (counters, hits)): (_, Readings) = match kernel.as_ref() {
             Some(acl) => match acl.counters().and_then(|c| Ok((c, acl.rule_hits()?))) {
-                Ok(readings) => ("ebpf", readings),
+                Ok(readings) => (Enforcement::Ebpf, readings),
                 Err(e) => {
                     error = Some(e.to_string());
-                    ("ebpf", Default::default())
+                    (Enforcement::Ebpf, Default::default())
                 }
             },
             None => (
-                "userspace",
+                Enforcement::Userspace,
                 (
                     AclReason::ALL
                         .iter()
@@ -217,7 +221,7 @@ impl PolicyEnforcer {
             *hits_by_id.entry(id).or_default() += n;
         }
         Some(PolicyStatus {
-            enforcement: enforcement.into(),
+            enforcement,
             userspace_reason: crate::sync::lock(&self.userspace_reason).clone(),
             error,
             rules: active
@@ -237,6 +241,25 @@ impl PolicyEnforcer {
     }
 }
 
+/// Who enforces the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcement {
+    /// The TC programs on the mesh interface.
+    Ebpf,
+    /// The data plane.
+    Userspace,
+}
+
+impl std::fmt::Display for Enforcement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Enforcement::Ebpf => "ebpf",
+            Enforcement::Userspace => "userspace",
+        })
+    }
+}
+
 /// One compiled rule slot.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RuleStatus {
@@ -251,8 +274,7 @@ pub struct RuleStatus {
 /// `policy` in `tunnelmesh status`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PolicyStatus {
-    /// `ebpf` (TC programs on the mesh interface) or `userspace`.
-    pub enforcement: String,
+    pub enforcement: Enforcement,
     /// Why the kernel does not enforce, when it does not.
     pub userspace_reason: Option<String>,
     /// Reading the kernel counters failed.

@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 
 use arc_swap::ArcSwapOption;
 
-/// UDP port of PCP and NAT-PMP servers.
-const PORT_5351: u16 = 5351;
+/// UDP port of PCP servers, and of NAT-PMP (its predecessor) servers.
+const PCP_PORT: u16 = 5351;
 /// Each request waits this long for its answer (and is sent twice).
 const WAIT: Duration = Duration::from_millis(300);
 /// How long an SSDP search for a UPnP gateway waits.
@@ -185,7 +185,7 @@ pub(crate) fn ask_5351(gateway: Ipv4Addr, request: &[u8]) -> Result<Vec<u8>, Str
     let mut buf = [0u8; 1100];
     for _ in 0..2 {
         socket
-            .send_to(request, (gateway, PORT_5351))
+            .send_to(request, (gateway, PCP_PORT))
             .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
@@ -196,7 +196,7 @@ pub(crate) fn ask_5351(gateway: Ipv4Addr, request: &[u8]) -> Result<Vec<u8>, Str
             }
         }
     }
-    Err(format!("no answer from {gateway}:{PORT_5351}"))
+    Err(format!("no answer from {gateway}:{PCP_PORT}"))
 }
 
 // -------------------------------------------------------------------------------------- client
@@ -347,7 +347,7 @@ pub(crate) fn find_upnp_gateway() -> Result<igd_next::Gateway, String> {
 /// Our address towards `gateway` (the internal address of a mapping).
 fn local_address_towards(gateway: Ipv4Addr) -> Option<Ipv4Addr> {
     let socket = UdpSocket::bind("0.0.0.0:0").ok()?;
-    socket.connect((gateway, PORT_5351)).ok()?;
+    socket.connect((gateway, PCP_PORT)).ok()?;
     match socket.local_addr().ok()?.ip() {
         IpAddr::V4(ip) => Some(ip),
         IpAddr::V6(_) => None,

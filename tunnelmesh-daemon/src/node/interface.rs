@@ -26,12 +26,15 @@ use zeroize::Zeroizing;
 
 use crate::{
     dataplane,
-    device::{Clock, Counters, Device, PeerSpec, PeerTable, policy::PolicyEnforcer},
+    device::{
+        Clock, Counters, Device, PeerSpec, PeerTable,
+        policy::{Enforcement, PolicyEnforcer},
+    },
     fastpath::{SharedShield, Shield, Steering},
     identity::{DEFAULT_IDENTITY, Identity},
     netconf,
     node::config::Config,
-    node::status::{self, FastpathStatus},
+    node::status::{self, FastpathStatus, SteeringMode},
     policy::NodePolicy,
     protocol::noise::{LocalStatic, MeshKey},
     slowpath::{SlowPath, thread::SlowPathIo},
@@ -304,7 +307,11 @@ impl Interface {
 }
 
 fn fastpath_status(shield: &Result<Shield, String>, steered: bool) -> FastpathStatus {
-    let steering = if steered { "ebpf" } else { "hash" }.to_string();
+    let steering = if steered {
+        SteeringMode::Ebpf
+    } else {
+        SteeringMode::Hash
+    };
     match shield {
         Ok(s) => {
             let (shield, error) = match s.counters() {
@@ -312,7 +319,7 @@ fn fastpath_status(shield: &Result<Shield, String>, steered: bool) -> FastpathSt
                 Err(e) => (BTreeMap::new(), Some(e.to_string())),
             };
             FastpathStatus {
-                enforcement: "ebpf".into(),
+                enforcement: Enforcement::Ebpf,
                 xdp_interfaces: s.interfaces.clone(),
                 xdp_mode: Some(s.mode.into()),
                 shield,
@@ -321,7 +328,7 @@ fn fastpath_status(shield: &Result<Shield, String>, steered: bool) -> FastpathSt
             }
         }
         Err(e) => FastpathStatus {
-            enforcement: "userspace".into(),
+            enforcement: Enforcement::Userspace,
             xdp_interfaces: Vec::new(),
             xdp_mode: None,
             shield: BTreeMap::new(),

@@ -3,13 +3,13 @@
 //!
 //! - [`interface`]: `tunnelmesh up` — open the TUN queues, bind sockets, configure the kernel,
 //!   start the slow path, the data-plane workers and the eBPF fast path, stop them in order.
-//! - [`control`]: the coordinator client (join, follow updates, the relay channel).
+//! - [`client`]: the coordinator client (join, follow updates, the relay channel).
 //! - [`config`]: the static configuration file.
 //! - [`status`]: the status socket and what `tunnelmesh status` shows.
 //! - [`netwatch`]: route netlink → "the network changed".
 
+pub mod client;
 pub mod config;
-pub mod control;
 pub mod interface;
 pub mod netwatch;
 pub mod status;

@@ -16,7 +16,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::{ControlState, Counters, Device, Event, PingReport, policy::PolicyStatus};
+use crate::device::{
+    ControlState, Counters, Device, Event, PingReport,
+    policy::{Enforcement, PolicyStatus},
+};
 use crate::protocol::discovery::{Candidates, NatKind};
 use crate::protocol::path::PathReport;
 use crate::sys::tun::Offloads;
@@ -57,22 +60,45 @@ pub struct PeerStatus {
 pub struct PeerNat {
     pub kind: NatKind,
     pub candidates: Vec<String>,
-    /// Punches started, and those that ended in a direct path.
-    pub punches: u64,
-    pub punched: u64,
+    /// Punches started (asked for by either side).
+    #[serde(rename = "punches")]
+    pub punches_started: u64,
+    /// Punches that ended in a direct path.
+    #[serde(rename = "punched")]
+    pub punches_succeeded: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct FastpathStatus {
-    pub enforcement: String,
+    /// Whether the XDP shield runs (`ebpf`) or not (`userspace`).
+    pub enforcement: Enforcement,
     pub xdp_interfaces: Vec<String>,
     pub xdp_mode: Option<String>,
     pub shield: std::collections::BTreeMap<String, u64>,
     pub error: Option<String>,
-    /// How inbound data reaches the workers: `ebpf` (by session, `SK_REUSEPORT`) or `hash` (the
-    /// kernel's 4-tuple hash).
+    /// How inbound data reaches the workers.
     #[serde(default)]
-    pub steering: String,
+    pub steering: SteeringMode,
+}
+
+/// How inbound data reaches the workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SteeringMode {
+    /// By session, with the `SK_REUSEPORT` program.
+    Ebpf,
+    /// The kernel's 4-tuple hash.
+    #[default]
+    Hash,
+}
+
+impl std::fmt::Display for SteeringMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SteeringMode::Ebpf => "ebpf",
+            SteeringMode::Hash => "hash",
+        })
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -154,8 +180,8 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
                         PeerNat {
                             kind: remote.nat,
                             candidates: remote.endpoints.iter().map(|e| e.to_string()).collect(),
-                            punches: p.punches.load(Ordering::Relaxed),
-                            punched: p.punched.load(Ordering::Relaxed),
+                            punches_started: p.punches_started.load(Ordering::Relaxed),
+                            punches_succeeded: p.punches_succeeded.load(Ordering::Relaxed),
                         }
                     }),
                 }

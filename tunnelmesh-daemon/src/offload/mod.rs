@@ -8,6 +8,8 @@
 //! Offloads are local to this host: what goes on the wire is always ordinary MTU-sized packets,
 //! each sealed on its own.
 
+#![forbid(unsafe_code)]
+
 pub mod checksum;
 pub mod coalesce;
 pub mod split;
@@ -27,8 +29,7 @@ pub const GSO_TCPV6: u8 = 4;
 pub const GSO_UDP_L4: u8 = 5;
 pub const GSO_ECN: u8 = 0x80;
 
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
+pub use tunnelmesh_common::ip::{PROTO_TCP, PROTO_UDP};
 
 /// The `virtio_net_hdr` in host byte order (a TUN device without `TUNSETVNETLE` uses the
 /// host's, and both our targets are little-endian hosts).

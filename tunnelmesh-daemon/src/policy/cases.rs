@@ -7,10 +7,8 @@
 //! inner-source check (the source must belong to the sending peer), exactly as the worker does
 //! before policy; only packets that pass it reach the enforcer.
 
-use std::net::IpAddr;
-
 use super::{Member, NodePolicy, PolicyFile, Verdict, compile_for};
-use crate::protocol::routing::{AllowedIps, inner_addrs};
+use crate::protocol::{ip::IpHeader, routing::AllowedIps};
 
 pub const POLICY: &str = r#"
 [[allow]]
@@ -186,7 +184,7 @@ pub fn source_belongs_to_sender(case: &Case) -> bool {
             owners.insert(*a, i as u8 + 1);
         }
     }
-    inner_addrs(&case.inbound).is_some_and(|(src, _, _): (IpAddr, _, _)| owners.lookup(src) == Some(case.sender))
+    IpHeader::parse(&case.inbound).is_some_and(|h| owners.lookup(h.src) == Some(case.sender))
 }
 
 /// The table. Rule ids: 0 laptop tcp/443+8000-8100, 1 anyone icmp/echo, 2 db udp/53+any,

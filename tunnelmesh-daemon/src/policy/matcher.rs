@@ -3,11 +3,17 @@
 
 use std::{net::IpAddr, time::Instant};
 
+use tunnelmesh_common::ip::{
+    ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    PROTO_UDP,
+};
+
 use super::{
     compile::NodePolicy,
     conntrack::{Conntrack, FlowKey},
-    ports::{ECHO_ONLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, Proto},
+    ports::{ECHO_ONLY, Proto},
 };
+use crate::protocol::ip::IpHeader;
 
 /// The header fields policy looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,86 +31,55 @@ pub struct PacketInfo {
     pub later_fragment: bool,
 }
 
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMPV6_ECHO_REPLY: u8 = 129;
-
 impl PacketInfo {
-    /// Parse an IPv4 or IPv6 packet (IPv6 extension headers other than a fragment header are
-    /// treated as an unnamed protocol). An IPv4 header length below 20, a truncated IPv6
-    /// fragment header or a truncated TCP/UDP/ICMP header does not parse.
-    pub fn parse(packet: &[u8]) -> Option<PacketInfo> {
-        let (src, dst, proto_num, l4, later_fragment): (IpAddr, IpAddr, u8, usize, bool) = match packet.first()? >> 4 {
-            4 if packet.len() >= 20 => {
-                let ihl = ((packet[0] & 0x0f) as usize) * 4;
-                if ihl < 20 {
-                    return None;
-                }
-                let frag = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
-                (
-                    <[u8; 4]>::try_from(&packet[12..16]).ok()?.into(),
-                    <[u8; 4]>::try_from(&packet[16..20]).ok()?.into(),
-                    packet[9],
-                    ihl,
-                    frag != 0,
-                )
-            }
-            6 if packet.len() >= 40 => {
-                let mut next = packet[6];
-                let mut l4 = 40;
-                let mut later = false;
-                if next == 44 {
-                    if packet.len() < 48 {
-                        return None;
-                    }
-                    later = u16::from_be_bytes([packet[42], packet[43]]) >> 3 != 0;
-                    next = packet[40];
-                    l4 = 48;
-                }
-                (
-                    <[u8; 16]>::try_from(&packet[8..24]).ok()?.into(),
-                    <[u8; 16]>::try_from(&packet[24..40]).ok()?.into(),
-                    next,
-                    l4,
-                    later,
-                )
-            }
-            _ => return None,
-        };
+    /// The fields policy needs from a packet whose IP header is `header`. A malformed IP header
+    /// or a truncated TCP/UDP/ICMP header gives `None` (denied).
+    #[inline]
+    pub fn of(header: &IpHeader, packet: &[u8]) -> Option<PacketInfo> {
+        let l4 = header.transport_bytes(packet)?;
         let mut info = PacketInfo {
-            src,
-            dst,
+            src: header.src,
+            dst: header.dst,
             proto: Proto::Any,
             src_port: 0,
             dst_port: 0,
             icmp_type: 0,
             icmp_id: 0,
-            later_fragment,
+            later_fragment: header.later_fragment,
         };
-        if later_fragment {
+        if header.later_fragment {
             return Some(info);
         }
-        // Only the protocols policy names need their header; an options-only IPv4 header is fine.
-        let l4 = packet.get(l4..).unwrap_or(&[]);
-        match proto_num {
-            6 | 17 if l4.len() >= 4 => {
-                info.proto = if proto_num == 6 { Proto::Tcp } else { Proto::Udp };
+        // Only the protocols policy names need their header.
+        match header.proto {
+            PROTO_TCP | PROTO_UDP if l4.len() >= 4 => {
+                info.proto = if header.proto == PROTO_TCP {
+                    Proto::Tcp
+                } else {
+                    Proto::Udp
+                };
                 info.src_port = u16::from_be_bytes([l4[0], l4[1]]);
                 info.dst_port = u16::from_be_bytes([l4[2], l4[3]]);
             }
-            1 | 58 if l4.len() >= 8 => {
+            PROTO_ICMP | PROTO_ICMPV6 if l4.len() >= 8 => {
                 info.proto = Proto::Icmp;
                 info.icmp_type = l4[0];
                 info.icmp_id = u16::from_be_bytes([l4[4], l4[5]]);
             }
-            6 | 17 | 1 | 58 => return None, // truncated transport header
+            PROTO_TCP | PROTO_UDP | PROTO_ICMP | PROTO_ICMPV6 => return None, // truncated
             _ => {}
         }
         Some(info)
     }
 
+    /// Parse `packet` from its first byte (tests, `policy explain`).
+    pub fn parse(packet: &[u8]) -> Option<PacketInfo> {
+        IpHeader::parse(packet).and_then(|h| Self::of(&h, packet))
+    }
+
     fn is_echo(&self, request: bool) -> bool {
         let (v4, v6) = if request {
-            (ICMP_ECHO_REQUEST as u8, ICMPV6_ECHO_REQUEST as u8)
+            (ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST)
         } else {
             (ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY)
         };

@@ -9,6 +9,8 @@
 //!
 //! Sans-I/O throughout: packets are parsed headers, time is passed in.
 
+#![forbid(unsafe_code)]
+
 #[cfg(test)]
 pub mod cases;
 pub mod compile;

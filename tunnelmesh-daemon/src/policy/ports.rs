@@ -2,6 +2,7 @@
 //! once when the file is read.
 
 use serde::{Deserialize, Serialize};
+use tunnelmesh_common::ip::ICMP_ECHO_REQUEST;
 
 /// Transport protocol of a rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -29,14 +30,10 @@ impl PortRange {
     }
 }
 
-/// ICMP echo request: type 8 (IPv4) and 128 (ICMPv6).
-pub const ICMP_ECHO_REQUEST: u16 = 8;
-/// ICMPv6 echo request.
-pub const ICMPV6_ECHO_REQUEST: u16 = 128;
 /// The range of `icmp/echo` (written with the IPv4 type): it means echo request in either family.
 pub const ECHO_ONLY: PortRange = PortRange {
-    low: ICMP_ECHO_REQUEST,
-    high: ICMP_ECHO_REQUEST,
+    low: ICMP_ECHO_REQUEST as u16,
+    high: ICMP_ECHO_REQUEST as u16,
 };
 
 /// Parse one `ports` item.
@@ -58,13 +55,7 @@ pub fn parse_ports(spec: &str) -> Result<(Proto, PortRange), String> {
     };
     if proto == Proto::Icmp {
         return match range {
-            "echo" => Ok((
-                proto,
-                PortRange {
-                    low: ICMP_ECHO_REQUEST,
-                    high: ICMP_ECHO_REQUEST,
-                },
-            )),
+            "echo" => Ok((proto, ECHO_ONLY)),
             t => t
                 .parse::<u8>()
                 .map(|t| {

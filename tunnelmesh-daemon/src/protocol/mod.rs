@@ -6,7 +6,8 @@
 //! - [`wire`]: WireGuard message layouts and the classifier every received datagram meets first.
 //! - [`noise`]: the Noise IKpsk2 handshake, TAI64N, mac1/mac2 and cookies.
 //! - [`session`]: transport keys, the replay window, the session timers.
-//! - [`routing`]: cryptokey routing (allowed IPs → peer) and the one inner-IP header parser.
+//! - [`ip`]: the one parser of inner IP headers.
+//! - [`routing`]: cryptokey routing (allowed IPs → peer).
 //! - [`stun`]: the STUN Binding codec.
 //! - [`discovery`]: STUN rounds, this node's candidates and the NAT kind in front of it.
 //! - [`path`]: choosing the path to each peer (UDP, SSH, relay) and when to probe.
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod discovery;
+pub mod ip;
 pub mod noise;
 pub mod path;
 pub mod probe;

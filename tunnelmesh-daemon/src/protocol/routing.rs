@@ -77,27 +77,6 @@ impl<T: Copy> AllowedIps<T> {
     }
 }
 
-/// Source and destination of an inner IPv4/IPv6 packet, and its real length (without padding).
-pub fn inner_addrs(packet: &[u8]) -> Option<(IpAddr, IpAddr, usize)> {
-    match packet.first()? >> 4 {
-        4 if packet.len() >= 20 => {
-            let total = u16::from_be_bytes([packet[2], packet[3]]) as usize;
-            let src = Ipv4Addr::from(<[u8; 4]>::try_from(&packet[12..16]).ok()?);
-            let dst = Ipv4Addr::from(<[u8; 4]>::try_from(&packet[16..20]).ok()?);
-            (20..=packet.len())
-                .contains(&total)
-                .then_some((src.into(), dst.into(), total))
-        }
-        6 if packet.len() >= 40 => {
-            let total = 40 + u16::from_be_bytes([packet[4], packet[5]]) as usize;
-            let src = Ipv6Addr::from(<[u8; 16]>::try_from(&packet[8..24]).ok()?);
-            let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&packet[24..40]).ok()?);
-            (total <= packet.len()).then_some((src.into(), dst.into(), total))
-        }
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,22 +98,5 @@ mod tests {
         assert_eq!(q("fd00::5"), Some(5));
         assert_eq!(q("fd00::6"), Some(4));
         assert_eq!(q("2001:db8::1"), None);
-    }
-
-    #[test]
-    fn inner_addresses_and_length_come_from_the_ip_header() {
-        let mut v4 = [0u8; 32];
-        v4[0] = 0x45;
-        v4[2..4].copy_from_slice(&28u16.to_be_bytes());
-        v4[12..16].copy_from_slice(&[10, 0, 0, 1]);
-        v4[16..20].copy_from_slice(&[10, 0, 0, 2]);
-        assert_eq!(
-            inner_addrs(&v4),
-            Some(("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), 28))
-        );
-        v4[2..4].copy_from_slice(&64u16.to_be_bytes());
-        assert_eq!(inner_addrs(&v4), None, "length beyond the buffer");
-        assert_eq!(inner_addrs(&[0x60; 20]), None);
-        assert_eq!(inner_addrs(&[]), None);
     }
 }

@@ -7,14 +7,16 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-/// The magic cookie every RFC 5389/8489 message carries at bytes 4..8.
-pub const MAGIC_COOKIE: u32 = 0x2112_A442;
+use tunnelmesh_common::wire::{STUN_HEADER_LEN as HEADER_LEN, STUN_MAGIC_COOKIE, is_stun_response};
+
+/// The magic cookie every RFC 5389/8489 message carries at bytes 4..8 (the kernel's copy is the
+/// one in `tunnelmesh_common::wire`).
+pub const MAGIC_COOKIE: u32 = u32::from_be_bytes(STUN_MAGIC_COOKIE);
 const BINDING_REQUEST: u16 = 0x0001;
 const BINDING_SUCCESS: u16 = 0x0101;
 const ATTR_MAPPED_ADDRESS: u16 = 0x0001;
 const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
 const ATTR_SOFTWARE: u16 = 0x8022;
-const HEADER_LEN: usize = 20;
 /// Default port of the coordinator's first STUN target (the second is the next port).
 pub const DEFAULT_PORT: u16 = 3478;
 
@@ -27,7 +29,7 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 /// Whether `msg` looks like a STUN message (the first two bits zero and the magic cookie), so
 /// it can share a port with other protocols.
 pub fn is_stun(msg: &[u8]) -> bool {
-    msg.len() >= HEADER_LEN && msg[0] & 0xc0 == 0 && msg[4..8] == MAGIC_COOKIE.to_be_bytes()
+    msg.len() >= HEADER_LEN && msg[0] & 0xc0 == 0 && msg[4..8] == STUN_MAGIC_COOKIE
 }
 
 /// A Binding request with `transaction` as its id.
@@ -84,7 +86,11 @@ pub fn binding_response(transaction: [u8; 12], seen: SocketAddr) -> Vec<u8> {
 /// The mapped address in a Binding success response for `transaction` (XOR-MAPPED-ADDRESS, or
 /// the legacy MAPPED-ADDRESS).
 pub fn parse_binding_response(msg: &[u8], transaction: &[u8; 12]) -> Option<SocketAddr> {
-    if !is_stun(msg) || u16::from_be_bytes([msg[0], msg[1]]) != BINDING_SUCCESS || &msg[8..20] != transaction {
+    // The same predicate the XDP shield and the classifier apply, then the exact type and id.
+    let is_response = msg
+        .first_chunk::<8>()
+        .is_some_and(|head| is_stun_response(*head, msg.len()));
+    if !is_response || u16::from_be_bytes([msg[0], msg[1]]) != BINDING_SUCCESS || &msg[8..20] != transaction {
         return None;
     }
     let declared = u16::from_be_bytes([msg[2], msg[3]]) as usize;

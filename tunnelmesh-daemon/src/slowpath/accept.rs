@@ -76,18 +76,18 @@ impl SlowPath {
             // Not a member: ignore silently (no response, no cookie).
             return Counters::bump(&counters.handshake_rejected);
         };
-        let st = self.state(peer);
-        if received.timestamp <= st.greatest_timestamp {
+        let state = self.peer_state(peer);
+        if received.timestamp <= state.greatest_timestamp {
             return Counters::bump(&counters.handshake_replayed);
         }
-        if st
+        if state
             .last_initiation_accepted
             .is_some_and(|t| now.duration_since(t) < MIN_INITIATION_INTERVAL)
         {
             return Counters::bump(&counters.handshake_rejected);
         }
-        st.greatest_timestamp = received.timestamp;
-        st.last_initiation_accepted = Some(now);
+        state.greatest_timestamp = received.timestamp;
+        state.last_initiation_accepted = Some(now);
         let index = self.new_index();
         let (mut response, keys) = received.respond(index);
         // The key waits as `next` until the initiator's first data message confirms it. It is
@@ -98,12 +98,12 @@ impl SlowPath {
             next: Some(kp),
             ..ks.clone()
         });
-        self.state(peer).jar.stamp(&mut response, now);
+        self.peer_state(peer).jar.stamp(&mut response, now);
         self.transmit(via, response.to_vec());
         if let Via::Udp(src) = via {
             peer.endpoint.store(Some(Arc::new(src)));
         }
-        self.state(peer).responded_via = Some(via.kind());
+        self.peer_state(peer).responded_via = Some(via.kind());
         let stamp = dev.clock.stamp(now);
         peer.activity.any_received.store(stamp, Ordering::Relaxed);
         peer.activity.any_sent.store(stamp, Ordering::Relaxed);
@@ -127,7 +127,7 @@ impl SlowPath {
         let Some(peer) = table.get(&key) else {
             return;
         };
-        let Some(handshake) = self.state(peer).pending.take() else {
+        let Some(handshake) = self.peer_state(peer).pending.take() else {
             return;
         };
         let keys = match handshake.finish(msg) {
@@ -136,8 +136,8 @@ impl SlowPath {
                 Counters::bump(&self.dev.counters.handshake_rejected);
                 // During a mesh-key rotation the peer may answer under the other key: try it
                 // soon rather than after REKEY_TIMEOUT, but after the responder's flood limit.
-                if self.dev.mesh_keys.load().len() > self.state(peer).attempts {
-                    self.state(peer).other_key_at = Some(now + MIN_INITIATION_INTERVAL);
+                if self.dev.mesh_keys.load().len() > self.peer_state(peer).attempts {
+                    self.peer_state(peer).other_key_at = Some(now + MIN_INITIATION_INTERVAL);
                 }
                 return;
             }
@@ -148,7 +148,7 @@ impl SlowPath {
         let stamp = self.dev.clock.stamp(now);
         peer.activity.any_received.store(stamp, Ordering::Relaxed);
         ActivityStamps::touch(&peer.rx_via[via.kind() as usize], stamp);
-        self.state(peer).paths.proven(via.kind(), now);
+        self.peer_state(peer).paths.proven(via.kind(), now);
         self.sync_path(peer);
         let keypair = Arc::new(Keypair::new(&keys, now));
         self.install(peer, keypair, |ks, kp| KeySet {
@@ -170,16 +170,16 @@ impl SlowPath {
             .peers
             .values_mut()
             .find(|s| s.pending.as_ref().is_some_and(|h| h.local_index() == receiver));
-        if !pending.is_some_and(|st| st.jar.consume_reply(msg, now)) {
+        if !pending.is_some_and(|state| state.jar.consume_reply(msg, now)) {
             Counters::bump(&self.dev.counters.handshake_rejected);
         }
     }
 
     /// The peer sent data on the key we answered with (a worker promoted it to `current`).
     pub(super) fn on_key_confirmed(&mut self, peer: &Arc<Peer>, now: Instant) {
-        let st = self.state(peer);
-        if let Some(kind) = st.responded_via.take() {
-            st.paths.proven(kind, now);
+        let state = self.peer_state(peer);
+        if let Some(kind) = state.responded_via.take() {
+            state.paths.proven(kind, now);
         }
         self.sync_path(peer);
         self.session_established(peer, now);
@@ -198,11 +198,11 @@ impl SlowPath {
         let Some(peer) = peer else {
             return;
         };
-        let st = self.state(peer);
-        let recently = st
+        let state = self.peer_state(peer);
+        let recently = state
             .last_initiation_sent
             .is_some_and(|t| now.duration_since(t) < REKEY_TIMEOUT);
-        if !st.timers.handshaking() && !recently {
+        if !state.timers.handshaking() && !recently {
             debug!(peer = %peer.name, "peer uses a session we do not have; re-handshaking");
             self.initiate(peer, now);
         }

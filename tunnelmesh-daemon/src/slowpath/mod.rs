@@ -22,6 +22,8 @@
 //! session timers say so), [`send`] (sealed sends on the current key), [`paths`], [`ping`],
 //! [`discovery`] (STUN on the tunnel socket, publishing candidates), [`punch`].
 
+#![forbid(unsafe_code)]
+
 mod accept;
 mod discovery;
 mod index;
@@ -199,7 +201,7 @@ impl SlowPath {
         wall + now.saturating_duration_since(instant)
     }
 
-    fn state(&mut self, peer: &crate::device::Peer) -> &mut PeerState {
+    fn peer_state(&mut self, peer: &crate::device::Peer) -> &mut PeerState {
         self.peers.entry(key_of(peer)).or_insert_with(|| PeerState::new(peer))
     }
 
@@ -224,7 +226,7 @@ impl SlowPath {
                 _ => Counters::bump(&self.dev.counters.rx_malformed),
             },
             Event::NeedSession(peer) => {
-                self.state(&peer).timers.want_session();
+                self.peer_state(&peer).timers.want_session();
                 self.poll_timers(&peer, now);
             }
             Event::KeyConfirmed(peer) => self.on_key_confirmed(&peer, now),

@@ -37,20 +37,20 @@ impl SlowPath {
         let rx: [Option<Instant>; 3] = std::array::from_fn(|i| seen(&peer.rx_via[i]));
         let data_sent = seen(&peer.activity.data_sent);
         let has_key = peer.keys.load().current.is_some();
-        let st = self.state(peer);
+        let state = self.peer_state(peer);
         for kind in PathKind::ALL {
-            st.paths.set_available(kind, available[kind as usize], now);
+            state.paths.set_available(kind, available[kind as usize], now);
             if let Some(at) = rx[kind as usize] {
-                st.paths.received(kind, at);
+                state.paths.received(kind, at);
             }
         }
-        let current = st.paths.current();
+        let current = state.paths.current();
         let sending = data_sent.is_some_and(|t| now.saturating_duration_since(t) < SENDING_WINDOW);
         let quiet = current
             .and_then(|c| rx[c as usize])
             .map(|t| now.saturating_duration_since(t));
         let actions = if has_key {
-            st.paths.poll(now, sending, quiet)
+            state.paths.poll(now, sending, quiet)
         } else {
             Vec::new()
         };
@@ -69,7 +69,7 @@ impl SlowPath {
         }
         self.sync_path(peer);
         if self.ticks.is_multiple_of(REPORT_EVERY_TICKS) {
-            let report = self.state(peer).paths.report(now);
+            let report = self.peer_state(peer).paths.report(now);
             peer.paths.store(Arc::new(report));
         }
     }
@@ -78,8 +78,8 @@ impl SlowPath {
     pub(super) fn sync_path(&mut self, peer: &Peer) {
         let udp_known = peer.endpoint.load().is_some();
         let relay_up = self.dev.relay_tx.load().is_some();
-        let st = self.state(peer);
-        let kind = st.paths.current().unwrap_or(if udp_known || !relay_up {
+        let state = self.peer_state(peer);
+        let kind = state.paths.current().unwrap_or(if udp_known || !relay_up {
             PathKind::Udp
         } else {
             PathKind::Relay
@@ -87,7 +87,7 @@ impl SlowPath {
         if peer.path() != kind {
             peer.path.store(kind as u8, Ordering::Relaxed);
         }
-        let want_ssh = peer.ssh_endpoint.is_some() && st.paths.current() != Some(PathKind::Udp);
+        let want_ssh = peer.ssh_endpoint.is_some() && state.paths.current() != Some(PathKind::Udp);
         peer.want_ssh.store(want_ssh, Ordering::Relaxed);
     }
 
@@ -98,7 +98,7 @@ impl SlowPath {
             self.send_probe(peer, via, true, nonce, now);
         } else if nonce & PING_NONCE != 0 {
             self.ping_answered(peer, via.kind(), nonce, now);
-        } else if let Some(rtt) = self.state(peer).paths.probe_answered(via.kind(), nonce, now) {
+        } else if let Some(rtt) = self.peer_state(peer).paths.probe_answered(via.kind(), nonce, now) {
             debug!(peer = %peer.name, path = via.kind().name(), ?rtt, "probe answered");
         }
     }

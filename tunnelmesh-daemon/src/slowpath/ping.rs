@@ -67,7 +67,7 @@ impl SlowPath {
         };
         if peer.keys.load().current.is_none() {
             // Probes ride on the session: start one, and ask again.
-            self.state(peer).timers.want_session();
+            self.peer_state(peer).timers.want_session();
             self.poll_timers(peer, now);
             self.out.push(Output::PingDone {
                 to: answer,
@@ -77,7 +77,7 @@ impl SlowPath {
         }
         let mut probes = Vec::new();
         for kind in PathKind::ALL {
-            if !self.state(peer).paths.is_available(kind) {
+            if !self.peer_state(peer).paths.is_available(kind) {
                 continue;
             }
             let Some(via) = Via::to_peer(peer, kind) else {
@@ -118,7 +118,7 @@ impl SlowPath {
         });
         self.pings.pending = waiting;
         for ping in done {
-            let current = self.state(&ping.peer).paths.current();
+            let current = self.peer_state(&ping.peer).paths.current();
             let report = PingReport {
                 peer: ping.peer.name.clone(),
                 current,

@@ -26,9 +26,9 @@ impl SlowPath {
         let hard_nat = self.hard_nat_involved(nat);
         let targets = punch::targets(candidates, nat);
         let count = targets.len();
-        if self.state(peer).punch.start(targets, hard_nat, now) {
+        if self.peer_state(peer).punch.start(targets, hard_nat, now) {
             debug!(peer = %peer.name, targets = count, "punching");
-            peer.punches.fetch_add(1, Ordering::Relaxed);
+            peer.punches_started.fetch_add(1, Ordering::Relaxed);
             self.poll_punch(peer, now);
         }
     }
@@ -39,14 +39,14 @@ impl SlowPath {
         let hard_nat = self.hard_nat_involved(remote.nat);
         let connected = self.dev.coordinator_tx.load().is_some();
         let has_key = peer.keys.load().current.is_some();
-        let st = self.state(peer);
-        let wanted = has_key || st.timers.handshaking();
+        let state = self.peer_state(peer);
+        let wanted = has_key || state.timers.handshaking();
         let conditions = PunchConditions {
-            udp_works: st.paths.proven_now(PathKind::Udp, now),
+            udp_works: state.paths.proven_now(PathKind::Udp, now),
             hard_nat,
             may_request: remote.nat != NatKind::None && !remote.endpoints.is_empty() && connected && wanted,
         };
-        match st.punch.poll(now, conditions) {
+        match state.punch.poll(now, conditions) {
             None => {}
             Some(PunchAction::SendRound(targets)) => {
                 let vias: Vec<Via> = targets.into_iter().map(Via::Udp).collect();
@@ -56,7 +56,7 @@ impl SlowPath {
                 peer: peer.identity.fingerprint(),
             })),
             Some(PunchAction::Succeeded(after)) => {
-                peer.punched.fetch_add(1, Ordering::Relaxed);
+                peer.punches_succeeded.fetch_add(1, Ordering::Relaxed);
                 info!(peer = %peer.name, ?after, "hole punched");
             }
             Some(PunchAction::Failed(retry_in)) => debug!(peer = %peer.name, ?retry_in, "punch failed"),

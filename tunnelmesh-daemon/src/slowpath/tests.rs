@@ -583,8 +583,8 @@ fn a_peer_behind_nat_that_udp_cannot_reach_is_punched_at_the_coordinators_word()
         }
     }
     assert_eq!(rounds, punch::ROUNDS.len());
-    assert_eq!(a.peer(&b).punches.load(Ordering::Relaxed), 1);
-    assert_eq!(a.peer(&b).punched.load(Ordering::Relaxed), 0);
+    assert_eq!(a.peer(&b).punches_started.load(Ordering::Relaxed), 1);
+    assert_eq!(a.peer(&b).punches_succeeded.load(Ordering::Relaxed), 0);
 }
 
 #[test]

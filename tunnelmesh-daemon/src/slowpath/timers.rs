@@ -27,11 +27,11 @@ use crate::{
 impl SlowPath {
     /// Start a handshake with `peer` on the paths the rules above choose.
     pub(super) fn initiate(&mut self, peer: &Peer, now: Instant) {
-        let st = self.state(peer);
-        let vias: Vec<Via> = match st.paths.current() {
+        let state = self.peer_state(peer);
+        let vias: Vec<Via> = match state.paths.current() {
             Some(kind) => Via::to_peer(peer, kind).into_iter().collect(),
             None => {
-                let kinds: Vec<PathKind> = st.paths.available().collect();
+                let kinds: Vec<PathKind> = state.paths.available().collect();
                 kinds.into_iter().filter_map(|k| Via::to_peer(peer, k)).collect()
             }
         };
@@ -53,7 +53,7 @@ impl SlowPath {
         debug!(peer = %peer.name, ?vias, "initiating");
         let index = self.new_index();
         let mesh_keys = self.dev.mesh_keys.load();
-        let attempts = self.state(peer).attempts;
+        let attempts = self.peer_state(peer).attempts;
         let psk = &mesh_keys[attempts % mesh_keys.len()];
         let since_epoch = self.wall_clock(now).duration_since(UNIX_EPOCH).unwrap_or_default();
         let (handshake, mut msg) = InitiatorHandshake::start(
@@ -63,12 +63,13 @@ impl SlowPath {
             index,
             Tai64n::from_unix(since_epoch),
         );
-        let st = self.state(peer);
-        st.jar.stamp(&mut msg, now);
-        st.pending = Some(handshake);
-        st.attempts += 1;
-        st.last_initiation_sent = Some(now);
-        st.timers
+        let state = self.peer_state(peer);
+        state.jar.stamp(&mut msg, now);
+        state.pending = Some(handshake);
+        state.attempts += 1;
+        state.last_initiation_sent = Some(now);
+        state
+            .timers
             .initiation_sent(now, Duration::from_millis(rand::thread_rng().gen_range(0..=333)));
         for &via in vias {
             self.transmit(via, msg.to_vec());
@@ -80,10 +81,10 @@ impl SlowPath {
 
     /// A session is up (either role): the timers restart, the round's attempts reset.
     pub(super) fn session_established(&mut self, peer: &Peer, now: Instant) {
-        let st = self.state(peer);
-        st.timers.session_established(now);
-        st.attempts = 0;
-        st.other_key_at = None;
+        let state = self.peer_state(peer);
+        state.timers.session_established(now);
+        state.attempts = 0;
+        state.other_key_at = None;
         let unix = self
             .wall_clock(now)
             .duration_since(UNIX_EPOCH)
@@ -93,9 +94,9 @@ impl SlowPath {
     }
 
     pub(super) fn poll_timers(&mut self, peer: &Arc<Peer>, now: Instant) {
-        let st = self.state(peer);
-        if st.other_key_at.is_some_and(|t| now >= t) {
-            st.other_key_at = None;
+        let state = self.peer_state(peer);
+        if state.other_key_at.is_some_and(|t| now >= t) {
+            state.other_key_at = None;
             return self.initiate(peer, now);
         }
         let keys = peer.keys.load();
@@ -114,7 +115,7 @@ impl SlowPath {
             sent: k.sent(),
         });
         let seen = peer.activity.snapshot(&self.dev.clock);
-        match self.state(peer).timers.poll(now, seen, current) {
+        match self.peer_state(peer).timers.poll(now, seen, current) {
             None => {}
             Some(TimerAction::SendInitiation) => self.initiate(peer, now),
             Some(TimerAction::SendKeepalive) => {
@@ -127,10 +128,10 @@ impl SlowPath {
                     .counters
                     .tx_dropped
                     .fetch_add(dropped as u64, Ordering::Relaxed);
-                let st = self.state(peer);
-                st.pending = None;
-                st.attempts = 0;
-                st.other_key_at = None;
+                let state = self.peer_state(peer);
+                state.pending = None;
+                state.attempts = 0;
+                state.other_key_at = None;
                 peer.session_requested.store(false, Ordering::Release);
             }
             Some(TimerAction::EraseKeys) => self.erase_keys(peer),

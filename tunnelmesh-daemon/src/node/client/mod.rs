@@ -29,8 +29,8 @@ use tracing::{info, warn};
 use zeroize::Zeroizing;
 
 use crate::{
-    coordinator::proto::{CONNECT_PATH, ClientMsg, JOIN_NAMESPACE, NodeInfo, PeerInfo, ServerMsg},
-    device::{ControlState, CoordinatorRequest, Device, Event, PeerSpec, Via},
+    control::proto::{CONNECT_PATH, ClientMsg, JOIN_NAMESPACE, NodeInfo, PeerInfo, ServerMsg},
+    device::{ConnectionState, ControlState, CoordinatorRequest, Device, Event, PeerSpec, Via},
     identity::{Identity, PublicIdentity},
     node::interface::{Interface, InterfacePlan},
     policy::NodePolicy,
@@ -83,10 +83,19 @@ pub struct MeshState {
     pub stun_port: u16,
 }
 
-/// A refusal the operator must act on: retrying cannot help.
+/// Why the coordinator will not have this node: the operator must act, retrying cannot help.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Fatal(String);
+pub enum Refusal {
+    /// The certificate is not the pinned one.
+    #[error(transparent)]
+    Certificate(#[from] pinning::PinMismatch),
+    /// The coordinator refused the hello (unknown key, bad token, revoked at the door…).
+    #[error("the coordinator refused this node: {0}")]
+    Refused(String),
+    /// The node was revoked while connected.
+    #[error("{0}")]
+    Revoked(String),
+}
 
 impl MeshState {
     fn apply(&mut self, msg: ServerMsg) -> Result<bool> {
@@ -99,7 +108,7 @@ impl MeshState {
             }
             ServerMsg::MeshKeys { mesh_keys } => self.mesh_keys = mesh_keys,
             ServerMsg::Policy { policy } => self.policy = policy,
-            ServerMsg::Revoked { message } => return Err(Fatal(message).into()),
+            ServerMsg::Revoked { message } => return Err(Refusal::Revoked(message).into()),
             ServerMsg::Error { message } => bail!("coordinator error: {message}"),
             ServerMsg::Challenge { .. }
             | ServerMsg::Welcome { .. }
@@ -293,13 +302,9 @@ impl Client {
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
             .connect(server_name, tcp)
             .await
-            .map_err(|e| {
-                let text = e.to_string();
-                if text.contains("pinned") {
-                    Fatal(text).into()
-                } else {
-                    anyhow!("TLS with the coordinator failed: {text}")
-                }
+            .map_err(|e| match pinning::PinMismatch::in_tls_error(&e) {
+                Some(mismatch) => Refusal::from(mismatch.clone()).into(),
+                None => anyhow!("TLS with the coordinator failed: {e}"),
             })?;
         let request = format!("wss://{}{CONNECT_PATH}", self.host_port).into_client_request()?;
         let (mut ws, _) = tokio_tungstenite::client_async(request, tls)
@@ -333,7 +338,7 @@ impl Client {
                     match serde_json::from_str(&text).context("unreadable message from the coordinator")? {
                         ServerMsg::Welcome { more, .. } | ServerMsg::Peers { more, .. } => more,
                         ServerMsg::Error { message } => {
-                            return Err(Fatal(format!("the coordinator refused this node: {message}")).into());
+                            return Err(Refusal::Refused(message).into());
                         }
                         other => bail!("the coordinator sent {other:?} instead of a welcome"),
                     }
@@ -385,16 +390,16 @@ async fn next_msg(ws: &mut Socket) -> Result<ServerMsg> {
     serde_json::from_str(&next_text(ws).await?).context("unreadable message from the coordinator")
 }
 
-fn set_control(dev: &Device, url: &str, state: &str, error: Option<String>, updated: bool) {
+fn set_control(dev: &Device, url: &str, state: ConnectionState, error: Option<String>, updated: bool) {
     let previous = dev.control.load_full();
     let last_update_unix = if updated {
-        Some(crate::coordinator::hub::unix_now() as u64)
+        Some(crate::control::unix_now() as u64)
     } else {
         previous.as_ref().and_then(|c| c.last_update_unix)
     };
     dev.control.store(Some(Arc::new(ControlState {
         url: url.to_string(),
-        state: state.into(),
+        state,
         last_error: error,
         last_update_unix,
     })));
@@ -430,12 +435,16 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
                     ws
                 }
                 Err(e) => {
-                    let fatal = e.downcast_ref::<Fatal>().is_some();
+                    let fatal = e.downcast_ref::<Refusal>().is_some();
                     warn!("coordinator {}: {e:#}", client.url);
                     set_control(
                         &dev,
                         &client.url,
-                        if fatal { "refused" } else { "disconnected" },
+                        if fatal {
+                            ConnectionState::Refused
+                        } else {
+                            ConnectionState::Disconnected
+                        },
                         Some(format!("{e:#}")),
                         false,
                     );
@@ -447,7 +456,7 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
             },
         };
         backoff = BACKOFF_MIN;
-        set_control(&dev, &client.url, "connected", None, true);
+        set_control(&dev, &client.url, ConnectionState::Connected, None, true);
         info!(coordinator = %client.url, peers = state.peers.len(), "following the coordinator");
         let (mut sink, mut stream) = ws.split();
         // The relay path exists while we are connected.
@@ -520,17 +529,23 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
                     if let Err(e) = apply_to_device(&dev, &state).and_then(|_| state.save(&cache)) {
                         warn!("applying an update failed: {e:#}");
                     }
-                    set_control(&dev, &client.url, "connected", None, true);
+                    set_control(&dev, &client.url, ConnectionState::Connected, None, true);
                 }
                 Ok(false) => {}
-                Err(e) if e.downcast_ref::<Fatal>().is_some() => {
+                Err(e) if e.downcast_ref::<Refusal>().is_some() => {
                     warn!("{e:#}; dropping every peer");
                     dev.relay_tx.store(None);
                     dev.coordinator_tx.store(None);
                     state.peers.clear();
                     let _ = apply_to_device(&dev, &state);
                     let _ = fs::remove_file(&cache);
-                    set_control(&dev, &client.url, "revoked", Some(format!("{e:#}")), true);
+                    set_control(
+                        &dev,
+                        &client.url,
+                        ConnectionState::Revoked,
+                        Some(format!("{e:#}")),
+                        true,
+                    );
                     return;
                 }
                 Err(e) => break e,
@@ -539,7 +554,13 @@ async fn follow(client: Client, dev: Arc<Device>, mut state: MeshState, mut sock
         dev.relay_tx.store(None);
         dev.coordinator_tx.store(None);
         warn!("lost the coordinator ({reason:#}); tunnels keep running, reconnecting");
-        set_control(&dev, &client.url, "disconnected", Some(format!("{reason:#}")), false);
+        set_control(
+            &dev,
+            &client.url,
+            ConnectionState::Disconnected,
+            Some(format!("{reason:#}")),
+            false,
+        );
     }
 }
 
@@ -595,7 +616,7 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
                 loop {
                     match client.join().await {
                         Ok(joined) => break Ok(joined),
-                        Err(e) if e.downcast_ref::<Fatal>().is_some() => break Err(e),
+                        Err(e) if e.downcast_ref::<Refusal>().is_some() => break Err(e),
                         Err(e) => {
                             warn!("cannot join yet ({e:#}); retrying in {backoff:?}");
                             tokio::time::sleep(backoff).await;
@@ -631,7 +652,11 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
     set_control(
         &interface.dev,
         &opts.url,
-        if socket.is_some() { "connected" } else { "connecting" },
+        if socket.is_some() {
+            ConnectionState::Connected
+        } else {
+            ConnectionState::Connecting
+        },
         None,
         socket.is_some(),
     );

@@ -4,41 +4,43 @@
 //! It owns the store, the address allocator and the admitted-keys list, and keeps one bounded
 //! queue per connected peer. A peer whose queue overflows is disconnected (it reconnects and
 //! gets a fresh welcome) so one slow peer never stalls the others.
+//!
+//! By concern: [`admit`] (hello → enrolled node), [`welcome`] (rendering it), [`policy`]
+//! (compiling and pushing each node's rules), [`rendezvous`] (candidates and punches); here the
+//! state, the store mirror, sessions and fan-out, and reconciling with the store.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+mod admit;
+mod policy;
+mod rendezvous;
+mod welcome;
+
+pub use policy::members;
+pub use rendezvous::PUNCH_INTERVAL;
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Instant};
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{
-    admission::{self, AuthorizedKey},
+    admission::AuthorizedKey,
     ipam::Ipam,
-    proto::{ClientMsg, JOIN_NAMESPACE, NodeInfo, PeerInfo, ServerMsg, WELCOME_CHUNK},
     store::{NodeRecord, Store, StoreError},
 };
 use crate::{
-    identity::{PublicIdentity, verify_signature},
-    policy::{Member, NodePolicy, PolicyFile, compile_for},
+    control::{
+        proto::{PeerInfo, ServerMsg},
+        unix_now,
+    },
+    policy::{NodePolicy, PolicyFile},
     protocol::discovery::NatKind,
 };
-use ipnet::IpNet;
 
 /// Messages queued per connected peer before it is considered too slow.
 pub const PEER_QUEUE: usize = 1024;
 /// How long the previous mesh key stays valid after a rotation.
 pub const MESH_KEY_OVERLAP_SECS: i64 = 600;
-
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 /// Why a hello was refused; the message goes to the peer verbatim.
 #[derive(Debug, thiserror::Error)]
@@ -116,11 +118,8 @@ pub struct Hub {
     nat: HashMap<String, NatKind>,
     observed: HashMap<String, SocketAddr>,
     /// When each pair (ordered by fingerprint) was last asked to punch.
-    punched: HashMap<(String, String), Instant>,
+    last_punch: HashMap<(String, String), Instant>,
 }
-
-/// A pair of nodes is asked to punch at most this often.
-pub const PUNCH_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Hub {
     pub fn new(store: Box<dyn Store>, ipam: Ipam, coordinator_key: String) -> Result<Self, StoreError> {
@@ -148,7 +147,7 @@ impl Hub {
             stun_port: 0,
             nat: HashMap::new(),
             observed: HashMap::new(),
-            punched: HashMap::new(),
+            last_punch: HashMap::new(),
         };
         hub.pushed_mesh_keys = hub.effective_mesh_keys()?;
         for record in records {
@@ -159,60 +158,6 @@ impl Hub {
 
     pub fn set_authorized(&mut self, keys: HashMap<String, AuthorizedKey>) {
         self.authorized = keys;
-    }
-
-    /// Put `policy` in force and push every connected node its compiled rules.
-    pub fn set_policy(&mut self, policy: PolicyFile) {
-        self.policy = Some(policy);
-        self.push_policies();
-    }
-
-    /// Members as policy sees them (only computed when a policy exists).
-    fn members(&self) -> Vec<Member> {
-        self.nodes
-            .values()
-            .filter(|n| !n.revoked && !n.removed)
-            .map(|n| {
-                let (v4, v6) = self.ipam.addresses(n.host);
-                Member {
-                    name: n.name.clone(),
-                    tags: n.tags.clone(),
-                    addresses: vec![
-                        IpNet::from(std::net::IpAddr::V4(v4)),
-                        IpNet::from(std::net::IpAddr::V6(v6)),
-                    ],
-                }
-            })
-            .collect()
-    }
-
-    fn compiled_for(&self, members: &[Member], name: &str) -> NodePolicy {
-        self.policy
-            .as_ref()
-            .map(|p| compile_for(p, members, name))
-            .unwrap_or_default()
-    }
-
-    /// Recompile for every connected node (membership or policy changed); push what differs.
-    fn push_policies(&mut self) {
-        if self.policy.is_none() {
-            return; // everyone holds the empty (deny-all) policy already
-        }
-        let members = self.members();
-        let mut updates = Vec::new();
-        for fp in self.sessions.keys() {
-            let Some(node) = self.nodes.get(fp) else { continue };
-            let compiled = self.compiled_for(&members, &node.name);
-            if self.pushed_policy.get(fp) != Some(&compiled) {
-                updates.push((fp.clone(), compiled));
-            }
-        }
-        for (fp, policy) in updates {
-            if let Some(s) = self.sessions.get(&fp) {
-                let _ = s.tx.try_send(Arc::new(ServerMsg::Policy { policy: policy.clone() }));
-            }
-            self.pushed_policy.insert(fp, policy);
-        }
     }
 
     pub fn connected(&self) -> usize {
@@ -254,295 +199,6 @@ impl Hub {
             tags: n.tags.clone(),
             nat: self.nat.get(&n.fingerprint).copied().unwrap_or_default(),
         }
-    }
-
-    /// Decide on a hello from `remote` answering `nonce`. On success: the welcome and the queue
-    /// of updates for this peer's connection, identified by the returned session id.
-    pub fn admit(&mut self, hello: ClientMsg, nonce: &[u8], remote: IpAddr) -> Result<Admitted, Refusal> {
-        let ClientMsg::Hello {
-            public_key,
-            signature,
-            token,
-            name,
-            listen_port,
-            endpoints,
-            ssh_port,
-            nat,
-        } = hello
-        else {
-            return Err(Refusal::Malformed("expected a hello".into()));
-        };
-        let identity = PublicIdentity::from_ssh_line(&public_key).map_err(|e| Refusal::Malformed(e.to_string()))?;
-        let fingerprint = identity.fingerprint();
-        if !verify_signature(&identity, JOIN_NAMESPACE, nonce, &signature) {
-            return Err(Refusal::BadSignature(fingerprint));
-        }
-        if listen_port == 0 {
-            return Err(Refusal::Malformed("listen_port must be 1-65535".into()));
-        }
-        if let Some(n) = &name {
-            admission::check_name(n).map_err(Refusal::Invalid)?;
-        }
-        let candidates = parse_endpoints(&endpoints).map_err(Refusal::Malformed)?;
-        let observed = SocketAddr::new(remote.to_canonical(), listen_port);
-        let nat = nat_of(nat, &candidates, observed);
-        let mut reported = published_endpoints(&candidates, observed, nat);
-        if let Some(port) = ssh_port.filter(|p| *p != 0) {
-            reported.push(format!(
-                "ssh://{}",
-                std::net::SocketAddr::new(remote.to_canonical(), port)
-            ));
-        }
-
-        let node = match self.nodes.get(&fingerprint).cloned() {
-            Some(n) if n.revoked => return Err(Refusal::Revoked(fingerprint)),
-            Some(n) if n.removed => {
-                // Rejoining after removal needs authorization again; the address is kept.
-                let authorized = self.authorized.contains_key(&fingerprint)
-                    || match &token {
-                        Some(t) => self
-                            .store
-                            .consume_token(&admission::token_hash(t), unix_now())?
-                            .is_some(),
-                        None => false,
-                    };
-                if !authorized {
-                    return Err(Refusal::NotAuthorized(fingerprint));
-                }
-                self.store.set_removed(&fingerprint, false)?;
-                self.store.set_endpoints(&fingerprint, &reported)?;
-                self.gone.remove(&fingerprint);
-                NodeRecord {
-                    endpoints: reported,
-                    removed: false,
-                    ..n
-                }
-            }
-            Some(n) => {
-                if n.endpoints != reported {
-                    self.store.set_endpoints(&fingerprint, &reported)?;
-                }
-                NodeRecord {
-                    endpoints: reported,
-                    ..n
-                }
-            }
-            None => {
-                let (name_hint, tags) = match (self.authorized.get(&fingerprint), &token) {
-                    (Some(a), _) => (a.name.clone().or(name), a.tags.clone()),
-                    (None, Some(t)) => {
-                        let record = self
-                            .store
-                            .consume_token(&admission::token_hash(t), unix_now())?
-                            .ok_or(Refusal::BadToken)?;
-                        (name, record.tags)
-                    }
-                    (None, None) => return Err(Refusal::NotAuthorized(fingerprint)),
-                };
-                let name = match name_hint {
-                    // An asked-for name must be free (the store refuses it otherwise).
-                    Some(n) => n,
-                    // A derived one gets a suffix until it is.
-                    None => self.free_name(admission::name_from(identity.comment()).unwrap_or_else(|| "node".into())),
-                };
-                let mut ipam = self.ipam.clone();
-                let host = ipam.allocate().map_err(|e| Refusal::Internal(e.to_string()))?;
-                let record = NodeRecord {
-                    fingerprint: fingerprint.clone(),
-                    public_key: identity.ssh_line(),
-                    name,
-                    tags,
-                    host,
-                    created: unix_now(),
-                    revoked: false,
-                    removed: false,
-                    endpoints: reported,
-                };
-                self.store.insert_node(&record)?;
-                // Only a committed allocation takes the number.
-                self.ipam = ipam;
-                info!(name = %record.name, %fingerprint, host, "node joined");
-                record
-            }
-        };
-
-        self.nat.insert(fingerprint.clone(), nat);
-        self.observed.insert(fingerprint.clone(), observed);
-        self.remember(node.clone());
-        let (v4, v6) = self.ipam.addresses(node.host);
-        let node_info = NodeInfo {
-            name: node.name.clone(),
-            fingerprint: fingerprint.clone(),
-            ipv4: v4.to_string(),
-            ipv6: v6.to_string(),
-            tags: node.tags.clone(),
-        };
-        // `type` and `more` first, so a reader can tell the parts from their first bytes. The
-        // mesh keys are what every connected peer holds now (a rotation reaches everyone in the
-        // same push).
-        let node_policy = if self.policy.is_some() {
-            self.compiled_for(&self.members(), &node.name)
-        } else {
-            NodePolicy::default()
-        };
-        let policy_json = to_json(&node_policy);
-        let others: Vec<&str> = self
-            .peer_json
-            .iter()
-            .filter(|(fp, _)| **fp != fingerprint)
-            .map(|(_, j)| j.as_str())
-            .collect();
-        let chunks: Vec<&[&str]> = if others.is_empty() {
-            vec![&[]]
-        } else {
-            others.chunks(WELCOME_CHUNK).collect()
-        };
-        let last = chunks.len() - 1;
-        let welcome = chunks
-            .iter()
-            .enumerate()
-            .map(|(i, chunk)| {
-                let head = if i == 0 {
-                    format!(
-                        r#"{{"type":"welcome","more":{},"stun_port":{},"node":{},"policy":{},"mesh_keys":{},"ipv4_prefix":{},"ipv6_prefix":{},"peers":["#,
-                        i < last,
-                        self.stun_port,
-                        to_json(&node_info),
-                        policy_json,
-                        to_json(&self.pushed_mesh_keys),
-                        to_json(&self.ipam.v4().to_string()),
-                        to_json(&self.ipam.v6().to_string()),
-                    )
-                } else {
-                    format!(r#"{{"type":"peers","more":{},"peers":["#, i < last)
-                };
-                let mut msg = String::with_capacity(head.len() + 2 + chunk.iter().map(|j| j.len() + 1).sum::<usize>());
-                msg.push_str(&head);
-                msg.push_str(&chunk.join(","));
-                msg.push_str("]}");
-                msg
-            })
-            .collect();
-        self.broadcast(
-            Some(&fingerprint),
-            ServerMsg::PeerUpsert {
-                peer: self.peer_info(&node),
-            },
-        );
-        let (tx, rx) = mpsc::channel(PEER_QUEUE);
-        self.next_session += 1;
-        let id = self.next_session;
-        // A reconnecting node replaces its old connection.
-        self.sessions.insert(fingerprint.clone(), Session { id, tx });
-        self.pushed_policy.insert(fingerprint.clone(), node_policy);
-        // The others' rules may name the newcomer.
-        self.push_policies();
-        Ok(Admitted {
-            fingerprint,
-            session: id,
-            welcome,
-            updates: rx,
-        })
-    }
-
-    /// A message from the connected node `fingerprint` after its welcome.
-    pub fn on_message(&mut self, fingerprint: &str, msg: ClientMsg) -> Result<(), String> {
-        match msg {
-            ClientMsg::Hello { .. } => Err("already joined; a hello is only valid first".into()),
-            ClientMsg::Candidates { endpoints, nat } => self.candidates(fingerprint, &endpoints, nat),
-            ClientMsg::Punch { peer } => self.punch(fingerprint, &peer),
-        }
-    }
-
-    /// New UDP candidates of `fingerprint`: keep them (and its SSH endpoint) and tell everyone.
-    fn candidates(&mut self, fingerprint: &str, endpoints: &[String], nat: NatKind) -> Result<(), String> {
-        let candidates = parse_endpoints(endpoints)?;
-        let Some(record) = self.nodes.get(fingerprint).cloned() else {
-            return Err("unknown node".into());
-        };
-        let Some(observed) = self.observed.get(fingerprint).copied() else {
-            return Err("unknown node".into());
-        };
-        let nat = nat_of(nat, &candidates, observed);
-        let mut reported = published_endpoints(&candidates, observed, nat);
-        reported.extend(record.endpoints.iter().filter(|e| e.starts_with("ssh://")).cloned());
-        if reported == record.endpoints && self.nat.get(fingerprint) == Some(&nat) {
-            return Ok(());
-        }
-        if reported != record.endpoints {
-            self.store
-                .set_endpoints(fingerprint, &reported)
-                .map_err(|e| e.to_string())?;
-        }
-        self.nat.insert(fingerprint.to_string(), nat);
-        let record = NodeRecord {
-            endpoints: reported,
-            ..record
-        };
-        debug!(%fingerprint, endpoints = ?record.endpoints, nat = nat.name(), "candidates changed");
-        self.remember(record.clone());
-        self.broadcast(
-            Some(fingerprint),
-            ServerMsg::PeerUpsert {
-                peer: self.peer_info(&record),
-            },
-        );
-        Ok(())
-    }
-
-    /// `from` wants a direct path to `to`: tell both, at once, to send to each other.
-    fn punch(&mut self, from: &str, to: &str) -> Result<(), String> {
-        if from == to {
-            return Err("a node cannot punch to itself".into());
-        }
-        let (Some(a), Some(b)) = (self.nodes.get(from), self.nodes.get(to)) else {
-            return Err(format!("no member {to}"));
-        };
-        if b.revoked || b.removed || !self.sessions.contains_key(to) {
-            return Ok(()); // not connected: the relay will carry traffic until it is
-        }
-        let pair = if from < to {
-            (from.to_string(), to.to_string())
-        } else {
-            (to.to_string(), from.to_string())
-        };
-        let now = Instant::now();
-        if self
-            .punched
-            .get(&pair)
-            .is_some_and(|t| now.duration_since(*t) < PUNCH_INTERVAL)
-        {
-            return Ok(());
-        }
-        self.punched.retain(|_, t| now.duration_since(*t) < PUNCH_INTERVAL);
-        self.punched.insert(pair, now);
-        let about = |n: &NodeRecord| ServerMsg::Punch {
-            peer: n.fingerprint.clone(),
-            endpoints: n
-                .endpoints
-                .iter()
-                .filter(|e| !e.starts_with("ssh://"))
-                .cloned()
-                .collect(),
-            nat: self.nat.get(&n.fingerprint).copied().unwrap_or_default(),
-        };
-        let (to_b, to_a) = (about(a), about(b));
-        for (fp, msg) in [(to, to_b), (from, to_a)] {
-            if let Some(s) = self.sessions.get(fp) {
-                let _ = s.tx.try_send(Arc::new(msg));
-            }
-        }
-        debug!(%from, %to, "asked a pair to punch");
-        Ok(())
-    }
-
-    /// `base`, or `base-2`, `base-3`, … whichever no node has.
-    fn free_name(&self, base: String) -> String {
-        let taken: std::collections::HashSet<&str> = self.nodes.values().map(|n| n.name.as_str()).collect();
-        std::iter::once(base.clone())
-            .chain((2..).map(|i| format!("{base}-{i}")))
-            .find(|n| !taken.contains(n.as_str()))
-            .expect("an unbounded sequence has a free name")
     }
 
     /// The connection `id` of `fingerprint` ended.
@@ -616,51 +272,6 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("plain data serializes")
 }
 
-/// Base64 of a new random mesh key.
-/// UDP endpoints a node reported: at most [`crate::protocol::discovery::MAX_CANDIDATES`], each `ip:port`.
-fn parse_endpoints(endpoints: &[String]) -> Result<Vec<SocketAddr>, String> {
-    if endpoints.len() > crate::protocol::discovery::MAX_CANDIDATES {
-        return Err(format!(
-            "{} endpoints reported; at most {} are accepted",
-            endpoints.len(),
-            crate::protocol::discovery::MAX_CANDIDATES
-        ));
-    }
-    endpoints
-        .iter()
-        .map(|e| {
-            e.parse::<SocketAddr>()
-                .map(crate::protocol::stun::canonical)
-                .map_err(|_| format!("endpoint {e:?} is not ip:port"))
-        })
-        .collect()
-}
-
-/// A node's NAT kind: what its STUN answers showed; without any, `none` if its connection came
-/// from one of its own (host) addresses.
-fn nat_of(reported: NatKind, candidates: &[SocketAddr], observed: SocketAddr) -> NatKind {
-    match reported {
-        NatKind::Unknown if candidates.iter().any(|c| c.ip() == observed.ip()) => NatKind::None,
-        known => known,
-    }
-}
-
-/// The UDP endpoints to publish: the node's own candidates, then the address its connection came
-/// from with its listen port (a guess, right for nodes not behind NAT and for NATs that keep
-/// the port) unless STUN told it better.
-fn published_endpoints(candidates: &[SocketAddr], observed: SocketAddr, nat: NatKind) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let guess = (nat == NatKind::Unknown).then_some(observed);
-    let public_first = (nat == NatKind::None).then_some(observed);
-    for e in public_first.iter().chain(candidates).chain(guess.iter()) {
-        let e = e.to_string();
-        if !out.contains(&e) {
-            out.push(e);
-        }
-    }
-    out
-}
-
 pub fn new_mesh_key() -> String {
     use rand::RngCore;
     let mut key = [0u8; 32];
@@ -670,8 +281,14 @@ pub fn new_mesh_key() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
     use crate::coordinator::store::{MeshKeyRecord, SqliteStore, TokenRecord};
+    use crate::{
+        control::proto::{ClientMsg, JOIN_NAMESPACE, WELCOME_CHUNK},
+        coordinator::admission,
+    };
 
     fn hub() -> Hub {
         let store = SqliteStore::in_memory().unwrap();

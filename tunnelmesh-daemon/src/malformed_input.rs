@@ -8,8 +8,8 @@ use zeroize::Zeroizing;
 
 use crate::{
     policy::PacketInfo,
+    protocol::ip::IpHeader,
     protocol::noise::{CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, Tai64n, consume_initiation},
-    protocol::routing::inner_addrs,
     protocol::session::Keypair,
     protocol::wire,
 };
@@ -75,7 +75,7 @@ fn random_and_mutated_datagrams_never_panic_any_parser() {
             msg[0] = (rng.next() % 4 + 1) as u8;
             msg.iter_mut().skip(1).take(3).for_each(|b| *b = 0);
         }
-        let _ = inner_addrs(&msg);
+        let _ = IpHeader::parse(&msg);
         let _ = PacketInfo::parse(&msg);
         match wire::classify(&msg) {
             Ok(wire::Kind::Initiation) => {

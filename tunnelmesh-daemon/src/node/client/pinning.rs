@@ -7,13 +7,33 @@
 use std::sync::Arc;
 
 use rustls::{
-    DigitallySignedStruct, SignatureScheme,
+    CertificateError, DigitallySignedStruct, OtherError, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
     pki_types::{CertificateDer, ServerName, UnixTime},
 };
 
-use crate::coordinator::tls;
+use crate::control::tls;
+
+/// The coordinator presented a certificate other than the pinned one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the coordinator's certificate is {seen}, not the pinned {pinned}; refusing to connect (check the fingerprint with `tunnelmesh coordinator info`)"
+)]
+pub struct PinMismatch {
+    pub seen: String,
+    pub pinned: String,
+}
+
+impl PinMismatch {
+    /// The mismatch behind a failed TLS handshake, if that is why it failed.
+    pub fn in_tls_error(e: &std::io::Error) -> Option<&PinMismatch> {
+        match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => inner.downcast_ref(),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct PinnedCertificate {
@@ -53,10 +73,13 @@ impl ServerCertVerifier for PinnedCertificate {
         if seen == self.fingerprint {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!(
-                "the coordinator's certificate is {seen}, not the pinned {}; refusing to connect (check the fingerprint with `tunnelmesh coordinator info`)",
-                self.fingerprint
-            )))
+            let mismatch = PinMismatch {
+                seen,
+                pinned: self.fingerprint.clone(),
+            };
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                Arc::new(mismatch),
+            ))))
         }
     }
 

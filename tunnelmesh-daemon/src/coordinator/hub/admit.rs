@@ -1,0 +1,184 @@
+//! Admission: a hello is checked (signature over the challenge, name, candidates), the node is
+//! found or enrolled (authorized key or token; revoked keys never, removed ones only with a new
+//! authorization), and gets its welcome and a queue of updates.
+
+use std::net::{IpAddr, SocketAddr};
+
+use tokio::sync::mpsc;
+use tracing::info;
+
+use super::{
+    Admitted, Hub, PEER_QUEUE, Refusal, Session,
+    rendezvous::{nat_of, parse_endpoints, published_endpoints},
+};
+use crate::{
+    control::{
+        proto::{ClientMsg, JOIN_NAMESPACE, NodeInfo, ServerMsg},
+        unix_now,
+    },
+    coordinator::{admission, store::NodeRecord},
+    identity::{PublicIdentity, verify_signature},
+    policy::NodePolicy,
+};
+
+impl Hub {
+    /// Decide on a hello from `remote` answering `nonce`. On success: the welcome and the queue
+    /// of updates for this peer's connection, identified by the returned session id.
+    pub fn admit(&mut self, hello: ClientMsg, nonce: &[u8], remote: IpAddr) -> Result<Admitted, Refusal> {
+        let ClientMsg::Hello {
+            public_key,
+            signature,
+            token,
+            name,
+            listen_port,
+            endpoints,
+            ssh_port,
+            nat,
+        } = hello
+        else {
+            return Err(Refusal::Malformed("expected a hello".into()));
+        };
+        let identity = PublicIdentity::from_ssh_line(&public_key).map_err(|e| Refusal::Malformed(e.to_string()))?;
+        let fingerprint = identity.fingerprint();
+        if !verify_signature(&identity, JOIN_NAMESPACE, nonce, &signature) {
+            return Err(Refusal::BadSignature(fingerprint));
+        }
+        if listen_port == 0 {
+            return Err(Refusal::Malformed("listen_port must be 1-65535".into()));
+        }
+        if let Some(n) = &name {
+            admission::check_name(n).map_err(Refusal::Invalid)?;
+        }
+        let candidates = parse_endpoints(&endpoints).map_err(Refusal::Malformed)?;
+        let observed = SocketAddr::new(remote.to_canonical(), listen_port);
+        let nat = nat_of(nat, &candidates, observed);
+        let mut reported = published_endpoints(&candidates, observed, nat);
+        if let Some(port) = ssh_port.filter(|p| *p != 0) {
+            reported.push(format!(
+                "ssh://{}",
+                std::net::SocketAddr::new(remote.to_canonical(), port)
+            ));
+        }
+
+        let node = match self.nodes.get(&fingerprint).cloned() {
+            Some(n) if n.revoked => return Err(Refusal::Revoked(fingerprint)),
+            Some(n) if n.removed => {
+                // Rejoining after removal needs authorization again; the address is kept.
+                let authorized = self.authorized.contains_key(&fingerprint)
+                    || match &token {
+                        Some(t) => self
+                            .store
+                            .consume_token(&admission::token_hash(t), unix_now())?
+                            .is_some(),
+                        None => false,
+                    };
+                if !authorized {
+                    return Err(Refusal::NotAuthorized(fingerprint));
+                }
+                self.store.set_removed(&fingerprint, false)?;
+                self.store.set_endpoints(&fingerprint, &reported)?;
+                self.gone.remove(&fingerprint);
+                NodeRecord {
+                    endpoints: reported,
+                    removed: false,
+                    ..n
+                }
+            }
+            Some(n) => {
+                if n.endpoints != reported {
+                    self.store.set_endpoints(&fingerprint, &reported)?;
+                }
+                NodeRecord {
+                    endpoints: reported,
+                    ..n
+                }
+            }
+            None => {
+                let (name_hint, tags) = match (self.authorized.get(&fingerprint), &token) {
+                    (Some(a), _) => (a.name.clone().or(name), a.tags.clone()),
+                    (None, Some(t)) => {
+                        let record = self
+                            .store
+                            .consume_token(&admission::token_hash(t), unix_now())?
+                            .ok_or(Refusal::BadToken)?;
+                        (name, record.tags)
+                    }
+                    (None, None) => return Err(Refusal::NotAuthorized(fingerprint)),
+                };
+                let name = match name_hint {
+                    // An asked-for name must be free (the store refuses it otherwise).
+                    Some(n) => n,
+                    // A derived one gets a suffix until it is.
+                    None => self.free_name(admission::name_from(identity.comment()).unwrap_or_else(|| "node".into())),
+                };
+                let mut ipam = self.ipam.clone();
+                let host = ipam.allocate().map_err(|e| Refusal::Internal(e.to_string()))?;
+                let record = NodeRecord {
+                    fingerprint: fingerprint.clone(),
+                    public_key: identity.ssh_line(),
+                    name,
+                    tags,
+                    host,
+                    created: unix_now(),
+                    revoked: false,
+                    removed: false,
+                    endpoints: reported,
+                };
+                self.store.insert_node(&record)?;
+                // Only a committed allocation takes the number.
+                self.ipam = ipam;
+                info!(name = %record.name, %fingerprint, host, "node joined");
+                record
+            }
+        };
+
+        self.nat.insert(fingerprint.clone(), nat);
+        self.observed.insert(fingerprint.clone(), observed);
+        self.remember(node.clone());
+        let (v4, v6) = self.ipam.addresses(node.host);
+        let node_info = NodeInfo {
+            name: node.name.clone(),
+            fingerprint: fingerprint.clone(),
+            ipv4: v4.to_string(),
+            ipv6: v6.to_string(),
+            tags: node.tags.clone(),
+        };
+        // The mesh keys are what every connected peer holds now (a rotation reaches everyone in
+        // the same push).
+        let node_policy = if self.policy.is_some() {
+            self.compiled_for(&self.members(), &node.name)
+        } else {
+            NodePolicy::default()
+        };
+        let welcome = self.render_welcome(&fingerprint, &node_info, &node_policy);
+        self.broadcast(
+            Some(&fingerprint),
+            ServerMsg::PeerUpsert {
+                peer: self.peer_info(&node),
+            },
+        );
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        self.next_session += 1;
+        let id = self.next_session;
+        // A reconnecting node replaces its old connection.
+        self.sessions.insert(fingerprint.clone(), Session { id, tx });
+        self.pushed_policy.insert(fingerprint.clone(), node_policy);
+        // The others' rules may name the newcomer.
+        self.push_policies();
+        Ok(Admitted {
+            fingerprint,
+            session: id,
+            welcome,
+            updates: rx,
+        })
+    }
+
+    /// `base`, or `base-2`, `base-3`, … whichever no node has.
+    fn free_name(&self, base: String) -> String {
+        let taken: std::collections::HashSet<&str> = self.nodes.values().map(|n| n.name.as_str()).collect();
+        std::iter::once(base.clone())
+            .chain((2..).map(|i| format!("{base}-{i}")))
+            .find(|n| !taken.contains(n.as_str()))
+            .expect("an unbounded sequence has a free name")
+    }
+}

@@ -1,0 +1,159 @@
+//! Rendezvous: nodes report their UDP candidates and NAT kind; the coordinator checks and keeps
+//! them, pushes them to the others, and when a node asks to punch towards another, tells both
+//! at once (each then sends to the other's candidates).
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tracing::debug;
+
+use super::Hub;
+use crate::{
+    control::proto::{ClientMsg, ServerMsg},
+    coordinator::store::NodeRecord,
+    protocol::discovery::NatKind,
+};
+
+/// A pair of nodes is asked to punch at most this often.
+pub const PUNCH_INTERVAL: Duration = Duration::from_millis(500);
+
+impl Hub {
+    /// A message from the connected node `fingerprint` after its welcome.
+    pub fn on_message(&mut self, fingerprint: &str, msg: ClientMsg) -> Result<(), String> {
+        match msg {
+            ClientMsg::Hello { .. } => Err("already joined; a hello is only valid first".into()),
+            ClientMsg::Candidates { endpoints, nat } => self.candidates(fingerprint, &endpoints, nat),
+            ClientMsg::Punch { peer } => self.punch(fingerprint, &peer),
+        }
+    }
+
+    /// New UDP candidates of `fingerprint`: keep them (and its SSH endpoint) and tell everyone.
+    fn candidates(&mut self, fingerprint: &str, endpoints: &[String], nat: NatKind) -> Result<(), String> {
+        let candidates = parse_endpoints(endpoints)?;
+        let Some(record) = self.nodes.get(fingerprint).cloned() else {
+            return Err("unknown node".into());
+        };
+        let Some(observed) = self.observed.get(fingerprint).copied() else {
+            return Err("unknown node".into());
+        };
+        let nat = nat_of(nat, &candidates, observed);
+        let mut reported = published_endpoints(&candidates, observed, nat);
+        reported.extend(record.endpoints.iter().filter(|e| e.starts_with("ssh://")).cloned());
+        if reported == record.endpoints && self.nat.get(fingerprint) == Some(&nat) {
+            return Ok(());
+        }
+        if reported != record.endpoints {
+            self.store
+                .set_endpoints(fingerprint, &reported)
+                .map_err(|e| e.to_string())?;
+        }
+        self.nat.insert(fingerprint.to_string(), nat);
+        let record = NodeRecord {
+            endpoints: reported,
+            ..record
+        };
+        debug!(%fingerprint, endpoints = ?record.endpoints, nat = nat.name(), "candidates changed");
+        self.remember(record.clone());
+        self.broadcast(
+            Some(fingerprint),
+            ServerMsg::PeerUpsert {
+                peer: self.peer_info(&record),
+            },
+        );
+        Ok(())
+    }
+
+    /// `from` wants a direct path to `to`: tell both, at once, to send to each other.
+    fn punch(&mut self, from: &str, to: &str) -> Result<(), String> {
+        if from == to {
+            return Err("a node cannot punch to itself".into());
+        }
+        let (Some(a), Some(b)) = (self.nodes.get(from), self.nodes.get(to)) else {
+            return Err(format!("no member {to}"));
+        };
+        if b.revoked || b.removed || !self.sessions.contains_key(to) {
+            return Ok(()); // not connected: the relay will carry traffic until it is
+        }
+        let pair = if from < to {
+            (from.to_string(), to.to_string())
+        } else {
+            (to.to_string(), from.to_string())
+        };
+        let now = Instant::now();
+        if self
+            .last_punch
+            .get(&pair)
+            .is_some_and(|t| now.duration_since(*t) < PUNCH_INTERVAL)
+        {
+            return Ok(());
+        }
+        self.last_punch.retain(|_, t| now.duration_since(*t) < PUNCH_INTERVAL);
+        self.last_punch.insert(pair, now);
+        let about = |n: &NodeRecord| ServerMsg::Punch {
+            peer: n.fingerprint.clone(),
+            endpoints: n
+                .endpoints
+                .iter()
+                .filter(|e| !e.starts_with("ssh://"))
+                .cloned()
+                .collect(),
+            nat: self.nat.get(&n.fingerprint).copied().unwrap_or_default(),
+        };
+        let (to_b, to_a) = (about(a), about(b));
+        for (fp, msg) in [(to, to_b), (from, to_a)] {
+            if let Some(s) = self.sessions.get(fp) {
+                let _ = s.tx.try_send(Arc::new(msg));
+            }
+        }
+        debug!(%from, %to, "asked a pair to punch");
+        Ok(())
+    }
+}
+
+/// Base64 of a new random mesh key.
+/// UDP endpoints a node reported: at most [`crate::protocol::discovery::MAX_CANDIDATES`], each `ip:port`.
+pub(super) fn parse_endpoints(endpoints: &[String]) -> Result<Vec<SocketAddr>, String> {
+    if endpoints.len() > crate::protocol::discovery::MAX_CANDIDATES {
+        return Err(format!(
+            "{} endpoints reported; at most {} are accepted",
+            endpoints.len(),
+            crate::protocol::discovery::MAX_CANDIDATES
+        ));
+    }
+    endpoints
+        .iter()
+        .map(|e| {
+            e.parse::<SocketAddr>()
+                .map(crate::protocol::stun::canonical)
+                .map_err(|_| format!("endpoint {e:?} is not ip:port"))
+        })
+        .collect()
+}
+
+/// A node's NAT kind: what its STUN answers showed; without any, `none` if its connection came
+/// from one of its own (host) addresses.
+pub(super) fn nat_of(reported: NatKind, candidates: &[SocketAddr], observed: SocketAddr) -> NatKind {
+    match reported {
+        NatKind::Unknown if candidates.iter().any(|c| c.ip() == observed.ip()) => NatKind::None,
+        known => known,
+    }
+}
+
+/// The UDP endpoints to publish: the node's own candidates, then the address its connection came
+/// from with its listen port (a guess, right for nodes not behind NAT and for NATs that keep
+/// the port) unless STUN told it better.
+pub(super) fn published_endpoints(candidates: &[SocketAddr], observed: SocketAddr, nat: NatKind) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let guess = (nat == NatKind::Unknown).then_some(observed);
+    let public_first = (nat == NatKind::None).then_some(observed);
+    for e in public_first.iter().chain(candidates).chain(guess.iter()) {
+        let e = e.to_string();
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    out
+}
