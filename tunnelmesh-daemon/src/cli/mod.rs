@@ -1,0 +1,178 @@
+//! Command-line interface: parses arguments ([`args`]), dispatches them, renders what comes
+//! back ([`render`]), and turns errors into sentences a sysadmin can act on.
+
+mod args;
+mod render;
+
+pub use args::Cli;
+use args::*;
+
+use anyhow::{Result, bail};
+
+use crate::{
+    coordinator,
+    identity::{DEFAULT_IDENTITY, Identity},
+    node::client,
+    node::status,
+};
+
+fn up(args: UpArgs) -> Result<()> {
+    if let Some(config) = &args.config {
+        return crate::node::interface::up_static(config, args.identity.as_deref());
+    }
+    let (Some(url), Some(fingerprint)) = (args.coordinator, args.fingerprint) else {
+        bail!("give --config FILE, or --coordinator URL with --fingerprint SHA256:…");
+    };
+    if args.listen_port == 0 {
+        bail!("--listen-port must be 1-65535");
+    }
+    let identity = Identity::load(
+        args.identity
+            .as_deref()
+            .unwrap_or(std::path::Path::new(DEFAULT_IDENTITY)),
+    )?;
+    let opts = client::JoinOptions {
+        url,
+        fingerprint,
+        token: args.token,
+        name: args.name,
+        interface: args.interface,
+        listen_port: args.listen_port,
+        mtu: args.mtu as usize,
+        workers: args.workers,
+        state_dir: args.state_dir,
+        no_ebpf: args.no_ebpf,
+        no_offload: args.no_offload,
+        ssh_port: args.ssh_port.unwrap_or(args.listen_port),
+        port_mapping: args.port_mapping,
+        port_mapping_lifetime: std::time::Duration::from_secs(args.port_mapping_lifetime),
+    };
+    client::up(opts, identity)
+}
+
+fn coordinator_command(args: CoordinatorArgs) -> Result<()> {
+    match args.command {
+        None => coordinator::serve(coordinator::ServeOptions {
+            data_dir: args.data_dir,
+            listen: args.listen,
+            tls_cert: args.tls_cert,
+            tls_key: args.tls_key,
+            authorized_keys: args.authorized_keys,
+            ipv4_prefix: args.ipv4_prefix,
+            ipv6_prefix: args.ipv6_prefix,
+            policy: args.policy,
+            relay_rate: args.relay_limit_mbit * 1_000_000 / 8,
+            relay_dump: args.relay_dump,
+            stun_port: args.stun_port,
+        }),
+        Some(CoordinatorCommand::Info) => coordinator::info(&args.data_dir),
+        Some(CoordinatorCommand::Token {
+            command: TokenCommand::Create { ttl, uses, tags },
+        }) => coordinator::token_create(&args.data_dir, coordinator::parse_duration(&ttl)?, uses, tags),
+        Some(CoordinatorCommand::Revoke { node }) => coordinator::revoke(&args.data_dir, &node),
+        Some(CoordinatorCommand::Remove { node }) => coordinator::remove(&args.data_dir, &node),
+        Some(CoordinatorCommand::RotateMeshKey) => coordinator::rotate_mesh_key(&args.data_dir),
+        Some(CoordinatorCommand::Policy { command }) => policy_command(&args.data_dir, command),
+    }
+}
+
+fn policy_command(data_dir: &std::path::Path, command: PolicyCommand) -> Result<()> {
+    match command {
+        PolicyCommand::Explain { policy, src, dst, port } => coordinator::explain(data_dir, &policy, &src, &dst, &port),
+        PolicyCommand::Check { file } => {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let policy =
+                crate::policy::PolicyFile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            println!(
+                "{}: ok ({} allow rules, {} groups)",
+                file.display(),
+                policy.rules.len(),
+                policy.groups.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Identity {
+            command: IdentityCommand::Show { identity },
+        } => {
+            let id = Identity::load(&identity)?;
+            println!("{}", id.public().ssh_keygen_line());
+            println!("mesh public key: {}", id.public().noise_public_base64());
+            Ok(())
+        }
+        Command::Up(args) => up(args),
+        Command::Coordinator(args) => coordinator_command(args),
+        Command::Policy { command, data_dir } => policy_command(&data_dir, command),
+        Command::Netcheck {
+            coordinator,
+            stun_port,
+            json,
+        } => {
+            let report = crate::nat::netcheck::run(crate::nat::netcheck::targets(&coordinator, stun_port)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(())
+        }
+        Command::Ping { peer, interface, count } => {
+            let interface = pick_interface(interface)?;
+            let mut answered = 0;
+            for round in 0..count {
+                if round > 0 {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                let report = status::query_ping(&interface, &peer).map_err(anyhow::Error::msg)?;
+                let current = report.current.map_or("none", |c| c.name());
+                for (kind, at, rtt) in &report.paths {
+                    let mark = if report.current == Some(*kind) { " (in use)" } else { "" };
+                    match rtt {
+                        Some(ms) => {
+                            answered += 1;
+                            println!("{}: reply via {at}{mark}: rtt {ms:.3} ms", report.peer)
+                        }
+                        None => println!("{}: no reply via {at}{mark}", report.peer),
+                    }
+                }
+                if report.paths.is_empty() {
+                    println!("{}: no path available (traffic path: {current})", report.peer);
+                }
+            }
+            if answered == 0 {
+                bail!("{peer} did not answer on any path");
+            }
+            Ok(())
+        }
+        Command::Status { interface, json } => {
+            let interface = pick_interface(interface)?;
+            let s = status::query(&interface).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{s}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `--interface`, or the only one running.
+fn pick_interface(interface: Option<String>) -> Result<String> {
+    Ok(match interface {
+        Some(i) => i,
+        None => match status::running_interfaces().as_slice() {
+            [one] => one.clone(),
+            [] => bail!("no tunnelmesh interface is running (no socket in {})", status::RUN_DIR),
+            many => bail!(
+                "several interfaces are running ({}); pick one with --interface",
+                many.join(", ")
+            ),
+        },
+    })
+}
