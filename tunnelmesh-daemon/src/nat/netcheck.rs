@@ -109,7 +109,7 @@ pub fn run(targets: [SocketAddr; 2]) -> Result<Report> {
         gateway: gateway.map(|g| g.to_string()),
         nat_pmp,
         pcp,
-        upnp_igd: crate::nat::portmap::find_upnp_gateway().is_ok(),
+        upnp_igd: crate::nat::portmap::upnp::find_gateway().is_ok(),
     })
 }
 

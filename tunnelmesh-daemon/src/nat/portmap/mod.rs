@@ -8,7 +8,7 @@
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     str::FromStr,
     sync::{
         Arc,
@@ -17,18 +17,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwapOption;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use arc_swap::ArcSwapOption;
+mod natpmp;
+mod pcp;
+pub(crate) mod upnp;
 
 /// UDP port of PCP servers, and of NAT-PMP (its predecessor) servers.
 const PCP_PORT: u16 = 5351;
 /// Each request waits this long for its answer (and is sent twice).
 const WAIT: Duration = Duration::from_millis(300);
-/// How long an SSDP search for a UPnP gateway waits.
-const UPNP_SEARCH: Duration = Duration::from_millis(1500);
 /// After a failure, try again after this long.
 const RETRY: Duration = Duration::from_secs(60);
 /// Default lifetime asked for.
@@ -100,82 +101,6 @@ pub struct Mapping {
     pub renewals: u64,
     #[serde(skip)]
     pcp_nonce: [u8; 12],
-}
-
-// ------------------------------------------------------------------------------------ NAT-PMP
-
-/// NAT-PMP "map UDP" request (opcode 1): internal port, suggested external port, lifetime.
-fn natpmp_map_request(internal: u16, external: u16, lifetime: u32) -> [u8; 12] {
-    let mut m = [0u8; 12];
-    m[1] = 1;
-    m[4..6].copy_from_slice(&internal.to_be_bytes());
-    m[6..8].copy_from_slice(&external.to_be_bytes());
-    m[8..12].copy_from_slice(&lifetime.to_be_bytes());
-    m
-}
-
-/// (external port, lifetime) from a NAT-PMP map response to `internal`.
-fn parse_natpmp_map(m: &[u8], internal: u16) -> Result<(u16, u32), String> {
-    if m.len() < 16 || m[0] != 0 || m[1] != 129 {
-        return Err("not a NAT-PMP map response".into());
-    }
-    let result = u16::from_be_bytes([m[2], m[3]]);
-    if result != 0 {
-        return Err(format!("NAT-PMP result code {result}"));
-    }
-    if u16::from_be_bytes([m[8], m[9]]) != internal {
-        return Err("NAT-PMP answered for another port".into());
-    }
-    Ok((
-        u16::from_be_bytes([m[10], m[11]]),
-        u32::from_be_bytes([m[12], m[13], m[14], m[15]]),
-    ))
-}
-
-/// The external address from a NAT-PMP opcode-0 response.
-fn parse_natpmp_address(m: &[u8]) -> Result<Ipv4Addr, String> {
-    if m.len() < 12 || m[0] != 0 || m[1] != 128 {
-        return Err("not a NAT-PMP address response".into());
-    }
-    match u16::from_be_bytes([m[2], m[3]]) {
-        0 => Ok(Ipv4Addr::new(m[8], m[9], m[10], m[11])),
-        code => Err(format!("NAT-PMP result code {code}")),
-    }
-}
-
-// ---------------------------------------------------------------------------------------- PCP
-
-/// A PCP MAP request (RFC 6887 §11) for UDP from `client:internal`.
-fn pcp_map_request(client: Ipv4Addr, nonce: [u8; 12], internal: u16, external: u16, lifetime: u32) -> [u8; 60] {
-    let mut m = [0u8; 60];
-    m[0] = 2; // version
-    m[1] = 1; // request, opcode MAP
-    m[4..8].copy_from_slice(&lifetime.to_be_bytes());
-    m[8..24].copy_from_slice(&client.to_ipv6_mapped().octets());
-    m[24..36].copy_from_slice(&nonce);
-    m[36] = 17; // UDP
-    m[40..42].copy_from_slice(&internal.to_be_bytes());
-    m[42..44].copy_from_slice(&external.to_be_bytes());
-    m[44..60].copy_from_slice(&Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().octets());
-    m
-}
-
-/// (external address, lifetime) from a PCP MAP response to our `nonce`.
-fn parse_pcp_map(m: &[u8], nonce: &[u8; 12]) -> Result<(SocketAddr, u32), String> {
-    if m.len() < 60 || m[0] != 2 || m[1] != 0x81 {
-        return Err("not a PCP MAP response".into());
-    }
-    if m[3] != 0 {
-        return Err(format!("PCP result code {}", m[3]));
-    }
-    if &m[24..36] != nonce {
-        return Err("PCP answered another request".into());
-    }
-    let lifetime = u32::from_be_bytes([m[4], m[5], m[6], m[7]]);
-    let port = u16::from_be_bytes([m[42], m[43]]);
-    let octets: [u8; 16] = m[44..60].try_into().expect("16 bytes");
-    let ip = Ipv6Addr::from(octets).to_canonical();
-    Ok((SocketAddr::new(ip, port), lifetime))
 }
 
 /// Send `request` to the gateway's 5351 (twice if need be) and return the first answer from it.
@@ -261,8 +186,8 @@ impl PortMapper {
                     },
                     |m| m.pcp_nonce,
                 );
-                let answer = ask_5351(gateway, &pcp_map_request(local, nonce, self.port, suggested, lifetime))?;
-                let (external, lifetime_secs) = parse_pcp_map(&answer, &nonce)?;
+                let answer = ask_5351(gateway, &pcp::map_request(local, nonce, self.port, suggested, lifetime))?;
+                let (external, lifetime_secs) = pcp::parse_map(&answer, &nonce)?;
                 Ok(Mapping {
                     protocol,
                     external,
@@ -272,9 +197,9 @@ impl PortMapper {
                 })
             }
             Protocol::NatPmp => {
-                let address = parse_natpmp_address(&ask_5351(gateway, &[0, 0])?)?;
-                let answer = ask_5351(gateway, &natpmp_map_request(self.port, suggested, lifetime))?;
-                let (port, lifetime_secs) = parse_natpmp_map(&answer, self.port)?;
+                let address = natpmp::parse_address(&ask_5351(gateway, &[0, 0])?)?;
+                let answer = ask_5351(gateway, &natpmp::map_request(self.port, suggested, lifetime))?;
+                let (port, lifetime_secs) = natpmp::parse_map(&answer, self.port)?;
                 Ok(Mapping {
                     protocol,
                     external: SocketAddr::new(IpAddr::V4(address), port),
@@ -285,7 +210,7 @@ impl PortMapper {
             }
             Protocol::Upnp => {
                 if self.igd.is_none() {
-                    self.igd = Some(find_upnp_gateway()?);
+                    self.igd = Some(upnp::find_gateway()?);
                 }
                 let igd = self.igd.as_ref().expect("just found");
                 let internal = SocketAddr::V4(SocketAddrV4::new(local, self.port));
@@ -317,10 +242,10 @@ impl PortMapper {
         let result = match m.protocol {
             Protocol::Pcp => ask_5351(
                 gateway,
-                &pcp_map_request(local, m.pcp_nonce, self.port, m.external.port(), 0),
+                &pcp::map_request(local, m.pcp_nonce, self.port, m.external.port(), 0),
             )
             .map(drop),
-            Protocol::NatPmp => ask_5351(gateway, &natpmp_map_request(self.port, 0, 0)).map(drop),
+            Protocol::NatPmp => ask_5351(gateway, &natpmp::map_request(self.port, 0, 0)).map(drop),
             Protocol::Upnp => match &self.igd {
                 Some(igd) => igd
                     .remove_port(igd_next::PortMappingProtocol::UDP, m.external.port())
@@ -333,15 +258,6 @@ impl PortMapper {
             Err(e) => warn!(protocol = m.protocol.name(), "removing the port mapping failed: {e}"),
         }
     }
-}
-
-/// An Internet Gateway Device answering an SSDP search (and serving its description).
-pub(crate) fn find_upnp_gateway() -> Result<igd_next::Gateway, String> {
-    let mut options = igd_next::SearchOptions::default();
-    // Short: the daemon waits for the port-mapping thread when it stops.
-    options.timeout = Some(UPNP_SEARCH);
-    options.single_search_timeout = Some(UPNP_SEARCH);
-    igd_next::search_gateway(options).map_err(|e| e.to_string())
 }
 
 /// Our address towards `gateway` (the internal address of a mapping).
@@ -433,46 +349,6 @@ pub fn run(handle: MappingHandle, mode: Mode, lifetime: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nat_pmp_messages_follow_rfc_6886() {
-        assert_eq!(
-            natpmp_map_request(51820, 51820, 7200),
-            [0, 1, 0, 0, 0xca, 0x6c, 0xca, 0x6c, 0, 0, 0x1c, 0x20]
-        );
-        let mut answer = vec![0, 129, 0, 0, 0, 0, 0, 9, 0xca, 0x6c, 0xd4, 0x31, 0, 0, 0x1c, 0x20];
-        assert_eq!(parse_natpmp_map(&answer, 51820), Ok((54321, 7200)));
-        assert!(parse_natpmp_map(&answer, 4000).is_err(), "another internal port");
-        answer[3] = 3;
-        assert_eq!(parse_natpmp_map(&answer, 51820), Err("NAT-PMP result code 3".into()));
-        assert_eq!(
-            parse_natpmp_address(&[0, 128, 0, 0, 0, 0, 0, 9, 198, 18, 0, 1]),
-            Ok(Ipv4Addr::new(198, 18, 0, 1))
-        );
-        assert!(parse_natpmp_address(&[0, 128, 0, 2, 0, 0, 0, 9, 0, 0, 0, 0]).is_err());
-    }
-
-    #[test]
-    fn pcp_map_round_trips_and_checks_the_nonce_and_result() {
-        let nonce = [7u8; 12];
-        let request = pcp_map_request(Ipv4Addr::new(198, 19, 1, 2), nonce, 51820, 51820, 120);
-        assert_eq!(&request[..2], &[2, 1]);
-        assert_eq!(&request[8..24], &Ipv4Addr::new(198, 19, 1, 2).to_ipv6_mapped().octets());
-        // A server's answer: the request with R set, a result, the lifetime, the assignment.
-        let mut answer = request;
-        answer[1] = 0x81;
-        answer[3] = 0;
-        answer[8..24].fill(0);
-        answer[42..44].copy_from_slice(&40000u16.to_be_bytes());
-        answer[44..60].copy_from_slice(&Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped().octets());
-        assert_eq!(
-            parse_pcp_map(&answer, &nonce),
-            Ok(("198.18.0.9:40000".parse().unwrap(), 120))
-        );
-        assert!(parse_pcp_map(&answer, &[8; 12]).is_err(), "another nonce");
-        answer[3] = 8; // NO_RESOURCES
-        assert_eq!(parse_pcp_map(&answer, &nonce), Err("PCP result code 8".into()));
-    }
 
     #[test]
     fn modes_parse_and_name_themselves() {

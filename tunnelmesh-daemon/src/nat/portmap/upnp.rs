@@ -1,0 +1,16 @@
+//! UPnP-IGD through `igd-next`: finding the gateway (SSDP) is all that is ours; adding and
+//! removing the mapping are its calls.
+
+use std::time::Duration;
+
+/// How long an SSDP search for a UPnP gateway waits.
+const SEARCH: Duration = Duration::from_millis(1500);
+
+/// An Internet Gateway Device answering an SSDP search (and serving its description).
+pub(crate) fn find_gateway() -> Result<igd_next::Gateway, String> {
+    let mut options = igd_next::SearchOptions::default();
+    // Short: the daemon waits for the port-mapping thread when it stops.
+    options.timeout = Some(SEARCH);
+    options.single_search_timeout = Some(SEARCH);
+    igd_next::search_gateway(options).map_err(|e| e.to_string())
+}
