@@ -50,7 +50,6 @@ static ACL_COUNTERS: PerCpuArray<u64, { AclReason::COUNT as usize }> = PerCpuArr
 #[btf_map]
 static ACL_RULE_HITS: PerCpuArray<u64, { 2 * ACL_MAX_RULES as usize }> = PerCpuArray::new();
 
-
 /// The header fields policy looks at (the userspace `PacketInfo`).
 struct Packet {
     v6: bool,

@@ -209,14 +209,9 @@ impl Interface {
             events: tx,
             shutdown: Default::default(),
             started: now,
-            control: Default::default(),
             policy,
-            relay_tx: Default::default(),
-            coordinator_tx: Default::default(),
-            stun_targets: Default::default(),
-            candidates: Default::default(),
-            port_mapping: Default::default(),
-            network_generation: Default::default(),
+            coordinator: Default::default(),
+            reach: Default::default(),
             overlay_inbox: inbox_tx,
         });
         let local = LocalStatic {
@@ -251,8 +246,8 @@ impl Interface {
             let handle = crate::nat::portmap::MappingHandle {
                 port: dev.listen_port,
                 shutdown: dev.shutdown.clone(),
-                network_generation: dev.network_generation.clone(),
-                slot: dev.port_mapping.clone(),
+                network_generation: dev.reach.network_generation.clone(),
+                slot: dev.reach.port_mapping.clone(),
             };
             threads.push(
                 std::thread::Builder::new()

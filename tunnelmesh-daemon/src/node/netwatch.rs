@@ -35,7 +35,7 @@ pub fn watch_network(dev: Arc<Device>) -> std::io::Result<std::thread::JoinHandl
                 changed |= n == buf.len() || concerns_other_interfaces(&buf[..n], mesh);
             }
             if changed {
-                dev.network_generation.fetch_add(1, Ordering::Relaxed);
+                dev.reach.network_generation.fetch_add(1, Ordering::Relaxed);
                 let _ = dev.events.try_send(Event::NetworkChanged);
             }
         }

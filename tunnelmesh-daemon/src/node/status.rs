@@ -140,7 +140,7 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
     Status {
         interface: dev.interface.clone(),
         addresses: dev.addresses.iter().map(|a| a.to_string()).collect(),
-        coordinator: dev.control.load().as_deref().cloned(),
+        coordinator: dev.coordinator.state.load().as_deref().cloned(),
         policy: dev.policy.status(),
         fingerprint: dev.local.fingerprint(),
         public_key: dev.local.noise_public_base64(),
@@ -150,8 +150,8 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
         uptime_secs: dev.started.elapsed().as_secs(),
         counters,
         fastpath: fastpath(),
-        nat: (**dev.candidates.load()).clone(),
-        port_mapping: dev.port_mapping.load().as_deref().cloned(),
+        nat: (**dev.reach.candidates.load()).clone(),
+        port_mapping: dev.reach.port_mapping.load().as_deref().cloned(),
         peers: dev
             .peers
             .load()

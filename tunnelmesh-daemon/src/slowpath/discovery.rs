@@ -59,10 +59,10 @@ impl SlowPath {
             self.out.push(Output::ReadHostCandidates);
             return;
         }
-        let targets = self.dev.stun_targets.load().as_deref().copied();
+        let targets = self.dev.coordinator.stun_targets.load().as_deref().copied();
         let d = &mut self.discovery.discovery;
         d.set_targets(targets, now);
-        d.set_port_mapped(self.dev.port_mapping.load().as_ref().map(|m| m.external));
+        d.set_port_mapped(self.dev.reach.port_mapping.load().as_ref().map(|m| m.external));
         for (target, request) in d.poll(now) {
             self.out.push(Output::Transmit {
                 via: Via::Udp(target),
@@ -89,14 +89,14 @@ impl SlowPath {
     /// Tell the coordinator our candidates when what peers need differs from what it has.
     fn publish_candidates(&mut self) {
         let candidates = self.discovery.discovery.candidates();
-        if **self.dev.candidates.load() != candidates {
-            self.dev.candidates.store(Arc::new(candidates.clone()));
+        if **self.dev.reach.candidates.load() != candidates {
+            self.dev.reach.candidates.store(Arc::new(candidates.clone()));
         }
         let p = &self.discovery;
         if !p.discovery.settled() || p.published.as_ref().is_some_and(|c| c.same_published(&candidates)) {
             return;
         }
-        if self.dev.coordinator_tx.load().is_none() {
+        if self.dev.coordinator.requests.load().is_none() {
             return;
         }
         info!(host = ?candidates.host, reflexive = ?candidates.reflexive, port_mapped = ?candidates.port_mapped,
@@ -110,6 +110,6 @@ impl SlowPath {
 
     /// Whether we or a peer behind `nat` sit behind a hard NAT.
     pub(super) fn hard_nat_involved(&self, nat: NatKind) -> bool {
-        nat == NatKind::Hard || self.dev.candidates.load().nat == NatKind::Hard
+        nat == NatKind::Hard || self.dev.reach.candidates.load().nat == NatKind::Hard
     }
 }

@@ -31,7 +31,7 @@ impl SlowPath {
         let available = [
             peer.endpoint.load().is_some(),
             peer.ssh_tx.load().is_some(),
-            self.dev.relay_tx.load().is_some(),
+            self.dev.coordinator.relay.load().is_some(),
         ];
         let seen = |stamp: &AtomicU64| self.dev.clock.instant(stamp.load(Ordering::Relaxed));
         let rx: [Option<Instant>; 3] = std::array::from_fn(|i| seen(&peer.rx_via[i]));
@@ -77,7 +77,7 @@ impl SlowPath {
     /// Publish the path manager's choice to the workers; ask for SSH while UDP does not work.
     pub(super) fn sync_path(&mut self, peer: &Peer) {
         let udp_known = peer.endpoint.load().is_some();
-        let relay_up = self.dev.relay_tx.load().is_some();
+        let relay_up = self.dev.coordinator.relay.load().is_some();
         let state = self.peer_state(peer);
         let kind = state.paths.current().unwrap_or(if udp_known || !relay_up {
             PathKind::Udp

@@ -37,7 +37,7 @@ impl SlowPath {
     pub(super) fn poll_punch(&mut self, peer: &Arc<Peer>, now: Instant) {
         let remote = peer.remote.load_full();
         let hard_nat = self.hard_nat_involved(remote.nat);
-        let connected = self.dev.coordinator_tx.load().is_some();
+        let connected = self.dev.coordinator.requests.load().is_some();
         let has_key = peer.keys.load().current.is_some();
         let state = self.peer_state(peer);
         let wanted = has_key || state.timers.handshaking();

@@ -50,7 +50,6 @@ impl Node {
             listen_port: addr.port(),
             local: identity.public().clone(),
             addresses: Vec::new(),
-            control: Default::default(),
             policy: crate::device::policy::PolicyEnforcer::none(),
             peers: ArcSwap::from_pointee(PeerTable::default()),
             mesh_keys: ArcSwap::from_pointee(vec![Zeroizing::new(KEY_1)]),
@@ -60,12 +59,8 @@ impl Node {
             events: tx,
             shutdown: Default::default(),
             started: t0,
-            relay_tx: Default::default(),
-            coordinator_tx: Default::default(),
-            stun_targets: Default::default(),
-            candidates: Default::default(),
-            port_mapping: Default::default(),
-            network_generation: Default::default(),
+            coordinator: Default::default(),
+            reach: Default::default(),
             overlay_inbox: inbox,
         });
         let sp = SlowPath::new(dev.clone(), local_static(&identity), 2, t0);
@@ -532,7 +527,7 @@ fn a_peer_behind_nat_that_udp_cannot_reach_is_punched_at_the_coordinators_word()
     a.knows_as(&b, NatKind::Easy, candidates.clone());
     let mut a = a;
     let (coordinator, mut requests) = tokio::sync::mpsc::channel(8);
-    a.dev.coordinator_tx.store(Some(Arc::new(coordinator)));
+    a.dev.coordinator.requests.store(Some(Arc::new(coordinator)));
 
     // A wants a session and UDP is unproven: it asks for a punch, once per backoff.
     a.event(Event::NeedSession(a.peer(&b)), t0);
@@ -592,14 +587,14 @@ fn the_first_tick_reads_the_host_addresses_then_asks_both_stun_targets_from_the_
     let t0 = Instant::now();
     let (mut a, _) = pair(t0);
     let targets: [SocketAddr; 2] = ["198.18.5.1:3478".parse().unwrap(), "198.18.5.1:3479".parse().unwrap()];
-    a.dev.stun_targets.store(Some(Arc::new(targets)));
+    a.dev.coordinator.stun_targets.store(Some(Arc::new(targets)));
     let out = a.handle(Input::Tick, t0);
     assert!(matches!(out.first(), Some(Output::ReadHostCandidates)));
     let out = a.handle(Input::HostCandidates(vec!["198.18.0.1:51820".parse().unwrap()]), t0);
     let asked: Vec<Via> = transmits(&out).into_iter().map(|(v, _)| v).collect();
     assert_eq!(asked, targets.map(Via::Udp));
     assert_eq!(
-        a.dev.candidates.load().host,
+        a.dev.reach.candidates.load().host,
         vec!["198.18.0.1:51820".parse::<SocketAddr>().unwrap()]
     );
     // A network change is read again only after it settled.

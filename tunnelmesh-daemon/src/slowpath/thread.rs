@@ -70,7 +70,8 @@ impl SlowPathIo {
                 Output::Coordinator(request) => {
                     let sent = self
                         .dev
-                        .coordinator_tx
+                        .coordinator
+                        .requests
                         .load()
                         .as_ref()
                         .is_some_and(|tx| tx.try_send(request.clone()).is_ok());

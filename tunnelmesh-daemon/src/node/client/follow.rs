@@ -32,19 +32,19 @@ pub(super) fn set_stun_targets(dev: &Device, url: &str, state: &MeshState) {
             .inspect_err(|e| warn!("no STUN targets ({e:#}); this node's public address stays a guess"))
             .ok(),
     };
-    if dev.stun_targets.load().as_deref() != targets.as_ref() {
-        dev.stun_targets.store(targets.map(Arc::new));
+    if dev.coordinator.stun_targets.load().as_deref() != targets.as_ref() {
+        dev.coordinator.stun_targets.store(targets.map(Arc::new));
     }
 }
 
 pub(super) fn set_control(dev: &Device, url: &str, state: ConnectionState, error: Option<String>, updated: bool) {
-    let previous = dev.control.load_full();
+    let previous = dev.coordinator.state.load_full();
     let last_update_unix = if updated {
         Some(crate::control::unix_now() as u64)
     } else {
         previous.as_ref().and_then(|c| c.last_update_unix)
     };
-    dev.control.store(Some(Arc::new(ControlState {
+    dev.coordinator.state.store(Some(Arc::new(ControlState {
         url: url.to_string(),
         state,
         last_error: error,
@@ -69,7 +69,7 @@ pub(super) async fn follow(
     let mut backoff = BACKOFF_MIN;
     while !dev.shutdown.load(Ordering::Relaxed) {
         // A rejoin's hello carries what the device learned since.
-        client.candidates.store(dev.candidates.load_full());
+        client.candidates.store(dev.reach.candidates.load_full());
         let ws = match socket.take() {
             Some(ws) => ws,
             None => match client.join().await {
@@ -114,10 +114,10 @@ pub(super) async fn follow(
         let (mut sink, mut stream) = ws.split();
         // The relay path exists while we are connected.
         let (relay_tx, mut relay_rx) = tokio::sync::mpsc::channel::<([u8; 32], Vec<u8>)>(RELAY_QUEUE);
-        dev.relay_tx.store(Some(Arc::new(relay_tx)));
+        dev.coordinator.relay.store(Some(Arc::new(relay_tx)));
         // Candidates and punch requests from the slow path.
         let (to_coordinator, mut outbox) = tokio::sync::mpsc::channel::<CoordinatorRequest>(RELAY_QUEUE);
-        dev.coordinator_tx.store(Some(Arc::new(to_coordinator)));
+        dev.coordinator.requests.store(Some(Arc::new(to_coordinator)));
         let mut last_heard = tokio::time::Instant::now();
         let reason = loop {
             let incoming = tokio::select! {
@@ -140,8 +140,8 @@ pub(super) async fn follow(
                 }
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
                     if dev.shutdown.load(Ordering::Relaxed) {
-                        dev.relay_tx.store(None);
-                        dev.coordinator_tx.store(None);
+                        dev.coordinator.relay.store(None);
+                        dev.coordinator.requests.store(None);
                         return;
                     }
                     if last_heard.elapsed() > SILENCE {
@@ -187,8 +187,8 @@ pub(super) async fn follow(
                 Ok(false) => {}
                 Err(e) if e.downcast_ref::<Refusal>().is_some() => {
                     warn!("{e:#}; dropping every peer");
-                    dev.relay_tx.store(None);
-                    dev.coordinator_tx.store(None);
+                    dev.coordinator.relay.store(None);
+                    dev.coordinator.requests.store(None);
                     state.peers.clear();
                     let _ = apply_to_device(&dev, &state);
                     let _ = fs::remove_file(&cache);
@@ -204,8 +204,8 @@ pub(super) async fn follow(
                 Err(e) => break e,
             }
         };
-        dev.relay_tx.store(None);
-        dev.coordinator_tx.store(None);
+        dev.coordinator.relay.store(None);
+        dev.coordinator.requests.store(None);
         warn!("lost the coordinator ({reason:#}); tunnels keep running, reconnecting");
         set_control(
             &dev,
