@@ -260,8 +260,9 @@ pub fn check(src: &Path) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn crate_with(files: &[(&str, &str)]) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("modgraph-{}-{}", std::process::id(), files.len()));
+    /// A crate of `files` in a folder of its own (`name` tells the tests, which run at once, apart).
+    fn crate_with(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("modgraph-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         for (path, text) in files {
             let p = dir.join(path);
@@ -273,15 +274,18 @@ mod tests {
 
     #[test]
     fn a_use_group_across_folders_makes_a_cycle_and_parents_declaring_children_do_not() {
-        let dir = crate_with(&[
-            ("lib.rs", "pub mod a;\npub mod b;\n"),
-            ("a/mod.rs", "pub mod inner;\npub use inner::X;\n"),
-            ("a/inner.rs", "use crate::{b::{self, Y as Z}};\npub struct X;\n"),
-            (
-                "b.rs",
-                "use super::a::inner::X; // crate::lib\npub struct Y;\n#[cfg(test)]\nmod tests { use crate::c; }\n",
-            ),
-        ]);
+        let dir = crate_with(
+            "cycle",
+            &[
+                ("lib.rs", "pub mod a;\npub mod b;\n"),
+                ("a/mod.rs", "pub mod inner;\npub use inner::X;\n"),
+                ("a/inner.rs", "use crate::{b::{self, Y as Z}};\npub struct X;\n"),
+                (
+                    "b.rs",
+                    "use super::a::inner::X; // crate::lib\npub struct Y;\n#[cfg(test)]\nmod tests { use crate::c; }\n",
+                ),
+            ],
+        );
         let edges = graph(&dir).unwrap();
         let m = |s: &str| s.split("::").map(String::from).collect::<Module>();
         assert!(edges[&m("a::inner")].contains(&m("b")));
@@ -297,12 +301,15 @@ mod tests {
 
     #[test]
     fn one_way_dependencies_are_no_cycle() {
-        let dir = crate_with(&[
-            ("lib.rs", "pub mod a;\npub mod b;\npub mod c;\n"),
-            ("a.rs", "use crate::b::B;\n"),
-            ("b.rs", "pub struct B; fn f() -> crate::c::C { todo!() }\n"),
-            ("c.rs", "pub struct C;\n"),
-        ]);
+        let dir = crate_with(
+            "one-way",
+            &[
+                ("lib.rs", "pub mod a;\npub mod b;\npub mod c;\n"),
+                ("a.rs", "use crate::b::B;\n"),
+                ("b.rs", "pub struct B; fn f() -> crate::c::C { todo!() }\n"),
+                ("c.rs", "pub struct C;\n"),
+            ],
+        );
         assert!(cycles(&graph(&dir).unwrap()).is_empty());
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -29,7 +29,7 @@ use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use super::{
-    hub::Hub,
+    hub::{Hub, MessageError},
     relay::{Budget, Relay},
 };
 use crate::control::proto::{CONNECT_PATH, ClientMsg, ServerMsg};
@@ -161,7 +161,7 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
                     Some(Ok(Message::Text(t))) => {
                         unanswered = 0;
                         let outcome = serde_json::from_str::<ClientMsg>(&t)
-                            .map_err(|e| format!("unreadable message: {e}"))
+                            .map_err(MessageError::from)
                             .and_then(|msg| {
                                 let mut hub = crate::sync::lock(&state.hub);
                                 hub.on_message(&fingerprint, msg)

@@ -49,7 +49,7 @@ impl Hub {
         if let Some(n) = &name {
             admission::check_name(n).map_err(Refusal::Invalid)?;
         }
-        let candidates = parse_endpoints(&endpoints).map_err(Refusal::Malformed)?;
+        let candidates = parse_endpoints(&endpoints).map_err(|e| Refusal::Malformed(e.to_string()))?;
         let observed = SocketAddr::new(remote.to_canonical(), listen_port);
         let nat = nat_of(nat, &candidates, observed);
         let mut reported = published_endpoints(&candidates, observed, nat);

@@ -15,7 +15,7 @@ mod rendezvous;
 mod welcome;
 
 pub use policy::members;
-pub use rendezvous::PUNCH_INTERVAL;
+pub use rendezvous::{MessageError, PUNCH_INTERVAL};
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Instant};
 
@@ -272,6 +272,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("plain data serializes")
 }
 
+/// Base64 of a new random mesh key.
 pub fn new_mesh_key() -> String {
     use rand::RngCore;
     let mut key = [0u8; 32];
@@ -426,7 +427,8 @@ mod tests {
                         nat: NatKind::Easy,
                     },
                 )
-                .unwrap_err();
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(why), "{err}");
         }
         assert_eq!(info(&hub, &a_conn.fingerprint), a_info);

@@ -13,31 +13,53 @@ use tracing::debug;
 use super::Hub;
 use crate::{
     control::proto::{ClientMsg, ServerMsg},
-    coordinator::store::NodeRecord,
-    protocol::discovery::NatKind,
+    coordinator::store::{NodeRecord, StoreError},
+    protocol::discovery::{MAX_CANDIDATES, NatKind},
 };
+
+/// Why a message from a connected node was not applied. It is ignored, not fatal: a newer node
+/// may speak messages this coordinator lacks.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("unreadable message: {0}")]
+    Unreadable(#[from] serde_json::Error),
+    #[error("already joined; a hello is only valid first")]
+    HelloAgain,
+    #[error("unknown node")]
+    UnknownNode,
+    #[error("a node cannot punch to itself")]
+    PunchToSelf,
+    #[error("no member {0}")]
+    NoMember(String),
+    #[error("{0} endpoints reported; at most {MAX_CANDIDATES} are accepted")]
+    TooManyEndpoints(usize),
+    #[error("endpoint {0:?} is not ip:port")]
+    BadEndpoint(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// A pair of nodes is asked to punch at most this often.
 pub const PUNCH_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Hub {
     /// A message from the connected node `fingerprint` after its welcome.
-    pub fn on_message(&mut self, fingerprint: &str, msg: ClientMsg) -> Result<(), String> {
+    pub fn on_message(&mut self, fingerprint: &str, msg: ClientMsg) -> Result<(), MessageError> {
         match msg {
-            ClientMsg::Hello { .. } => Err("already joined; a hello is only valid first".into()),
+            ClientMsg::Hello { .. } => Err(MessageError::HelloAgain),
             ClientMsg::Candidates { endpoints, nat } => self.candidates(fingerprint, &endpoints, nat),
             ClientMsg::Punch { peer } => self.punch(fingerprint, &peer),
         }
     }
 
     /// New UDP candidates of `fingerprint`: keep them (and its SSH endpoint) and tell everyone.
-    fn candidates(&mut self, fingerprint: &str, endpoints: &[String], nat: NatKind) -> Result<(), String> {
+    fn candidates(&mut self, fingerprint: &str, endpoints: &[String], nat: NatKind) -> Result<(), MessageError> {
         let candidates = parse_endpoints(endpoints)?;
         let Some(record) = self.nodes.get(fingerprint).cloned() else {
-            return Err("unknown node".into());
+            return Err(MessageError::UnknownNode);
         };
         let Some(observed) = self.observed.get(fingerprint).copied() else {
-            return Err("unknown node".into());
+            return Err(MessageError::UnknownNode);
         };
         let nat = nat_of(nat, &candidates, observed);
         let mut reported = published_endpoints(&candidates, observed, nat);
@@ -46,9 +68,7 @@ impl Hub {
             return Ok(());
         }
         if reported != record.endpoints {
-            self.store
-                .set_endpoints(fingerprint, &reported)
-                .map_err(|e| e.to_string())?;
+            self.store.set_endpoints(fingerprint, &reported)?;
         }
         self.nat.insert(fingerprint.to_string(), nat);
         let record = NodeRecord {
@@ -67,12 +87,12 @@ impl Hub {
     }
 
     /// `from` wants a direct path to `to`: tell both, at once, to send to each other.
-    fn punch(&mut self, from: &str, to: &str) -> Result<(), String> {
+    fn punch(&mut self, from: &str, to: &str) -> Result<(), MessageError> {
         if from == to {
-            return Err("a node cannot punch to itself".into());
+            return Err(MessageError::PunchToSelf);
         }
         let (Some(a), Some(b)) = (self.nodes.get(from), self.nodes.get(to)) else {
-            return Err(format!("no member {to}"));
+            return Err(MessageError::NoMember(to.to_string()));
         };
         if b.revoked || b.removed || !self.sessions.contains_key(to) {
             return Ok(()); // not connected: the relay will carry traffic until it is
@@ -113,22 +133,17 @@ impl Hub {
     }
 }
 
-/// Base64 of a new random mesh key.
-/// UDP endpoints a node reported: at most [`crate::protocol::discovery::MAX_CANDIDATES`], each `ip:port`.
-pub(super) fn parse_endpoints(endpoints: &[String]) -> Result<Vec<SocketAddr>, String> {
-    if endpoints.len() > crate::protocol::discovery::MAX_CANDIDATES {
-        return Err(format!(
-            "{} endpoints reported; at most {} are accepted",
-            endpoints.len(),
-            crate::protocol::discovery::MAX_CANDIDATES
-        ));
+/// UDP endpoints a node reported: at most [`MAX_CANDIDATES`], each `ip:port`.
+pub(super) fn parse_endpoints(endpoints: &[String]) -> Result<Vec<SocketAddr>, MessageError> {
+    if endpoints.len() > MAX_CANDIDATES {
+        return Err(MessageError::TooManyEndpoints(endpoints.len()));
     }
     endpoints
         .iter()
         .map(|e| {
             e.parse::<SocketAddr>()
                 .map(crate::protocol::stun::canonical)
-                .map_err(|_| format!("endpoint {e:?} is not ip:port"))
+                .map_err(|_| MessageError::BadEndpoint(e.clone()))
         })
         .collect()
 }

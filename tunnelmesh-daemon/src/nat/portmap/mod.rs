@@ -104,14 +104,12 @@ pub struct Mapping {
 }
 
 /// Send `request` to the gateway's 5351 (twice if need be) and return the first answer from it.
-pub(crate) fn ask_5351(gateway: Ipv4Addr, request: &[u8]) -> Result<Vec<u8>, String> {
-    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-    socket.set_read_timeout(Some(WAIT)).map_err(|e| e.to_string())?;
+pub(crate) fn ask_5351(gateway: Ipv4Addr, request: &[u8]) -> Result<Vec<u8>, MapError> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(WAIT))?;
     let mut buf = [0u8; 1100];
     for _ in 0..2 {
-        socket
-            .send_to(request, (gateway, PCP_PORT))
-            .map_err(|e| e.to_string())?;
+        socket.send_to(request, (gateway, PCP_PORT))?;
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
             match socket.recv_from(&mut buf) {
@@ -121,10 +119,32 @@ pub(crate) fn ask_5351(gateway: Ipv4Addr, request: &[u8]) -> Result<Vec<u8>, Str
             }
         }
     }
-    Err(format!("no answer from {gateway}:{PCP_PORT}"))
+    Err(MapError::NoAnswer(SocketAddr::from((gateway, PCP_PORT))))
 }
 
 // -------------------------------------------------------------------------------------- client
+
+/// Why no mapping was made or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("port mapping is off")]
+    Off,
+    #[error("no IPv4 default gateway")]
+    NoGateway,
+    #[error("no answer from {0}")]
+    NoAnswer(SocketAddr),
+    #[error("{} refused the mapping with result code {}", .0.name(), .1)]
+    Refused(Protocol, u16),
+    #[error("{}: {}", .0.name(), .1)]
+    Unexpected(Protocol, &'static str),
+    #[error("UPnP: {0}")]
+    Upnp(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Each protocol tried failed, in order.
+    #[error("{}", .0.iter().map(|(p, e)| format!("{}: {e}", p.name())).collect::<Vec<_>>().join("; "))]
+    Every(Vec<(Protocol, MapError)>),
+}
 
 /// Keeps one mapping of our tunnel port alive.
 pub struct PortMapper {
@@ -148,9 +168,9 @@ impl PortMapper {
     }
 
     /// Map (or renew) the port with the first protocol that works.
-    fn map(&mut self, gateway: Ipv4Addr, local: Ipv4Addr) -> Result<Mapping, String> {
+    fn map(&mut self, gateway: Ipv4Addr, local: Ipv4Addr) -> Result<Mapping, MapError> {
         let protocols: Vec<Protocol> = match (self.mode, &self.mapping) {
-            (Mode::Off, _) => return Err("off".into()),
+            (Mode::Off, _) => return Err(MapError::Off),
             // Renew with the protocol that granted it.
             (_, Some(m)) => vec![m.protocol],
             (Mode::Only(p), None) => vec![p],
@@ -165,13 +185,13 @@ impl PortMapper {
                     }
                     return Ok(m);
                 }
-                Err(e) => errors.push(format!("{}: {e}", protocol.name())),
+                Err(e) => errors.push((protocol, e)),
             }
         }
-        Err(errors.join("; "))
+        Err(MapError::Every(errors))
     }
 
-    fn map_with(&mut self, protocol: Protocol, gateway: Ipv4Addr, local: Ipv4Addr) -> Result<Mapping, String> {
+    fn map_with(&mut self, protocol: Protocol, gateway: Ipv4Addr, local: Ipv4Addr) -> Result<Mapping, MapError> {
         let lifetime = self.lifetime.as_secs().clamp(1, u32::MAX as u64) as u32;
         let previous = self.mapping.as_ref().filter(|m| m.protocol == protocol);
         let suggested = previous.map_or(self.port, |m| m.external.port());
@@ -221,8 +241,8 @@ impl PortMapper {
                     lifetime,
                     DESCRIPTION,
                 )
-                .map_err(|e| e.to_string())?;
-                let ip = igd.get_external_ip().map_err(|e| e.to_string())?;
+                .map_err(|e| MapError::Upnp(e.to_string()))?;
+                let ip = igd.get_external_ip().map_err(|e| MapError::Upnp(e.to_string()))?;
                 Ok(Mapping {
                     protocol,
                     external: SocketAddr::new(ip, suggested),
@@ -249,7 +269,7 @@ impl PortMapper {
             Protocol::Upnp => match &self.igd {
                 Some(igd) => igd
                     .remove_port(igd_next::PortMappingProtocol::UDP, m.external.port())
-                    .map_err(|e| e.to_string()),
+                    .map_err(|e| MapError::Upnp(e.to_string())),
                 None => Ok(()),
             },
         };
@@ -317,7 +337,7 @@ pub fn run(handle: MappingHandle, mode: Mode, lifetime: Duration) {
         }
         let result = match route {
             Some((gateway, local)) => mapper.map(gateway, local),
-            None => Err("no IPv4 default gateway".into()),
+            None => Err(MapError::NoGateway),
         };
         match result {
             Ok(m) => {

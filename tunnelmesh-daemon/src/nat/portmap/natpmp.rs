@@ -3,6 +3,8 @@
 
 use std::net::Ipv4Addr;
 
+use super::{MapError, Protocol};
+
 /// NAT-PMP "map UDP" request (opcode 1): internal port, suggested external port, lifetime.
 pub(super) fn map_request(internal: u16, external: u16, lifetime: u32) -> [u8; 12] {
     let mut m = [0u8; 12];
@@ -14,16 +16,16 @@ pub(super) fn map_request(internal: u16, external: u16, lifetime: u32) -> [u8; 1
 }
 
 /// (external port, lifetime) from a NAT-PMP map response to `internal`.
-pub(super) fn parse_map(m: &[u8], internal: u16) -> Result<(u16, u32), String> {
+pub(super) fn parse_map(m: &[u8], internal: u16) -> Result<(u16, u32), MapError> {
     if m.len() < 16 || m[0] != 0 || m[1] != 129 {
-        return Err("not a NAT-PMP map response".into());
+        return Err(MapError::Unexpected(Protocol::NatPmp, "not a map response"));
     }
     let result = u16::from_be_bytes([m[2], m[3]]);
     if result != 0 {
-        return Err(format!("NAT-PMP result code {result}"));
+        return Err(MapError::Refused(Protocol::NatPmp, result));
     }
     if u16::from_be_bytes([m[8], m[9]]) != internal {
-        return Err("NAT-PMP answered for another port".into());
+        return Err(MapError::Unexpected(Protocol::NatPmp, "an answer for another port"));
     }
     Ok((
         u16::from_be_bytes([m[10], m[11]]),
@@ -32,13 +34,13 @@ pub(super) fn parse_map(m: &[u8], internal: u16) -> Result<(u16, u32), String> {
 }
 
 /// The external address from a NAT-PMP opcode-0 response.
-pub(super) fn parse_address(m: &[u8]) -> Result<Ipv4Addr, String> {
+pub(super) fn parse_address(m: &[u8]) -> Result<Ipv4Addr, MapError> {
     if m.len() < 12 || m[0] != 0 || m[1] != 128 {
-        return Err("not a NAT-PMP address response".into());
+        return Err(MapError::Unexpected(Protocol::NatPmp, "not an address response"));
     }
     match u16::from_be_bytes([m[2], m[3]]) {
         0 => Ok(Ipv4Addr::new(m[8], m[9], m[10], m[11])),
-        code => Err(format!("NAT-PMP result code {code}")),
+        code => Err(MapError::Refused(Protocol::NatPmp, code)),
     }
 }
 
@@ -53,13 +55,20 @@ mod tests {
             [0, 1, 0, 0, 0xca, 0x6c, 0xca, 0x6c, 0, 0, 0x1c, 0x20]
         );
         let mut answer = vec![0, 129, 0, 0, 0, 0, 0, 9, 0xca, 0x6c, 0xd4, 0x31, 0, 0, 0x1c, 0x20];
-        assert_eq!(parse_map(&answer, 51820), Ok((54321, 7200)));
+        assert_eq!(parse_map(&answer, 51820).ok(), Some((54321, 7200)));
         assert!(parse_map(&answer, 4000).is_err(), "another internal port");
         answer[3] = 3;
-        assert_eq!(parse_map(&answer, 51820), Err("NAT-PMP result code 3".into()));
+        assert!(matches!(
+            parse_map(&answer, 51820),
+            Err(MapError::Refused(Protocol::NatPmp, 3))
+        ));
         assert_eq!(
-            parse_address(&[0, 128, 0, 0, 0, 0, 0, 9, 198, 18, 0, 1]),
-            Ok(Ipv4Addr::new(198, 18, 0, 1))
+            parse_map(&answer, 51820).unwrap_err().to_string(),
+            "nat-pmp refused the mapping with result code 3"
+        );
+        assert_eq!(
+            parse_address(&[0, 128, 0, 0, 0, 0, 0, 9, 198, 18, 0, 1]).ok(),
+            Some(Ipv4Addr::new(198, 18, 0, 1))
         );
         assert!(parse_address(&[0, 128, 0, 2, 0, 0, 0, 9, 0, 0, 0, 0]).is_err());
     }

@@ -2,6 +2,8 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use super::{MapError, Protocol};
+
 /// A PCP MAP request (RFC 6887 §11) for UDP from `client:internal`.
 pub(super) fn map_request(client: Ipv4Addr, nonce: [u8; 12], internal: u16, external: u16, lifetime: u32) -> [u8; 60] {
     let mut m = [0u8; 60];
@@ -18,15 +20,15 @@ pub(super) fn map_request(client: Ipv4Addr, nonce: [u8; 12], internal: u16, exte
 }
 
 /// (external address, lifetime) from a PCP MAP response to our `nonce`.
-pub(super) fn parse_map(m: &[u8], nonce: &[u8; 12]) -> Result<(SocketAddr, u32), String> {
+pub(super) fn parse_map(m: &[u8], nonce: &[u8; 12]) -> Result<(SocketAddr, u32), MapError> {
     if m.len() < 60 || m[0] != 2 || m[1] != 0x81 {
-        return Err("not a PCP MAP response".into());
+        return Err(MapError::Unexpected(Protocol::Pcp, "not a MAP response"));
     }
     if m[3] != 0 {
-        return Err(format!("PCP result code {}", m[3]));
+        return Err(MapError::Refused(Protocol::Pcp, m[3].into()));
     }
     if &m[24..36] != nonce {
-        return Err("PCP answered another request".into());
+        return Err(MapError::Unexpected(Protocol::Pcp, "an answer to another request"));
     }
     let lifetime = u32::from_be_bytes([m[4], m[5], m[6], m[7]]);
     let port = u16::from_be_bytes([m[42], m[43]]);
@@ -53,11 +55,14 @@ mod tests {
         answer[42..44].copy_from_slice(&40000u16.to_be_bytes());
         answer[44..60].copy_from_slice(&Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped().octets());
         assert_eq!(
-            parse_map(&answer, &nonce),
-            Ok(("198.18.0.9:40000".parse().unwrap(), 120))
+            parse_map(&answer, &nonce).ok(),
+            Some(("198.18.0.9:40000".parse().unwrap(), 120))
         );
         assert!(parse_map(&answer, &[8; 12]).is_err(), "another nonce");
         answer[3] = 8; // NO_RESOURCES
-        assert_eq!(parse_map(&answer, &nonce), Err("PCP result code 8".into()));
+        assert!(matches!(
+            parse_map(&answer, &nonce),
+            Err(MapError::Refused(Protocol::Pcp, 8))
+        ));
     }
 }

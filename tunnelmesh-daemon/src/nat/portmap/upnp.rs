@@ -3,14 +3,16 @@
 
 use std::time::Duration;
 
+use super::MapError;
+
 /// How long an SSDP search for a UPnP gateway waits.
 const SEARCH: Duration = Duration::from_millis(1500);
 
 /// An Internet Gateway Device answering an SSDP search (and serving its description).
-pub(crate) fn find_gateway() -> Result<igd_next::Gateway, String> {
+pub(crate) fn find_gateway() -> Result<igd_next::Gateway, MapError> {
     let mut options = igd_next::SearchOptions::default();
     // Short: the daemon waits for the port-mapping thread when it stops.
     options.timeout = Some(SEARCH);
     options.single_search_timeout = Some(SEARCH);
-    igd_next::search_gateway(options).map_err(|e| e.to_string())
+    igd_next::search_gateway(options).map_err(|e| MapError::Upnp(e.to_string()))
 }
