@@ -20,7 +20,7 @@ impl fmt::Display for Status {
                 writeln!(f, "    last error: {e}")?;
             }
         }
-        writeln!(f, "  public key: {}", self.public_key)?;
+        writeln!(f, "  public key: {}", self.noise_public_key)?;
         let endpoints: Vec<String> = self.nat.endpoints().iter().map(|e| e.to_string()).collect();
         writeln!(
             f,

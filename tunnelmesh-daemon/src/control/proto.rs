@@ -29,8 +29,9 @@ pub const CONNECT_PATH: &str = "/v1/connect";
 pub struct PeerInfo {
     pub name: String,
     pub fingerprint: String,
-    /// `ssh-ed25519 AAAA…`
-    pub public_key: String,
+    /// The node's OpenSSH public key line, `ssh-ed25519 AAAA…` (its identity).
+    #[serde(rename = "public_key")]
+    pub ssh_key: String,
     pub ipv4: String,
     pub ipv6: String,
     /// Where the peer can be reached, best first: UDP `ip:port`, and `ssh://ip:port` for its
@@ -114,7 +115,9 @@ pub enum ServerMsg {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientMsg {
     Hello {
-        public_key: String,
+        /// The node's OpenSSH public key line.
+        #[serde(rename = "public_key")]
+        ssh_key: String,
         signature: String,
         #[serde(default)]
         token: Option<String>,

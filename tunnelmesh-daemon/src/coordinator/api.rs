@@ -73,7 +73,7 @@ async fn connect(
     Extension(Remote(remote)): Extension<Remote>,
 ) -> impl IntoResponse {
     ws.max_message_size(1 << 20)
-        .on_upgrade(move |socket| session(state, socket, remote))
+        .on_upgrade(move |socket| connection(state, socket, remote))
 }
 
 fn text(msg: &ServerMsg) -> Message {
@@ -81,7 +81,7 @@ fn text(msg: &ServerMsg) -> Message {
 }
 
 /// One peer's connection: challenge, hello, welcome, then pushed updates until it goes away.
-async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
+async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
     let mut nonce = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut nonce);
     let coordinator = crate::sync::lock(&state.hub).coordinator_key.clone();
@@ -104,9 +104,9 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
     };
     // The relay names peers by their Noise key.
     let relay_key = match &hello {
-        Ok(ClientMsg::Hello { public_key, .. }) => PublicIdentity::from_ssh_line(public_key)
-            .ok()
-            .map(|id| *id.noise_public()),
+        Ok(ClientMsg::Hello { ssh_key, .. }) => {
+            PublicIdentity::from_ssh_line(ssh_key).ok().map(|id| *id.noise_public())
+        }
         _ => None,
     };
     let admitted = hello.and_then(|h| {
@@ -115,7 +115,7 @@ async fn session(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
     });
     let super::hub::Admitted {
         fingerprint,
-        session: id,
+        connection: id,
         welcome,
         mut updates,
     } = match admitted {

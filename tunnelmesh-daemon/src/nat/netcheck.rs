@@ -13,15 +13,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
-use rand::RngCore;
 use serde::Serialize;
 
-use crate::protocol::stun;
+use crate::protocol::discovery::Discovery;
 
-/// How long each question waits for an answer.
+/// How long the hairpin check and the gateway questions wait for an answer.
 const WAIT: Duration = Duration::from_millis(800);
-/// Tries per STUN target.
-const TRIES: usize = 3;
+/// A STUN round looks at the clock at least this often (its retries are due).
+const RECEIVE_SLICE: Duration = Duration::from_millis(50);
 
 /// What netcheck found.
 #[derive(Debug, Serialize)]
@@ -43,30 +42,26 @@ pub struct Report {
     pub upnp_igd: bool,
 }
 
-/// One Binding exchange on `socket` with `target`: (mapped address, round trip).
-fn binding(socket: &UdpSocket, target: SocketAddr) -> Option<(SocketAddr, Duration)> {
-    let mut transaction = [0u8; 12];
-    rand::thread_rng().fill_bytes(&mut transaction);
-    let request = stun::binding_request(transaction);
+/// One STUN round against `targets` from `socket`, run by the same [`Discovery`] the slow path
+/// uses on the tunnel socket (its retries and its timeout): what each target saw us at, and the
+/// round trip.
+fn stun_round(socket: &UdpSocket, targets: [SocketAddr; 2]) -> [Option<(SocketAddr, Duration)>; 2] {
+    let start = Instant::now();
+    let mut discovery = Discovery::new(start);
+    discovery.set_targets(Some(targets), start);
     let mut buf = [0u8; 1500];
-    for _ in 0..TRIES {
-        let sent = Instant::now();
-        socket.send_to(&request, target).ok()?;
-        while sent.elapsed() < WAIT {
-            socket
-                .set_read_timeout(Some(WAIT.saturating_sub(sent.elapsed()).max(Duration::from_millis(1))))
-                .ok()?;
-            let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                break;
-            };
-            if from == target
-                && let Some(mapped) = stun::parse_binding_response(&buf[..n], &transaction)
-            {
-                return Some((mapped, sent.elapsed()));
-            }
+    loop {
+        for (target, request) in discovery.poll(Instant::now()) {
+            let _ = socket.send_to(&request, target);
+        }
+        if discovery.settled() {
+            return discovery.answers();
+        }
+        let _ = socket.set_read_timeout(Some(RECEIVE_SLICE));
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            discovery.on_response(&buf[..n], from, Instant::now());
         }
     }
-    None
 }
 
 /// Ask `gateway` on UDP 5351 with `request` (the port-mapping client's exchange); whether an
@@ -78,7 +73,7 @@ fn answers_on_5351(gateway: Ipv4Addr, request: &[u8], version: u8) -> bool {
 /// Run every check against the STUN `targets` (the coordinator's two ports).
 pub fn run(targets: [SocketAddr; 2]) -> Result<Report> {
     let socket = UdpSocket::bind("0.0.0.0:0").context("cannot open a UDP socket")?;
-    let answers: Vec<Option<(SocketAddr, Duration)>> = targets.iter().map(|t| binding(&socket, *t)).collect();
+    let answers = stun_round(&socket, targets);
     let mapped: Vec<Option<SocketAddr>> = answers.iter().map(|a| a.map(|(m, _)| m)).collect();
     let mapping = match (mapped[0], mapped[1]) {
         (Some(a), Some(b)) if a == b => "endpoint-independent",

@@ -35,7 +35,9 @@ pub fn socket_path(interface: &str) -> PathBuf {
 pub struct PeerStatus {
     pub name: String,
     pub fingerprint: String,
-    pub public_key: String,
+    /// The Noise static public key (base64), as WireGuard shows it.
+    #[serde(rename = "public_key")]
+    pub noise_public_key: String,
     pub endpoint: Option<String>,
     pub allowed_ips: Vec<String>,
     /// Seconds since the last completed handshake, if any.
@@ -110,7 +112,9 @@ pub struct Status {
     /// rules in force (none: nothing may reach this node), the enforcer and its counters.
     pub policy: Option<PolicyStatus>,
     pub fingerprint: String,
-    pub public_key: String,
+    /// The Noise static public key (base64), as WireGuard shows it.
+    #[serde(rename = "public_key")]
+    pub noise_public_key: String,
     pub listen_port: u16,
     pub mtu: usize,
     /// TUN offloads in use (`off`, `vnet_header`, `tso`, `tso_uso`).
@@ -143,7 +147,7 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
         coordinator: dev.coordinator.state.load().as_deref().cloned(),
         policy: dev.policy.status(),
         fingerprint: dev.local.fingerprint(),
-        public_key: dev.local.noise_public_base64(),
+        noise_public_key: dev.local.noise_public_base64(),
         listen_port: dev.listen_port,
         mtu: dev.mtu,
         offloads: dev.offloads,
@@ -162,7 +166,7 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
                 PeerStatus {
                     name: p.name.clone(),
                     fingerprint: p.identity.fingerprint(),
-                    public_key: p.identity.noise_public_base64(),
+                    noise_public_key: p.identity.noise_public_base64(),
                     endpoint: p.endpoint.load().as_deref().map(|e| e.to_string()),
                     allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
                     last_handshake_secs: (hs != 0).then(|| unix_now.saturating_sub(hs)),

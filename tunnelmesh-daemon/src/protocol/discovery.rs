@@ -122,6 +122,8 @@ pub struct Discovery {
     host: Vec<SocketAddr>,
     port_mapped: Option<SocketAddr>,
     last: Candidates,
+    /// What each target saw in the last finished round, and its round trip.
+    last_answers: [Option<(SocketAddr, Duration)>; 2],
     finished_rounds: u64,
 }
 
@@ -134,6 +136,7 @@ impl Discovery {
             host: Vec::new(),
             port_mapped: None,
             last: Candidates::default(),
+            last_answers: [None, None],
             finished_rounds: 0,
         }
     }
@@ -246,8 +249,14 @@ impl Discovery {
             nat: classify(&self.host, first, second),
             stun_rtt_ms: round.answers[0].map(|(_, rtt)| rtt.as_secs_f64() * 1e3),
         };
+        self.last_answers = round.answers;
         self.finished_rounds += 1;
         self.next_round = now + ROUND_INTERVAL;
+    }
+
+    /// What each target saw us at in the last finished round, with the round trip.
+    pub fn answers(&self) -> [Option<(SocketAddr, Duration)>; 2] {
+        self.last_answers
     }
 }
 

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tracing::info;
 
 use super::{
-    Admitted, Hub, PEER_QUEUE, Refusal, Session,
+    Admitted, Connection, Hub, PEER_QUEUE, Refusal,
     rendezvous::{nat_of, parse_endpoints, published_endpoints},
 };
 use crate::{
@@ -26,7 +26,7 @@ impl Hub {
     /// of updates for this peer's connection, identified by the returned session id.
     pub fn admit(&mut self, hello: ClientMsg, nonce: &[u8], remote: IpAddr) -> Result<Admitted, Refusal> {
         let ClientMsg::Hello {
-            public_key,
+            ssh_key,
             signature,
             token,
             name,
@@ -38,7 +38,7 @@ impl Hub {
         else {
             return Err(Refusal::Malformed("expected a hello".into()));
         };
-        let identity = PublicIdentity::from_ssh_line(&public_key).map_err(|e| Refusal::Malformed(e.to_string()))?;
+        let identity = PublicIdentity::from_ssh_line(&ssh_key).map_err(|e| Refusal::Malformed(e.to_string()))?;
         let fingerprint = identity.fingerprint();
         if !verify_signature(&identity, JOIN_NAMESPACE, nonce, &signature) {
             return Err(Refusal::BadSignature(fingerprint));
@@ -158,16 +158,16 @@ impl Hub {
             },
         );
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
-        self.next_session += 1;
-        let id = self.next_session;
+        self.next_connection += 1;
+        let id = self.next_connection;
         // A reconnecting node replaces its old connection.
-        self.sessions.insert(fingerprint.clone(), Session { id, tx });
+        self.connections.insert(fingerprint.clone(), Connection { id, tx });
         self.pushed_policy.insert(fingerprint.clone(), node_policy);
         // The others' rules may name the newcomer.
         self.push_policies();
         Ok(Admitted {
             fingerprint,
-            session: id,
+            connection: id,
             welcome,
             updates: rx,
         })

@@ -78,14 +78,14 @@ impl From<StoreError> for Refusal {
 pub struct Admitted {
     pub fingerprint: String,
     /// Identifies this connection among the node's reconnections.
-    pub session: u64,
+    pub connection: u64,
     /// The rendered welcome: a `welcome` message and the `peers` messages that complete it.
     pub welcome: Vec<String>,
     /// Updates to push to it.
     pub updates: mpsc::Receiver<Arc<ServerMsg>>,
 }
 
-struct Session {
+struct Connection {
     id: u64,
     tx: mpsc::Sender<Arc<ServerMsg>>,
 }
@@ -99,8 +99,8 @@ pub struct Hub {
     peer_json: HashMap<String, String>,
     ipam: Ipam,
     authorized: HashMap<String, AuthorizedKey>,
-    sessions: HashMap<String, Session>,
-    next_session: u64,
+    connections: HashMap<String, Connection>,
+    next_connection: u64,
     pub coordinator_key: String,
     /// Mesh keys as last pushed (base64, current first).
     pushed_mesh_keys: Vec<String>,
@@ -136,8 +136,8 @@ impl Hub {
             peer_json: HashMap::new(),
             ipam,
             authorized: HashMap::new(),
-            sessions: HashMap::new(),
-            next_session: 0,
+            connections: HashMap::new(),
+            next_connection: 0,
             coordinator_key,
             pushed_mesh_keys: Vec::new(),
             policy: None,
@@ -161,7 +161,7 @@ impl Hub {
     }
 
     pub fn connected(&self) -> usize {
-        self.sessions.len()
+        self.connections.len()
     }
 
     /// Mesh keys peers should hold now: the newest, plus the previous one during the overlap.
@@ -192,7 +192,7 @@ impl Hub {
         PeerInfo {
             name: n.name.clone(),
             fingerprint: n.fingerprint.clone(),
-            public_key: n.public_key.clone(),
+            ssh_key: n.public_key.clone(),
             ipv4: v4.to_string(),
             ipv6: v6.to_string(),
             endpoints: n.endpoints.clone(),
@@ -203,8 +203,8 @@ impl Hub {
 
     /// The connection `id` of `fingerprint` ended.
     pub fn disconnect(&mut self, fingerprint: &str, id: u64) {
-        if self.sessions.get(fingerprint).is_some_and(|s| s.id == id) {
-            self.sessions.remove(fingerprint);
+        if self.connections.get(fingerprint).is_some_and(|s| s.id == id) {
+            self.connections.remove(fingerprint);
             self.pushed_policy.remove(fingerprint);
         }
     }
@@ -213,14 +213,14 @@ impl Hub {
     pub fn broadcast(&mut self, except: Option<&str>, msg: ServerMsg) {
         let msg = Arc::new(msg);
         let mut slow = Vec::new();
-        for (fp, s) in &self.sessions {
+        for (fp, s) in &self.connections {
             if Some(fp.as_str()) != except && s.tx.try_send(msg.clone()).is_err() {
                 slow.push(fp.clone());
             }
         }
         for fp in slow {
             warn!(fingerprint = %fp, "peer cannot keep up with updates; disconnecting it (it will resync)");
-            self.sessions.remove(&fp);
+            self.connections.remove(&fp);
         }
     }
 
@@ -250,7 +250,7 @@ impl Hub {
                     "removed from the mesh"
                 };
                 info!(name = %node.name, fingerprint = %node.fingerprint, "node {what}; telling every peer");
-                if let Some(s) = self.sessions.remove(&node.fingerprint) {
+                if let Some(s) = self.connections.remove(&node.fingerprint) {
                     let _ = s.tx.try_send(Arc::new(ServerMsg::Revoked {
                         message: format!("key {} was {what} by the coordinator operator", node.fingerprint),
                     }));
@@ -314,7 +314,7 @@ mod tests {
 
     fn hello(id: &crate::identity::Identity, nonce: &[u8], token: Option<&str>) -> ClientMsg {
         ClientMsg::Hello {
-            public_key: id.public().ssh_line_with_comment(),
+            ssh_key: id.public().ssh_line_with_comment(),
             signature: id.sign(JOIN_NAMESPACE, nonce),
             token: token.map(str::to_string),
             name: None,

@@ -57,7 +57,7 @@ impl Hub {
         }
         let members = self.members();
         let mut updates = Vec::new();
-        for fp in self.sessions.keys() {
+        for fp in self.connections.keys() {
             let Some(node) = self.nodes.get(fp) else { continue };
             let compiled = self.compiled_for(&members, &node.name);
             if self.pushed_policy.get(fp) != Some(&compiled) {
@@ -65,7 +65,7 @@ impl Hub {
             }
         }
         for (fp, policy) in updates {
-            if let Some(s) = self.sessions.get(&fp) {
+            if let Some(s) = self.connections.get(&fp) {
                 let _ = s.tx.try_send(Arc::new(ServerMsg::Policy { policy: policy.clone() }));
             }
             self.pushed_policy.insert(fp, policy);

@@ -94,7 +94,7 @@ impl Hub {
         let (Some(a), Some(b)) = (self.nodes.get(from), self.nodes.get(to)) else {
             return Err(MessageError::NoMember(to.to_string()));
         };
-        if b.revoked || b.removed || !self.sessions.contains_key(to) {
+        if b.revoked || b.removed || !self.connections.contains_key(to) {
             return Ok(()); // not connected: the relay will carry traffic until it is
         }
         let pair = if from < to {
@@ -124,7 +124,7 @@ impl Hub {
         };
         let (to_b, to_a) = (about(a), about(b));
         for (fp, msg) in [(to, to_b), (from, to_a)] {
-            if let Some(s) = self.sessions.get(fp) {
+            if let Some(s) = self.connections.get(fp) {
                 let _ = s.tx.try_send(Arc::new(msg));
             }
         }

@@ -1,8 +1,7 @@
 //! Rendering a welcome: the newcomer's node entry, its rules, the mesh keys and prefixes, then
 //! every other member, in parts of at most [`WELCOME_CHUNK`] peers. The peers' entries are kept
 //! rendered ([`Hub::remember`]), so a welcome to a mesh of thousands is assembled, not
-//! serialized again. `type` and `more` come first in each part, so a reader can tell the parts
-//! apart from their first bytes.
+//! serialized again.
 
 use super::{Hub, to_json};
 use crate::{

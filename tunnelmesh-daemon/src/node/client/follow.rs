@@ -233,7 +233,7 @@ pub(super) fn punch(dev: &Device, state: &MeshState, fingerprint: &str, endpoint
     let Some(key) = state
         .peers
         .get(fingerprint)
-        .and_then(|p| PublicIdentity::from_ssh_line(&p.public_key).ok())
+        .and_then(|p| PublicIdentity::from_ssh_line(&p.ssh_key).ok())
         .map(|id| *id.noise_public())
     else {
         return;

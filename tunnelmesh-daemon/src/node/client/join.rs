@@ -15,6 +15,17 @@ use crate::{
     protocol::discovery::Candidates,
 };
 
+/// What `join_raw` reads of each part of a welcome (`serde_json` skips the rest).
+#[derive(serde::Deserialize)]
+struct PartHead {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    more: bool,
+    /// Of an `error` message.
+    message: Option<String>,
+}
+
 /// The coordinator client of one node.
 pub struct Client {
     pub(super) url: String,
@@ -135,7 +146,7 @@ impl Client {
         };
         let candidates = self.candidates.load();
         let hello = ClientMsg::Hello {
-            public_key: self.identity.public().ssh_line_with_comment(),
+            ssh_key: self.identity.public().ssh_line_with_comment(),
             signature: self.identity.sign(JOIN_NAMESPACE, &nonce),
             token: self.token.clone(),
             name: self.name.clone(),
@@ -145,23 +156,17 @@ impl Client {
             nat: candidates.nat,
         };
         ws.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
-        // The welcome comes in parts; `type` and `more` lead each, so they need no parsing here.
+        // The welcome comes in parts. Only each part's kind and `more` are read here (the peers are
+        // skipped over, not built); `join` reads the parts whole.
         let mut parts = Vec::new();
         loop {
             let text = next_text(&mut ws).await?;
-            let more =
-                if text.starts_with(r#"{"type":"welcome","more":"#) || text.starts_with(r#"{"type":"peers","more":"#) {
-                    text.split_once(r#""more":"#)
-                        .is_some_and(|(_, rest)| rest.starts_with("true"))
-                } else {
-                    match serde_json::from_str(&text).context("unreadable message from the coordinator")? {
-                        ServerMsg::Welcome { more, .. } | ServerMsg::Peers { more, .. } => more,
-                        ServerMsg::Error { message } => {
-                            return Err(Refusal::Refused(message).into());
-                        }
-                        other => bail!("the coordinator sent {other:?} instead of a welcome"),
-                    }
-                };
+            let head: PartHead = serde_json::from_str(&text).context("unreadable message from the coordinator")?;
+            let more = match head.kind.as_str() {
+                "welcome" | "peers" => head.more,
+                "error" => return Err(Refusal::Refused(head.message.unwrap_or_default()).into()),
+                other => bail!("the coordinator sent a {other:?} message instead of a welcome"),
+            };
             parts.push(text);
             if !more {
                 return Ok((parts, ws));

@@ -81,7 +81,7 @@ impl MeshState {
         self.peers
             .values()
             .filter_map(|p| {
-                let identity = PublicIdentity::from_ssh_line(&p.public_key).ok()?;
+                let identity = PublicIdentity::from_ssh_line(&p.ssh_key).ok()?;
                 let allowed_ips = vec![
                     format!("{}/32", p.ipv4).parse().ok()?,
                     format!("{}/128", p.ipv6).parse().ok()?,
