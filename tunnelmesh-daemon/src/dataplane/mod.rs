@@ -4,8 +4,10 @@
 //! seal each packet in place, `sendmmsg` the batch; `recvmmsg` a batch, open each in place, check
 //! the inner source against the sender's allowed IPs, write it to the TUN queue. No allocation, no
 //! lock, no channel on that path: keys, endpoints and the index table are read through `ArcSwap`
-//! snapshots. Handshake messages and "need a session" go to the handshake thread.
+//! snapshots. Handshake messages and "need a session" go to the slow path.
 
+mod receive;
+mod send;
 mod worker;
 
 use std::{

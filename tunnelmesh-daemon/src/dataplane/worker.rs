@@ -7,6 +7,10 @@
 //! end of the batch, TCP segments (and, with USO, UDP datagrams) of one flow as one super-packet
 //! (GRO).
 
+use super::{
+    receive::open_inbound,
+    send::{seal_outbound, send_batch},
+};
 use std::{
     io::IoSlice,
     net::UdpSocket,
@@ -18,22 +22,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 
 use super::BATCH;
 use crate::{
-    device::{ActivityStamps, Counters, Device, Event, INBOX_HEADER, IndexEntry, KeySet, PathKind, PeerTable, Via},
+    device::{Counters, Device, Event, INBOX_HEADER, IndexEntry, PathKind, PeerTable, Via},
     offload::{
         VNET_HDR_LEN, VnetHeader,
         coalesce::{Coalescer, Span},
         split::Segments,
     },
+    protocol::session::sealed_len,
     protocol::wire::{self, Kind},
-    protocol::{
-        ip::IpHeader,
-        probe,
-        session::{DecryptError, sealed_len},
-    },
     sys::{
         mmsg::{self, Batch},
         poll,
@@ -301,7 +301,7 @@ impl Dispatcher {
                 }
             },
             Ok(Kind::Stun) => {
-                // Only the handshake thread asks STUN questions; it matches the answers.
+                // Only the slow path asks STUN questions; it matches the answers.
                 if let Via::Udp(from) = via
                     && dev
                         .events
@@ -340,187 +340,4 @@ impl Dispatcher {
             debug!("the TUN device refused a packet: {e}");
         }
     }
-}
-
-/// Send slots `0..n` of the batch, counting what the kernel refused.
-fn send_batch(dev: &Device, tx: &mut Batch, udp: &UdpSocket, n: usize) {
-    if n == 0 {
-        return;
-    }
-    let outcome = tx.send(udp.as_fd(), n);
-    if let Some(e) = outcome.gso_refused {
-        Counters::bump(&dev.counters.udp_gso_refused);
-        warn!("UDP segmentation offload refused ({e}); sending one datagram per message from now on");
-    }
-    if outcome.failed > 0 {
-        dev.counters
-            .tx_send_failed
-            .fetch_add(outcome.failed as u64, Ordering::Relaxed);
-        debug!("{} of {n} datagrams not sent: {:?}", outcome.failed, outcome.last_error);
-    }
-}
-
-/// Route and seal every packet of one TUN read into the send slots from `filled` on (sending
-/// the batch when it is full); the new fill level. One route, key, endpoint and counter
-/// reservation serves all segments of a super-packet: they share addresses.
-#[inline]
-fn seal_outbound(
-    dev: &Device,
-    table: &PeerTable,
-    segments: &Segments<'_>,
-    tx: &mut Batch,
-    mut filled: usize,
-    udp: &UdpSocket,
-    now: Instant,
-) -> usize {
-    if filled == BATCH {
-        send_batch(dev, tx, udp, filled);
-        filled = 0;
-    }
-    let packet = segments.packet();
-    let count = segments.count();
-    let payload = wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + dev.mtu;
-    let header = IpHeader::parse(packet);
-    let Some((header, peer)) = header.and_then(|h| Some((h, table.route(h.dst)?))) else {
-        dev.counters.tx_no_route.fetch_add(count as u64, Ordering::Relaxed);
-        return filled;
-    };
-    dev.policy.track_outbound(&header, packet, now);
-    let keys = peer.keys.load();
-    let Some(key) = keys.current.as_ref().filter(|k| k.can_send(now)) else {
-        // Segments wait for the session; a free slot serves to cut them.
-        let scratch = &mut tx.buf_mut(filled)[payload];
-        for i in 0..count {
-            let len = segments.write(i, scratch);
-            dev.stage(peer, &scratch[..len]);
-        }
-        dev.request_session(peer);
-        return filled;
-    };
-    let path = peer.path();
-    let endpoint = match path {
-        PathKind::Udp => match peer.endpoint.load().as_deref().copied() {
-            Some(e) => Some(e),
-            None => {
-                dev.counters.tx_dropped.fetch_add(count as u64, Ordering::Relaxed);
-                return filled;
-            }
-        },
-        _ => None,
-    };
-    let Ok(first_counter) = key.reserve(count as u64, now) else {
-        return filled;
-    };
-    let mut bytes = 0;
-    for i in 0..count {
-        if filled == BATCH {
-            send_batch(dev, tx, udp, filled);
-            filled = 0;
-        }
-        let buf = tx.buf_mut(filled);
-        let len = segments.write(i, &mut buf[payload.clone()]);
-        let sealed = key.seal_with(first_counter + i as u64, buf, len);
-        bytes += len as u64;
-        match endpoint {
-            Some(e) => {
-                tx.set_send(filled, sealed, e);
-                filled += 1;
-            }
-            // SSH and relay: a fallback, one message at a time.
-            None => {
-                dev.send_overlay(peer, path, &buf[..sealed]);
-            }
-        }
-    }
-    let stamp = dev.clock.stamp(now);
-    ActivityStamps::touch(&peer.activity.data_sent, stamp);
-    ActivityStamps::touch(&peer.activity.any_sent, stamp);
-    peer.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
-    filled
-}
-
-/// Open one data message; the length of its inner packet if that may be delivered (its source
-/// belongs to the sender and the policy lets it in).
-#[inline]
-fn open_inbound(
-    dev: &Device,
-    worker: usize,
-    table: &PeerTable,
-    entry: &IndexEntry,
-    msg: &mut [u8],
-    via: Via,
-    now: Instant,
-) -> Option<usize> {
-    let counters = &dev.counters;
-    let drop = |counter: &std::sync::atomic::AtomicU64| {
-        Counters::bump(counter);
-        None
-    };
-    let plain_len = match entry.keypair.open(msg, now) {
-        Ok((len, _)) => len,
-        Err(DecryptError::Replay) => return drop(&counters.rx_replayed),
-        Err(DecryptError::Auth) => return drop(&counters.rx_auth_failed),
-        Err(DecryptError::Expired) => return drop(&counters.rx_unknown_index),
-    };
-    let peer = &entry.peer;
-    // First data on a responder key confirms it: promote it to current.
-    let keys = peer.keys.load();
-    if keys.next.as_ref().is_some_and(|k| Arc::ptr_eq(k, &entry.keypair)) {
-        peer.keys.rcu(|ks| {
-            if ks.next.as_ref().is_some_and(|k| Arc::ptr_eq(k, &entry.keypair)) {
-                KeySet {
-                    current: ks.next.clone(),
-                    previous: ks.current.clone(),
-                    next: None,
-                }
-            } else {
-                (**ks).clone()
-            }
-        });
-        let _ = dev.events.try_send(Event::KeyConfirmed(peer.clone()));
-    }
-    // Authenticated roaming: the UDP endpoint follows the last authenticated datagram.
-    if let Via::Udp(src) = via
-        && peer.endpoint.load().as_deref() != Some(&src)
-    {
-        peer.endpoint.store(Some(Arc::new(src)));
-    }
-    let bit = 1u64 << (worker % 64);
-    if peer.rx_workers.load(Ordering::Relaxed) & bit == 0 {
-        peer.rx_workers.fetch_or(bit, Ordering::Relaxed);
-    }
-    let stamp = dev.clock.stamp(now);
-    ActivityStamps::touch(&peer.activity.any_received, stamp);
-    ActivityStamps::touch(&peer.rx_via[via.kind() as usize], stamp);
-    if plain_len == 0 {
-        return None; // keepalive
-    }
-    let plain = &msg[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + plain_len];
-    if plain[0] >> 4 == 0 {
-        // Not IP: a path probe, or nothing.
-        match probe::decode(plain) {
-            Some((reply, nonce)) => {
-                let _ = dev.events.try_send(Event::Probe {
-                    peer: peer.clone(),
-                    via,
-                    reply,
-                    nonce,
-                });
-            }
-            None => Counters::bump(&counters.rx_bad_inner),
-        }
-        return None;
-    }
-    ActivityStamps::touch(&peer.activity.data_received, stamp);
-    let Some(header) = IpHeader::parse(plain) else {
-        return drop(&counters.rx_bad_inner);
-    };
-    if !table.route(header.src).is_some_and(|owner| Arc::ptr_eq(owner, peer)) {
-        return drop(&counters.rx_spoofed_source);
-    }
-    if !dev.policy.inbound_allowed(&header, plain, now) {
-        return None;
-    }
-    peer.rx_bytes.fetch_add(header.len as u64, Ordering::Relaxed);
-    Some(header.len)
 }

@@ -2,14 +2,14 @@
 
 use super::*;
 
-/// Something that must know the live receiver indices (the XDP shield). The handshake thread
+/// Something that must know the live receiver indices (the XDP shield). The slow path
 /// adds an index before a message naming it can arrive, and removes it when the key goes.
 pub trait IndexMirror: Send {
     fn insert(&self, index: u32);
     fn remove(&self, index: u32);
 }
 
-/// What workers tell the handshake thread.
+/// What workers tell the slow path.
 pub enum Event {
     /// A handshake message (initiation, response or cookie reply) that came `via` a path.
     Handshake { msg: Vec<u8>, via: Via },

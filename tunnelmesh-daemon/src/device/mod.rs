@@ -139,7 +139,7 @@ impl Device {
         }
     }
 
-    /// Ask the handshake thread for a session with `peer`, once until it is served.
+    /// Ask the slow path for a session with `peer`, once until it is served.
     pub fn request_session(&self, peer: &Arc<Peer>) {
         if !peer.session_requested.swap(true, Ordering::AcqRel) {
             let _ = self.events.try_send(Event::NeedSession(peer.clone()));
@@ -153,7 +153,7 @@ impl Device {
         if !mesh_keys.is_empty() {
             self.mesh_keys.store(Arc::new(mesh_keys));
         }
-        // The handshake thread drops the sessions of peers that left.
+        // The slow path drops the sessions of peers that left.
         let _ = self.events.send(Event::PeersChanged);
     }
 

@@ -59,9 +59,9 @@ pub struct Peer {
     pub last_handshake_unix: AtomicU64,
     /// Packets waiting for a session (slow path only).
     pub staged: Mutex<VecDeque<Vec<u8>>>,
-    /// Set by a worker that asked the handshake thread for a session; cleared when served.
+    /// Set by a worker that asked the slow path for a session; cleared when served.
     pub session_requested: AtomicBool,
-    /// The path traffic goes on ([`PathKind`] as `u8`), chosen by the handshake thread.
+    /// The path traffic goes on ([`PathKind`] as `u8`), chosen by the slow path.
     pub path: AtomicU8,
     /// Last authenticated message received on each path ([`Clock`] stamps, by [`PathKind`]).
     pub rx_via: [AtomicU64; 3],
@@ -71,7 +71,7 @@ pub struct Peer {
     pub ssh_tx: ArcSwapOption<tokio::sync::mpsc::Sender<Vec<u8>>>,
     /// The path manager wants an SSH connection (UDP is not working).
     pub want_ssh: AtomicBool,
-    /// The path manager's view, refreshed by the handshake thread for `tunnelmesh status`.
+    /// The path manager's view, refreshed by the slow path for `tunnelmesh status`.
     pub paths: ArcSwap<Vec<PathReport>>,
     /// Where the peer says it may be reached over UDP, and the NAT in front of it.
     pub remote: ArcSwap<RemoteCandidates>,

@@ -2,7 +2,7 @@
 //!
 //! Its maps are pinned under `/sys/fs/bpf/tunnelmesh/<interface>/` (`shield_counters`,
 //! `known_indices`, `source_budgets`; BTF-described, so `bpftool map dump pinned …` prints them).
-//! The handshake thread keeps `known_indices` equal to the live session indices through
+//! The slow path keeps `known_indices` equal to the live session indices through
 //! [`IndexMirror`]. Dropping [`Shield`] detaches the program and removes the pins. If eBPF cannot
 //! be loaded the daemon keeps running: the same header checks run in userspace on every datagram.
 

@@ -41,7 +41,7 @@ use crate::{
     sys::tun,
 };
 
-/// Queue of events from workers to the handshake thread.
+/// Queue of events from workers to the slow path.
 const EVENT_QUEUE: usize = 4096;
 
 /// Everything needed to bring a mesh interface up, whatever its source (static file or

@@ -15,7 +15,7 @@ use crate::{
     },
 };
 
-/// Watch route netlink until `dev` shuts down; tell the handshake thread when an address, route
+/// Watch route netlink until `dev` shuts down; tell the slow path when an address, route
 /// or link of any interface but the mesh interface changes (routes of the mesh interface change
 /// whenever peers come and go; they say nothing about how the world reaches us).
 pub fn watch_network(dev: Arc<Device>) -> std::io::Result<std::thread::JoinHandle<()>> {

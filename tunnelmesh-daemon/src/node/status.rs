@@ -217,7 +217,7 @@ pub fn serve(dev: Arc<Device>, listener: UnixListener, fastpath: Box<dyn Fn() ->
                 let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut line);
                 let doc = match serde_json::from_str::<Request>(line.trim()) {
                     Ok(Request::Ping { peer }) => {
-                        // Answered by the handshake thread; a slow ping never blocks status.
+                        // Answered by the slow path; a slow ping never blocks status.
                         let dev = dev.clone();
                         std::thread::spawn(move || {
                             let doc = serde_json::to_vec(&ping(&dev, peer)).unwrap_or_default();

@@ -228,7 +228,7 @@ pub(super) fn protocol_message(request: CoordinatorRequest) -> ClientMsg {
     }
 }
 
-/// The coordinator asks us to punch towards `fingerprint` now: hand it to the handshake thread.
+/// The coordinator asks us to punch towards `fingerprint` now: hand it to the slow path.
 pub(super) fn punch(dev: &Device, state: &MeshState, fingerprint: &str, endpoints: &[String], nat: NatKind) {
     let Some(key) = state
         .peers

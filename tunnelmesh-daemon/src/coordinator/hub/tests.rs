@@ -1,0 +1,238 @@
+//! The hub driven directly: admission, welcomes in parts, candidates and punches.
+
+use std::net::IpAddr;
+
+use super::*;
+use crate::coordinator::store::{MeshKeyRecord, SqliteStore, TokenRecord};
+use crate::{
+    control::proto::{ClientMsg, JOIN_NAMESPACE, WELCOME_CHUNK},
+    coordinator::admission,
+};
+
+fn hub() -> Hub {
+    let store = SqliteStore::in_memory().unwrap();
+    store
+        .add_mesh_key(&MeshKeyRecord {
+            key: new_mesh_key(),
+            created: unix_now(),
+        })
+        .unwrap();
+    let hash = admission::token_hash("tmtok_test");
+    store
+        .insert_token(&TokenRecord {
+            hash,
+            uses_left: 10_000,
+            expires: unix_now() + 60,
+            tags: vec!["t".into()],
+        })
+        .unwrap();
+    let ipam = Ipam::new("100.64.0.0/10".parse().unwrap(), "fd00::/64".parse().unwrap(), []).unwrap();
+    Hub::new(Box::new(store), ipam, "ssh-ed25519 AAAA coordinator".into()).unwrap()
+}
+
+fn hello(id: &crate::identity::Identity, nonce: &[u8], token: Option<&str>) -> ClientMsg {
+    ClientMsg::Hello {
+        ssh_key: id.public().ssh_line_with_comment(),
+        signature: id.sign(JOIN_NAMESPACE, nonce),
+        token: token.map(str::to_string),
+        name: None,
+        listen_port: 51820,
+        endpoints: vec![],
+        ssh_port: None,
+        nat: NatKind::Unknown,
+    }
+}
+
+#[test]
+fn a_large_welcome_comes_in_bounded_parts_that_add_up_to_every_peer() {
+    let mut hub = hub();
+    let remote: IpAddr = "198.18.0.9".parse().unwrap();
+    for i in 0..600 {
+        let (id, _) = crate::identity::Identity::generate(&format!("root@n{i}"));
+        hub.admit(hello(&id, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+    }
+    let (id, _) = crate::identity::Identity::generate("root@last");
+    let admitted = hub.admit(hello(&id, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+    assert_eq!(admitted.welcome.len(), 3, "600 peers in parts of {WELCOME_CHUNK}");
+    let mut peers = 0;
+    for (i, part) in admitted.welcome.iter().enumerate() {
+        let more = i + 1 < admitted.welcome.len();
+        match serde_json::from_str::<ServerMsg>(part).unwrap() {
+            ServerMsg::Welcome {
+                peers: p,
+                more: m,
+                node,
+                ..
+            } if i == 0 => {
+                assert_eq!((m, node.name.as_str()), (more, "last"));
+                peers += p.len();
+            }
+            ServerMsg::Peers { peers: p, more: m } if i > 0 => {
+                assert_eq!(m, more);
+                peers += p.len();
+            }
+            other => panic!("unexpected part {i}: {other:?}"),
+        }
+    }
+    assert_eq!(peers, 600);
+}
+
+/// Every message queued for a connected node so far.
+fn drain(rx: &mut mpsc::Receiver<Arc<ServerMsg>>) -> Vec<ServerMsg> {
+    std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|m| (*m).clone())
+        .collect()
+}
+
+#[test]
+fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once() {
+    let mut hub = hub();
+    let nat_d: IpAddr = "198.18.0.9".parse().unwrap();
+    let (a, _) = crate::identity::Identity::generate("root@a");
+    let (b, _) = crate::identity::Identity::generate("root@b");
+    // a says it has host address 10.0.0.2: its connection from 198.18.0.9 went through NAT.
+    let mut hello_a = hello(&a, b"n", Some("tmtok_test"));
+    if let ClientMsg::Hello { endpoints, .. } = &mut hello_a {
+        endpoints.push("10.0.0.2:51820".into());
+    }
+    let mut a_conn = hub.admit(hello_a, b"n", nat_d).unwrap();
+    // b's connection comes from its own address: not behind NAT.
+    let mut hello_b = hello(&b, b"n", Some("tmtok_test"));
+    if let ClientMsg::Hello { endpoints, .. } = &mut hello_b {
+        endpoints.push("198.18.0.20:51820".into());
+    }
+    let mut b_conn = hub.admit(hello_b, b"n", "198.18.0.20".parse().unwrap()).unwrap();
+    let info = |hub: &Hub, fp: &str| hub.peer_info(&hub.nodes[fp]);
+    assert_eq!(info(&hub, &b_conn.fingerprint).nat, NatKind::None);
+    let a_info = info(&hub, &a_conn.fingerprint);
+    assert_eq!(a_info.nat, NatKind::Unknown);
+    assert_eq!(
+        a_info.endpoints,
+        ["10.0.0.2:51820", "198.18.0.9:51820"],
+        "until STUN says better, the connection's address with the listen port is a guess"
+    );
+    drain(&mut b_conn.updates);
+
+    // STUN told a its public address: kept, the guess dropped, and b is told.
+    let stun = ClientMsg::Candidates {
+        endpoints: vec!["10.0.0.2:51820".into(), "198.18.0.9:40000".into()],
+        nat: NatKind::Hard,
+    };
+    hub.on_message(&a_conn.fingerprint, stun.clone()).unwrap();
+    let a_info = info(&hub, &a_conn.fingerprint);
+    assert_eq!(
+        (a_info.endpoints.as_slice(), a_info.nat),
+        (
+            &["10.0.0.2:51820".to_string(), "198.18.0.9:40000".into()][..],
+            NatKind::Hard
+        )
+    );
+    match drain(&mut b_conn.updates).as_slice() {
+        [ServerMsg::PeerUpsert { peer }] => assert_eq!(peer, &a_info),
+        other => panic!("b should get one upsert: {other:?}"),
+    }
+    hub.on_message(&a_conn.fingerprint, stun).unwrap();
+    assert!(drain(&mut b_conn.updates).is_empty(), "no change, no push");
+
+    // Bad input is refused with a reason, and changes nothing.
+    let nine = (0..9).map(|i| format!("10.0.0.{i}:1")).collect();
+    for (bad, why) in [(vec!["10.0.0.2".to_string()], "is not ip:port"), (nine, "at most 8")] {
+        let err = hub
+            .on_message(
+                &a_conn.fingerprint,
+                ClientMsg::Candidates {
+                    endpoints: bad,
+                    nat: NatKind::Easy,
+                },
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(why), "{err}");
+    }
+    assert_eq!(info(&hub, &a_conn.fingerprint), a_info);
+
+    // A punch: both sides hear about the other, with its candidates, in one go.
+    drain(&mut a_conn.updates);
+    hub.on_message(
+        &a_conn.fingerprint,
+        ClientMsg::Punch {
+            peer: b_conn.fingerprint.clone(),
+        },
+    )
+    .unwrap();
+    let to_a = drain(&mut a_conn.updates);
+    let to_b = drain(&mut b_conn.updates);
+    assert!(
+        matches!(to_a.as_slice(), [ServerMsg::Punch { peer, endpoints, nat: NatKind::None }]
+        if *peer == b_conn.fingerprint && endpoints == &["198.18.0.20:51820"]),
+        "{to_a:?}"
+    );
+    assert!(
+        matches!(to_b.as_slice(), [ServerMsg::Punch { peer, endpoints, nat: NatKind::Hard }]
+        if *peer == a_conn.fingerprint && endpoints.len() == 2),
+        "{to_b:?}"
+    );
+    // The pair is asked at most every PUNCH_INTERVAL, whoever asks.
+    hub.on_message(
+        &b_conn.fingerprint,
+        ClientMsg::Punch {
+            peer: a_conn.fingerprint.clone(),
+        },
+    )
+    .unwrap();
+    assert!(drain(&mut a_conn.updates).is_empty() && drain(&mut b_conn.updates).is_empty());
+    assert!(
+        hub.on_message(
+            &a_conn.fingerprint,
+            ClientMsg::Punch {
+                peer: a_conn.fingerprint.clone()
+            }
+        )
+        .is_err()
+    );
+    assert!(
+        hub.on_message(
+            &a_conn.fingerprint,
+            ClientMsg::Punch {
+                peer: "SHA256:nobody".into()
+            }
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn admission_checks_the_signature_the_token_and_revocation() {
+    let mut hub = hub();
+    let remote: IpAddr = "198.18.0.9".parse().unwrap();
+    let (id, _) = crate::identity::Identity::generate("root@web");
+    // A signature over another nonce proves nothing.
+    let err = hub
+        .admit(hello(&id, b"old nonce", Some("tmtok_test")), b"fresh", remote)
+        .err()
+        .unwrap();
+    assert!(matches!(err, Refusal::BadSignature(_)), "{err}");
+    let err = hub.admit(hello(&id, b"n", None), b"n", remote).err().unwrap();
+    assert!(matches!(err, Refusal::NotAuthorized(_)), "{err}");
+    let err = hub
+        .admit(hello(&id, b"n", Some("tmtok_forged")), b"n", remote)
+        .err()
+        .unwrap();
+    assert!(matches!(err, Refusal::BadToken), "{err}");
+    let first = hub.admit(hello(&id, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+    // The same key again gets the same address, without a token.
+    let again = hub.admit(hello(&id, b"n", None), b"n", remote).unwrap();
+    assert_eq!(
+        first.welcome[0].split("\"peers\"").next(),
+        again.welcome[0].split("\"peers\"").next()
+    );
+    // The operator revokes from another process (another connection to the store).
+    hub.store.revoke("web").unwrap();
+    hub.data_version -= 1;
+    hub.reconcile().unwrap();
+    let err = hub
+        .admit(hello(&id, b"n", Some("tmtok_test")), b"n", remote)
+        .err()
+        .unwrap();
+    assert!(matches!(err, Refusal::Revoked(_)), "{err}");
+}

@@ -1,0 +1,255 @@
+//! The shared policy table (`policy::cases`) run against the TC programs through
+//! BPF_PROG_TEST_RUN; the userspace matcher runs the same table in `policy::matcher`.
+//! Needs root (CAP_BPF); under CI these tests fail rather than skip when the kernel refuses.
+
+use aya::programs::{TestRun, TestRunOptions};
+
+use super::*;
+use crate::policy::{
+    CompiledRule, PortRange, Verdict,
+    cases::{self, Case},
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+/// `packet` behind an Ethernet header (BPF_PROG_TEST_RUN feeds TC programs L2 frames).
+fn frame(packet: &[u8]) -> Vec<u8> {
+    let ether_type: u16 = if packet.first().map(|b| b >> 4) == Some(6) {
+        0x86DD
+    } else {
+        0x0800
+    };
+    [&[0u8; 12][..], &ether_type.to_be_bytes(), packet].concat()
+}
+
+fn run(acl: &mut KernelAcl, program: &str, packet: &[u8]) -> u32 {
+    run_segments(acl, program, packet, 0)
+}
+
+/// Offset of `gso_segs` in the uapi `struct __sk_buff` (192 bytes), the context a test run
+/// may set for a TC program.
+const SKB_GSO_SEGS: usize = 164;
+const SKB_SIZE: usize = 192;
+
+/// Run `program` on `packet` as a GSO super-packet of `segments` segments (0: none).
+fn run_segments(acl: &mut KernelAcl, program: &str, packet: &[u8], segments: u32) -> u32 {
+    let frame = frame(packet);
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut ctx = [0u8; SKB_SIZE];
+    ctx[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&segments.to_ne_bytes());
+    let opts = TestRunOptions {
+        data_in: Some(&frame),
+        data_out: Some(&mut out),
+        ctx_in: (segments > 0).then_some(&ctx[..]),
+        ..Default::default()
+    };
+    classifier(&mut acl.ebpf, program)
+        .test_run(opts)
+        .expect("BPF_PROG_TEST_RUN must work (run as root)")
+        .return_value
+}
+
+fn counts(acl: &KernelAcl) -> StdHashMap<AclReason, u64> {
+    acl.counters().unwrap().into_iter().collect()
+}
+
+/// Move every flow's last-seen time `secs` into the past.
+fn age_flows(acl: &mut KernelAcl, secs: u64) {
+    let mut flows: HashMap<_, AclFlow, u64> =
+        HashMap::try_from(acl.ebpf.map_mut(ACL_CONNTRACK_MAP).expect("conntrack")).unwrap();
+    let entries: Vec<(AclFlow, u64)> = flows.iter().map(Result::unwrap).collect();
+    for (flow, seen) in entries {
+        flows
+            .insert(&flow, &seen.wrapping_sub(secs * 1_000_000_000), 0)
+            .unwrap();
+    }
+}
+
+fn clear_flows(acl: &mut KernelAcl) {
+    let mut flows: HashMap<_, AclFlow, u64> =
+        HashMap::try_from(acl.ebpf.map_mut(ACL_CONNTRACK_MAP).expect("conntrack")).unwrap();
+    let keys: Vec<AclFlow> = flows.keys().map(Result::unwrap).collect();
+    for key in keys {
+        flows.remove(&key).unwrap();
+    }
+}
+
+/// The verdict of the kernel on `case`, told apart by which counter moved.
+fn kernel_verdict(acl: &mut KernelAcl, case: &Case) -> Verdict {
+    if let Some((out, sent)) = &case.opened {
+        assert_eq!(
+            run(acl, ACL_EGRESS_PROGRAM, out),
+            TC_ACT_OK,
+            "{}: egress never drops",
+            case.name
+        );
+        age_flows(acl, case.at - sent);
+    }
+    if !cases::source_belongs_to_sender(case) {
+        return Verdict::Deny;
+    }
+    let before = counts(acl);
+    let hits_before = acl.rule_hits().unwrap();
+    let action = run(acl, ACL_INGRESS_PROGRAM, &case.inbound);
+    let after = counts(acl);
+    let moved = |r: AclReason| after[&r] - before[&r];
+    match action {
+        TC_ACT_OK if moved(AclReason::Reply) == 1 => Verdict::Reply,
+        TC_ACT_OK if moved(AclReason::Allowed) == 1 => {
+            let hits = acl.rule_hits().unwrap();
+            let slot = (0..hits.len())
+                .find(|&i| hits[i].1 > hits_before[i].1)
+                .expect("an allowed packet counts a rule hit");
+            Verdict::Allow(hits[slot].0)
+        }
+        TC_ACT_SHOT if moved(AclReason::Denied) + moved(AclReason::Malformed) == 1 => Verdict::Deny,
+        other => panic!("{}: action {other} with counters {before:?} → {after:?}", case.name),
+    }
+}
+
+fn web_acl() -> KernelAcl {
+    KernelAcl::load(&cases::web_policy()).expect("the ACL must load (run as root on a BPF-capable kernel)")
+}
+
+/// laptop → web tcp/443 (allowed by the web policy).
+fn https_from_laptop() -> Vec<u8> {
+    cases::packet(
+        cases::LAPTOP,
+        cases::WEB,
+        true,
+        cases::L4::Tcp(1, 443),
+        cases::Frag::None,
+    )
+}
+
+/// web → db udp/53 (a flow web opens).
+fn dns_from_web() -> Vec<u8> {
+    cases::packet(cases::WEB, cases::DB, false, cases::L4::Udp(7, 53), cases::Frag::None)
+}
+
+/// A super-packet (the daemon's GRO writes, the kernel's TSO) counts as its segments.
+#[test]
+fn super_packets_count_as_their_segments() {
+    let mut acl = web_acl();
+    let https = https_from_laptop();
+    let opened = dns_from_web();
+    let before = counts(&acl);
+    let hits_before: u64 = acl.rule_hits().unwrap().iter().map(|h| h.1).sum();
+    assert_eq!(run_segments(&mut acl, ACL_INGRESS_PROGRAM, &https, 5), TC_ACT_OK);
+    assert_eq!(run_segments(&mut acl, ACL_EGRESS_PROGRAM, &opened, 3), TC_ACT_OK);
+    assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &https), TC_ACT_OK);
+    let after = counts(&acl);
+    let moved = |r: AclReason| after[&r] - before[&r];
+    assert_eq!(moved(AclReason::Allowed), 5 + 1);
+    assert_eq!(moved(AclReason::Tracked), 3);
+    let hits_after: u64 = acl.rule_hits().unwrap().iter().map(|h| h.1).sum();
+    assert_eq!(hits_after - hits_before, 6);
+}
+
+#[test]
+fn the_policy_table_in_the_kernel() {
+    let cases = cases::cases();
+    assert!(cases.len() >= 50);
+    let mut acl = web_acl();
+    for case in &cases {
+        // An empty flow table per case, as the userspace run has.
+        clear_flows(&mut acl);
+        assert_eq!(kernel_verdict(&mut acl, case), case.expected, "{}", case.name);
+    }
+}
+
+#[test]
+fn a_new_policy_replaces_the_old_one_whole_and_keeps_flows() {
+    let mut acl = web_acl();
+    let ssh_from_laptop = cases::packet(
+        cases::LAPTOP,
+        cases::WEB,
+        false,
+        cases::L4::Tcp(1, 22),
+        cases::Frag::None,
+    );
+    let https = https_from_laptop();
+    let opened = dns_from_web();
+    let answer = cases::packet(cases::DB, cases::WEB, false, cases::L4::Udp(53, 7), cases::Frag::None);
+    run(&mut acl, ACL_EGRESS_PROGRAM, &opened);
+    assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &ssh_from_laptop), TC_ACT_SHOT);
+    assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &https), TC_ACT_OK);
+    // Three swaps: each generation is rewritten at least once.
+    for round in 0..3 {
+        let ssh_only = NodePolicy {
+            rules: vec![CompiledRule {
+                id: 7,
+                sources: vec!["100.64.0.1/32".parse().unwrap(), "fd00::1/128".parse().unwrap()],
+                proto: Proto::Tcp,
+                ports: PortRange { low: 22, high: 22 },
+            }],
+        };
+        acl.install(&ssh_only).unwrap();
+        assert_eq!(
+            run(&mut acl, ACL_INGRESS_PROGRAM, &ssh_from_laptop),
+            TC_ACT_OK,
+            "round {round}"
+        );
+        assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &https), TC_ACT_SHOT, "round {round}");
+        assert_eq!(acl.rule_hits().unwrap(), [(7, 1)]);
+        acl.install(&cases::web_policy()).unwrap();
+        assert_eq!(
+            run(&mut acl, ACL_INGRESS_PROGRAM, &ssh_from_laptop),
+            TC_ACT_SHOT,
+            "round {round}"
+        );
+        assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &https), TC_ACT_OK, "round {round}");
+        assert_eq!(
+            run(&mut acl, ACL_INGRESS_PROGRAM, &answer),
+            TC_ACT_OK,
+            "flows survive policy changes"
+        );
+    }
+    assert_eq!(acl.flows().unwrap().len(), 1);
+    let (flow, _) = acl.flows().unwrap()[0];
+    assert_eq!(
+        (flow_addr(flow.local), flow_addr(flow.remote)),
+        ("100.64.0.2".parse().unwrap(), "100.64.0.3".parse().unwrap())
+    );
+}
+
+#[test]
+fn nested_source_prefixes_carry_the_rules_of_the_shorter_ones() {
+    let rule = |id, net: &str, low| CompiledRule {
+        id,
+        sources: vec![net.parse().unwrap()],
+        proto: Proto::Tcp,
+        ports: PortRange { low, high: low },
+    };
+    let policy = NodePolicy {
+        rules: vec![rule(0, "100.64.0.0/10", 80), rule(1, "100.64.0.5/32", 22)],
+    };
+    let tables = KernelTables::build(&policy).unwrap();
+    let host = tables
+        .sources
+        .iter()
+        .find(|(len, _, _)| *len == 128)
+        .expect("the host prefix");
+    assert_eq!(host.2.bits[0], 0b11, "the /32 also carries the /10's rule");
+    let mut acl = KernelAcl::load(&policy).unwrap();
+    let from = |host: u8, port| cases::packet(host, cases::WEB, false, cases::L4::Tcp(1, port), cases::Frag::None);
+    assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &from(5, 80)), TC_ACT_OK);
+    assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &from(5, 22)), TC_ACT_OK);
+    assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &from(6, 80)), TC_ACT_OK);
+    assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &from(6, 22)), TC_ACT_SHOT);
+}
+
+#[test]
+fn a_policy_beyond_the_slots_is_refused_before_any_write() {
+    let rules = (0..=ACL_MAX_RULES)
+        .map(|id| CompiledRule {
+            id,
+            sources: vec!["100.64.0.1/32".parse().unwrap()],
+            proto: Proto::Udp,
+            ports: PortRange::ALL,
+        })
+        .collect();
+    let err = KernelTables::build(&NodePolicy { rules }).unwrap_err();
+    assert!(err.to_string().contains("257 rules"), "{err}");
+}

@@ -1,0 +1,217 @@
+//! Accepting and starting handshakes: keys, indices, replays, the flood limit, strangers, a
+//! mesh-key rotation, cookies under load, peers leaving, rekeys.
+
+use super::*;
+
+#[test]
+fn a_handshake_installs_one_key_and_index_each_side_and_the_shield_learns_the_index_first() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    let out = a.event(Event::NeedSession(a.peer(&b)), t0);
+    let init = only(&out, Kind::Initiation);
+    assert!(shield_changes(&out).is_empty(), "a pending handshake is not a session");
+
+    let out = b.receive(&a, init, t0);
+    // The index the response carries reaches the shield before the response leaves.
+    let shield_at = out
+        .iter()
+        .position(|o| matches!(o, Output::ShieldIndex { live: true, .. }));
+    let response_at = out.iter().position(|o| matches!(o, Output::Transmit { .. }));
+    assert!(shield_at.unwrap() < response_at.unwrap());
+    let response = only(&out, Kind::Response);
+    let responder_index = wire::sender_index(&response);
+    assert_eq!(shield_changes(&out), [(responder_index, true)]);
+    let peer_a = b.peer(&a);
+    assert!(peer_a.keys.load().current.is_none() && peer_a.keys.load().next.is_some());
+    assert!(b.dev.sessions.load().contains_key(&responder_index));
+
+    // The initiator installs its key and confirms it with a keepalive on it.
+    let out = a.receive(&b, response, t0);
+    let keepalive = only(&out, Kind::Data);
+    assert_eq!(wire::receiver_index(&keepalive), responder_index);
+    let peer_b = a.peer(&b);
+    let initiator_key = peer_b.keys.load().current.clone().expect("a session");
+    assert_eq!(shield_changes(&out), [(initiator_key.local_index, true)]);
+    assert_eq!(a.dev.sessions.load().len(), 1);
+    assert_ne!(peer_b.last_handshake_unix.load(Ordering::Relaxed), 0);
+
+    // The responder opens the keepalive with its `next` key, which the worker then promotes.
+    let mut msg = keepalive;
+    let next = peer_a.keys.load().next.clone().unwrap();
+    assert_eq!(next.open(&mut msg, t0).map(|(len, _)| len), Ok(0));
+    confirm_next_key(&mut b, &peer_a, t0);
+    assert!(peer_a.keys.load().current.is_some());
+    assert_eq!(b.dev.sessions.load().len(), 1);
+}
+
+#[test]
+fn a_replayed_initiation_is_counted_and_never_answered() {
+    let t0 = Instant::now();
+    let (a, mut b) = pair(t0);
+    let wall = Duration::from_secs(1_800_000_000);
+    let init = crafted_initiation(&a, &b, &KEY_1, 7, wall, t0);
+    assert_eq!(transmits(&b.receive(&a, init.clone(), t0)).len(), 1);
+    let later = t0 + Duration::from_secs(1);
+    let out = b.receive(&a, init, later);
+    assert!(transmits(&out).is_empty() && shield_changes(&out).is_empty());
+    assert_eq!(b.counter(|c| &c.handshake_replayed), 1);
+    // An older timestamp is a replay too.
+    let older = crafted_initiation(&a, &b, &KEY_1, 8, wall - Duration::from_secs(1), later);
+    assert!(transmits(&b.receive(&a, older, later + Duration::from_secs(1))).is_empty());
+    assert_eq!(b.counter(|c| &c.handshake_replayed), 2);
+}
+
+#[test]
+fn at_most_one_initiation_per_peer_is_accepted_per_20_ms() {
+    let t0 = Instant::now();
+    let (a, mut b) = pair(t0);
+    let wall = Duration::from_secs(1_800_000_000);
+    let first = crafted_initiation(&a, &b, &KEY_1, 1, wall, t0);
+    assert_eq!(transmits(&b.receive(&a, first, t0)).len(), 1);
+    let soon = t0 + MIN_INITIATION_INTERVAL - Duration::from_millis(1);
+    let second = crafted_initiation(&a, &b, &KEY_1, 2, wall + Duration::from_secs(1), soon);
+    assert!(transmits(&b.receive(&a, second.clone(), soon)).is_empty());
+    assert_eq!(b.counter(|c| &c.handshake_rejected), 1);
+    // Its timestamp was not taken: the same initiation is welcome once the interval passed.
+    let out = b.receive(&a, second, t0 + MIN_INITIATION_INTERVAL);
+    only(&out, Kind::Response);
+    assert_eq!(b.counter(|c| &c.handshake_replayed), 0);
+    // Only the latest responder key and its index are kept.
+    assert_eq!(b.dev.sessions.load().len(), 1);
+    assert!(shield_changes(&out).contains(&(wire::sender_index(&only(&out, Kind::Response)), true)));
+    assert_eq!(shield_changes(&out).iter().filter(|(_, live)| !live).count(), 1);
+}
+
+#[test]
+fn an_initiation_from_a_key_that_is_not_a_member_gets_no_answer_at_all() {
+    let t0 = Instant::now();
+    let (_, mut b) = pair(t0);
+    let stranger = Node::new("stranger", "198.18.0.99:51820", t0);
+    let init = crafted_initiation(&stranger, &b, &KEY_1, 1, Duration::from_secs(1_800_000_000), t0);
+    let out = b.receive(&stranger, init, t0);
+    assert!(out.is_empty(), "no response, no cookie: {out:?}");
+    assert_eq!(b.counter(|c| &c.handshake_rejected), 1);
+}
+
+#[test]
+fn during_a_mesh_key_rotation_the_initiator_alternates_keys_until_one_is_answered() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    // A has the new key first; B has not heard of it yet.
+    a.set_mesh_keys(&[KEY_2, KEY_1]);
+    let out = a.event(Event::NeedSession(a.peer(&b)), t0);
+    let first = only(&out, Kind::Initiation);
+    let out = b.receive(&a, first, t0);
+    let response = only(&out, Kind::Response);
+    // Under the new key the response does not decrypt: A retries under the old one at once.
+    let t1 = t0 + Duration::from_millis(1);
+    let out = a.receive(&b, response, t1);
+    assert_eq!(a.counter(|c| &c.handshake_rejected), 1);
+    assert!(transmits(&out).is_empty(), "not at once: B's flood limit would drop it");
+    assert!(transmits(&a.handle(Input::Tick, t1 + MIN_INITIATION_INTERVAL / 2)).is_empty());
+    let t2 = t1 + MIN_INITIATION_INTERVAL;
+    let out = a.handle(Input::Tick, t2);
+    let retry = only(&out, Kind::Initiation);
+    let out = b.receive(&a, retry, t2);
+    let response = only(&out, Kind::Response);
+    let out = a.receive(&b, response, t2);
+    only(&out, Kind::Data);
+    assert!(a.peer(&b).keys.load().current.is_some(), "session under the old key");
+}
+
+#[test]
+fn under_load_udp_initiations_get_a_cookie_reply_and_pass_once_they_carry_the_cookie() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    b.sp.set_backlog(UNDER_LOAD_QUEUE);
+    let out = a.event(Event::NeedSession(a.peer(&b)), t0);
+    let init = only(&out, Kind::Initiation);
+    let out = b.receive(&a, init, t0);
+    let reply = only(&out, Kind::CookieReply);
+    assert_eq!(
+        transmits(&out)[0].0,
+        Via::Udp(a.addr),
+        "the reply goes back to the source"
+    );
+    assert!(
+        b.peer(&a).keys.load().next.is_none(),
+        "no DH under load without a cookie"
+    );
+    assert_eq!(b.counter(|c| &c.cookie_replies_sent), 1);
+
+    // A takes the cookie; its retransmission carries mac2 and is answered under load.
+    assert!(
+        a.event(
+            Event::Handshake {
+                msg: reply,
+                via: Via::Udp(b.addr)
+            },
+            t0
+        )
+        .is_empty()
+    );
+    assert_eq!(a.counter(|c| &c.handshake_rejected), 0);
+    let mut now = t0;
+    let retry = loop {
+        now += TICK;
+        let out = a.handle(Input::Tick, now);
+        if let Some((_, m)) = transmits(&out)
+            .into_iter()
+            .find(|(_, m)| wire::classify(m) == Ok(Kind::Initiation))
+        {
+            break m;
+        }
+        assert!(now - t0 < REKEY_TIMEOUT * 2, "no retransmission");
+    };
+    let out = b.receive(&a, retry, now);
+    only(&out, Kind::Response);
+    assert_eq!(b.counter(|c| &c.cookie_replies_sent), 1);
+}
+
+#[test]
+fn under_load_initiations_over_ssh_need_no_cookie() {
+    let t0 = Instant::now();
+    let (a, mut b) = pair(t0);
+    b.sp.set_backlog(UNDER_LOAD_QUEUE * 10);
+    let init = crafted_initiation(&a, &b, &KEY_1, 1, Duration::from_secs(1_800_000_000), t0);
+    let via = Via::Ssh(*a.identity.public().noise_public());
+    let out = b.event(Event::Handshake { msg: init, via }, t0);
+    assert_eq!(transmits(&out)[0].0, via);
+    only(&out, Kind::Response);
+}
+
+#[test]
+fn a_peer_that_leaves_the_table_loses_its_keys_and_the_shield_its_index() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    establish(&mut a, &mut b, t0);
+    let peer_b = a.peer(&b);
+    let index = peer_b.keys.load().current.as_ref().unwrap().local_index;
+    a.dev.update(Vec::new(), Vec::new());
+    let out = a.event(Event::PeersChanged, t0);
+    assert_eq!(shield_changes(&out), [(index, false)]);
+    assert!(a.dev.sessions.load().is_empty());
+    assert!(
+        peer_b.keys.load().current.is_none(),
+        "a worker holding the old peer cannot send"
+    );
+}
+
+#[test]
+fn a_rekey_keeps_the_previous_key_and_prunes_the_one_before_on_both_sides() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    let oldest = establish(&mut a, &mut b, t0);
+    let responder_oldest = b.peer(&a).keys.load().current.as_ref().unwrap().local_index;
+    let previous = establish(&mut a, &mut b, t0 + Duration::from_secs(1));
+    assert_eq!(a.dev.sessions.load().len(), 2);
+    let latest = establish(&mut a, &mut b, t0 + Duration::from_secs(2));
+    let keys = a.peer(&b).keys.load();
+    assert_eq!(keys.current.as_ref().unwrap().local_index, latest);
+    assert_eq!(keys.previous.as_ref().unwrap().local_index, previous);
+    for node in [&a, &b] {
+        assert_eq!(node.dev.sessions.load().len(), 2, "{}: current and previous", node.name);
+    }
+    assert!(!a.dev.sessions.load().contains_key(&oldest));
+    assert!(!b.dev.sessions.load().contains_key(&responder_oldest));
+}
