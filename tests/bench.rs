@@ -1,7 +1,8 @@
 //! `cargo xtask bench [SUITE]`: the benchmark suites (tables on stdout, JSON under
 //! `target/bench/`). `tunnel` (the default, in `bench/tunnel.rs`) compares TunnelMesh with raw
 //! veth, wireguard-go and boringtun-cli; `crypto` times the AEAD candidates; `coordinator`,
-//! `shield` and `paths` (each in `bench/`). Benchmarks only report; they assert nothing.
+//! `shield` and `paths` time the control plane, the XDP shield and the fallback paths (each suite
+//! in `bench/`). Benchmarks only report; they assert nothing.
 
 use std::{fs, process::Stdio, thread, time::Duration};
 
