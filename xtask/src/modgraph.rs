@@ -233,11 +233,47 @@ pub fn cycles(edges: &BTreeMap<Module, BTreeSet<Module>>) -> Vec<Vec<Module>> {
     s.out
 }
 
-/// Fail with every cycle named when the crate at `src` has one.
-pub fn check(src: &Path) -> Result<(), String> {
-    let found = cycles(&graph(src)?);
+/// The dependencies that break `rules`: (room, the rooms it may use), each room a top-level
+/// module. A module in a room with a rule may depend only on modules of the allowed rooms.
+pub fn layer_violations(
+    edges: &BTreeMap<Module, BTreeSet<Module>>,
+    rules: &[(&str, &[&str])],
+) -> Vec<(Module, Module)> {
+    let mut out = Vec::new();
+    for (module, deps) in edges {
+        let Some((_, allowed)) = rules.iter().find(|(room, _)| module.first().is_some_and(|m| m == room)) else {
+            continue;
+        };
+        for dep in deps {
+            if !dep.first().is_some_and(|d| allowed.contains(&d.as_str())) {
+                out.push((module.clone(), dep.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Fail with every cycle, and every dependency against `rules`, named.
+pub fn check(src: &Path, rules: &[(&str, &[&str])]) -> Result<(), String> {
+    let edges = graph(src)?;
+    let against = layer_violations(&edges, rules);
+    if !against.is_empty() {
+        let names: Vec<String> = against
+            .iter()
+            .map(|(m, d)| format!("crate::{} -> crate::{}", m.join("::"), d.join("::")))
+            .collect();
+        return Err(format!(
+            "modules of {} depend upward:\n  {}\nmove what they need down, or pass it in",
+            src.display(),
+            names.join("\n  ")
+        ));
+    }
+    let found = cycles(&edges);
     if found.is_empty() {
-        eprintln!("xtask: no module cycles in {}", src.display());
+        eprintln!(
+            "xtask: no module cycles and no upward dependencies in {}",
+            src.display()
+        );
         return Ok(());
     }
     let names: Vec<String> = found
@@ -295,7 +331,7 @@ mod tests {
             "a folder re-exporting its child is no dependency"
         );
         assert_eq!(cycles(&edges), vec![vec![m("a::inner"), m("b")]]);
-        assert!(check(&dir).unwrap_err().contains("crate::a::inner ↔ crate::b"));
+        assert!(check(&dir, &[]).unwrap_err().contains("crate::a::inner ↔ crate::b"));
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -310,7 +346,13 @@ mod tests {
                 ("c.rs", "pub struct C;\n"),
             ],
         );
-        assert!(cycles(&graph(&dir).unwrap()).is_empty());
+        let edges = graph(&dir).unwrap();
+        assert!(cycles(&edges).is_empty());
+        // c may use nothing, b only c: b's use of c is fine, a's of b is not.
+        let rules: &[(&str, &[&str])] = &[("c", &["c"]), ("b", &["b", "c"]), ("a", &["a"])];
+        let m = |s: &str| vec![s.to_string()];
+        assert_eq!(layer_violations(&edges, rules), vec![(m("a"), m("b"))]);
+        assert!(check(&dir, rules).unwrap_err().contains("crate::a -> crate::b"));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -24,6 +24,8 @@ use crate::device::Device;
 
 /// Packets per `recvmmsg`/`sendmmsg` call and per TUN read burst.
 pub const BATCH: usize = 64;
+// A receive batch may coalesce into one super-packet whole.
+const _: () = assert!(BATCH <= crate::offload::coalesce::MAX_MEMBERS + 1);
 /// Socket buffer size requested for each worker socket (the kernel doubles it, within
 /// `net.core.rmem_max`/`wmem_max`). Small on purpose: a bulk stream fills whatever buffer is
 /// there, and everything behind it waits. Measured on the 2-core VM with one stream through the

@@ -219,8 +219,9 @@ impl Coalescer {
     }
 }
 
-/// Segments after the first in one super-packet: those of one receive batch.
-const MAX_MEMBERS: usize = crate::dataplane::BATCH - 1;
+/// Segments after the first in one super-packet (64 in all, the most a receive batch of the data
+/// plane holds; it checks its batch against this).
+pub const MAX_MEMBERS: usize = 63;
 /// Most slices one write takes: virtio header, the first packet, the members' payloads.
 const MAX_IOV: usize = 2 + MAX_MEMBERS;
 
