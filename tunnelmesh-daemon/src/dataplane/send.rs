@@ -32,7 +32,7 @@ pub(super) fn seal_outbound(
     }
     let packet = segments.packet();
     let count = segments.count();
-    let payload = wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + dev.mtu;
+    let payload = wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + dev.info.mtu;
     let header = IpHeader::parse(packet);
     let Some((header, peer)) = header.and_then(|h| Some((h, table.route(h.dst)?))) else {
         dev.counters.tx_no_route.fetch_add(count as u64, Ordering::Relaxed);

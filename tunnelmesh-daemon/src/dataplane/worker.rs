@@ -81,7 +81,7 @@ impl Worker {
         inbox: UnixDatagram,
         udp_offload: bool,
     ) -> Self {
-        let slot = sealed_len(dev.mtu) + 64;
+        let slot = sealed_len(dev.info.mtu) + 64;
         let mut tx = Batch::new(BATCH, slot);
         if udp_offload {
             tx.enable_gso();
@@ -92,11 +92,11 @@ impl Worker {
         } else {
             Batch::new(BATCH, slot)
         };
-        let offloads = dev.offloads;
+        let offloads = dev.info.offloads;
         let tun_read = if offloads.vnet_header() {
             VNET_HDR_LEN + crate::offload::MAX_SUPER_PACKET
         } else {
-            dev.mtu
+            dev.info.mtu
         };
         Worker {
             rx,
@@ -167,9 +167,9 @@ impl Worker {
             reads += 1;
             let segments = if vnet {
                 VnetHeader::parse(&tun_buf[..len])
-                    .and_then(|hdr| Segments::new(hdr, &mut tun_buf[VNET_HDR_LEN..len], dev.mtu))
+                    .and_then(|hdr| Segments::new(hdr, &mut tun_buf[VNET_HDR_LEN..len], dev.info.mtu))
             } else {
-                Segments::new(VnetHeader::default(), &mut tun_buf[..len], dev.mtu)
+                Segments::new(VnetHeader::default(), &mut tun_buf[..len], dev.info.mtu)
             };
             match segments {
                 Ok(segments) => {

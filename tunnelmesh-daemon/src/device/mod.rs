@@ -69,14 +69,8 @@ impl Clock {
 
 /// A running mesh interface.
 pub struct Device {
-    pub interface: String,
-    pub mtu: usize,
-    /// What the TUN device offloads (fixed when its queues open).
-    pub offloads: crate::sys::tun::Offloads,
-    pub listen_port: u16,
-    pub local: PublicIdentity,
-    /// Our own mesh addresses.
-    pub addresses: Vec<IpNet>,
+    /// What the interface is; fixed when it comes up.
+    pub info: InterfaceInfo,
     /// Inbound rules from the coordinator (default deny) and their enforcer; none in a static
     /// mesh, where every configured peer may reach this node.
     pub policy: policy::PolicyEnforcer,
@@ -88,13 +82,25 @@ pub struct Device {
     pub clock: Clock,
     pub events: crossbeam_channel::Sender<Event>,
     pub shutdown: Arc<AtomicBool>,
-    pub started: Instant,
     /// The coordinator connection (written by the coordinator client only).
     pub coordinator: CoordinatorLink,
     /// How the world reaches this node (candidates, port mapping, network changes).
     pub reach: Reachability,
     /// Messages received on SSH or relay paths go to the data plane through here.
     pub overlay_inbox: std::os::unix::net::UnixDatagram,
+}
+
+/// What a running interface is, fixed when it comes up (read by everyone, written by no one).
+pub struct InterfaceInfo {
+    pub interface: String,
+    pub mtu: usize,
+    /// What the TUN device offloads (fixed when its queues open).
+    pub offloads: crate::sys::tun::Offloads,
+    pub listen_port: u16,
+    pub local: PublicIdentity,
+    /// Our own mesh addresses.
+    pub addresses: Vec<IpNet>,
+    pub started: Instant,
 }
 
 /// Header of a message in the overlay inbox: path kind, then the sending peer's Noise key.

@@ -27,7 +27,7 @@ use zeroize::Zeroizing;
 use crate::{
     dataplane,
     device::{
-        Clock, Counters, Device, PeerSpec, PeerTable,
+        Clock, Counters, Device, InterfaceInfo, PeerSpec, PeerTable,
         policy::{Enforcement, PolicyEnforcer},
     },
     fastpath::{SharedShield, Shield, Steering},
@@ -195,12 +195,15 @@ impl Interface {
         let (inbox_tx, inbox_rx) = dataplane::overlay_inbox()?;
         let now = Instant::now();
         let dev = Arc::new(Device {
-            interface: plan.name.clone(),
-            mtu: plan.mtu,
-            offloads,
-            listen_port,
-            local: identity.public().clone(),
-            addresses: plan.addresses.clone(),
+            info: InterfaceInfo {
+                interface: plan.name.clone(),
+                mtu: plan.mtu,
+                offloads,
+                listen_port,
+                local: identity.public().clone(),
+                addresses: plan.addresses.clone(),
+                started: now,
+            },
             peers: ArcSwap::from_pointee(PeerTable::build(plan.peers, &PeerTable::default())),
             mesh_keys: ArcSwap::from_pointee(plan.mesh_keys),
             sessions: ArcSwap::from_pointee(HashMap::new()),
@@ -208,7 +211,6 @@ impl Interface {
             clock: Clock::new(now),
             events: tx,
             shutdown: Default::default(),
-            started: now,
             policy,
             coordinator: Default::default(),
             reach: Default::default(),
@@ -244,7 +246,7 @@ impl Interface {
             && mode != crate::nat::portmap::Mode::Off
         {
             let handle = crate::nat::portmap::MappingHandle {
-                port: dev.listen_port,
+                port: dev.info.listen_port,
                 shutdown: dev.shutdown.clone(),
                 network_generation: dev.reach.network_generation.clone(),
                 slot: dev.reach.port_mapping.clone(),
@@ -264,10 +266,10 @@ impl Interface {
                 .spawn(move || status::serve(status_dev, status_listener, fastpath_status))?,
         );
         info!(
-            interface = %dev.interface,
+            interface = %dev.info.interface,
             port = listen_port,
-            fingerprint = %dev.local.fingerprint(),
-            public_key = %dev.local.noise_public_base64(),
+            fingerprint = %dev.info.local.fingerprint(),
+            public_key = %dev.info.local.noise_public_base64(),
             peers = dev.peers.load().peers.len(),
             workers,
             "tunnelmesh is up"
@@ -297,7 +299,7 @@ impl Interface {
         }
         // The status thread is gone, so this is the last reference: detach XDP, remove the pins.
         drop(self.shield);
-        let _ = std::fs::remove_file(status::socket_path(&self.dev.interface));
+        let _ = std::fs::remove_file(status::socket_path(&self.dev.info.interface));
     }
 }
 

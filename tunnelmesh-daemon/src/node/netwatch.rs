@@ -26,7 +26,7 @@ pub fn watch_network(dev: Arc<Device>) -> std::io::Result<std::thread::JoinHandl
             if !matches!(poll::readable([events.as_fd()], Duration::from_millis(500)), Ok([true])) {
                 continue;
             }
-            let mesh = netlink::interface_index(&dev.interface).unwrap_or(0);
+            let mesh = netlink::interface_index(&dev.info.interface).unwrap_or(0);
             let mut changed = false;
             while let Ok(n) = events.read(&mut buf) {
                 if n == 0 {

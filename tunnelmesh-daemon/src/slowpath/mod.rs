@@ -156,7 +156,7 @@ fn key_of(peer: &crate::device::Peer) -> [u8; 32] {
 impl SlowPath {
     pub fn new(dev: Arc<Device>, local: LocalStatic, workers: usize, now: Instant) -> Self {
         let checker = CookieChecker::new(&local.public, now);
-        let scratch = vec![0u8; sealed_len(dev.mtu) + 64];
+        let scratch = vec![0u8; sealed_len(dev.info.mtu) + 64];
         SlowPath {
             discovery: discovery::Publisher::new(now),
             workers: (workers as u32).clamp(1, tunnelmesh_common::steer::MAX_WORKERS),

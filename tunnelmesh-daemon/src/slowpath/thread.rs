@@ -83,7 +83,7 @@ impl SlowPathIo {
                     let _ = to.send(report);
                 }
                 Output::ReadHostCandidates => {
-                    let host = crate::nat::host_candidates(&self.dev.interface, self.dev.listen_port);
+                    let host = crate::nat::host_candidates(&self.dev.info.interface, self.dev.info.listen_port);
                     todo.extend(machine.handle(Input::HostCandidates(host), now));
                 }
             }

@@ -13,7 +13,9 @@ use zeroize::Zeroizing;
 
 use super::{Input, Output, SlowPath, TICK, UNDER_LOAD_QUEUE, accept::MIN_INITIATION_INTERVAL, ping::PING_TIMEOUT};
 use crate::{
-    device::{Clock, CoordinatorRequest, Counters, Device, Event, KeySet, Peer, PeerSpec, PeerTable, Via},
+    device::{
+        Clock, CoordinatorRequest, Counters, Device, Event, InterfaceInfo, KeySet, Peer, PeerSpec, PeerTable, Via,
+    },
     identity::Identity,
     protocol::{
         discovery::NatKind,
@@ -44,12 +46,15 @@ impl Node {
         let (inbox, _) = std::os::unix::net::UnixDatagram::pair().expect("a socket pair");
         let addr: SocketAddr = addr.parse().unwrap();
         let dev = Arc::new(Device {
-            interface: format!("tm-{name}"),
-            mtu: 1420,
-            offloads: crate::sys::tun::Offloads::Off,
-            listen_port: addr.port(),
-            local: identity.public().clone(),
-            addresses: Vec::new(),
+            info: InterfaceInfo {
+                interface: format!("tm-{name}"),
+                mtu: 1420,
+                offloads: crate::sys::tun::Offloads::Off,
+                listen_port: addr.port(),
+                local: identity.public().clone(),
+                addresses: Vec::new(),
+                started: t0,
+            },
             policy: crate::device::policy::PolicyEnforcer::none(),
             peers: ArcSwap::from_pointee(PeerTable::default()),
             mesh_keys: ArcSwap::from_pointee(vec![Zeroizing::new(KEY_1)]),
@@ -58,7 +63,6 @@ impl Node {
             clock: Clock::new(t0),
             events: tx,
             shutdown: Default::default(),
-            started: t0,
             coordinator: Default::default(),
             reach: Default::default(),
             overlay_inbox: inbox,
