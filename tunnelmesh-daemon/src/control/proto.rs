@@ -53,6 +53,23 @@ pub struct NodeInfo {
     pub tags: Vec<String>,
 }
 
+/// What a welcome tells a node about itself and the mesh, apart from the peers (the node keeps
+/// it, with the peers, as its cached state).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MeshInfo {
+    pub node: NodeInfo,
+    /// Base64 mesh keys, current first.
+    pub mesh_keys: Vec<String>,
+    pub ipv4_prefix: String,
+    pub ipv6_prefix: String,
+    /// The node's inbound rules (default deny: empty means nothing may reach it).
+    #[serde(default)]
+    pub policy: NodePolicy,
+    /// UDP port of the coordinator's first STUN target (the second is the next port); 0: none.
+    #[serde(default)]
+    pub stun_port: u16,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
@@ -61,21 +78,12 @@ pub enum ServerMsg {
         coordinator: String,
     },
     Welcome {
-        node: NodeInfo,
-        /// Base64 mesh keys, current first.
-        mesh_keys: Vec<String>,
-        ipv4_prefix: String,
-        ipv6_prefix: String,
+        #[serde(flatten)]
+        mesh: MeshInfo,
         peers: Vec<PeerInfo>,
         /// More of the peer list follows in `peers` messages.
         #[serde(default)]
         more: bool,
-        /// The node's inbound rules (default deny: empty means nothing may reach it).
-        #[serde(default)]
-        policy: NodePolicy,
-        /// UDP port of the coordinator's first STUN target (the second is the next port); 0: none.
-        #[serde(default)]
-        stun_port: u16,
     },
     /// Punch a hole to `peer` now: send to its `endpoints`. Sent to both sides at once.
     Punch {

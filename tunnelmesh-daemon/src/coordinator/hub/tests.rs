@@ -61,10 +61,9 @@ fn a_large_welcome_comes_in_bounded_parts_that_add_up_to_every_peer() {
             ServerMsg::Welcome {
                 peers: p,
                 more: m,
-                node,
-                ..
+                mesh,
             } if i == 0 => {
-                assert_eq!((m, node.name.as_str()), (more, "last"));
+                assert_eq!((m, mesh.node.name.as_str()), (more, "last"));
                 peers += p.len();
             }
             ServerMsg::Peers { peers: p, more: m } if i > 0 => {

@@ -26,7 +26,7 @@ use crate::{
 /// welcome named and the next one. Called per welcome (the host name is resolved here), not
 /// per pushed update.
 pub(super) fn set_stun_targets(dev: &Device, url: &str, state: &MeshState) {
-    let targets = match state.stun_port {
+    let targets = match state.mesh.stun_port {
         0 => None,
         port => crate::nat::netcheck::targets(url, port)
             .inspect_err(|e| warn!("no STUN targets ({e:#}); this node's public address stays a guess"))
@@ -53,7 +53,7 @@ pub(super) fn set_control(dev: &Device, url: &str, state: ConnectionState, error
 }
 
 pub(super) fn apply_to_device(dev: &Device, state: &MeshState) -> Result<()> {
-    dev.policy.set(state.policy.clone());
+    dev.policy.set(state.mesh.policy.clone());
     dev.update(state.peer_specs(), state.mesh_keys()?);
     Ok(())
 }
@@ -74,10 +74,10 @@ pub(super) async fn follow(
             Some(ws) => ws,
             None => match client.join().await {
                 Ok((fresh, ws)) => {
-                    if fresh.node.ipv4 != state.node.ipv4 {
+                    if fresh.mesh.node.ipv4 != state.mesh.node.ipv4 {
                         warn!(
                             "the coordinator now gives this node {} (was {}); restart to take it",
-                            fresh.node.ipv4, state.node.ipv4
+                            fresh.mesh.node.ipv4, state.mesh.node.ipv4
                         );
                     }
                     state = fresh;

@@ -80,29 +80,9 @@ impl Client {
                 serde_json::from_str(&part).context("unreadable welcome from the coordinator")?,
                 &mut state,
             ) {
-                (
-                    ServerMsg::Welcome {
-                        node,
-                        mesh_keys,
-                        ipv4_prefix,
-                        ipv6_prefix,
-                        peers,
-                        policy,
-                        stun_port,
-                        ..
-                    },
-                    None,
-                ) => {
+                (ServerMsg::Welcome { mesh, peers, .. }, None) => {
                     let peers = peers.into_iter().map(|p| (p.fingerprint.clone(), p)).collect();
-                    state = Some(MeshState {
-                        node,
-                        mesh_keys,
-                        ipv4_prefix,
-                        ipv6_prefix,
-                        peers,
-                        policy,
-                        stun_port,
-                    });
+                    state = Some(MeshState { mesh, peers });
                 }
                 (ServerMsg::Peers { peers, .. }, Some(s)) => {
                     s.peers.extend(peers.into_iter().map(|p| (p.fingerprint.clone(), p)));

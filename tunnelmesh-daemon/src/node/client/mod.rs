@@ -109,7 +109,7 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
             (state, Some(ws))
         }
     };
-    info!(name = %state.node.name, ipv4 = %state.node.ipv4, ipv6 = %state.node.ipv6, "joined the mesh");
+    info!(name = %state.mesh.node.name, ipv4 = %state.mesh.node.ipv4, ipv6 = %state.mesh.node.ipv6, "joined the mesh");
     let plan = InterfacePlan {
         name: opts.interface.clone(),
         mtu: opts.mtu,
@@ -122,7 +122,7 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
         no_offload: opts.no_offload,
         peers: state.peer_specs(),
         mesh_keys: state.mesh_keys()?,
-        policy: Some(state.policy.clone()),
+        policy: Some(state.mesh.policy.clone()),
         port_mapping: (opts.port_mapping, opts.port_mapping_lifetime),
     };
     let interface = Interface::start(&identity, plan)?;

@@ -17,10 +17,9 @@ use zeroize::Zeroizing;
 
 use super::Refusal;
 use crate::{
-    control::proto::{NodeInfo, PeerInfo, ServerMsg},
+    control::proto::{MeshInfo, PeerInfo, ServerMsg},
     device::PeerSpec,
     identity::PublicIdentity,
-    policy::NodePolicy,
     protocol::discovery::NatKind,
     protocol::noise::MeshKey,
 };
@@ -28,17 +27,10 @@ use crate::{
 /// What the coordinator told us, as cached on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MeshState {
-    pub node: NodeInfo,
-    pub mesh_keys: Vec<String>,
-    pub ipv4_prefix: String,
-    pub ipv6_prefix: String,
+    #[serde(flatten)]
+    pub mesh: MeshInfo,
+    /// By fingerprint.
     pub peers: BTreeMap<String, PeerInfo>,
-    /// This node's inbound rules (default deny).
-    #[serde(default)]
-    pub policy: NodePolicy,
-    /// The coordinator's first STUN port (0: it runs none).
-    #[serde(default)]
-    pub stun_port: u16,
 }
 
 impl MeshState {
@@ -50,8 +42,8 @@ impl MeshState {
             ServerMsg::PeerRemoved { fingerprint } => {
                 self.peers.remove(&fingerprint);
             }
-            ServerMsg::MeshKeys { mesh_keys } => self.mesh_keys = mesh_keys,
-            ServerMsg::Policy { policy } => self.policy = policy,
+            ServerMsg::MeshKeys { mesh_keys } => self.mesh.mesh_keys = mesh_keys,
+            ServerMsg::Policy { policy } => self.mesh.policy = policy,
             ServerMsg::Revoked { message } => return Err(Refusal::Revoked(message).into()),
             ServerMsg::Error { message } => bail!("coordinator error: {message}"),
             ServerMsg::Challenge { .. }
@@ -63,7 +55,8 @@ impl MeshState {
     }
 
     pub(super) fn mesh_keys(&self) -> Result<Vec<MeshKey>> {
-        self.mesh_keys
+        self.mesh
+            .mesh_keys
             .iter()
             .map(|k| {
                 let bytes = BASE64
@@ -109,11 +102,11 @@ impl MeshState {
     }
 
     pub(super) fn addresses(&self) -> Result<Vec<IpNet>> {
-        let v4_len = self.ipv4_prefix.parse::<IpNet>()?.prefix_len();
-        let v6_len = self.ipv6_prefix.parse::<IpNet>()?.prefix_len();
+        let v4_len = self.mesh.ipv4_prefix.parse::<IpNet>()?.prefix_len();
+        let v6_len = self.mesh.ipv6_prefix.parse::<IpNet>()?.prefix_len();
         Ok(vec![
-            format!("{}/{v4_len}", self.node.ipv4).parse()?,
-            format!("{}/{v6_len}", self.node.ipv6).parse()?,
+            format!("{}/{v4_len}", self.mesh.node.ipv4).parse()?,
+            format!("{}/{v6_len}", self.mesh.node.ipv6).parse()?,
         ])
     }
 
@@ -143,4 +136,21 @@ impl MeshState {
 /// The `ip:port` entries of a peer's endpoint list.
 pub(super) fn udp_endpoints(endpoints: &[String]) -> Vec<SocketAddr> {
     endpoints.iter().filter_map(|e| e.parse::<SocketAddr>().ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_written_before_mesh_info_existed_still_loads_and_writes_the_same_fields() {
+        let old = r#"{"node":{"name":"web","fingerprint":"SHA256:x","ipv4":"100.64.0.2","ipv6":"fd7a::2","tags":[]},
+            "mesh_keys":["AAAA"],"ipv4_prefix":"100.64.0.0/10","ipv6_prefix":"fd7a::/48","peers":{},
+            "policy":{"rules":[]},"stun_port":3478}"#;
+        let state: MeshState = serde_json::from_str(old).expect("the old cache parses");
+        assert_eq!((state.mesh.node.name.as_str(), state.mesh.stun_port), ("web", 3478));
+        let again: serde_json::Value = serde_json::to_value(&state).unwrap();
+        let before: serde_json::Value = serde_json::from_str(old).unwrap();
+        assert_eq!(again, before, "the same document, field for field");
+    }
 }
