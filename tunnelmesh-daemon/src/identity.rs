@@ -43,6 +43,18 @@ pub enum IdentityError {
     BadPublicLine(String, String),
 }
 
+/// Why a well-formed OpenSSH key is still not one TunnelMesh can use (the reason inside an
+/// [`IdentityError`]).
+#[derive(Debug, thiserror::Error)]
+enum KeyProblem {
+    #[error("the key is {0}, not ed25519")]
+    NotEd25519(String),
+    #[error("the ed25519 key is not a valid curve point")]
+    NotOnCurve,
+    #[error("not an ed25519 key pair")]
+    NotEd25519Pair,
+}
+
 /// How OpenSSH users name a key type ("RSA", "ECDSA", …).
 fn algorithm_name(algorithm: &Algorithm) -> String {
     match algorithm {
@@ -73,17 +85,15 @@ impl PublicIdentity {
     pub fn from_ssh_line(line: &str) -> Result<Self, IdentityError> {
         let bad = |why: String| IdentityError::BadPublicLine(line.to_string(), why);
         let ssh = PublicKey::from_openssh(line.trim()).map_err(|e| bad(e.to_string()))?;
-        Self::from_ssh(ssh).map_err(bad)
+        Self::from_ssh(ssh).map_err(|e| bad(e.to_string()))
     }
 
-    fn from_ssh(ssh: PublicKey) -> Result<Self, String> {
+    fn from_ssh(ssh: PublicKey) -> Result<Self, KeyProblem> {
         let ed = ssh
             .key_data()
             .ed25519()
-            .ok_or_else(|| format!("the key is {}, not ed25519", ssh.algorithm()))?;
-        let point = CompressedEdwardsY(ed.0)
-            .decompress()
-            .ok_or_else(|| "the ed25519 key is not a valid curve point".to_string())?;
+            .ok_or_else(|| KeyProblem::NotEd25519(ssh.algorithm().to_string()))?;
+        let point = CompressedEdwardsY(ed.0).decompress().ok_or(KeyProblem::NotOnCurve)?;
         Ok(PublicIdentity {
             noise: point.to_montgomery().to_bytes(),
             ssh,
@@ -201,12 +211,15 @@ impl Identity {
         } else {
             key
         };
-        Self::from_private(&key).map_err(|reason| IdentityError::NotOpenSsh { path: shown, reason })
+        Self::from_private(&key).map_err(|e| IdentityError::NotOpenSsh {
+            path: shown,
+            reason: e.to_string(),
+        })
     }
 
-    fn from_private(key: &PrivateKey) -> Result<Self, String> {
+    fn from_private(key: &PrivateKey) -> Result<Self, KeyProblem> {
         let KeypairData::Ed25519(pair) = key.key_data() else {
-            return Err("not an ed25519 key pair".into());
+            return Err(KeyProblem::NotEd25519Pair);
         };
         let public = PublicIdentity::from_ssh(key.public_key().clone())?;
         // X25519 secret = clamped first half of SHA-512(seed), the same scalar ed25519 signs with.

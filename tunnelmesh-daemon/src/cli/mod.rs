@@ -128,7 +128,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 if round > 0 {
                     std::thread::sleep(std::time::Duration::from_secs(1));
                 }
-                let report = status::query_ping(&interface, &peer).map_err(anyhow::Error::msg)?;
+                let report = status::query_ping(&interface, &peer)?;
                 let current = report.current.map_or("none", |c| c.name());
                 for (kind, at, rtt) in &report.paths {
                     let mark = if report.current == Some(*kind) { " (in use)" } else { "" };
@@ -151,7 +151,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { interface, json } => {
             let interface = pick_interface(interface)?;
-            let s = status::query(&interface).map_err(anyhow::Error::msg)?;
+            let s = status::query(&interface)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {

@@ -82,20 +82,19 @@ pub fn read_authorized_keys(path: &Path) -> Result<(HashMap<String, AuthorizedKe
 }
 
 /// Node names: 1–63 of `a-z 0-9 -`, starting with a letter or digit (usable as a DNS label).
-pub fn check_name(name: &str) -> Result<(), String> {
+/// A node name DNS and the policy file could not use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a valid node name: use 1-63 of a-z, 0-9 and '-'")]
+pub struct BadName(pub String);
+
+pub fn check_name(name: &str) -> Result<(), BadName> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !name.starts_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name:?} is not a valid node name: use 1-63 of a-z, 0-9 and '-'"
-        ))
-    }
+    if ok { Ok(()) } else { Err(BadName(name.into())) }
 }
 
 /// Turn a key comment (`user@host`: the host part) or hostname into a valid name, if possible.

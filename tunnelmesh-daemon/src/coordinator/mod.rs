@@ -422,7 +422,7 @@ pub fn explain(data_dir: &Path, policy_path: &Path, src: &str, dst: &str, spec: 
             .ok_or_else(|| anyhow::anyhow!("no node is named {name:?}"))
     };
     let (from, to) = (find(src)?, find(dst)?);
-    let (proto, ports) = parse_ports(spec).map_err(anyhow::Error::msg)?;
+    let (proto, ports) = parse_ports(spec)?;
     let addr = |m: &Member| m.addresses[0].addr();
     let packet = PacketInfo {
         src: addr(from),

@@ -32,7 +32,7 @@ pub enum Event {
     /// `tunnelmesh ping`: probe every available path to the peer named `peer`.
     Ping {
         peer: String,
-        answer: crossbeam_channel::Sender<Result<PingReport, String>>,
+        answer: crossbeam_channel::Sender<PingAnswer>,
     },
     /// A STUN response on the tunnel port.
     Stun { msg: Vec<u8>, from: SocketAddr },
@@ -94,6 +94,10 @@ impl std::fmt::Display for Via {
         }
     }
 }
+
+/// A `tunnelmesh ping` answer as it travels over the status socket (JSON `{"Ok": report}` or
+/// `{"Err": "why"}`, the text shown to the operator).
+pub type PingAnswer = Result<PingReport, String>;
 
 /// Answers of `tunnelmesh ping`: the path in use and each path's round trip.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]

@@ -16,7 +16,7 @@ pub mod policy;
 mod table;
 
 pub use counters::Counters;
-pub use events::{CoordinatorRequest, Event, IndexMirror, PingReport, Via};
+pub use events::{CoordinatorRequest, Event, IndexMirror, PingAnswer, PingReport, Via};
 pub use link::{ConnectionState, ControlState, CoordinatorLink, Reachability};
 pub use peer::{ActivityStamps, KeySet, MAX_STAGED, Peer, PeerSpec, RemoteCandidates};
 pub use table::{IndexEntry, PeerTable};

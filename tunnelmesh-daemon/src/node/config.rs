@@ -41,10 +41,27 @@ pub const DEFAULT_PORT: u16 = 51820;
 
 /// A config file that failed to load.
 #[derive(Debug, thiserror::Error)]
-#[error("config {path}: {message}")]
-pub struct ConfigError {
-    pub path: PathBuf,
-    pub message: String,
+pub enum ConfigError {
+    #[error("config {path}: cannot read it: {source}")]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {problem}")]
+    Invalid { path: PathBuf, problem: ConfigProblem },
+}
+
+/// What is wrong in a config file's text; each names the line (TOML's own errors name the line
+/// and column, and the field).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigProblem {
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("line {line}: mtu = {mtu} is out of range; use 1280..=65000 (default {DEFAULT_MTU})")]
+    MtuOutOfRange { line: usize, mtu: u16 },
+    #[error("[interface] addresses is empty; give the node's mesh address, e.g. addresses = [\"10.99.0.1/24\"]")]
+    NoAddresses,
+    #[error("line {line}: public_key appears in two [[peer]] entries; merge them")]
+    DuplicatePeer { line: usize },
+    #[error("line {line}: this [[peer]] has no allowed_ips; it could never receive traffic")]
+    NoAllowedIps { line: usize },
 }
 
 /// The mesh key: 32 bytes, written as WireGuard writes a PresharedKey (base64).
@@ -52,19 +69,24 @@ pub struct ConfigError {
 #[serde(try_from = "String")]
 pub struct MeshKey(pub Zeroizing<[u8; 32]>);
 
+/// A key in the config that is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("mesh_key is not valid base64; generate one with `wg genpsk` or `head -c32 /dev/urandom | base64`")]
+    NotBase64,
+    #[error("mesh_key must decode to 32 bytes, not {0}; generate one with `head -c32 /dev/urandom | base64`")]
+    MeshKeyLength(usize),
+    #[error(transparent)]
+    PeerKey(#[from] crate::identity::IdentityError),
+}
+
 impl TryFrom<String> for MeshKey {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        let bytes = BASE64.decode(s.trim()).map_err(|_| {
-            "mesh_key is not valid base64; generate one with `wg genpsk` or `head -c32 /dev/urandom | base64`"
-                .to_string()
-        })?;
-        let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
-            format!(
-                "mesh_key must decode to 32 bytes, not {}; generate one with `head -c32 /dev/urandom | base64`",
-                b.len()
-            )
-        })?;
+    type Error = KeyError;
+    fn try_from(s: String) -> Result<Self, KeyError> {
+        let bytes = BASE64.decode(s.trim()).map_err(|_| KeyError::NotBase64)?;
+        let key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|b: Vec<u8>| KeyError::MeshKeyLength(b.len()))?;
         Ok(MeshKey(Zeroizing::new(key)))
     }
 }
@@ -81,11 +103,9 @@ impl fmt::Debug for MeshKey {
 pub struct PeerKey(pub PublicIdentity);
 
 impl TryFrom<String> for PeerKey {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        PublicIdentity::from_ssh_line(&s)
-            .map(PeerKey)
-            .map_err(|e| e.to_string())
+    type Error = KeyError;
+    fn try_from(s: String) -> Result<Self, KeyError> {
+        Ok(PeerKey(PublicIdentity::from_ssh_line(&s)?))
     }
 }
 
@@ -152,51 +172,39 @@ fn default_mtu() -> Spanned<u16> {
 impl Config {
     /// Read and validate `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let err = |message: String| ConfigError {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable {
             path: path.to_path_buf(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
-        Self::parse(&text).map_err(err)
+            source,
+        })?;
+        Self::parse(&text).map_err(|problem| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problem,
+        })
     }
 
-    /// Parse and validate config text; the error names line, column and field.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        let at = |span: std::ops::Range<usize>, msg: String| {
-            let line = text[..span.start.min(text.len())].lines().count().max(1);
-            format!("line {line}: {msg}")
-        };
+    /// Parse and validate config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigProblem> {
+        let config: Config = toml::from_str(text)?;
+        let line_of = |span: std::ops::Range<usize>| text[..span.start.min(text.len())].lines().count().max(1);
         let mtu = config.interface.mtu.clone();
         if !(1280..=65_000).contains(mtu.get_ref()) {
-            return Err(at(
-                mtu.span(),
-                format!(
-                    "mtu = {} is out of range; use 1280..=65000 (default {DEFAULT_MTU})",
-                    mtu.get_ref()
-                ),
-            ));
+            return Err(ConfigProblem::MtuOutOfRange {
+                line: line_of(mtu.span()),
+                mtu: *mtu.get_ref(),
+            });
         }
         if config.interface.addresses.is_empty() {
-            return Err(
-                "[interface] addresses is empty; give the node's mesh address, e.g. addresses = [\"10.99.0.1/24\"]"
-                    .into(),
-            );
+            return Err(ConfigProblem::NoAddresses);
         }
         let mut seen = std::collections::HashSet::new();
         for peer in &config.peers {
             let key = peer.public_key.get_ref().0.noise_public();
+            let line = line_of(peer.public_key.span());
             if !seen.insert(*key) {
-                return Err(at(
-                    peer.public_key.span(),
-                    "public_key appears in two [[peer]] entries; merge them".into(),
-                ));
+                return Err(ConfigProblem::DuplicatePeer { line });
             }
             if peer.allowed_ips.is_empty() {
-                return Err(at(
-                    peer.public_key.span(),
-                    "this [[peer]] has no allowed_ips; it could never receive traffic".into(),
-                ));
+                return Err(ConfigProblem::NoAllowedIps { line });
             }
         }
         Ok(config)
@@ -237,30 +245,33 @@ mod tests {
     #[test]
     fn errors_name_the_line_and_the_field() {
         let bad_psk = config("", "").replace(PSK, "c2hvcnQ=");
-        let e = Config::parse(&bad_psk).err().unwrap();
+        let e = Config::parse(&bad_psk).err().unwrap().to_string();
         assert!(
             e.contains("line 2") && e.contains("mesh_key") && e.contains("32 bytes"),
             "{e}"
         );
         let e = Config::parse(&config("", "public_key = \"ssh-rsa AAAA\"\nallowed_ips = []"))
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(e.contains("line 6") && e.contains("ed25519"), "{e}");
         let e = Config::parse(&config(
             "mtu = 100",
             &format!("public_key = \"{KEY}\"\nallowed_ips = [\"10.0.0.2/32\"]"),
         ))
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
         assert!(e.contains("line 4") && e.contains("mtu"), "{e}");
         let e = Config::parse(&config(
             "",
             &format!("public_key = \"{KEY}\"\nallowed_ips = [\"10.0.0.300/32\"]"),
         ))
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
         assert!(e.contains("line 7") && e.contains("allowed_ips"), "{e}");
-        let e = Config::parse(&config("listen_prot = 1", "")).err().unwrap();
+        let e = Config::parse(&config("listen_prot = 1", "")).err().unwrap().to_string();
         assert!(e.contains("listen_prot"), "{e}");
         let dup = config(
             "",
@@ -268,7 +279,7 @@ mod tests {
                 "public_key = \"{KEY}\"\nallowed_ips = [\"10.0.0.2/32\"]\n[[peer]]\npublic_key = \"{KEY}\"\nallowed_ips = [\"10.0.0.3/32\"]"
             ),
         );
-        let e = Config::parse(&dup).err().unwrap();
+        let e = Config::parse(&dup).err().unwrap().to_string();
         assert!(e.contains("line 9") && e.contains("two [[peer]]"), "{e}");
     }
 }

@@ -17,7 +17,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::device::{
-    ControlState, Counters, Device, Event, PingReport,
+    ControlState, Counters, Device, Event, PingAnswer, PingReport,
     policy::{Enforcement, PolicyStatus},
 };
 use crate::protocol::discovery::{Candidates, NatKind};
@@ -234,7 +234,7 @@ pub fn serve(dev: Arc<Device>, listener: UnixListener, fastpath: Box<dyn Fn() ->
     }
 }
 
-fn ping(dev: &Device, peer: String) -> Result<PingReport, String> {
+fn ping(dev: &Device, peer: String) -> PingAnswer {
     let (answer, result) = crossbeam_channel::bounded(1);
     dev.events
         .send_timeout(Event::Ping { peer, answer }, Duration::from_secs(1))
@@ -254,30 +254,50 @@ pub fn bind(interface: &str) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Why `tunnelmesh status` or `ping` got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(
+        "cannot reach the daemon of {interface} at {path}: {source}; is `tunnelmesh up` running (and are you root)?"
+    )]
+    Unreachable {
+        interface: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("talking to the daemon failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the daemon sent an unreadable answer: {0}")]
+    Unreadable(#[from] serde_json::Error),
+    /// The daemon answered, with an error (`ping`: no such peer, no session yet, busy).
+    #[error("{0}")]
+    Daemon(String),
+}
+
 /// Ask the daemon of `interface` for its status.
-pub fn query(interface: &str) -> Result<Status, String> {
+pub fn query(interface: &str) -> Result<Status, QueryError> {
     request(interface, &Request::Status)
 }
 
 /// Ask the daemon of `interface` to ping `peer` on every path.
-pub fn query_ping(interface: &str, peer: &str) -> Result<PingReport, String> {
-    request::<Result<PingReport, String>>(interface, &Request::Ping { peer: peer.into() })?
+pub fn query_ping(interface: &str, peer: &str) -> Result<PingReport, QueryError> {
+    // The answer travels as `PingAnswer` (the status socket's JSON).
+    request::<PingAnswer>(interface, &Request::Ping { peer: peer.into() })?.map_err(QueryError::Daemon)
 }
 
-fn request<T: serde::de::DeserializeOwned>(interface: &str, request: &Request) -> Result<T, String> {
+fn request<T: serde::de::DeserializeOwned>(interface: &str, request: &Request) -> Result<T, QueryError> {
     let path = socket_path(interface);
-    let mut stream = UnixStream::connect(&path).map_err(|e| {
-        format!(
-            "cannot reach the daemon of {interface} at {}: {e}; is `tunnelmesh up` running (and are you root)?",
-            path.display()
-        )
+    let mut stream = UnixStream::connect(&path).map_err(|source| QueryError::Unreachable {
+        interface: interface.into(),
+        path: path.display().to_string(),
+        source,
     })?;
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
-    stream.write_all(&line).map_err(|e| e.to_string())?;
+    stream.write_all(&line)?;
     let mut doc = Vec::new();
-    stream.read_to_end(&mut doc).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&doc).map_err(|e| format!("the daemon sent an unreadable answer: {e}"))
+    stream.read_to_end(&mut doc)?;
+    Ok(serde_json::from_slice(&doc)?)
 }
 
 /// Interfaces that have a status socket.

@@ -53,6 +53,15 @@ pub struct PolicyFile {
     pub rules: Vec<Rule>,
 }
 
+/// A `from`/`to` entry or group member that selects nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    #[error("unknown group {0:?}; define it under [groups]")]
+    UnknownGroup(String),
+    #[error("{0:?} is not a selector: use \"*\", a node name, \"tag:NAME\" or \"group:NAME\"")]
+    NotASelector(String),
+}
+
 /// A policy file that does not parse or refers to something that does not exist.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("line {line}: {reason}")]
@@ -81,8 +90,10 @@ impl PolicyFile {
         }
         for (name, members) in &file.groups {
             for m in members {
-                file.check_selector(m.get_ref())
-                    .map_err(|reason| PolicyError { line: at(m), reason })?;
+                file.check_selector(m.get_ref()).map_err(|e| PolicyError {
+                    line: at(m),
+                    reason: e.to_string(),
+                })?;
                 if m.get_ref() == &format!("group:{name}") {
                     return Err(PolicyError {
                         line: at(m),
@@ -93,15 +104,22 @@ impl PolicyFile {
         }
         for rule in &file.rules {
             for s in rule.from.iter().chain(&rule.to) {
-                file.check_selector(s.get_ref())
-                    .map_err(|reason| PolicyError { line: at(s), reason })?;
+                file.check_selector(s.get_ref()).map_err(|e| PolicyError {
+                    line: at(s),
+                    reason: e.to_string(),
+                })?;
             }
         }
         for rule in &mut file.rules {
             rule.parsed_ports = rule
                 .ports
                 .iter()
-                .map(|p| parse_ports(p.get_ref()).map_err(|reason| PolicyError { line: at(p), reason }))
+                .map(|p| {
+                    parse_ports(p.get_ref()).map_err(|e| PolicyError {
+                        line: at(p),
+                        reason: e.to_string(),
+                    })
+                })
                 .collect::<Result<_, _>>()?;
         }
         for rule in &file.rules {
@@ -116,15 +134,13 @@ impl PolicyFile {
         Ok(file)
     }
 
-    fn check_selector(&self, s: &str) -> Result<(), String> {
+    fn check_selector(&self, s: &str) -> Result<(), SelectorError> {
         if let Some(group) = s.strip_prefix("group:") {
             if !self.groups.contains_key(group) {
-                return Err(format!("unknown group {group:?}; define it under [groups]"));
+                return Err(SelectorError::UnknownGroup(group.into()));
             }
         } else if s.strip_prefix("tag:").is_some_and(str::is_empty) || s.is_empty() {
-            return Err(format!(
-                "{s:?} is not a selector: use \"*\", a node name, \"tag:NAME\" or \"group:NAME\""
-            ));
+            return Err(SelectorError::NotASelector(s.into()));
         }
         Ok(())
     }

@@ -36,8 +36,21 @@ pub const ECHO_ONLY: PortRange = PortRange {
     high: ICMP_ECHO_REQUEST as u16,
 };
 
+/// A `ports` item that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortsError {
+    #[error("unknown protocol {proto:?} in {spec:?}: use tcp, udp, icmp or any")]
+    UnknownProtocol { proto: String, spec: String },
+    #[error("{spec:?}: an ICMP type is \"echo\" or a number 0-255")]
+    IcmpType { spec: String },
+    #[error("{spec:?}: {port:?} is not a port (0-65535)")]
+    NotAPort { spec: String, port: String },
+    #[error("{spec:?}: the range is backwards")]
+    Backwards { spec: String },
+}
+
 /// Parse one `ports` item.
-pub fn parse_ports(spec: &str) -> Result<(Proto, PortRange), String> {
+pub fn parse_ports(spec: &str) -> Result<(Proto, PortRange), PortsError> {
     let (proto, range) = spec.split_once('/').map_or((spec, None), |(p, r)| (p, Some(r)));
     let proto = match proto {
         "tcp" => Proto::Tcp,
@@ -45,9 +58,10 @@ pub fn parse_ports(spec: &str) -> Result<(Proto, PortRange), String> {
         "icmp" => Proto::Icmp,
         "any" if range.is_none() => return Ok((Proto::Any, PortRange::ALL)),
         other => {
-            return Err(format!(
-                "unknown protocol {other:?} in {spec:?}: use tcp, udp, icmp or any"
-            ));
+            return Err(PortsError::UnknownProtocol {
+                proto: other.into(),
+                spec: spec.into(),
+            });
         }
     };
     let Some(range) = range else {
@@ -67,19 +81,21 @@ pub fn parse_ports(spec: &str) -> Result<(Proto, PortRange), String> {
                         },
                     )
                 })
-                .map_err(|_| format!("{spec:?}: an ICMP type is \"echo\" or a number 0-255")),
+                .map_err(|_| PortsError::IcmpType { spec: spec.into() }),
         };
     }
     let port = |p: &str| {
-        p.parse::<u16>()
-            .map_err(|_| format!("{spec:?}: {p:?} is not a port (0-65535)"))
+        p.parse::<u16>().map_err(|_| PortsError::NotAPort {
+            spec: spec.into(),
+            port: p.into(),
+        })
     };
     let (low, high) = match range.split_once('-') {
         Some((l, h)) => (port(l)?, port(h)?),
         None => (port(range)?, port(range)?),
     };
     if low > high {
-        return Err(format!("{spec:?}: the range is backwards"));
+        return Err(PortsError::Backwards { spec: spec.into() });
     }
     Ok((proto, PortRange { low, high }))
 }
@@ -104,7 +120,7 @@ mod tests {
             Ok((Proto::Icmp, PortRange { low: 8, high: 8 }))
         );
         assert_eq!(parse_ports("any"), Ok((Proto::Any, PortRange::ALL)));
-        assert!(parse_ports("tcp/10-1").unwrap_err().contains("backwards"));
+        assert!(parse_ports("tcp/10-1").unwrap_err().to_string().contains("backwards"));
         assert!(parse_ports("icmp/300").is_err() && parse_ports("any/1").is_err());
     }
 }

@@ -46,7 +46,7 @@ use std::{
 use rand::Rng;
 
 use crate::{
-    device::{CoordinatorRequest, Counters, Device, Event, PingReport, Via},
+    device::{CoordinatorRequest, Counters, Device, Event, PingAnswer, Via},
     protocol::{
         noise::{CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, Tai64n},
         path::PathKind,
@@ -84,8 +84,8 @@ pub enum Output {
     Coordinator(CoordinatorRequest),
     /// Answer a `tunnelmesh ping`.
     PingDone {
-        to: crossbeam_channel::Sender<Result<PingReport, String>>,
-        report: Result<PingReport, String>,
+        to: crossbeam_channel::Sender<PingAnswer>,
+        report: PingAnswer,
     },
     /// Read this machine's addresses and hand them back as [`Input::HostCandidates`].
     ReadHostCandidates,

@@ -12,7 +12,7 @@ use crossbeam_channel::Sender;
 
 use super::{Output, SlowPath};
 use crate::{
-    device::{Peer, PingReport, Via},
+    device::{Peer, PingAnswer, PingReport, Via},
     protocol::path::PathKind,
 };
 
@@ -34,7 +34,7 @@ struct PendingPing {
     peer: Arc<Peer>,
     sent: Instant,
     probes: Vec<Probe>,
-    answer: Sender<Result<PingReport, String>>,
+    answer: Sender<PingAnswer>,
 }
 
 /// The pings in flight.
@@ -52,7 +52,7 @@ impl Pings {
 }
 
 impl SlowPath {
-    pub(super) fn start_ping(&mut self, name: &str, answer: Sender<Result<PingReport, String>>, now: Instant) {
+    pub(super) fn start_ping(&mut self, name: &str, answer: Sender<PingAnswer>, now: Instant) {
         let table = self.dev.peers.load_full();
         let Some(peer) = table
             .peers

@@ -47,7 +47,7 @@ impl Hub {
             return Err(Refusal::Malformed("listen_port must be 1-65535".into()));
         }
         if let Some(n) = &name {
-            admission::check_name(n).map_err(Refusal::Invalid)?;
+            admission::check_name(n).map_err(|e| Refusal::Invalid(e.to_string()))?;
         }
         let candidates = parse_endpoints(&endpoints).map_err(|e| Refusal::Malformed(e.to_string()))?;
         let observed = SocketAddr::new(remote.to_canonical(), listen_port);

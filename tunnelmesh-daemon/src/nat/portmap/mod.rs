@@ -65,9 +65,14 @@ pub enum Mode {
     Only(Protocol),
 }
 
+/// A `--port-mapping` value that names no mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a port-mapping mode: use auto, pcp, nat-pmp, upnp or off")]
+pub struct BadMode(pub String);
+
 impl FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadMode;
+    fn from_str(s: &str) -> Result<Self, BadMode> {
         match s {
             "off" => Ok(Mode::Off),
             "auto" => Ok(Mode::Auto),
@@ -75,7 +80,7 @@ impl FromStr for Mode {
                 .into_iter()
                 .find(|p| p.name() == other)
                 .map(Mode::Only)
-                .ok_or_else(|| format!("{other:?} is not a port-mapping mode: use auto, pcp, nat-pmp, upnp or off")),
+                .ok_or_else(|| BadMode(other.into())),
         }
     }
 }
@@ -379,6 +384,7 @@ mod tests {
             "igd"
                 .parse::<Mode>()
                 .unwrap_err()
+                .to_string()
                 .contains("auto, pcp, nat-pmp, upnp or off")
         );
     }
