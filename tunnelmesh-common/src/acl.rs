@@ -6,6 +6,9 @@
 //! - `ACL_SOURCES`, an LPM trie from (generation, source address) to the set of rule slots whose
 //!   sources contain that address ([`AclMask`]). A prefix's set includes the rules of every
 //!   shorter prefix containing it, so the longest match is the whole answer.
+//! - `ACL_DESTINATIONS`, an LPM trie from (generation, destination address) to 1: the addresses
+//!   a rule may allow packets to (the node's own mesh addresses). A packet to any other address
+//!   is allowed by no rule (replies to flows the node opened still pass).
 //! - `ACL_RULES`, an array of [`AclRule`]s: slot `generation × ACL_MAX_RULES + i` is rule `i` of
 //!   that generation, in the order the policy lists them (the first match names the verdict).
 //! - `ACL_CONNTRACK`, an LRU hash of the flows this node opened ([`AclFlow`] → last packet time,
@@ -19,6 +22,8 @@ pub const ACL_MAX_RULES: u32 = 256;
 pub const ACL_MASK_WORDS: usize = (ACL_MAX_RULES / 32) as usize;
 /// Entries of the source trie (both generations together).
 pub const ACL_MAX_SOURCES: u32 = 65_536;
+/// Entries of the destination trie (both generations together).
+pub const ACL_MAX_DESTINATIONS: u32 = 1024;
 /// Flows the kernel conntrack holds before the least recently used is evicted.
 pub const ACL_MAX_FLOWS: u32 = 65_536;
 
@@ -52,7 +57,7 @@ pub struct AclMask {
     pub bits: [u32; ACL_MASK_WORDS],
 }
 
-/// Key data of `ACL_SOURCES`: the generation (big-endian, always matched in full) then the
+/// Key data of `ACL_SOURCES` and `ACL_DESTINATIONS`: the generation (big-endian, always matched in full) then the
 /// address (IPv4 as `::ffff:a.b.c.d`). The LPM prefix length counts the generation's 32 bits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -137,6 +142,7 @@ pub const ACL_EGRESS_PROGRAM: &str = "tunnelmesh_acl_egress";
 pub const ACL_CONFIG_MAP: &str = "ACL_CONFIG";
 pub const ACL_SOURCES_MAP: &str = "ACL_SOURCES";
 pub const ACL_RULES_MAP: &str = "ACL_RULES";
+pub const ACL_DESTINATIONS_MAP: &str = "ACL_DESTINATIONS";
 pub const ACL_CONNTRACK_MAP: &str = "ACL_CONNTRACK";
 pub const ACL_COUNTERS_MAP: &str = "ACL_COUNTERS";
 pub const ACL_RULE_HITS_MAP: &str = "ACL_RULE_HITS";

@@ -23,9 +23,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tunnelmesh_common::acl::{
-    ACL_FLAG_ECHO_REQUEST, ACL_MASK_WORDS, ACL_MAX_FLOWS, ACL_MAX_RULES, ACL_MAX_SOURCES, ACL_PROTO_ANY,
-    ACL_PROTO_ICMP, ACL_PROTO_TCP, ACL_PROTO_UDP, AclConfig, AclFlow, AclMask, AclReason, AclRule, AclSource,
-    flow_idle_ns,
+    ACL_FLAG_ECHO_REQUEST, ACL_MASK_WORDS, ACL_MAX_DESTINATIONS, ACL_MAX_FLOWS, ACL_MAX_RULES, ACL_MAX_SOURCES,
+    ACL_PROTO_ANY, ACL_PROTO_ICMP, ACL_PROTO_TCP, ACL_PROTO_UDP, AclConfig, AclFlow, AclMask, AclReason, AclRule,
+    AclSource, flow_idle_ns,
 };
 use tunnelmesh_common::ip::{
     ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6,
@@ -40,6 +40,9 @@ static ACL_SOURCES: LpmTrie<AclSource, AclMask, { ACL_MAX_SOURCES as usize }> = 
 
 #[btf_map]
 static ACL_RULES: Array<AclRule, { 2 * ACL_MAX_RULES as usize }> = Array::new();
+
+#[btf_map]
+static ACL_DESTINATIONS: LpmTrie<AclSource, u8, { ACL_MAX_DESTINATIONS as usize }> = LpmTrie::new();
 
 #[btf_map]
 static ACL_CONNTRACK: LruHashMap<AclFlow, u64, { ACL_MAX_FLOWS as usize }> = LruHashMap::new();
@@ -279,7 +282,13 @@ pub fn tunnelmesh_acl_ingress(ctx: TcContext) -> i32 {
         }
         let _ = ACL_CONNTRACK.remove(&flow);
     }
-    match allowing_slot(&config, &p) {
+    // Rules allow packets to this node, never through it.
+    let slot = if addressed_to_this_node(&config, &p) {
+        allowing_slot(&config, &p)
+    } else {
+        None
+    };
+    match slot {
         Some(slot) => {
             bump(&ACL_RULE_HITS, slot, n);
             count(AclReason::Allowed, n);
@@ -290,6 +299,20 @@ pub fn tunnelmesh_acl_ingress(ctx: TcContext) -> i32 {
             TC_ACT_SHOT as i32
         }
     }
+}
+
+/// Whether `p` goes to an address rules may allow (one of this node's own).
+#[inline(always)]
+fn addressed_to_this_node(config: &AclConfig, p: &Packet) -> bool {
+    let generation = config.generation & 1;
+    let key = Key::new(
+        32 + 128,
+        AclSource {
+            generation_be: generation.to_be_bytes(),
+            addr: p.dst,
+        },
+    );
+    ACL_DESTINATIONS.get(&key).is_some()
 }
 
 /// The slot of the first rule (in policy order) that allows `p`.

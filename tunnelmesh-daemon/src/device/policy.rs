@@ -235,6 +235,7 @@ impl PolicyEnforcer {
                     sources: r.sources.iter().map(|s| s.to_string()).collect(),
                 })
                 .collect(),
+            destinations: active.rules.destinations.iter().map(|d| d.to_string()).collect(),
             rule_hits: hits_by_id,
             counters: counters.into_iter().map(|(r, n)| (r.name().to_string(), n)).collect(),
         })
@@ -280,6 +281,9 @@ pub struct PolicyStatus {
     /// Reading the kernel counters failed.
     pub error: Option<String>,
     pub rules: Vec<RuleStatus>,
+    /// The addresses rules allow packets to (this node's own).
+    #[serde(default)]
+    pub destinations: Vec<String>,
     /// Packets allowed, by rule id (since the policy in force arrived).
     pub rule_hits: BTreeMap<u32, u64>,
     /// reply / allowed / denied / malformed / tracked.

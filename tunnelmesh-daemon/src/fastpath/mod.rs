@@ -50,6 +50,11 @@ pub enum FastpathError {
         max = tunnelmesh_common::acl::ACL_MAX_RULES
     )]
     PolicyTooLarge { rules: usize },
+    #[error(
+        "the policy allows {destinations} destination prefixes; the kernel ACL holds {max}, so the daemon enforces it",
+        max = tunnelmesh_common::acl::ACL_MAX_DESTINATIONS / 2
+    )]
+    TooManyDestinations { destinations: usize },
     #[error("cannot count the CPUs: {0}")]
     Cpus(std::io::Error),
     #[error("steering addresses 1 to {max} workers, not {0}", max = tunnelmesh_common::steer::MAX_WORKERS)]
@@ -62,9 +67,10 @@ const SHIELD_MAPS: [&str; 3] = [
     tunnelmesh_common::shield::KNOWN_INDICES_MAP,
     tunnelmesh_common::shield::SOURCE_BUDGETS_MAP,
 ];
-const ACL_MAPS: [&str; 6] = [
+const ACL_MAPS: [&str; 7] = [
     tunnelmesh_common::acl::ACL_CONFIG_MAP,
     tunnelmesh_common::acl::ACL_SOURCES_MAP,
+    tunnelmesh_common::acl::ACL_DESTINATIONS_MAP,
     tunnelmesh_common::acl::ACL_RULES_MAP,
     tunnelmesh_common::acl::ACL_CONNTRACK_MAP,
     tunnelmesh_common::acl::ACL_COUNTERS_MAP,

@@ -441,6 +441,48 @@ pub fn cases() -> Vec<Case> {
             Deny,
         )
         .after(p(WEB, LAPTOP, false, Icmp(0, 5), None), 0, 1),
+        // Rules reach web's own mesh addresses, never past it (its LAN, docker bridges, loopback
+        // aliases, or whatever it routes to with ip_forward on).
+        Case::new(
+            "laptop's tcp/443 to web's LAN address",
+            to(p(LAPTOP, WEB, false, Tcp(1, 443), None), [192, 168, 1, 5]),
+            Deny,
+        ),
+        Case::new(
+            "laptop's tcp/443 to another mesh address web does not own",
+            p(LAPTOP, 77, false, Tcp(1, 443), None),
+            Deny,
+        ),
+        Case::new(
+            "laptop's tcp/443 to an IPv6 address web does not own",
+            p(LAPTOP, 77, true, Tcp(1, 443), None),
+            Deny,
+        ),
+        Case::new(
+            "db's any rule does not reach a docker bridge behind web",
+            to(p(DB, WEB, false, Udp(1, 9999), None), [172, 17, 0, 2]),
+            Deny,
+        ),
+        Case::new(
+            "db's any rule does not reach web's loopback",
+            to(p(DB, WEB, false, Tcp(1, 6379), None), [127, 0, 0, 1]),
+            Deny,
+        ),
+        Case::new(
+            "an echo request to web's LAN address",
+            to(p(LAPTOP, WEB, false, Icmp(8, 1), None), [192, 168, 1, 5]),
+            Deny,
+        ),
+        Case::new(
+            "a reply to a flow web opened from its LAN address passes (conntrack, not rules)",
+            to(p(LAPTOP, WEB, false, Udp(123, 6000), None), [192, 168, 1, 5]),
+            Reply,
+        )
+        .after(
+            from(p(WEB, LAPTOP, false, Udp(6000, 123), None), [192, 168, 1, 5]),
+            0,
+            1,
+        ),
         // Spoofed sources: decided before policy.
         Case::new(
             "laptop's tcp/443 sent with db's key",
@@ -482,6 +524,18 @@ pub fn cases() -> Vec<Case> {
             Deny,
         ),
     ]
+}
+
+/// IPv4 `packet` addressed to `dst` instead.
+fn to(mut packet: Vec<u8>, dst: [u8; 4]) -> Vec<u8> {
+    packet[16..20].copy_from_slice(&dst);
+    packet
+}
+
+/// IPv4 `packet` sent from `src` instead.
+fn from(mut packet: Vec<u8>, src: [u8; 4]) -> Vec<u8> {
+    packet[12..16].copy_from_slice(&src);
+    packet
 }
 
 /// `packet` with its IPv4 header length field set to `words` (an option of zeros inserted for 6).

@@ -1,8 +1,11 @@
 //! Compiling the policy file into the inbound rules of one node.
 //!
 //! A node only ever receives its own [`NodePolicy`]: the rules whose `to` selects it, with `from`
-//! resolved to the mesh addresses of the nodes it selects. The compiled form is flat and
-//! fixed-size per rule, so the eBPF maps and the userspace matcher read the same thing.
+//! resolved to the mesh addresses of the nodes it selects, and the addresses a rule may be used
+//! to reach: the node's own mesh addresses (a rule that lets a peer reach `web` on tcp/443 does
+//! not let it reach tcp/443 on web's LAN, docker bridges or anything web routes to). The compiled
+//! form is flat and fixed-size per rule, so the eBPF maps and the userspace matcher read the same
+//! thing.
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -20,10 +23,15 @@ pub struct CompiledRule {
     pub ports: PortRange,
 }
 
-/// Everything a node needs to enforce: its inbound rules.
+/// Everything a node needs to enforce: its inbound rules, and the destinations they apply to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodePolicy {
     pub rules: Vec<CompiledRule>,
+    /// The only addresses a rule allows packets to: the node's own mesh addresses. Empty (a
+    /// coordinator from before this field) allows nothing by rule; replies to flows the node
+    /// opened still pass.
+    #[serde(default)]
+    pub destinations: Vec<IpNet>,
 }
 
 /// Compile `file` for the node named `node` among `members`.
@@ -53,7 +61,10 @@ pub fn compile_for(file: &PolicyFile, members: &[Member], node: &str) -> NodePol
             });
         }
     }
-    NodePolicy { rules }
+    NodePolicy {
+        rules,
+        destinations: me.addresses.iter().map(|a| IpNet::from(a.addr())).collect(),
+    }
 }
 
 #[cfg(test)]

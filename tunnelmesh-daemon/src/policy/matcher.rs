@@ -145,6 +145,10 @@ pub fn inbound_verdict(policy: &NodePolicy, conntrack: &mut Conntrack, packet: &
     if packet.reply_flow().is_some_and(|flow| conntrack.is_reply(flow, now)) {
         return Verdict::Reply;
     }
+    // Rules allow packets to this node, never through it.
+    if !policy.destinations.iter().any(|d| d.contains(&packet.dst)) {
+        return Verdict::Deny;
+    }
     let allowed = policy.rules.iter().find(|rule| {
         let proto_ok = match (rule.proto, packet.proto) {
             (Proto::Any, _) => true,

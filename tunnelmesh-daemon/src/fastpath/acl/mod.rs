@@ -16,18 +16,20 @@ use aya::{
 };
 use ipnet::IpNet;
 use tunnelmesh_common::acl::{
-    ACL_CONFIG_MAP, ACL_CONNTRACK_MAP, ACL_COUNTERS_MAP, ACL_EGRESS_PROGRAM, ACL_FLAG_ECHO_REQUEST,
-    ACL_INGRESS_PROGRAM, ACL_MASK_WORDS, ACL_MAX_RULES, ACL_PROTO_ANY, ACL_PROTO_ICMP, ACL_PROTO_TCP, ACL_PROTO_UDP,
-    ACL_RULE_HITS_MAP, ACL_RULES_MAP, ACL_SOURCES_MAP, AclConfig, AclFlow, AclMask, AclReason, AclRule, AclSource,
+    ACL_CONFIG_MAP, ACL_CONNTRACK_MAP, ACL_COUNTERS_MAP, ACL_DESTINATIONS_MAP, ACL_EGRESS_PROGRAM,
+    ACL_FLAG_ECHO_REQUEST, ACL_INGRESS_PROGRAM, ACL_MASK_WORDS, ACL_MAX_DESTINATIONS, ACL_MAX_RULES, ACL_PROTO_ANY,
+    ACL_PROTO_ICMP, ACL_PROTO_TCP, ACL_PROTO_UDP, ACL_RULE_HITS_MAP, ACL_RULES_MAP, ACL_SOURCES_MAP, AclConfig,
+    AclFlow, AclMask, AclReason, AclRule, AclSource,
 };
 
 use super::{EBPF_OBJECT, FastpathError, Pins, loader};
 use crate::policy::{NodePolicy, Proto, ports::ECHO_ONLY};
 
 /// Pinned maps, by map name and pin file name.
-const PINS: [(&str, &str); 6] = [
+const PINS: [(&str, &str); 7] = [
     (ACL_CONFIG_MAP, "acl_config"),
     (ACL_SOURCES_MAP, "acl_sources"),
+    (ACL_DESTINATIONS_MAP, "acl_destinations"),
     (ACL_RULES_MAP, "acl_rules"),
     (ACL_CONNTRACK_MAP, "acl_conntrack"),
     (ACL_COUNTERS_MAP, "acl_counters"),
@@ -41,6 +43,8 @@ pub struct KernelTables {
     pub rules: Vec<AclRule>,
     /// (prefix length over the 16-byte address, address, slots whose sources contain it).
     pub sources: Vec<(u32, [u8; 16], AclMask)>,
+    /// (prefix length, address) of each destination rules may allow packets to.
+    pub destinations: Vec<(u32, [u8; 16])>,
 }
 
 /// An address prefix as the trie stores it: IPv4 as `::ffff:a.b.c.d/96+len`.
@@ -63,6 +67,11 @@ impl KernelTables {
         if policy.rules.len() > ACL_MAX_RULES as usize {
             return Err(FastpathError::PolicyTooLarge {
                 rules: policy.rules.len(),
+            });
+        }
+        if policy.destinations.len() > (ACL_MAX_DESTINATIONS / 2) as usize {
+            return Err(FastpathError::TooManyDestinations {
+                destinations: policy.destinations.len(),
             });
         }
         let rules = policy
@@ -109,7 +118,21 @@ impl KernelTables {
             })
             .collect();
         sources.sort_by_key(|(len, addr, _)| (*len, *addr));
-        Ok(KernelTables { rules, sources })
+        let mut destinations: Vec<(u32, [u8; 16])> = policy
+            .destinations
+            .iter()
+            .map(|net| {
+                let (len, addr) = trie_prefix(net);
+                (len, addr.to_be_bytes())
+            })
+            .collect();
+        destinations.sort();
+        destinations.dedup();
+        Ok(KernelTables {
+            rules,
+            sources,
+            destinations,
+        })
     }
 }
 
@@ -117,8 +140,10 @@ impl KernelTables {
 pub struct KernelAcl {
     /// Generation in force.
     generation: u32,
-    /// Trie keys written per generation (removed before the generation is rewritten).
+    /// Source and destination trie keys written per generation (removed before the generation
+    /// is rewritten).
     installed: [Vec<Key<AclSource>>; 2],
+    installed_destinations: [Vec<Key<AclSource>>; 2],
     /// Rule id of each slot of the generation in force.
     slot_ids: Vec<u32>,
     // Dropped before `ebpf`: the pins go, then the programs detach with their links.
@@ -149,6 +174,7 @@ impl KernelAcl {
         let mut acl = KernelAcl {
             generation: 1,
             installed: Default::default(),
+            installed_destinations: Default::default(),
             slot_ids: Vec::new(),
             pins: None,
             ebpf,
@@ -206,6 +232,24 @@ impl KernelAcl {
                 );
                 sources.insert(&key, mask, 0)?;
                 self.installed[next as usize].push(key);
+            }
+        }
+        {
+            let mut destinations: LpmTrie<_, AclSource, u8> =
+                LpmTrie::try_from(self.ebpf.map_mut(ACL_DESTINATIONS_MAP).expect("destination trie"))?;
+            for key in self.installed_destinations[next as usize].drain(..) {
+                let _ = destinations.remove(&key);
+            }
+            for (len, addr) in &tables.destinations {
+                let key = Key::new(
+                    32 + len,
+                    AclSource {
+                        generation_be: next.to_be_bytes(),
+                        addr: *addr,
+                    },
+                );
+                destinations.insert(&key, &1u8, 0)?;
+                self.installed_destinations[next as usize].push(key);
             }
         }
         {

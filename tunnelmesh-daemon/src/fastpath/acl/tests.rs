@@ -184,6 +184,7 @@ fn a_new_policy_replaces_the_old_one_whole_and_keeps_flows() {
                 proto: Proto::Tcp,
                 ports: PortRange { low: 22, high: 22 },
             }],
+            destinations: cases::web_policy().destinations,
         };
         acl.install(&ssh_only).unwrap();
         assert_eq!(
@@ -224,6 +225,7 @@ fn nested_source_prefixes_carry_the_rules_of_the_shorter_ones() {
     };
     let policy = NodePolicy {
         rules: vec![rule(0, "100.64.0.0/10", 80), rule(1, "100.64.0.5/32", 22)],
+        destinations: cases::web_policy().destinations,
     };
     let tables = KernelTables::build(&policy).unwrap();
     let host = tables
@@ -250,6 +252,10 @@ fn a_policy_beyond_the_slots_is_refused_before_any_write() {
             ports: PortRange::ALL,
         })
         .collect();
-    let err = KernelTables::build(&NodePolicy { rules }).unwrap_err();
+    let err = KernelTables::build(&NodePolicy {
+        rules,
+        destinations: Vec::new(),
+    })
+    .unwrap_err();
     assert!(err.to_string().contains("257 rules"), "{err}");
 }
