@@ -164,7 +164,7 @@ async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr) 
                             .map_err(MessageError::from)
                             .and_then(|msg| {
                                 let mut hub = crate::sync::lock(&state.hub);
-                                hub.on_message(&fingerprint, msg)
+                                hub.on_message(&fingerprint, id, msg)
                             });
                         if let Err(e) = outcome {
                             // Not fatal: a newer peer may speak messages this coordinator lacks.

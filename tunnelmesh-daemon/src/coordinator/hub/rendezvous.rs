@@ -27,6 +27,10 @@ pub enum MessageError {
     HelloAgain,
     #[error("unknown node")]
     UnknownNode,
+    #[error("the node was revoked or removed")]
+    Gone,
+    #[error("a newer connection of the node replaced this one")]
+    Superseded,
     #[error("a node cannot punch to itself")]
     PunchToSelf,
     #[error("no member {0}")]
@@ -43,8 +47,19 @@ pub enum MessageError {
 pub const PUNCH_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Hub {
-    /// A message from the connected node `fingerprint` after its welcome.
-    pub fn on_message(&mut self, fingerprint: &str, msg: ClientMsg) -> Result<(), MessageError> {
+    /// A message that `connection` of node `fingerprint` sent after its welcome. It is judged
+    /// against the node's state now, under the hub lock, not when it was read: a node revoked
+    /// or removed since, or a connection a newer one replaced, is heard no more (a revoked node's
+    /// late candidates would otherwise be pushed to every peer, which would take it back).
+    pub fn on_message(&mut self, fingerprint: &str, connection: u64, msg: ClientMsg) -> Result<(), MessageError> {
+        match self.nodes.get(fingerprint) {
+            None => return Err(MessageError::UnknownNode),
+            Some(n) if n.revoked || n.removed => return Err(MessageError::Gone),
+            Some(_) => {}
+        }
+        if !self.connections.get(fingerprint).is_some_and(|c| c.id == connection) {
+            return Err(MessageError::Superseded);
+        }
         match msg {
             ClientMsg::Hello { .. } => Err(MessageError::HelloAgain),
             ClientMsg::Candidates { endpoints, nat } => self.candidates(fingerprint, &endpoints, nat),

@@ -77,6 +77,48 @@ fn a_large_welcome_comes_in_bounded_parts_that_add_up_to_every_peer() {
 }
 
 /// Every message queued for a connected node so far.
+#[test]
+fn a_revoked_or_replaced_connection_is_heard_no_more_and_nothing_it_sent_is_pushed() {
+    let mut hub = hub();
+    let remote: IpAddr = "198.18.0.9".parse().unwrap();
+    let (a, _) = crate::identity::Identity::generate("root@a");
+    let (b, _) = crate::identity::Identity::generate("root@b");
+    let a_conn = hub.admit(hello(&a, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+    let mut b_conn = hub.admit(hello(&b, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+    let candidates = ClientMsg::Candidates {
+        endpoints: vec!["198.18.0.9:40000".into()],
+        nat: NatKind::Easy,
+    };
+    let punch = ClientMsg::Punch {
+        peer: b_conn.fingerprint.clone(),
+    };
+
+    // a reconnects: what its old connection still sends is not heard.
+    let a_again = hub.admit(hello(&a, b"m", Some("tmtok_test")), b"m", remote).unwrap();
+    drain(&mut b_conn.updates);
+    let stale = hub.on_message(&a_conn.fingerprint, a_conn.connection, candidates.clone());
+    assert!(matches!(stale, Err(MessageError::Superseded)), "{stale:?}");
+    assert!(drain(&mut b_conn.updates).is_empty());
+
+    // The operator revokes a; its messages read before that, handled after it, push nothing.
+    hub.store.revoke(&a_again.fingerprint).unwrap();
+    // The operator's command writes from another connection, which moves `data_version`; this
+    // test writes on the hub's own.
+    hub.data_version = -1;
+    hub.reconcile().unwrap();
+    let told = drain(&mut b_conn.updates);
+    assert!(
+        matches!(told.as_slice(), [ServerMsg::PeerRemoved { fingerprint }] if *fingerprint == a_again.fingerprint),
+        "{told:?}"
+    );
+    for late in [candidates, punch] {
+        let outcome = hub.on_message(&a_again.fingerprint, a_again.connection, late);
+        assert!(matches!(outcome, Err(MessageError::Gone)), "{outcome:?}");
+    }
+    assert!(drain(&mut b_conn.updates).is_empty(), "b never hears of a again");
+    assert!(hub.peer_json.get(&a_again.fingerprint).is_none());
+}
+
 fn drain(rx: &mut mpsc::Receiver<Arc<ServerMsg>>) -> Vec<ServerMsg> {
     std::iter::from_fn(|| rx.try_recv().ok())
         .map(|m| (*m).clone())
@@ -117,7 +159,8 @@ fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once
         endpoints: vec!["10.0.0.2:51820".into(), "198.18.0.9:40000".into()],
         nat: NatKind::Hard,
     };
-    hub.on_message(&a_conn.fingerprint, stun.clone()).unwrap();
+    hub.on_message(&a_conn.fingerprint, a_conn.connection, stun.clone())
+        .unwrap();
     let a_info = info(&hub, &a_conn.fingerprint);
     assert_eq!(
         (a_info.endpoints.as_slice(), a_info.nat),
@@ -130,7 +173,7 @@ fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once
         [ServerMsg::PeerUpsert { peer }] => assert_eq!(peer, &a_info),
         other => panic!("b should get one upsert: {other:?}"),
     }
-    hub.on_message(&a_conn.fingerprint, stun).unwrap();
+    hub.on_message(&a_conn.fingerprint, a_conn.connection, stun).unwrap();
     assert!(drain(&mut b_conn.updates).is_empty(), "no change, no push");
 
     // Bad input is refused with a reason, and changes nothing.
@@ -139,6 +182,7 @@ fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once
         let err = hub
             .on_message(
                 &a_conn.fingerprint,
+                a_conn.connection,
                 ClientMsg::Candidates {
                     endpoints: bad,
                     nat: NatKind::Easy,
@@ -154,6 +198,7 @@ fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once
     drain(&mut a_conn.updates);
     hub.on_message(
         &a_conn.fingerprint,
+        a_conn.connection,
         ClientMsg::Punch {
             peer: b_conn.fingerprint.clone(),
         },
@@ -174,6 +219,7 @@ fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once
     // The pair is asked at most every PUNCH_INTERVAL, whoever asks.
     hub.on_message(
         &b_conn.fingerprint,
+        b_conn.connection,
         ClientMsg::Punch {
             peer: a_conn.fingerprint.clone(),
         },
@@ -183,6 +229,7 @@ fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once
     assert!(
         hub.on_message(
             &a_conn.fingerprint,
+            a_conn.connection,
             ClientMsg::Punch {
                 peer: a_conn.fingerprint.clone()
             }
@@ -192,6 +239,7 @@ fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once
     assert!(
         hub.on_message(
             &a_conn.fingerprint,
+            a_conn.connection,
             ClientMsg::Punch {
                 peer: "SHA256:nobody".into()
             }
