@@ -116,7 +116,7 @@ fn a_revoked_or_replaced_connection_is_heard_no_more_and_nothing_it_sent_is_push
         assert!(matches!(outcome, Err(MessageError::Gone)), "{outcome:?}");
     }
     assert!(drain(&mut b_conn.updates).is_empty(), "b never hears of a again");
-    assert!(hub.peer_json.get(&a_again.fingerprint).is_none());
+    assert!(!hub.peer_json.contains_key(&a_again.fingerprint));
 }
 
 fn drain(rx: &mut mpsc::Receiver<Arc<ServerMsg>>) -> Vec<ServerMsg> {
