@@ -122,7 +122,7 @@ fn describe(r: &TunnResult<'_>) -> String {
 fn we_initiate_to_boringtun_and_exchange_data_both_ways() {
     let mut p = pair([42; 32], [42; 32]);
     let now = Instant::now();
-    let (handshake, mut init) = InitiatorHandshake::start(&p.ours, &p.psk, &p.their_public, 1234, Tai64n::now());
+    let (mut handshake, mut init) = InitiatorHandshake::start(&p.ours, &p.psk, &p.their_public, 1234, Tai64n::now());
     CookieJar::new(&p.their_public).stamp(&mut init, now);
     let mut out = [0u8; 2048];
     let response = match p.theirs.decapsulate(None, &init, &mut out) {
@@ -177,7 +177,7 @@ fn a_different_mesh_key_never_yields_a_session_with_boringtun() {
     let mut p = pair([1; 32], [2; 32]);
     let now = Instant::now();
     // We initiate: boringtun answers, but the response cannot authenticate for us.
-    let (handshake, mut init) = InitiatorHandshake::start(&p.ours, &p.psk, &p.their_public, 1, Tai64n::now());
+    let (mut handshake, mut init) = InitiatorHandshake::start(&p.ours, &p.psk, &p.their_public, 1, Tai64n::now());
     CookieJar::new(&p.their_public).stamp(&mut init, now);
     let mut out = [0u8; 2048];
     let response = match p.theirs.decapsulate(None, &init, &mut out) {

@@ -147,8 +147,13 @@ impl Device {
 
     /// Ask the slow path for a session with `peer`, once until it is served.
     pub fn request_session(&self, peer: &Arc<Peer>) {
-        if !peer.session_requested.swap(true, Ordering::AcqRel) {
-            let _ = self.events.try_send(Event::NeedSession(peer.clone()));
+        if !peer.session_requested.swap(true, Ordering::AcqRel)
+            && self.events.try_send(Event::NeedSession(peer.clone())).is_err()
+        {
+            // The queue is full (a flood): the request is lost, so the next packet asks again
+            // rather than the peer staying without a session for good.
+            peer.session_requested.store(false, Ordering::Release);
+            Counters::bump(&self.counters.handshake_queue_full);
         }
     }
 

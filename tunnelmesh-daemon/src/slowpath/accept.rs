@@ -8,9 +8,9 @@
 //! 3. Its TAI64N timestamp must be newer than the greatest accepted from that peer (replays),
 //!    and at most one initiation per peer is accepted per [`MIN_INITIATION_INTERVAL`].
 //! 4. The response's key waits as `next` until the initiator's first data message confirms
-//!    it. A response is matched to our pending initiation by its receiver index; during a
-//!    mesh-key rotation a response that does not decrypt makes us retry at once under the
-//!    other key.
+//!    it. A response is matched to our pending initiation by its receiver index; one that does
+//!    not decrypt leaves that initiation pending (a forged response must not destroy it), and
+//!    during a mesh-key rotation makes us retry soon under the other key.
 
 use std::{
     net::SocketAddr,
@@ -127,11 +127,14 @@ impl SlowPath {
         let Some(peer) = table.get(&key) else {
             return;
         };
-        let Some(handshake) = self.peer_state(peer).pending.take() else {
+        let Some(handshake) = self.peer_state(peer).pending.as_mut() else {
             return;
         };
         let keys = match handshake.finish(msg) {
-            Ok(k) => k,
+            Ok(k) => {
+                self.peer_state(peer).pending = None;
+                k
+            }
             Err(_) => {
                 Counters::bump(&self.dev.counters.handshake_rejected);
                 // During a mesh-key rotation the peer may answer under the other key: try it

@@ -86,8 +86,10 @@ impl InitiatorHandshake {
         self.local_index
     }
 
-    /// Consume the response; on success the session keys.
-    pub fn finish(mut self, response: &[u8]) -> Result<SessionKeys, HandshakeError> {
+    /// Read the response; on success the session keys. A response that does not decrypt leaves
+    /// the handshake as it was (snow restores its state), so a forged response cannot destroy the
+    /// initiation the real one answers.
+    pub fn finish(&mut self, response: &[u8]) -> Result<SessionKeys, HandshakeError> {
         let mut empty = [0u8; 0];
         self.state
             .read_message(&response[wire::RESPONSE_NOISE], &mut empty)
@@ -183,7 +185,7 @@ mod tests {
     fn initiator_and_responder_derive_mirrored_keys() {
         let (a, b, k) = (local(1), local(2), psk(9));
         let ts = Tai64n::from_unix(std::time::Duration::from_secs(1_000));
-        let (hs, init) = InitiatorHandshake::start(&a, &k, &b.public, 11, ts);
+        let (mut hs, init) = InitiatorHandshake::start(&a, &k, &b.public, 11, ts);
         let received = consume_initiation(&b, &k, &init).unwrap();
         assert_eq!(received.remote_public, a.public);
         assert_eq!(received.timestamp, ts);
@@ -198,7 +200,7 @@ mod tests {
     #[test]
     fn a_node_with_another_mesh_key_completes_no_handshake() {
         let (a, b) = (local(1), local(2));
-        let (hs, init) = InitiatorHandshake::start(&a, &psk(9), &b.public, 1, Tai64n::default());
+        let (mut hs, init) = InitiatorHandshake::start(&a, &psk(9), &b.public, 1, Tai64n::default());
         // IKpsk2 mixes the PSK only into the response: the responder can read the initiation…
         let received = consume_initiation(&b, &psk(8), &init).unwrap();
         let (resp, _) = received.respond(2);

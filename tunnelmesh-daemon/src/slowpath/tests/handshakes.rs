@@ -215,3 +215,45 @@ fn a_rekey_keeps_the_previous_key_and_prunes_the_one_before_on_both_sides() {
     assert!(!a.dev.sessions.load().contains_key(&oldest));
     assert!(!b.dev.sessions.load().contains_key(&responder_oldest));
 }
+
+#[test]
+fn a_forged_response_does_not_destroy_the_initiation_the_real_one_answers() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    let out = a.event(Event::NeedSession(a.peer(&b)), t0);
+    let init = only(&out, Kind::Initiation);
+    let response = only(&b.receive(&a, init, t0), Kind::Response);
+    // An on-path injector answers first: the right receiver index and a valid mac1 (anyone can
+    // compute it from A's public key), junk where the Noise message is.
+    let mut forged = response.clone();
+    for byte in &mut forged[12..60] {
+        *byte ^= 0x5a;
+    }
+    CookieJar::new(a.identity.public().noise_public()).stamp(&mut forged, t0);
+    let out = a.receive(&b, forged, t0);
+    assert!(transmits(&out).is_empty());
+    assert_eq!(a.counter(|c| &c.handshake_rejected), 1);
+    // The real response still completes the handshake.
+    let out = a.receive(&b, response, t0);
+    only(&out, Kind::Data);
+    assert!(a.peer(&b).keys.load().current.is_some());
+}
+
+#[test]
+fn a_session_request_lost_to_a_full_queue_is_asked_again_by_the_next_packet() {
+    let t0 = Instant::now();
+    let (a, b) = pair(t0);
+    // Fill the events queue (a handshake flood).
+    while a.dev.events.try_send(Event::PeersChanged).is_ok() {}
+    let peer = a.peer(&b);
+    a.dev.request_session(&peer);
+    assert_eq!(a.counter(|c| &c.handshake_queue_full), 1);
+    assert!(
+        !peer.session_requested.load(Ordering::Acquire),
+        "the lost request is not remembered"
+    );
+    // The flood ends; the next packet's request gets through.
+    while a.events.try_recv().is_ok() {}
+    a.dev.request_session(&peer);
+    assert!(matches!(a.events.try_recv(), Ok(Event::NeedSession(p)) if Arc::ptr_eq(&p, &peer)));
+}

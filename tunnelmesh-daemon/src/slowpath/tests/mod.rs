@@ -36,7 +36,7 @@ struct Node {
     dev: Arc<Device>,
     sp: SlowPath,
     /// What the workers would have sent to the slow path (kept open so sends succeed).
-    _events: crossbeam_channel::Receiver<Event>,
+    events: crossbeam_channel::Receiver<Event>,
 }
 
 impl Node {
@@ -74,7 +74,7 @@ impl Node {
             identity,
             dev,
             sp,
-            _events: rx,
+            events: rx,
         }
     }
 
