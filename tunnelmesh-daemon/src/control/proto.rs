@@ -10,15 +10,29 @@
 //! coordinator → peer   punch {peer, endpoints, nat}   (to both peers of a punch at once)
 //! ```
 //!
-//! The signature is SSHSIG (namespace [`JOIN_NAMESPACE`]) over the nonce: the peer proves it holds
-//! the private key of `public_key`. Mesh keys travel only on this authenticated, pinned TLS channel.
+//! The signature is SSHSIG (namespace [`JOIN_NAMESPACE`]) over [`join_transcript`]: the nonce, the
+//! challenge's `coordinator` field and the certificate fingerprint the peer pinned. The peer proves
+//! it holds the private key of `public_key`, and the proof is good at this coordinator only: a
+//! coordinator of another mesh that relays this challenge to a node pinned to itself gets an
+//! answer bound to its own certificate, which this one refuses. Mesh keys travel only on this
+//! authenticated, pinned TLS channel.
 
 use serde::{Deserialize, Serialize};
 
 use crate::{policy::NodePolicy, protocol::discovery::NatKind};
 
-/// SSHSIG namespace of join signatures.
-pub const JOIN_NAMESPACE: &str = "tunnelmesh-join@v1";
+/// SSHSIG namespace of join signatures (v2: the transcript binds the coordinator).
+pub const JOIN_NAMESPACE: &str = "tunnelmesh-join@v2";
+
+/// What a hello's signature covers: each part length-prefixed, so no two transcripts are equal.
+pub fn join_transcript(nonce: &[u8], coordinator: &str, certificate_fingerprint: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + nonce.len() + coordinator.len() + certificate_fingerprint.len());
+    for part in [nonce, coordinator.as_bytes(), certificate_fingerprint.as_bytes()] {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
 /// Peers per welcome message; the rest follow in `peers` messages, so no message (and no
 /// connection buffer) grows with the size of the mesh.
 pub const WELCOME_CHUNK: usize = 256;

@@ -156,7 +156,12 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     store.set_setting("tls_fingerprint", &tls_fingerprint)?;
     let hosts: Vec<u32> = store.nodes()?.iter().map(|n| n.host).collect();
     let ipam = Ipam::new(v4, v6, hosts)?;
-    let mut hub = Hub::new(Box::new(store), ipam, identity.public().ssh_line())?;
+    let mut hub = Hub::new(
+        Box::new(store),
+        ipam,
+        identity.public().ssh_line(),
+        tls_fingerprint.clone(),
+    )?;
     hub.stun_port = opts.stun_port;
     let authorized_path = opts.authorized_keys.clone().or_else(|| {
         let default = opts.data_dir.join("authorized_keys");

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     control::{
-        proto::{ClientMsg, JOIN_NAMESPACE, NodeInfo, ServerMsg},
+        proto::{ClientMsg, JOIN_NAMESPACE, NodeInfo, ServerMsg, join_transcript},
         unix_now,
     },
     coordinator::{admission, store::NodeRecord},
@@ -40,7 +40,8 @@ impl Hub {
         };
         let identity = PublicIdentity::from_ssh_line(&ssh_key).map_err(|e| Refusal::Malformed(e.to_string()))?;
         let fingerprint = identity.fingerprint();
-        if !verify_signature(&identity, JOIN_NAMESPACE, nonce, &signature) {
+        let transcript = join_transcript(nonce, &self.coordinator_key, &self.certificate_fingerprint);
+        if !verify_signature(&identity, JOIN_NAMESPACE, &transcript, &signature) {
             return Err(Refusal::BadSignature(fingerprint));
         }
         if listen_port == 0 {

@@ -102,6 +102,8 @@ pub struct Hub {
     connections: HashMap<String, Connection>,
     next_connection: u64,
     pub coordinator_key: String,
+    /// The fingerprint of the TLS certificate served (nodes pin it; join signatures cover it).
+    pub certificate_fingerprint: String,
     /// Mesh keys as last pushed (base64, current first).
     pushed_mesh_keys: Vec<String>,
     /// The policy file in force (`None`: no file given, nothing is allowed).
@@ -122,7 +124,12 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(store: Box<dyn Store>, ipam: Ipam, coordinator_key: String) -> Result<Self, StoreError> {
+    pub fn new(
+        store: Box<dyn Store>,
+        ipam: Ipam,
+        coordinator_key: String,
+        certificate_fingerprint: String,
+    ) -> Result<Self, StoreError> {
         let records = store.nodes()?;
         let gone = records
             .iter()
@@ -139,6 +146,7 @@ impl Hub {
             connections: HashMap::new(),
             next_connection: 0,
             coordinator_key,
+            certificate_fingerprint,
             pushed_mesh_keys: Vec::new(),
             policy: None,
             pushed_policy: HashMap::new(),

@@ -5,9 +5,12 @@ use std::net::IpAddr;
 use super::*;
 use crate::coordinator::store::{MeshKeyRecord, SqliteStore, TokenRecord};
 use crate::{
-    control::proto::{ClientMsg, JOIN_NAMESPACE, WELCOME_CHUNK},
+    control::proto::{ClientMsg, JOIN_NAMESPACE, WELCOME_CHUNK, join_transcript},
     coordinator::admission,
 };
+
+const COORDINATOR: &str = "ssh-ed25519 AAAA coordinator";
+const CERTIFICATE: &str = "SHA256:this-coordinators-certificate";
 
 fn hub() -> Hub {
     let store = SqliteStore::in_memory().unwrap();
@@ -27,13 +30,13 @@ fn hub() -> Hub {
         })
         .unwrap();
     let ipam = Ipam::new("100.64.0.0/10".parse().unwrap(), "fd00::/64".parse().unwrap(), []).unwrap();
-    Hub::new(Box::new(store), ipam, "ssh-ed25519 AAAA coordinator".into()).unwrap()
+    Hub::new(Box::new(store), ipam, COORDINATOR.into(), CERTIFICATE.into()).unwrap()
 }
 
 fn hello(id: &crate::identity::Identity, nonce: &[u8], token: Option<&str>) -> ClientMsg {
     ClientMsg::Hello {
         ssh_key: id.public().ssh_line_with_comment(),
-        signature: id.sign(JOIN_NAMESPACE, nonce),
+        signature: id.sign(JOIN_NAMESPACE, &join_transcript(nonce, COORDINATOR, CERTIFICATE)),
         token: token.map(str::to_string),
         name: None,
         listen_port: 51820,
@@ -117,6 +120,28 @@ fn a_revoked_or_replaced_connection_is_heard_no_more_and_nothing_it_sent_is_push
     }
     assert!(drain(&mut b_conn.updates).is_empty(), "b never hears of a again");
     assert!(!hub.peer_json.contains_key(&a_again.fingerprint));
+}
+
+#[test]
+fn a_hello_signed_for_another_coordinator_is_refused() {
+    // Coordinator B of another mesh relays our challenge to a node pinned to B: the node signs
+    // for B's certificate (and whatever the challenge names), and we refuse it.
+    let mut hub = hub();
+    let (id, _) = crate::identity::Identity::generate("root@victim");
+    let remote: IpAddr = "198.18.0.9".parse().unwrap();
+    for (coordinator, certificate) in [
+        (COORDINATOR, "SHA256:coordinator-b"),
+        ("ssh-ed25519 BBBB b", CERTIFICATE),
+    ] {
+        let mut relayed = hello(&id, b"n", Some("tmtok_test"));
+        if let ClientMsg::Hello { signature, .. } = &mut relayed {
+            *signature = id.sign(JOIN_NAMESPACE, &join_transcript(b"n", coordinator, certificate));
+        }
+        let refused = hub.admit(relayed, b"n", remote);
+        assert!(matches!(refused, Err(Refusal::BadSignature(_))), "{:?}", refused.err());
+    }
+    // The same node answering this coordinator's own challenge is admitted.
+    assert!(hub.admit(hello(&id, b"n", Some("tmtok_test")), b"n", remote).is_ok());
 }
 
 fn drain(rx: &mut mpsc::Receiver<Arc<ServerMsg>>) -> Vec<ServerMsg> {

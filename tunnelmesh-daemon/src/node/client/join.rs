@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
 use super::{JoinOptions, MeshState, Refusal, pinning};
 use crate::{
-    control::proto::{CONNECT_PATH, ClientMsg, JOIN_NAMESPACE, ServerMsg},
+    control::proto::{CONNECT_PATH, ClientMsg, JOIN_NAMESPACE, ServerMsg, join_transcript},
     identity::Identity,
     protocol::discovery::Candidates,
 };
@@ -31,6 +31,8 @@ pub struct Client {
     pub(super) url: String,
     host_port: String,
     tls: Arc<rustls::ClientConfig>,
+    /// The pinned certificate fingerprint (the join signature covers it).
+    fingerprint: String,
     identity: Arc<Identity>,
     token: Option<String>,
     name: Option<String>,
@@ -62,6 +64,7 @@ impl Client {
             url: opts.url.clone(),
             host_port,
             tls: Arc::new(pinning::PinnedCertificate::client_config(&opts.fingerprint)),
+            fingerprint: opts.fingerprint.clone(),
             identity,
             token: opts.token.clone(),
             name: opts.name.clone(),
@@ -120,14 +123,17 @@ impl Client {
         let (mut ws, _) = tokio_tungstenite::client_async(request, tls)
             .await
             .context("WebSocket upgrade failed")?;
-        let nonce = match next_msg(&mut ws).await? {
-            ServerMsg::Challenge { nonce, .. } => BASE64.decode(nonce).context("challenge is not base64")?,
+        let (nonce, coordinator) = match next_msg(&mut ws).await? {
+            ServerMsg::Challenge { nonce, coordinator } => {
+                (BASE64.decode(nonce).context("challenge is not base64")?, coordinator)
+            }
             other => bail!("the coordinator sent {other:?} instead of a challenge"),
         };
+        let transcript = join_transcript(&nonce, &coordinator, &self.fingerprint);
         let candidates = self.candidates.load();
         let hello = ClientMsg::Hello {
             ssh_key: self.identity.public().ssh_line_with_comment(),
-            signature: self.identity.sign(JOIN_NAMESPACE, &nonce),
+            signature: self.identity.sign(JOIN_NAMESPACE, &transcript),
             token: self.token.clone(),
             name: self.name.clone(),
             listen_port: self.listen_port,
