@@ -41,9 +41,26 @@ pub const RETRY: [Duration; 3] = [
 /// are tried too, in every round. A punch thus sends at most 6 × (8 + 2 × 16 × 8) datagrams.
 pub const HARD_NAT_SPREAD: u16 = 16;
 
-/// Where to send a punch towards a peer with `candidates` behind a `nat`: every candidate, and
-/// towards a hard NAT the ports near each public one (port prediction).
+/// Whether `addr` can be a peer's UDP endpoint at all: not loopback, unspecified, multicast,
+/// broadcast or link-local, and not port 0. Punches never go anywhere else (a member must not be
+/// able to aim the mesh at the peers' own loopback or at link-local neighbours).
+pub fn reachable_endpoint(addr: SocketAddr) -> bool {
+    let ip = addr.ip().to_canonical();
+    addr.port() != 0
+        && !ip.is_loopback()
+        && !ip.is_unspecified()
+        && !ip.is_multicast()
+        && match ip {
+            IpAddr::V4(v4) => !v4.is_link_local() && !v4.is_broadcast(),
+            IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+        }
+}
+
+/// Where to send a punch towards a peer with `candidates` behind a `nat`: every reachable
+/// candidate, and towards a hard NAT the ports near each public one (port prediction).
 pub fn targets(candidates: &[SocketAddr], nat: NatKind) -> Vec<SocketAddr> {
+    let candidates: Vec<SocketAddr> = candidates.iter().copied().filter(|c| reachable_endpoint(*c)).collect();
+    let candidates = candidates.as_slice();
     let mut out = candidates.to_vec();
     if nat == NatKind::Hard {
         for c in candidates.iter().filter(|c| is_public(c.ip())) {
@@ -58,7 +75,7 @@ pub fn targets(candidates: &[SocketAddr], nat: NatKind) -> Vec<SocketAddr> {
 }
 
 /// Not a private, loopback or link-local address: one a NAT could be mapping.
-fn is_public(ip: IpAddr) -> bool {
+pub fn is_public(ip: IpAddr) -> bool {
     match ip.to_canonical() {
         IpAddr::V4(v4) => !(v4.is_private() || v4.is_loopback() || v4.is_link_local()),
         IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unique_local() || v6.is_unicast_link_local()),
@@ -181,6 +198,33 @@ mod tests {
         // No port beyond the ends of the range.
         let edge = targets(&["198.18.0.9:65530".parse().unwrap()], NatKind::Hard);
         assert!(edge.iter().all(|t| t.port() >= 65514) && edge.len() == 1 + 16 + 5);
+    }
+
+    #[test]
+    fn punches_never_go_to_loopback_link_local_multicast_or_unspecified_addresses() {
+        let candidates: Vec<SocketAddr> = [
+            "127.0.0.1:22",
+            "[::1]:22",
+            "169.254.1.1:51820",
+            "[fe80::1]:51820",
+            "224.0.0.1:51820",
+            "0.0.0.0:51820",
+            "255.255.255.255:51820",
+            "198.18.0.9:0",
+            "[::ffff:127.0.0.1]:22",
+            "198.18.0.9:40000",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        assert_eq!(
+            targets(&candidates, NatKind::Easy),
+            ["198.18.0.9:40000".parse().unwrap()]
+        );
+        assert_eq!(
+            targets(&candidates, NatKind::Hard).len(),
+            1 + 2 * HARD_NAT_SPREAD as usize
+        );
     }
 
     #[test]

@@ -121,6 +121,8 @@ pub struct Hub {
     observed: HashMap<String, SocketAddr>,
     /// When each pair (ordered by fingerprint) was last asked to punch.
     last_punch: HashMap<(String, String), Instant>,
+    /// Per node: when its punch-budget window started, and the requests charged in it.
+    punch_budget: HashMap<String, (Instant, u32)>,
 }
 
 impl Hub {
@@ -156,6 +158,7 @@ impl Hub {
             nat: HashMap::new(),
             observed: HashMap::new(),
             last_punch: HashMap::new(),
+            punch_budget: HashMap::new(),
         };
         hub.pushed_mesh_keys = hub.effective_mesh_keys()?;
         for record in records {

@@ -14,7 +14,10 @@ use super::Hub;
 use crate::{
     control::proto::{ClientMsg, ServerMsg},
     coordinator::store::{NodeRecord, StoreError},
-    protocol::discovery::{MAX_CANDIDATES, NatKind},
+    protocol::{
+        discovery::{MAX_CANDIDATES, NatKind},
+        punch::{self, reachable_endpoint},
+    },
 };
 
 /// Why a message from a connected node was not applied. It is ignored, not fatal: a newer node
@@ -33,6 +36,10 @@ pub enum MessageError {
     Superseded,
     #[error("a node cannot punch to itself")]
     PunchToSelf,
+    #[error("the policy lets this node and {0} talk in neither direction: no punch")]
+    PunchNotAllowed(String),
+    #[error("more than {PUNCH_BUDGET} punch requests in {PUNCH_BUDGET_WINDOW:?}")]
+    PunchBudget,
     #[error("no member {0}")]
     NoMember(String),
     #[error("{0} endpoints reported; at most {MAX_CANDIDATES} are accepted")]
@@ -45,6 +52,10 @@ pub enum MessageError {
 
 /// A pair of nodes is asked to punch at most this often.
 pub const PUNCH_INTERVAL: Duration = Duration::from_millis(500);
+/// Punch requests one node may make per [`PUNCH_BUDGET_WINDOW`] (a node asks at most once per
+/// peer per backoff, 2 s at the least: this is far above what a real node needs).
+pub const PUNCH_BUDGET: u32 = 128;
+pub const PUNCH_BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
 impl Hub {
     /// A message that `connection` of node `fingerprint` sent after its welcome. It is judged
@@ -106,11 +117,17 @@ impl Hub {
         if from == to {
             return Err(MessageError::PunchToSelf);
         }
+        if !self.punch_budget_allows(from, Instant::now()) {
+            return Err(MessageError::PunchBudget);
+        }
         let (Some(a), Some(b)) = (self.nodes.get(from), self.nodes.get(to)) else {
             return Err(MessageError::NoMember(to.to_string()));
         };
         if b.revoked || b.removed || !self.connections.contains_key(to) {
             return Ok(()); // not connected: the relay will carry traffic until it is
+        }
+        if !self.policy_lets_talk(from, to) {
+            return Err(MessageError::PunchNotAllowed(to.to_string()));
         }
         let pair = if from < to {
             (from.to_string(), to.to_string())
@@ -127,17 +144,29 @@ impl Hub {
         }
         self.last_punch.retain(|_, t| now.duration_since(*t) < PUNCH_INTERVAL);
         self.last_punch.insert(pair, now);
-        let about = |n: &NodeRecord| ServerMsg::Punch {
-            peer: n.fingerprint.clone(),
-            endpoints: n
-                .endpoints
-                .iter()
-                .filter(|e| !e.starts_with("ssh://"))
-                .cloned()
-                .collect(),
-            nat: self.nat.get(&n.fingerprint).copied().unwrap_or_default(),
+        // Only endpoints this coordinator can vouch for are punched towards: the public address
+        // the node's connection came from (any port: its NAT's mappings), and its LAN addresses
+        // when both nodes' connections come from the same address (behind one NAT). A member
+        // reporting someone else's address as its candidate cannot aim the mesh at it.
+        let observed = |fp: &str| self.observed.get(fp).map(|o| o.ip());
+        let about = |n: &NodeRecord, asker: &str| {
+            let (seen, asker_seen) = (observed(&n.fingerprint), observed(asker));
+            let vouched = |e: &SocketAddr| {
+                Some(e.ip()) == seen || (seen.is_some() && seen == asker_seen && !punch::is_public(e.ip()))
+            };
+            ServerMsg::Punch {
+                peer: n.fingerprint.clone(),
+                endpoints: n
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| e.parse::<SocketAddr>().ok())
+                    .filter(vouched)
+                    .map(|e| e.to_string())
+                    .collect(),
+                nat: self.nat.get(&n.fingerprint).copied().unwrap_or_default(),
+            }
         };
-        let (to_b, to_a) = (about(a), about(b));
+        let (to_b, to_a) = (about(a, to), about(b, from));
         for (fp, msg) in [(to, to_b), (from, to_a)] {
             if let Some(s) = self.connections.get(fp) {
                 let _ = s.tx.try_send(Arc::new(msg));
@@ -148,19 +177,51 @@ impl Hub {
     }
 }
 
-/// UDP endpoints a node reported: at most [`MAX_CANDIDATES`], each `ip:port`.
+impl Hub {
+    /// Whether the policy in force lets `a` reach `b` or `b` reach `a` (by the rules compiled for
+    /// each, as last pushed).
+    fn policy_lets_talk(&self, a: &str, b: &str) -> bool {
+        let reaches = |from: &str, to: &str| {
+            let (Some(node), Some(rules)) = (self.nodes.get(from), self.pushed_policy.get(to)) else {
+                return false;
+            };
+            let (v4, v6) = self.ipam.addresses(node.host);
+            rules.rules.iter().any(|r| {
+                r.sources
+                    .iter()
+                    .any(|s| s.contains(&std::net::IpAddr::V4(v4)) || s.contains(&std::net::IpAddr::V6(v6)))
+            })
+        };
+        reaches(a, b) || reaches(b, a)
+    }
+
+    /// Charge one punch request to `from`; false when its budget for this window is spent.
+    fn punch_budget_allows(&mut self, from: &str, now: Instant) -> bool {
+        let (start, used) = self.punch_budget.entry(from.to_string()).or_insert((now, 0));
+        if now.duration_since(*start) >= PUNCH_BUDGET_WINDOW {
+            (*start, *used) = (now, 0);
+        }
+        *used += 1;
+        *used <= PUNCH_BUDGET
+    }
+}
+
+/// UDP endpoints a node reported: at most [`MAX_CANDIDATES`], each `ip:port`. Addresses no peer
+/// could reach it at (loopback, link-local, multicast, unspecified) are dropped: they are never
+/// published, so no peer ever punches towards them.
 pub(super) fn parse_endpoints(endpoints: &[String]) -> Result<Vec<SocketAddr>, MessageError> {
     if endpoints.len() > MAX_CANDIDATES {
         return Err(MessageError::TooManyEndpoints(endpoints.len()));
     }
-    endpoints
+    let parsed = endpoints
         .iter()
         .map(|e| {
             e.parse::<SocketAddr>()
                 .map(crate::protocol::stun::canonical)
                 .map_err(|_| MessageError::BadEndpoint(e.clone()))
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(parsed.into_iter().filter(|e| reachable_endpoint(*e)).collect())
 }
 
 /// A node's NAT kind: what its STUN answers showed; without any, `none` if its connection came

@@ -219,8 +219,17 @@ fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once
     }
     assert_eq!(info(&hub, &a_conn.fingerprint), a_info);
 
+    // No policy lets them talk: no punch is brokered.
+    let punch_b = ClientMsg::Punch {
+        peer: b_conn.fingerprint.clone(),
+    };
+    let refused = hub.on_message(&a_conn.fingerprint, a_conn.connection, punch_b.clone());
+    assert!(matches!(refused, Err(MessageError::PunchNotAllowed(_))), "{refused:?}");
+    hub.set_policy(PolicyFile::parse("[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n").unwrap());
+
     // A punch: both sides hear about the other, with its candidates, in one go.
     drain(&mut a_conn.updates);
+    drain(&mut b_conn.updates);
     hub.on_message(
         &a_conn.fingerprint,
         a_conn.connection,
@@ -238,7 +247,7 @@ fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once
     );
     assert!(
         matches!(to_b.as_slice(), [ServerMsg::Punch { peer, endpoints, nat: NatKind::Hard }]
-        if *peer == a_conn.fingerprint && endpoints.len() == 2),
+        if *peer == a_conn.fingerprint && endpoints == &["198.18.0.9:40000"]),
         "{to_b:?}"
     );
     // The pair is asked at most every PUNCH_INTERVAL, whoever asks.
@@ -271,6 +280,10 @@ fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once
         )
         .is_err()
     );
+    // However it asks, a node's punch requests are budgeted.
+    let mut outcomes = (0..2 * rendezvous::PUNCH_BUDGET)
+        .map(|_| hub.on_message(&a_conn.fingerprint, a_conn.connection, punch_b.clone()));
+    assert!(outcomes.any(|o| matches!(o, Err(MessageError::PunchBudget))));
 }
 
 #[test]
