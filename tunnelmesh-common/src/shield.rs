@@ -89,6 +89,34 @@ pub struct SourceKey {
     pub kind: u32,
 }
 
+/// The address a source's budgets are kept under: an IPv4 source (v4-mapped) as itself, an IPv6
+/// source by its /64 — one subscriber's prefix, so rotating addresses within it buys no fresh
+/// budget.
+pub const fn budget_address(addr: [u8; 16]) -> [u8; 16] {
+    let v4_mapped = addr[0] == 0
+        && addr[1] == 0
+        && addr[2] == 0
+        && addr[3] == 0
+        && addr[4] == 0
+        && addr[5] == 0
+        && addr[6] == 0
+        && addr[7] == 0
+        && addr[8] == 0
+        && addr[9] == 0
+        && addr[10] == 0xff
+        && addr[11] == 0xff;
+    if v4_mapped {
+        return addr;
+    }
+    let mut out = addr;
+    let mut i = 8;
+    while i < 16 {
+        out[i] = 0;
+        i += 1;
+    }
+    out
+}
+
 /// Budget of handshake initiations per source.
 pub const BUDGET_INITIATIONS: u32 = 0;
 /// Budget of unknown-index data messages passed up per source.

@@ -31,6 +31,7 @@ use tunnelmesh_common::{
     ip,
     shield::{
         BUDGET_INITIATIONS, BUDGET_STUN, BUDGET_UNKNOWN_INDEX, Budget, KNOWN_INDICES_MAX, ShieldReason, SourceKey,
+        budget_address,
     },
     wire,
 };
@@ -222,7 +223,10 @@ fn classify(ctx: &XdpContext) -> Verdict {
 /// Spend one message of `source`'s budget of `kind`.
 #[inline(always)]
 fn within_budget(source: [u8; 16], kind: u32) -> bool {
-    let key = SourceKey { addr: source, kind };
+    let key = SourceKey {
+        addr: budget_address(source),
+        kind,
+    };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     match SOURCE_BUDGETS.get_ptr_mut(&key) {

@@ -167,6 +167,10 @@ mod tests {
     }
 
     fn frame_v6(dst_port: u16, payload: &[u8]) -> Vec<u8> {
+        frame_v6_from([0; 16], dst_port, payload)
+    }
+
+    fn frame_v6_from(src: [u8; 16], dst_port: u16, payload: &[u8]) -> Vec<u8> {
         let mut f = vec![0u8; 14];
         f[12..14].copy_from_slice(&0x86DDu16.to_be_bytes());
         let mut ip = [0u8; 40];
@@ -174,6 +178,7 @@ mod tests {
         ip[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
         ip[6] = 17;
         ip[7] = 64;
+        ip[8..24].copy_from_slice(&src);
         f.extend_from_slice(&ip);
         f.extend_from_slice(&40000u16.to_be_bytes());
         f.extend_from_slice(&dst_port.to_be_bytes());
@@ -245,6 +250,34 @@ mod tests {
             "another source"
         );
         assert_eq!(counts(&ebpf)[&ShieldReason::RateLimited], 40 - passed as u64);
+    }
+
+    #[test]
+    fn an_ipv6_source_is_budgeted_by_its_64_so_rotating_addresses_buys_nothing() {
+        let mut ebpf = shield_knowing_index_zero();
+        let initiation = message(wire::MSG_INITIATION, wire::INITIATION_LEN);
+        let in_64 = |host: u8| {
+            let mut a = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+            a[15] = host;
+            a
+        };
+        // 40 initiations from 40 addresses of one /64: one budget.
+        let passed = (0..40u8)
+            .filter(|&h| run(&mut ebpf, &frame_v6_from(in_64(h), PORT, &initiation)) == XDP_PASS)
+            .count();
+        assert!((20..=21).contains(&passed), "{passed} of 40 passed");
+        let mut other_64 = in_64(1);
+        other_64[7] = 2;
+        assert_eq!(
+            run(&mut ebpf, &frame_v6_from(other_64, PORT, &initiation)),
+            XDP_PASS,
+            "another /64"
+        );
+        // IPv4 sources stay keyed by their whole address.
+        assert_eq!(
+            tunnelmesh_common::shield::budget_address(std::net::Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped().octets()),
+            std::net::Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped().octets()
+        );
     }
 
     fn run(ebpf: &mut Ebpf, frame: &[u8]) -> u32 {
