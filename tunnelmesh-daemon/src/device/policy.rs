@@ -122,8 +122,13 @@ impl PolicyEnforcer {
         }
     }
 
-    /// Put a new policy in force.
+    /// Put a new policy in force. The policy in force again is a no-op: every membership change
+    /// pushes every node its policy, mostly unchanged, and rewriting the kernel maps (and
+    /// resetting the per-rule counters) for nothing is what one chatty peer would amplify.
     pub fn set(&self, policy: NodePolicy) {
+        if self.active.load().as_ref().is_some_and(|a| a.rules == policy) {
+            return;
+        }
         let mut kernel = crate::sync::lock(&self.kernel);
         let fallback = kernel.as_mut().and_then(|acl| acl.install(&policy).err());
         self.active.store(Some(Arc::new(ActivePolicy::new(policy))));
@@ -288,4 +293,25 @@ pub struct PolicyStatus {
     pub rule_hits: BTreeMap<u32, u64>,
     /// reply / allowed / denied / malformed / tracked.
     pub counters: BTreeMap<String, u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::cases::{self, Frag, L4, LAPTOP, WEB};
+
+    #[test]
+    fn the_policy_in_force_again_changes_nothing_a_new_one_replaces_it() {
+        let enforcer = PolicyEnforcer::start(cases::web_policy(), "unused", true);
+        let https = cases::packet(LAPTOP, WEB, false, L4::Tcp(1, 443), Frag::None);
+        let header = IpHeader::parse(&https).unwrap();
+        assert!(enforcer.inbound_allowed(&header, &https, Instant::now()));
+        let hits = |e: &PolicyEnforcer| e.status().unwrap().rule_hits;
+        assert_eq!(hits(&enforcer)[&0], 1);
+        enforcer.set(cases::web_policy());
+        assert_eq!(hits(&enforcer)[&0], 1, "unchanged: not reinstalled, counters kept");
+        enforcer.set(NodePolicy::default());
+        assert!(hits(&enforcer).is_empty(), "a new policy replaces it");
+        assert!(!enforcer.inbound_allowed(&header, &https, Instant::now()));
+    }
 }
