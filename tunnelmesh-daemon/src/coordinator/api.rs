@@ -1,8 +1,14 @@
 //! The coordinator's HTTPS API: `GET /v1/info` and the peer WebSocket `GET /v1/connect`.
 //!
 //! TLS is terminated here with rustls; HTTP/1.1 and the WebSocket upgrade by hyper and axum. A
-//! malformed request gets a 4xx and affects nothing else; a peer connection that does not send
-//! a valid hello within [`HELLO_TIMEOUT`] is closed.
+//! malformed request gets a 4xx and affects nothing else.
+//!
+//! Bounds, so that silent or half-sent connections cannot use up the coordinator: a connection is
+//! *pending* from accept until its hello is admitted — at most [`MAX_PENDING_PER_SOURCE`] per
+//! source address and [`MAX_PENDING`] in all (others are closed at once); TLS must finish, the
+//! request headers arrive and the hello come each within [`HELLO_TIMEOUT`]. An admitted
+//! connection (one per member: a reconnect replaces it) is closed when two pings in a row go
+//! unanswered (within 30 s of stalling) or one send takes longer than [`SEND_TIMEOUT`].
 
 use std::{
     net::SocketAddr,
@@ -35,10 +41,66 @@ use super::{
 use crate::control::proto::{CONNECT_PATH, ClientMsg, ServerMsg};
 use crate::identity::PublicIdentity;
 
-/// Time a new connection has to send its hello.
+/// Time a new connection has for each of its TLS handshake, its request headers, its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// WebSocket ping interval (dead connections are noticed within two of these).
+/// WebSocket ping interval (a stalled connection is closed within two of these).
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// One WebSocket send may take this long; a peer that does not read is disconnected.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections not admitted yet, per source address and in all.
+pub const MAX_PENDING_PER_SOURCE: usize = 64;
+pub const MAX_PENDING: usize = 1024;
+
+/// The pending connections, by source address.
+#[derive(Default)]
+pub struct Pending {
+    by_source: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// A pending connection's place; given back when it is admitted or goes away.
+pub struct PendingSlot {
+    pending: Arc<Pending>,
+    source: std::net::IpAddr,
+}
+
+impl Pending {
+    /// A place for a connection from `source`, unless the limits are reached.
+    fn admit(self: &Arc<Self>, source: std::net::IpAddr) -> Option<PendingSlot> {
+        let mut by_source = crate::sync::lock(&self.by_source);
+        let total: usize = by_source.values().sum();
+        let here = by_source.entry(source).or_default();
+        if *here >= MAX_PENDING_PER_SOURCE || total >= MAX_PENDING {
+            return None;
+        }
+        *here += 1;
+        Some(PendingSlot {
+            pending: self.clone(),
+            source,
+        })
+    }
+
+    /// Pending connections in all (for tests and `info`).
+    pub fn count(&self) -> usize {
+        crate::sync::lock(&self.by_source).values().sum()
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut by_source = crate::sync::lock(&self.pending.by_source);
+        if let Some(n) = by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Send `msg` within [`SEND_TIMEOUT`]; false if it failed or timed out.
+async fn send(socket: &mut WebSocket, msg: Message) -> bool {
+    matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await, Ok(Ok(())))
+}
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -49,6 +111,10 @@ pub struct ApiState {
 
 #[derive(Clone, Copy)]
 struct Remote(SocketAddr);
+
+/// The connection's pending slot, handed from the accept loop to the WebSocket handler.
+#[derive(Clone)]
+struct Slot(Arc<Mutex<Option<PendingSlot>>>);
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -71,9 +137,11 @@ async fn connect(
     ws: WebSocketUpgrade,
     State(state): State<ApiState>,
     Extension(Remote(remote)): Extension<Remote>,
+    Extension(Slot(slot)): Extension<Slot>,
 ) -> impl IntoResponse {
+    let slot = crate::sync::lock(&slot).take();
     ws.max_message_size(1 << 20)
-        .on_upgrade(move |socket| connection(state, socket, remote))
+        .on_upgrade(move |socket| connection(state, socket, remote, slot))
 }
 
 fn text(msg: &ServerMsg) -> Message {
@@ -81,18 +149,15 @@ fn text(msg: &ServerMsg) -> Message {
 }
 
 /// One peer's connection: challenge, hello, welcome, then pushed updates until it goes away.
-async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr) {
+async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr, slot: Option<PendingSlot>) {
     let mut nonce = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut nonce);
     let coordinator = crate::sync::lock(&state.hub).coordinator_key.clone();
-    if socket
-        .send(text(&ServerMsg::Challenge {
-            nonce: BASE64.encode(nonce),
-            coordinator,
-        }))
-        .await
-        .is_err()
-    {
+    let challenge = text(&ServerMsg::Challenge {
+        nonce: BASE64.encode(nonce),
+        coordinator,
+    });
+    if !send(&mut socket, challenge).await {
         return;
     }
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.next()).await {
@@ -122,15 +187,17 @@ async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr) 
         Ok(a) => a,
         Err(message) => {
             info!(%remote, "refused a peer: {message}");
-            let _ = socket.send(text(&ServerMsg::Error { message })).await;
-            let _ = socket.close().await;
+            send(&mut socket, text(&ServerMsg::Error { message })).await;
+            let _ = tokio::time::timeout(SEND_TIMEOUT, socket.close()).await;
             return;
         }
     };
+    // Admitted: no longer pending.
+    drop(slot);
     debug!(%remote, %fingerprint, "peer connected");
     let mut sent = true;
     for part in welcome {
-        if socket.send(Message::Text(part.into())).await.is_err() {
+        if !send(&mut socket, Message::Text(part.into())).await {
             sent = false;
             break;
         }
@@ -148,7 +215,7 @@ async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr) 
                 update = updates.recv() => {
                     let Some(update) = update else { break };
                     let last = matches!(*update, ServerMsg::Revoked { .. });
-                    if socket.send(text(&update)).await.is_err() || last {
+                    if !send(&mut socket, text(&update)).await || last {
                         break;
                     }
                 }
@@ -176,13 +243,14 @@ async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr) 
                 },
                 frame = relayed.recv() => {
                     let Some(frame) = frame else { break };
-                    if socket.send(Message::Binary(frame)).await.is_err() {
+                    if !send(&mut socket, Message::Binary(frame)).await {
                         break;
                     }
                 }
                 _ = ping.tick() => {
                     unanswered += 1;
-                    if unanswered > 2 || socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    // Nothing heard for two ticks: stalled (closed within 2 × PING_INTERVAL).
+                    if unanswered > 1 || !send(&mut socket, Message::Ping(Vec::new().into())).await {
                         break;
                     }
                 }
@@ -190,31 +258,152 @@ async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr) 
         }
     }
     state.relay.unregister(&relay_key, id);
-    let _ = socket.close().await;
+    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.close()).await;
     crate::sync::lock(&state.hub).disconnect(&fingerprint, id);
     debug!(%remote, %fingerprint, "peer disconnected");
 }
 
-/// Serve the API on `listener` with TLS until the task is dropped.
-pub async fn serve(listener: TcpListener, tls: rustls::ServerConfig, app: Router) {
+/// Serve the API on `listener` with TLS until the task is dropped, within the bounds above.
+pub async fn serve(listener: TcpListener, tls: rustls::ServerConfig, app: Router, pending: Arc<Pending>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     loop {
         let Ok((tcp, remote)) = listener.accept().await else {
+            // Out of descriptors, most likely: do not spin.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Some(slot) = pending.admit(remote.ip()) else {
+            debug!(%remote, "too many pending connections; closed");
             continue;
         };
         // Relayed packets are small and latency-bound: no Nagle.
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let app = app.clone().layer(Extension(Remote(remote)));
+        let slot = Slot(Arc::new(Mutex::new(Some(slot))));
+        let app = app.clone().layer(Extension(Remote(remote))).layer(Extension(slot));
         tokio::spawn(async move {
             let Ok(Ok(stream)) = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await else {
                 return;
             };
             let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HELLO_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpSocket;
+
+    use super::*;
+    use crate::{
+        control::unix_now,
+        coordinator::{
+            admission,
+            hub::new_mesh_key,
+            ipam::Ipam,
+            store::{MeshKeyRecord, SqliteStore, Store, TokenRecord},
+            tls::Certificate,
+        },
+        identity::Identity,
+        node::client::{Client, JoinOptions, pinning::PinnedCertificate},
+    };
+
+    /// A coordinator on loopback with one token; its URL, fingerprint and pending connections.
+    async fn coordinator(dir: &std::path::Path) -> (String, String, Arc<Pending>) {
+        let store = SqliteStore::in_memory().unwrap();
+        store
+            .add_mesh_key(&MeshKeyRecord {
+                key: new_mesh_key(),
+                created: unix_now(),
+            })
+            .unwrap();
+        store
+            .insert_token(&TokenRecord {
+                hash: admission::token_hash("tmtok_join"),
+                uses_left: 10,
+                expires: unix_now() + 600,
+                tags: vec![],
+            })
+            .unwrap();
+        let cert = Certificate::load_or_generate(dir).unwrap();
+        let fingerprint = cert.fingerprint();
+        let ipam = Ipam::new("100.64.0.0/10".parse().unwrap(), "fd00::/64".parse().unwrap(), []).unwrap();
+        let hub = Hub::new(Box::new(store), ipam, "ssh-ed25519 AAAA c".into(), fingerprint.clone()).unwrap();
+        let app = router(ApiState {
+            hub: Arc::new(Mutex::new(hub)),
+            tls_fingerprint: fingerprint.clone(),
+            relay: Arc::new(Relay::new(1 << 20)),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let pending = Arc::new(Pending::default());
+        tokio::spawn(serve(listener, cert.server_config().unwrap(), app, pending.clone()));
+        (url, fingerprint, pending)
+    }
+
+    fn joining(url: &str, fingerprint: &str) -> Client {
+        let (identity, _) = Identity::generate("root@real");
+        let opts = JoinOptions {
+            url: url.into(),
+            fingerprint: fingerprint.into(),
+            token: Some("tmtok_join".into()),
+            name: None,
+            interface: String::new(),
+            listen_port: 51820,
+            mtu: 1420,
+            workers: 1,
+            state_dir: Default::default(),
+            no_ebpf: true,
+            no_offload: false,
+            ssh_port: 0,
+            port_mapping: crate::nat::portmap::Mode::Off,
+            port_mapping_lifetime: crate::nat::portmap::DEFAULT_LIFETIME,
+        };
+        Client::new(&opts, Arc::new(identity)).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn five_thousand_idle_tls_connections_from_one_address_do_not_stop_a_real_join() {
+        crate::sys::rlimit::raise_open_files();
+        let dir = tempfile::tempdir().unwrap();
+        let (url, fingerprint, pending) = coordinator(dir.path()).await;
+        let server: SocketAddr = url.trim_start_matches("https://").parse().unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(PinnedCertificate::client_config(&fingerprint)));
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        // The attacker, on 127.0.0.2: 5,000 connections that finish TLS (where let in) and then
+        // say nothing.
+        let mut idle = Vec::new();
+        let mut refused = 0;
+        for _ in 0..5_000 {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let Ok(tcp) = socket.connect(server).await else {
+                refused += 1;
+                continue;
+            };
+            match tokio::time::timeout(Duration::from_secs(2), connector.connect(name.clone(), tcp)).await {
+                Ok(Ok(tls)) => idle.push(tls),
+                _ => refused += 1,
+            }
+        }
+        assert!(idle.len() <= MAX_PENDING_PER_SOURCE, "{} held", idle.len());
+        assert!(refused >= 5_000 - MAX_PENDING_PER_SOURCE);
+        assert!(pending.count() <= MAX_PENDING_PER_SOURCE);
+        // A real node joins meanwhile (from 127.0.0.1), and is no longer pending once admitted.
+        let (welcome, _socket) = joining(&url, &fingerprint).join_raw().await.expect("a real join");
+        assert!(welcome[0].starts_with(r#"{"type":"welcome""#));
+        // The silent ones are closed once their request headers are overdue.
+        let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT + Duration::from_secs(5);
+        while pending.count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(pending.count(), 0, "idle connections were closed");
+        drop(idle);
     }
 }

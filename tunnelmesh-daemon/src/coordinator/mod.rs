@@ -203,7 +203,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
                 None => relay::Relay::new(opts.relay_rate),
             }),
         });
-        tokio::spawn(api::serve(listener, server_config, app));
+        tokio::spawn(api::serve(listener, server_config, app, Arc::default()));
         if opts.stun_port != 0 {
             for port in [opts.stun_port, opts.stun_port.wrapping_add(1)] {
                 let socket = tokio::net::UdpSocket::bind((opts.listen.ip(), port))

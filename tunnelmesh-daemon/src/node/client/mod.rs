@@ -8,7 +8,7 @@
 
 mod follow;
 mod join;
-mod pinning;
+pub(crate) mod pinning;
 mod state;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
