@@ -51,6 +51,10 @@ pub struct PolicyFile {
     pub groups: BTreeMap<String, Vec<Spanned<String>>>,
     #[serde(default, rename = "allow")]
     pub rules: Vec<Rule>,
+    /// Each group flattened to the selectors it ends in (`*`, names, `tag:…`), computed once by
+    /// [`PolicyFile::parse`]: selecting never recurses, so nesting costs nothing at compile time.
+    #[serde(skip)]
+    resolved: BTreeMap<String, Vec<String>>,
 }
 
 /// A `from`/`to` entry or group member that selects nothing.
@@ -102,6 +106,7 @@ impl PolicyFile {
                 }
             }
         }
+        file.resolved = file.resolve_groups(&at)?;
         for rule in &file.rules {
             for s in rule.from.iter().chain(&rule.to) {
                 file.check_selector(s.get_ref()).map_err(|e| PolicyError {
@@ -145,24 +150,73 @@ impl PolicyFile {
         Ok(())
     }
 
-    /// Whether `member` is selected by `selector` (groups resolved, cycles cut).
-    pub fn selects(&self, selector: &str, member: &Member) -> bool {
-        self.selects_depth(selector, member, 0)
+    /// Flatten every group into its leaf selectors; a group reached again while it is being
+    /// flattened is a cycle (`a` contains `b` contains `a`), refused with the line that closes it.
+    fn resolve_groups(
+        &self,
+        at: &dyn Fn(&Spanned<String>) -> usize,
+    ) -> Result<BTreeMap<String, Vec<String>>, PolicyError> {
+        fn visit(
+            file: &PolicyFile,
+            group: &str,
+            at: &dyn Fn(&Spanned<String>) -> usize,
+            on_path: &mut Vec<String>,
+            done: &mut BTreeMap<String, Vec<String>>,
+        ) -> Result<(), PolicyError> {
+            if done.contains_key(group) {
+                return Ok(());
+            }
+            on_path.push(group.to_string());
+            let mut leaves: Vec<String> = Vec::new();
+            for m in file.groups.get(group).into_iter().flatten() {
+                match m.get_ref().strip_prefix("group:") {
+                    Some(inner) if on_path.iter().any(|g| g == inner) => {
+                        let cycle = on_path.join(" → ");
+                        return Err(PolicyError {
+                            line: at(m),
+                            reason: format!(
+                                "groups contain each other: {cycle} → {inner}; remove one of the references"
+                            ),
+                        });
+                    }
+                    Some(inner) => {
+                        visit(file, inner, at, on_path, done)?;
+                        leaves.extend(done.get(inner).into_iter().flatten().cloned());
+                    }
+                    None => leaves.push(m.get_ref().clone()),
+                }
+            }
+            leaves.sort();
+            leaves.dedup();
+            on_path.pop();
+            done.insert(group.to_string(), leaves);
+            Ok(())
+        }
+        let mut done = BTreeMap::new();
+        for group in self.groups.keys() {
+            visit(self, group, at, &mut Vec::new(), &mut done)?;
+        }
+        Ok(done)
     }
 
-    fn selects_depth(&self, selector: &str, member: &Member, depth: usize) -> bool {
-        if depth > 16 {
-            return false;
+    /// Whether `member` is selected by `selector`.
+    pub fn selects(&self, selector: &str, member: &Member) -> bool {
+        match selector.strip_prefix("group:") {
+            Some(group) => self
+                .resolved
+                .get(group)
+                .is_some_and(|leaves| leaves.iter().any(|leaf| selects_leaf(leaf, member))),
+            None => selects_leaf(selector, member),
         }
-        match selector {
-            "*" => true,
-            s if s.starts_with("tag:") => member.tags.iter().any(|t| t == &s[4..]),
-            s if s.starts_with("group:") => self
-                .groups
-                .get(&s[6..])
-                .is_some_and(|ms| ms.iter().any(|m| self.selects_depth(m.get_ref(), member, depth + 1))),
-            name => member.name == name,
-        }
+    }
+}
+
+/// Whether `member` is selected by a selector that is not a group.
+fn selects_leaf(selector: &str, member: &Member) -> bool {
+    match selector {
+        "*" => true,
+        s if s.starts_with("tag:") => member.tags.iter().any(|t| t == &s[4..]),
+        name => member.name == name,
     }
 }
 
@@ -208,7 +262,12 @@ mod tests {
                 4,
                 "unknown field",
             ),
-            ("[[allow]\n", 1, ""),
+            ("[[allow]\n", 1, "invalid table header"),
+            (
+                "[groups]\na = [\"laptop\", \"group:b\"]\nb = [\"group:c\"]\nc = [\"group:a\"]\n",
+                4,
+                "a → b → c → a",
+            ),
         ];
         for (text, line, reason) in cases {
             let err = PolicyFile::parse(text).unwrap_err();
