@@ -141,6 +141,7 @@ async fn connect(
 ) -> impl IntoResponse {
     let slot = crate::sync::lock(&slot).take();
     ws.max_message_size(1 << 20)
+        .max_frame_size(1 << 20)
         .on_upgrade(move |socket| connection(state, socket, remote, slot))
 }
 

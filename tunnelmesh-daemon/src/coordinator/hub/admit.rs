@@ -95,6 +95,21 @@ impl Hub {
                 }
             }
             None => {
+                // A name asked for must be free before a token is spent on it (a refusal must
+                // not use up a single-use token).
+                let asked = self
+                    .authorized
+                    .get(&fingerprint)
+                    .and_then(|a| a.name.clone())
+                    .or(name.clone());
+                if let Some(n) = &asked
+                    && self
+                        .nodes
+                        .values()
+                        .any(|r| r.name == *n && r.fingerprint != fingerprint)
+                {
+                    return Err(Refusal::NameTaken(n.clone()));
+                }
                 let (name_hint, tags) = match (self.authorized.get(&fingerprint), &token) {
                     (Some(a), _) => (a.name.clone().or(name), a.tags.clone()),
                     (None, Some(t)) => {

@@ -144,6 +144,34 @@ fn a_hello_signed_for_another_coordinator_is_refused() {
     assert!(hub.admit(hello(&id, b"n", Some("tmtok_test")), b"n", remote).is_ok());
 }
 
+#[test]
+fn a_hello_refused_for_a_taken_name_does_not_spend_a_single_use_token() {
+    let mut hub = hub();
+    hub.store
+        .insert_token(&TokenRecord {
+            hash: admission::token_hash("tmtok_once"),
+            uses_left: 1,
+            expires: unix_now() + 60,
+            tags: vec![],
+        })
+        .unwrap();
+    let remote: IpAddr = "198.18.0.9".parse().unwrap();
+    let named = |id: &crate::identity::Identity, token: &str, name: &str| {
+        let mut h = hello(id, b"n", Some(token));
+        if let ClientMsg::Hello { name: n, .. } = &mut h {
+            *n = Some(name.into());
+        }
+        h
+    };
+    let (web, _) = crate::identity::Identity::generate("root@web");
+    hub.admit(named(&web, "tmtok_test", "web"), b"n", remote).unwrap();
+    let (other, _) = crate::identity::Identity::generate("root@other");
+    let refused = hub.admit(named(&other, "tmtok_once", "web"), b"n", remote);
+    assert!(matches!(refused, Err(Refusal::NameTaken(_))), "{:?}", refused.err());
+    // The single-use token is still there for a free name.
+    assert!(hub.admit(named(&other, "tmtok_once", "other"), b"n", remote).is_ok());
+}
+
 fn drain(rx: &mut mpsc::Receiver<Arc<ServerMsg>>) -> Vec<ServerMsg> {
     std::iter::from_fn(|| rx.try_recv().ok())
         .map(|m| (*m).clone())
