@@ -75,7 +75,7 @@ pub fn targets(candidates: &[SocketAddr], nat: NatKind) -> Vec<SocketAddr> {
 }
 
 /// Not a private, loopback or link-local address: one a NAT could be mapping.
-pub fn is_public(ip: IpAddr) -> bool {
+fn is_public(ip: IpAddr) -> bool {
     match ip.to_canonical() {
         IpAddr::V4(v4) => !(v4.is_private() || v4.is_loopback() || v4.is_link_local()),
         IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unique_local() || v6.is_unicast_link_local()),

@@ -16,7 +16,7 @@ use crate::{
     coordinator::store::{NodeRecord, StoreError},
     protocol::{
         discovery::{MAX_CANDIDATES, NatKind},
-        punch::{self, reachable_endpoint},
+        punch::reachable_endpoint,
     },
 };
 
@@ -145,15 +145,14 @@ impl Hub {
         self.last_punch.retain(|_, t| now.duration_since(*t) < PUNCH_INTERVAL);
         self.last_punch.insert(pair, now);
         // Only endpoints this coordinator can vouch for are punched towards: the public address
-        // the node's connection came from (any port: its NAT's mappings), and its LAN addresses
-        // when both nodes' connections come from the same address (behind one NAT). A member
-        // reporting someone else's address as its candidate cannot aim the mesh at it.
+        // the node's connection came from (any port: its NAT's mappings), and, when both nodes'
+        // connections come from the same address (behind one NAT), all of its candidates (their
+        // LAN). A member reporting someone else's address as its candidate cannot aim the mesh
+        // at it; at most at its own NAT's LAN, and only towards peers behind that same NAT.
         let observed = |fp: &str| self.observed.get(fp).map(|o| o.ip());
         let about = |n: &NodeRecord, asker: &str| {
             let (seen, asker_seen) = (observed(&n.fingerprint), observed(asker));
-            let vouched = |e: &SocketAddr| {
-                Some(e.ip()) == seen || (seen.is_some() && seen == asker_seen && !punch::is_public(e.ip()))
-            };
+            let vouched = |e: &SocketAddr| Some(e.ip()) == seen || (seen.is_some() && seen == asker_seen);
             ServerMsg::Punch {
                 peer: n.fingerprint.clone(),
                 endpoints: n
