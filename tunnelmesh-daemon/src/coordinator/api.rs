@@ -381,6 +381,7 @@ mod tests {
         // say nothing.
         let mut idle = Vec::new();
         let mut refused = 0;
+        let mut peak = 0;
         for _ in 0..5_000 {
             let socket = TcpSocket::new_v4().unwrap();
             socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
@@ -392,10 +393,12 @@ mod tests {
                 Ok(Ok(tls)) => idle.push(tls),
                 _ => refused += 1,
             }
+            peak = peak.max(pending.count());
         }
-        assert!(idle.len() <= MAX_PENDING_PER_SOURCE, "{} held", idle.len());
-        assert!(refused >= 5_000 - MAX_PENDING_PER_SOURCE);
-        assert!(pending.count() <= MAX_PENDING_PER_SOURCE);
+        // The server never held more than the cap at once (on a slow run the first idle ones
+        // time out and free their places before the loop ends, so count on the server's side).
+        assert!(peak <= MAX_PENDING_PER_SOURCE, "{peak} pending at once");
+        assert!(refused > 5_000 / 2, "only {refused} of 5,000 refused");
         // A real node joins meanwhile (from 127.0.0.1), and is no longer pending once admitted.
         let (welcome, _socket) = joining(&url, &fingerprint).join_raw().await.expect("a real join");
         assert!(welcome[0].starts_with(r#"{"type":"welcome""#));

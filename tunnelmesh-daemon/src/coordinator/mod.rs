@@ -19,7 +19,7 @@ pub mod tls;
 use std::{
     fs,
     net::SocketAddr,
-    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -119,13 +119,25 @@ fn prefixes(store: &dyn Store, v4: Option<Ipv4Net>, v6: Option<Ipv6Net>) -> Resu
     Ok((v4, v6))
 }
 
+/// Create `path` with `mode` from the start (a private key is never readable by others, not even
+/// for a moment), write `data` and sync it.
+fn create_file(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    file.write_all(data)?;
+    file.sync_all()
+}
+
 /// The coordinator's own ed25519 identity, created on first start.
 fn coordinator_identity(data_dir: &Path) -> Result<Identity> {
     let path = data_dir.join("coordinator_ed25519_key");
     if !path.exists() {
         let (_, pem) = Identity::generate("tunnelmesh-coordinator");
-        fs::write(&path, pem).with_context(|| format!("cannot write {}", path.display()))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        create_file(&path, pem.as_bytes(), 0o600).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(Identity::load(&path)?)
 }

@@ -3,7 +3,7 @@
 //! Peers pin the certificate by its SHA-256 fingerprint (`SHA256:<base64>`, the form SSH uses for
 //! keys), like `known_hosts`; no CA is involved, so names in the certificate do not matter.
 
-use std::{fs, os::unix::fs::PermissionsExt, path::Path};
+use std::path::Path;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
@@ -56,12 +56,10 @@ impl Certificate {
         if !cert_path.exists() {
             let generated = rcgen::generate_simple_self_signed(vec!["tunnelmesh-coordinator".to_string()])?;
             let write = |p: &Path, text: String, mode: u32| {
-                fs::write(p, text)
-                    .and_then(|_| fs::set_permissions(p, fs::Permissions::from_mode(mode)))
-                    .map_err(|e| TlsError::Write {
-                        path: p.display().to_string(),
-                        reason: e.to_string(),
-                    })
+                super::create_file(p, text.as_bytes(), mode).map_err(|e| TlsError::Write {
+                    path: p.display().to_string(),
+                    reason: e.to_string(),
+                })
             };
             write(&key_path, generated.key_pair.serialize_pem(), 0o600)?;
             write(&cert_path, generated.cert.pem(), 0o644)?;
