@@ -48,21 +48,38 @@ pub fn underlay_interfaces(mesh_interface: &str) -> Result<Vec<String>, NetconfE
         .collect())
 }
 
-/// Bring `name` up with `mtu`, `addresses`, and routes for `routes`.
-pub fn configure(name: &str, mtu: usize, addresses: &[IpNet], routes: &[IpNet]) -> Result<(), NetconfError> {
+/// Whether `interface` can carry IPv6 (it cannot where `net.ipv6.conf.*.disable_ipv6` is 1, or
+/// the kernel runs without IPv6).
+pub fn ipv6_enabled(interface: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{interface}/disable_ipv6")).is_ok_and(|v| v.trim() == "0")
+}
+
+/// Bring `name` up with `mtu`, `addresses`, and routes for `routes`. Without IPv6 on the device
+/// its IPv6 addresses and routes are left out; the families configured are returned.
+pub fn configure(name: &str, mtu: usize, addresses: &[IpNet], routes: &[IpNet]) -> Result<Families, NetconfError> {
     ip(&["link", "set", "dev", name, "mtu", &mtu.to_string()])?;
+    let families = Families {
+        ipv6: ipv6_enabled(name),
+    };
     for addr in addresses {
         let a = addr.to_string();
         match addr {
             IpNet::V4(_) => ip(&["-4", "addr", "replace", &a, "dev", name])?,
-            IpNet::V6(_) => ip(&["-6", "addr", "replace", &a, "dev", name, "nodad"])?,
+            IpNet::V6(_) if families.ipv6 => ip(&["-6", "addr", "replace", &a, "dev", name, "nodad"])?,
+            IpNet::V6(_) => {}
         }
     }
     ip(&["link", "set", "dev", name, "up"])?;
-    for route in routes {
+    for route in routes.iter().filter(|r| r.addr().is_ipv4() || families.ipv6) {
         let r = route.trunc().to_string();
         let family = if route.addr().is_ipv4() { "-4" } else { "-6" };
         ip(&[family, "route", "replace", &r, "dev", name])?;
     }
-    Ok(())
+    Ok(families)
+}
+
+/// What [`configure`] could set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Families {
+    pub ipv6: bool,
 }

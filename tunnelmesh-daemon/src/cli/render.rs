@@ -14,6 +14,9 @@ impl fmt::Display for Status {
         writeln!(f, "  offloads: {}", self.offloads)?;
         writeln!(f, "  identity: {}", self.fingerprint)?;
         writeln!(f, "  addresses: {}", self.addresses.join(", "))?;
+        if !self.ipv6 {
+            writeln!(f, "  ipv6: disabled on this host (the mesh runs over IPv4 only)")?;
+        }
         if let Some(c) = &self.coordinator {
             writeln!(f, "  coordinator: {} ({})", c.url, c.state)?;
             if let Some(e) = &c.last_error {

@@ -98,8 +98,10 @@ pub struct InterfaceInfo {
     pub offloads: crate::sys::tun::Offloads,
     pub listen_port: u16,
     pub local: PublicIdentity,
-    /// Our own mesh addresses.
+    /// Our own mesh addresses (IPv4 only where the host has IPv6 disabled).
     pub addresses: Vec<IpNet>,
+    /// The interface carries IPv6.
+    pub ipv6: bool,
     pub started: Instant,
 }
 

@@ -174,7 +174,16 @@ impl Interface {
             Some(p) => PolicyEnforcer::start(p, &plan.name, plan.no_ebpf),
             None => PolicyEnforcer::none(),
         };
-        netconf::configure(&plan.name, plan.mtu, &plan.addresses, &plan.routes)?;
+        let families = netconf::configure(&plan.name, plan.mtu, &plan.addresses, &plan.routes)?;
+        let addresses: Vec<IpNet> = if families.ipv6 {
+            plan.addresses.clone()
+        } else {
+            warn!(
+                interface = %plan.name,
+                "IPv6 is disabled on this host (net.ipv6.conf.*.disable_ipv6): the mesh runs over IPv4 only"
+            );
+            plan.addresses.iter().copied().filter(|a| a.addr().is_ipv4()).collect()
+        };
 
         let shield = if plan.no_ebpf {
             Err("disabled by no_ebpf".to_string())
@@ -201,7 +210,8 @@ impl Interface {
                 offloads,
                 listen_port,
                 local: identity.public().clone(),
-                addresses: plan.addresses.clone(),
+                addresses,
+                ipv6: families.ipv6,
                 started: now,
             },
             peers: ArcSwap::from_pointee(PeerTable::build(plan.peers, &PeerTable::default())),

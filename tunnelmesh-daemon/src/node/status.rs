@@ -107,6 +107,9 @@ impl std::fmt::Display for SteeringMode {
 pub struct Status {
     pub interface: String,
     pub addresses: Vec<String>,
+    /// False where the host has IPv6 disabled: the mesh runs over IPv4 only.
+    #[serde(default = "ipv6_assumed")]
+    pub ipv6: bool,
     pub coordinator: Option<ControlState>,
     /// Inbound policy: `null` in a static mesh (every configured peer may connect), else the
     /// rules in force (none: nothing may reach this node), the enforcer and its counters.
@@ -132,6 +135,11 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
 }
 
+/// A daemon from before this field always configured IPv6.
+fn ipv6_assumed() -> bool {
+    true
+}
+
 /// A daemon from before offloads existed had none.
 fn offloads_unknown() -> Offloads {
     Offloads::Off
@@ -144,6 +152,7 @@ pub fn snapshot(dev: &Device, fastpath: &dyn Fn() -> FastpathStatus) -> Status {
     Status {
         interface: dev.info.interface.clone(),
         addresses: dev.info.addresses.iter().map(|a| a.to_string()).collect(),
+        ipv6: dev.info.ipv6,
         coordinator: dev.coordinator.state.load().as_deref().cloned(),
         policy: dev.policy.status(),
         fingerprint: dev.info.local.fingerprint(),

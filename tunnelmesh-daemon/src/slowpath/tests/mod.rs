@@ -53,6 +53,7 @@ impl Node {
                 listen_port: addr.port(),
                 local: identity.public().clone(),
                 addresses: Vec::new(),
+                ipv6: true,
                 started: t0,
             },
             policy: crate::device::policy::PolicyEnforcer::none(),
