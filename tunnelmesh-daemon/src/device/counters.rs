@@ -1,6 +1,8 @@
 //! Drop and error counters of the interface, as `tunnelmesh status` shows them.
 
-use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
 
 /// Drop and error counters of the interface, as shown by `tunnelmesh status`.
 #[derive(Default, Serialize)]

@@ -1,6 +1,11 @@
 //! What the workers and the control plane tell the slow path, and the names of paths.
 
-use super::*;
+use std::{net::SocketAddr, sync::Arc};
+
+use serde::Serialize;
+
+use super::{PathKind, Peer};
+use crate::protocol::discovery::NatKind;
 
 /// Something that must know the live receiver indices (the XDP shield). The slow path
 /// adds an index before a message naming it can arrive, and removes it when the key goes.

@@ -1,6 +1,15 @@
 //! The coordinator connection and what the node knows of its own reachability.
 
-use super::*;
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use serde::Serialize;
+
+use super::CoordinatorRequest;
+use crate::protocol::discovery::Candidates;
 
 /// Where the coordinator connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]

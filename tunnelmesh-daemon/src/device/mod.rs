@@ -22,31 +22,20 @@ pub use peer::{ActivityStamps, KeySet, MAX_STAGED, Peer, PeerSpec, RemoteCandida
 pub use table::{IndexEntry, PeerTable};
 
 use std::{
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
+    collections::HashMap,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
+        Arc,
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use ipnet::IpNet;
-use serde::Serialize;
 use zeroize::Zeroizing;
 
 pub use crate::protocol::path::PathKind;
-use crate::{
-    identity::PublicIdentity,
-    protocol::{
-        discovery::{Candidates, NatKind},
-        path::PathReport,
-        routing::AllowedIps,
-        session::{Activity, Keypair},
-    },
-    sync::lock,
-};
+use crate::{identity::PublicIdentity, sync::lock};
 
 /// Monotonic milliseconds since the device started; 0 means "never".
 #[derive(Clone, Copy)]

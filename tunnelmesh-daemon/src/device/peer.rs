@@ -1,7 +1,29 @@
 //! A peer as the data plane and the slow path see it: its keys, endpoint, activity stamps,
 //! chosen path and counters — lock-free for the workers (snapshots and atomics).
 
-use super::*;
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use ipnet::IpNet;
+
+use super::{Clock, PathKind};
+use crate::{
+    identity::PublicIdentity,
+    protocol::{
+        discovery::NatKind,
+        path::PathReport,
+        session::{Activity, Keypair},
+    },
+    sync::lock,
+};
 
 /// Packets queued per peer while its handshake completes.
 pub const MAX_STAGED: usize = 128;

@@ -1,7 +1,10 @@
 //! The peer table (replaced whole on membership changes; peers that stay are carried over) and
 //! the session index entries the workers find a message's key by.
 
-use super::*;
+use std::{collections::HashMap, sync::Arc};
+
+use super::{Peer, PeerSpec, RemoteCandidates};
+use crate::protocol::{routing::AllowedIps, session::Keypair};
 
 /// A receive key and the peer it belongs to, found by the index in a message.
 pub struct IndexEntry {

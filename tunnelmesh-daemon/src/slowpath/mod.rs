@@ -49,8 +49,7 @@ use crate::{
     device::{CoordinatorRequest, Counters, Device, Event, PingAnswer, Via},
     protocol::{
         noise::{CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, Tai64n},
-        path::PathKind,
-        path::PathManager,
+        path::{PathKind, PathManager},
         punch::Punch,
         session::{Timers, sealed_len},
         wire::{self, Kind},
