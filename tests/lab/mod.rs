@@ -305,11 +305,13 @@ impl Drop for Lab {
             if thread::panicking() {
                 eprintln!("---- log of node {} ----\n{}", self.nodes[i].name, self.log(i));
             }
+            // A killed daemon leaves every pin (shield, ACL, steering): remove the directory whole.
             let iface = &self.nodes[i].iface;
-            let _ = fs::remove_file(format!("/sys/fs/bpf/tunnelmesh/{iface}/shield_counters"));
-            let _ = fs::remove_dir(format!("/sys/fs/bpf/tunnelmesh/{iface}"));
+            let _ = fs::remove_dir_all(format!("/sys/fs/bpf/tunnelmesh/{iface}"));
             let _ = fs::remove_file(format!("/run/tunnelmesh/{iface}.sock"));
         }
+        // The pin root goes with its last interface (it stays while another daemon uses it).
+        let _ = fs::remove_dir("/sys/fs/bpf/tunnelmesh");
         for ns in self.namespaces.drain(..) {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
