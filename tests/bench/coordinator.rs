@@ -33,22 +33,7 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 }
 
 fn client(url: &str, fingerprint: &str, token: &str, identity: Arc<Identity>) -> Client {
-    let opts = JoinOptions {
-        url: url.into(),
-        fingerprint: fingerprint.into(),
-        token: Some(token.into()),
-        name: None,
-        interface: String::new(),
-        listen_port: 51820,
-        mtu: 1420,
-        workers: 1,
-        state_dir: Default::default(),
-        no_ebpf: true,
-        no_offload: false,
-        ssh_port: 0,
-        port_mapping: tunnelmesh_daemon::nat::portmap::Mode::Off,
-        port_mapping_lifetime: tunnelmesh_daemon::nat::portmap::DEFAULT_LIFETIME,
-    };
+    let opts = JoinOptions::without_interface(url, fingerprint, token);
     Client::new(&opts, identity).expect("client")
 }
 

@@ -301,32 +301,29 @@ pub fn tunnelmesh_acl_ingress(ctx: TcContext) -> i32 {
     }
 }
 
+/// The full-length key of `addr` in the generation in force (sources and destinations alike).
+#[inline(always)]
+fn trie_key(config: &AclConfig, addr: [u8; 16]) -> Key<AclSource> {
+    Key::new(
+        32 + 128,
+        AclSource {
+            generation_be: (config.generation & 1).to_be_bytes(),
+            addr,
+        },
+    )
+}
+
 /// Whether `p` goes to an address rules may allow (one of this node's own).
 #[inline(always)]
 fn addressed_to_this_node(config: &AclConfig, p: &Packet) -> bool {
-    let generation = config.generation & 1;
-    let key = Key::new(
-        32 + 128,
-        AclSource {
-            generation_be: generation.to_be_bytes(),
-            addr: p.dst,
-        },
-    );
-    ACL_DESTINATIONS.get(&key).is_some()
+    ACL_DESTINATIONS.get(&trie_key(config, p.dst)).is_some()
 }
 
 /// The slot of the first rule (in policy order) that allows `p`.
 #[inline(always)]
 fn allowing_slot(config: &AclConfig, p: &Packet) -> Option<u32> {
     let generation = config.generation & 1;
-    let key = Key::new(
-        32 + 128,
-        AclSource {
-            generation_be: generation.to_be_bytes(),
-            addr: p.src,
-        },
-    );
-    let mask = *ACL_SOURCES.get(&key)?;
+    let mask = *ACL_SOURCES.get(&trie_key(config, p.src))?;
     let base = generation * ACL_MAX_RULES;
     for word in 0..ACL_MASK_WORDS {
         let bits = mask.bits[word];

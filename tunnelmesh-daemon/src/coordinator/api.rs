@@ -303,35 +303,14 @@ mod tests {
 
     use super::*;
     use crate::{
-        control::unix_now,
-        coordinator::{
-            admission,
-            hub::new_mesh_key,
-            ipam::Ipam,
-            store::{MeshKeyRecord, SqliteStore, Store, TokenRecord},
-            tls::Certificate,
-        },
+        coordinator::{ipam::Ipam, store::SqliteStore, tls::Certificate},
         identity::Identity,
         node::client::{Client, JoinOptions, pinning::PinnedCertificate},
     };
 
     /// A coordinator on loopback with one token; its URL, fingerprint and pending connections.
     async fn coordinator(dir: &std::path::Path) -> (String, String, Arc<Pending>) {
-        let store = SqliteStore::in_memory().unwrap();
-        store
-            .add_mesh_key(&MeshKeyRecord {
-                key: new_mesh_key(),
-                created: unix_now(),
-            })
-            .unwrap();
-        store
-            .insert_token(&TokenRecord {
-                hash: admission::token_hash("tmtok_join"),
-                uses_left: 10,
-                expires: unix_now() + 600,
-                tags: vec![],
-            })
-            .unwrap();
+        let store = SqliteStore::for_tests("tmtok_join");
         let cert = Certificate::load_or_generate(dir).unwrap();
         let fingerprint = cert.fingerprint();
         let ipam = Ipam::new("100.64.0.0/10".parse().unwrap(), "fd00::/64".parse().unwrap(), []).unwrap();
@@ -350,22 +329,7 @@ mod tests {
 
     fn joining(url: &str, fingerprint: &str) -> Client {
         let (identity, _) = Identity::generate("root@real");
-        let opts = JoinOptions {
-            url: url.into(),
-            fingerprint: fingerprint.into(),
-            token: Some("tmtok_join".into()),
-            name: None,
-            interface: String::new(),
-            listen_port: 51820,
-            mtu: 1420,
-            workers: 1,
-            state_dir: Default::default(),
-            no_ebpf: true,
-            no_offload: false,
-            ssh_port: 0,
-            port_mapping: crate::nat::portmap::Mode::Off,
-            port_mapping_lifetime: crate::nat::portmap::DEFAULT_LIFETIME,
-        };
+        let opts = JoinOptions::without_interface(url, fingerprint, "tmtok_join");
         Client::new(&opts, Arc::new(identity)).unwrap()
     }
 

@@ -139,6 +139,28 @@ impl SqliteStore {
         Ok(SqliteStore { conn })
     }
 
+    /// An in-memory store as the hub and API tests start from: a mesh key and the token `token`
+    /// (10,000 uses, 10 minutes, tag `t`).
+    #[cfg(test)]
+    pub fn for_tests(token: &str) -> Self {
+        let store = Self::in_memory().unwrap();
+        store
+            .add_mesh_key(&MeshKeyRecord {
+                key: super::hub::new_mesh_key(),
+                created: crate::control::unix_now(),
+            })
+            .unwrap();
+        store
+            .insert_token(&TokenRecord {
+                hash: super::admission::token_hash(token),
+                uses_left: 10_000,
+                expires: crate::control::unix_now() + 600,
+                tags: vec!["t".into()],
+            })
+            .unwrap();
+        store
+    }
+
     fn row_to_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
         Ok(NodeRecord {
             fingerprint: r.get(0)?,

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use super::*;
-use crate::coordinator::store::{MeshKeyRecord, SqliteStore, TokenRecord};
+use crate::coordinator::store::{SqliteStore, TokenRecord};
 use crate::{
     control::proto::{ClientMsg, JOIN_NAMESPACE, WELCOME_CHUNK, join_transcript},
     coordinator::admission,
@@ -13,22 +13,7 @@ const COORDINATOR: &str = "ssh-ed25519 AAAA coordinator";
 const CERTIFICATE: &str = "SHA256:this-coordinators-certificate";
 
 fn hub() -> Hub {
-    let store = SqliteStore::in_memory().unwrap();
-    store
-        .add_mesh_key(&MeshKeyRecord {
-            key: new_mesh_key(),
-            created: unix_now(),
-        })
-        .unwrap();
-    let hash = admission::token_hash("tmtok_test");
-    store
-        .insert_token(&TokenRecord {
-            hash,
-            uses_left: 10_000,
-            expires: unix_now() + 60,
-            tags: vec!["t".into()],
-        })
-        .unwrap();
+    let store = SqliteStore::for_tests("tmtok_test");
     let ipam = Ipam::new("100.64.0.0/10".parse().unwrap(), "fd00::/64".parse().unwrap(), []).unwrap();
     Hub::new(Box::new(store), ipam, COORDINATOR.into(), CERTIFICATE.into()).unwrap()
 }

@@ -216,42 +216,22 @@ impl KernelAcl {
     fn write(&mut self, tables: KernelTables) -> Result<(), FastpathError> {
         let next = self.generation ^ 1;
         let base = next * ACL_MAX_RULES;
-        {
-            let mut sources: LpmTrie<_, AclSource, AclMask> =
-                LpmTrie::try_from(self.ebpf.map_mut(ACL_SOURCES_MAP).expect("source trie"))?;
-            for key in self.installed[next as usize].drain(..) {
-                let _ = sources.remove(&key);
-            }
-            for (len, addr, mask) in &tables.sources {
-                let key = Key::new(
-                    32 + len,
-                    AclSource {
-                        generation_be: next.to_be_bytes(),
-                        addr: *addr,
-                    },
-                );
-                sources.insert(&key, mask, 0)?;
-                self.installed[next as usize].push(key);
-            }
-        }
-        {
-            let mut destinations: LpmTrie<_, AclSource, u8> =
-                LpmTrie::try_from(self.ebpf.map_mut(ACL_DESTINATIONS_MAP).expect("destination trie"))?;
-            for key in self.installed_destinations[next as usize].drain(..) {
-                let _ = destinations.remove(&key);
-            }
-            for (len, addr) in &tables.destinations {
-                let key = Key::new(
-                    32 + len,
-                    AclSource {
-                        generation_be: next.to_be_bytes(),
-                        addr: *addr,
-                    },
-                );
-                destinations.insert(&key, &1u8, 0)?;
-                self.installed_destinations[next as usize].push(key);
-            }
-        }
+        let destinations: Vec<(u32, [u8; 16], u8)> =
+            tables.destinations.iter().map(|&(len, addr)| (len, addr, 1)).collect();
+        rewrite_trie(
+            &mut self.ebpf,
+            ACL_SOURCES_MAP,
+            next,
+            &mut self.installed[next as usize],
+            &tables.sources,
+        )?;
+        rewrite_trie(
+            &mut self.ebpf,
+            ACL_DESTINATIONS_MAP,
+            next,
+            &mut self.installed_destinations[next as usize],
+            &destinations,
+        )?;
         {
             let mut rules: Array<_, AclRule> = Array::try_from(self.ebpf.map_mut(ACL_RULES_MAP).expect("rule array"))?;
             for (i, rule) in tables.rules.iter().enumerate() {
@@ -308,6 +288,34 @@ impl KernelAcl {
         let flows: HashMap<_, AclFlow, u64> = HashMap::try_from(self.ebpf.map(ACL_CONNTRACK_MAP).expect("conntrack"))?;
         Ok(flows.iter().filter_map(Result::ok).collect())
     }
+}
+
+/// Replace generation `generation`'s entries of the trie `map` (whose keys written before are in
+/// `installed`) with `entries` (prefix length over the address, address, value).
+fn rewrite_trie<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    map: &str,
+    generation: u32,
+    installed: &mut Vec<Key<AclSource>>,
+    entries: &[(u32, [u8; 16], V)],
+) -> Result<(), FastpathError> {
+    let mut trie: LpmTrie<_, AclSource, V> =
+        LpmTrie::try_from(ebpf.map_mut(map).expect("the object has the ACL tries"))?;
+    for key in installed.drain(..) {
+        let _ = trie.remove(&key);
+    }
+    for (len, addr, value) in entries {
+        let key = Key::new(
+            32 + len,
+            AclSource {
+                generation_be: generation.to_be_bytes(),
+                addr: *addr,
+            },
+        );
+        trie.insert(&key, value, 0)?;
+        installed.push(key);
+    }
+    Ok(())
 }
 
 /// The address of an [`AclFlow`] side as an `IpAddr` (IPv4-mapped shown as IPv4).

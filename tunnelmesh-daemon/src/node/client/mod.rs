@@ -56,6 +56,29 @@ pub struct JoinOptions {
     pub port_mapping_lifetime: Duration,
 }
 
+impl JoinOptions {
+    /// Options of a client that joins with `token` and follows the coordinator without an
+    /// interface of its own (the coordinator bench, tests).
+    pub fn without_interface(url: &str, fingerprint: &str, token: &str) -> Self {
+        JoinOptions {
+            url: url.into(),
+            fingerprint: fingerprint.into(),
+            token: Some(token.into()),
+            name: None,
+            interface: String::new(),
+            listen_port: 51820,
+            mtu: 1420,
+            workers: 1,
+            state_dir: Default::default(),
+            no_ebpf: true,
+            no_offload: false,
+            ssh_port: 0,
+            port_mapping: crate::nat::portmap::Mode::Off,
+            port_mapping_lifetime: crate::nat::portmap::DEFAULT_LIFETIME,
+        }
+    }
+}
+
 /// Why the coordinator will not have this node: the operator must act, retrying cannot help.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
