@@ -31,9 +31,9 @@ use rand::Rng;
 use tracing::{info, warn};
 
 use self::{
-    hub::{Hub, new_mesh_key},
+    hub::Hub,
     ipam::Ipam,
-    store::{MeshKeyRecord, SqliteStore, Store, TokenRecord},
+    store::{MeshKeyRecord, SqliteStore, Store, TokenRecord, new_mesh_key},
     tls::Certificate,
 };
 use crate::{control::unix_now, identity::Identity};

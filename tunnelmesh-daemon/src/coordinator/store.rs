@@ -106,6 +106,15 @@ fn split(list: String) -> Vec<String> {
     list.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 
+/// Base64 of a new random mesh key (what a [`MeshKeyRecord`] holds).
+pub fn new_mesh_key() -> String {
+    use base64::Engine;
+    use rand::RngCore;
+    let mut key = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut key);
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
 impl SqliteStore {
     /// Open (creating and migrating) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -146,7 +155,7 @@ impl SqliteStore {
         let store = Self::in_memory().unwrap();
         store
             .add_mesh_key(&MeshKeyRecord {
-                key: super::hub::new_mesh_key(),
+                key: new_mesh_key(),
                 created: crate::control::unix_now(),
             })
             .unwrap();

@@ -19,7 +19,6 @@ pub use rendezvous::{MessageError, PUNCH_INTERVAL};
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Instant};
 
-use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -281,14 +280,6 @@ impl Hub {
 
 fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("plain data serializes")
-}
-
-/// Base64 of a new random mesh key.
-pub fn new_mesh_key() -> String {
-    use rand::RngCore;
-    let mut key = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut key);
-    BASE64.encode(key)
 }
 
 #[cfg(test)]
