@@ -257,6 +257,15 @@ impl Identity {
         (Self::from_private(&key).expect("ed25519"), pem)
     }
 
+    /// The identity whose ed25519 seed is `seed`: the same key on every run, for the tests' and
+    /// fuzz targets' machines (a failure must reproduce byte for byte).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn from_seed(seed: [u8; 32], comment: &str) -> Self {
+        let mut key = PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&seed));
+        key.set_comment(comment);
+        Self::from_private(&key).expect("ed25519")
+    }
+
     /// The (decrypted) key in OpenSSH format, for the SSH transport's host and client key.
     pub fn openssh_private(&self) -> Zeroizing<String> {
         self.key

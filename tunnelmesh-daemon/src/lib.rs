@@ -20,6 +20,7 @@
 //!   config, status.
 //! - `coordinator` — the control-plane server.
 //! - `cli` — arguments, dispatch, output.
+//! - `fuzzing` — the fuzz targets' entry points (built for tests and the `fuzzing` feature).
 //! - `sys` — the only place with `unsafe`: syscalls and ioctls, each block with a `SAFETY` line.
 
 #![deny(unsafe_code)]
@@ -31,6 +32,8 @@ pub mod coordinator;
 pub mod dataplane;
 pub mod device;
 pub mod fastpath;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod identity;
 pub mod nat;
 pub mod netconf;

@@ -21,6 +21,10 @@ const STABLE: &str = "1.98.0";
 const NIGHTLY: &str = "nightly-2026-10-15";
 /// bpf-linker release.
 const BPF_LINKER: &str = "0.13.0";
+/// cargo-fuzz release (libFuzzer driver for `fuzz`).
+const CARGO_FUZZ: &str = "0.13.2";
+/// Seconds each fuzz target runs in `test` (16 targets: about four minutes).
+const CI_FUZZ_SECONDS: u32 = 15;
 /// Debian packages the tests, demo and bench use.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
@@ -51,6 +55,10 @@ fn main() -> ExitCode {
             .try_for_each(|src| modgraph::check(Path::new(src), &[])),
         Some("modules") => check_modules(),
         Some("test") => setup().and_then(|_| build_ebpf()).and_then(|_| test(&args[1..])),
+        Some("fuzz") => setup()
+            .and_then(|_| build_ebpf())
+            .and_then(|_| parse_fuzz_args(&args[1..]))
+            .and_then(|(target, seconds)| fuzz(target.as_deref(), seconds)),
         Some("demo") => setup()
             .and_then(|_| build_ebpf())
             .and_then(|_| lab_binary("tunnelmesh-demo", &args[1..])),
@@ -59,7 +67,7 @@ fn main() -> ExitCode {
             .and_then(|_| lab_binary("tunnelmesh-bench", &args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  setup        install pinned toolchains, bpf-linker and test packages (idempotent)\n  build-ebpf   build the kernel programs into target/bpf/tunnelmesh.bpf.o\n  modules [SRC_DIR...]\n               check that the module graphs have no cycles (part of test)\n  test         run every test (fmt, clippy, unit, interop, BPF and network-namespace tests)\n  demo         two peers in network namespaces: ping and a TCP transfer through the tunnel\n  bench [tunnel|crypto|coordinator|shield|paths]\n               tunnel: against raw veth, wireguard-go, boringtun-cli; crypto: AEAD candidates;\n               coordinator: 10,000 peers;\n               shield: a junk flood with and without the XDP shield; paths: UDP vs SSH vs relay\n               (tables + JSON)"
+                "usage: cargo xtask <task>\n\n  setup        install pinned toolchains, bpf-linker and test packages (idempotent)\n  build-ebpf   build the kernel programs into target/bpf/tunnelmesh.bpf.o\n  modules [SRC_DIR...]\n               check that the module graphs have no cycles (part of test)\n  test         run every test (fmt, clippy, unit, interop, BPF and network-namespace tests,\n               then every fuzz target briefly from its corpus)\n  fuzz [TARGET] [--seconds N]\n               run one fuzz target (default: all) from its corpus for N seconds each (default 60)\n  demo         two peers in network namespaces: ping and a TCP transfer through the tunnel\n  bench [tunnel|crypto|coordinator|shield|paths]\n               tunnel: against raw veth, wireguard-go, boringtun-cli; crypto: AEAD candidates;\n               coordinator: 10,000 peers;\n               shield: a junk flood with and without the XDP shield; paths: UDP vs SSH vs relay\n               (tables + JSON)"
             );
             return ExitCode::from(2);
         }
@@ -133,7 +141,23 @@ fn setup() -> Result {
     ensure_toolchain(STABLE, &["clippy", "rustfmt"])?;
     ensure_toolchain(NIGHTLY, &["rust-src"])?;
     ensure_bpf_linker()?;
+    ensure_cargo_fuzz()?;
     ensure_apt_packages()
+}
+
+/// Where cargo-fuzz is installed (its own root, so the version is the one pinned here).
+fn cargo_fuzz_root() -> PathBuf {
+    cargo_home().join("tunnelmesh").join(format!("cargo-fuzz-{CARGO_FUZZ}"))
+}
+
+fn ensure_cargo_fuzz() -> Result {
+    let root = cargo_fuzz_root();
+    if root.join("bin/cargo-fuzz").exists() {
+        return Ok(());
+    }
+    run(cargo(STABLE)
+        .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ, "--locked", "--root"])
+        .arg(&root))
 }
 
 fn ensure_toolchain(name: &str, components: &[&str]) -> Result {
@@ -317,7 +341,11 @@ fn check_modules() -> Result {
 fn test(extra: &[String]) -> Result {
     run(cargo(STABLE).args(["fmt", "--all", "--", "--check"]))?;
     // The kernel programs and xtask are workspaces of their own: check them with the same rustfmt.
-    for (dir, crate_root) in [("tunnelmesh-ebpf", "src/main.rs"), ("xtask", "src/main.rs")] {
+    for (dir, crate_root) in [
+        ("tunnelmesh-ebpf", "src/main.rs"),
+        ("xtask", "src/main.rs"),
+        ("tunnelmesh-daemon/fuzz", "fuzz_targets/wire.rs"),
+    ] {
         let mut rustfmt = Command::new("rustfmt");
         rustfmt
             .args([&format!("+{STABLE}"), "--edition", "2024", "--check", crate_root])
@@ -372,6 +400,122 @@ fn test(extra: &[String]) -> Result {
     }
     if passed == 0 {
         return Err("cargo test ran no test".into());
+    }
+    fuzz(None, CI_FUZZ_SECONDS)
+}
+
+// ---------------------------------------------------------------------------------------- fuzz
+
+fn parse_fuzz_args(args: &[String]) -> Result<(Option<String>, u32)> {
+    let (mut target, mut seconds) = (None, 60);
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                let value = it.next().ok_or("--seconds needs a number of seconds")?;
+                seconds = value
+                    .parse()
+                    .map_err(|_| format!("--seconds {value}: not a whole number of seconds"))?;
+            }
+            other if other.starts_with('-') => return Err(format!("fuzz: unknown option {other}")),
+            other if target.is_none() => target = Some(other.to_string()),
+            other => return Err(format!("fuzz: one target at a time (got {other} too)")),
+        }
+    }
+    Ok((target, seconds))
+}
+
+/// The fuzz targets: the `[[bin]]` names of the fuzz crate.
+fn fuzz_targets() -> Result<Vec<String>> {
+    let manifest = root().join("tunnelmesh-daemon/fuzz/Cargo.toml");
+    let text = fs::read_to_string(&manifest).map_err(|e| format!("cannot read {}: {e}", manifest.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("name = \"")?.strip_suffix('"'))
+        .filter(|n| *n != "tunnelmesh-fuzz")
+        .map(str::to_string)
+        .collect())
+}
+
+fn cargo_fuzz() -> Result<Command> {
+    let path = env::join_paths(
+        std::iter::once(cargo_fuzz_root().join("bin"))
+            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut c = cargo(NIGHTLY);
+    c.current_dir(root().join("tunnelmesh-daemon")).env("PATH", path);
+    Ok(c)
+}
+
+/// Build every target (libFuzzer, AddressSanitizer, debug assertions on), then run `only` or
+/// each for `seconds` from its committed corpus. New inputs go to `target/fuzz/corpus/TARGET`
+/// (the committed corpus is only read); a crash stops with its reproducer's path.
+fn fuzz(only: Option<&str>, seconds: u32) -> Result {
+    let targets = fuzz_targets()?;
+    let chosen: Vec<&String> = match only {
+        Some(t) => vec![
+            targets
+                .iter()
+                .find(|n| *n == t)
+                .ok_or(format!("no fuzz target {t}; the targets are: {}", targets.join(", ")))?,
+        ],
+        None => targets.iter().collect(),
+    };
+    run(cargo_fuzz()?.args(["fuzz", "build", "-O", "--fuzz-dir", "fuzz"]))?;
+    let work = root().join("target/fuzz");
+    let mut rows = Vec::new();
+    for target in chosen {
+        let seeds = root().join("tunnelmesh-daemon/fuzz/corpus").join(target);
+        let grown = work.join("corpus").join(target);
+        let artifacts = work.join("artifacts").join(target);
+        for dir in [&grown, &artifacts] {
+            fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let mut cmd = cargo_fuzz()?;
+        cmd.args(["fuzz", "run", "-O", "--fuzz-dir", "fuzz", target])
+            .arg(&grown)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .arg("-print_final_stats=1")
+            .stderr(Stdio::piped());
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        let out = cmd.output().map_err(|e| format!("cannot start cargo fuzz: {e}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let done = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("DONE") || l.contains("cov:"))
+            .unwrap_or("");
+        let field = |name: &str| {
+            done.split_whitespace()
+                .skip_while(|w| *w != name)
+                .nth(1)
+                .unwrap_or("?")
+                .to_string()
+        };
+        let execs = log
+            .lines()
+            .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
+            .map_or("?".to_string(), |v| v.trim().to_string());
+        if !out.status.success() {
+            eprintln!("{log}");
+            return Err(format!(
+                "fuzz target {target} failed ({}); its reproducer is in {}: fix the bug, then keep the input in tunnelmesh-daemon/fuzz/regressions/{target}/",
+                out.status,
+                artifacts.display()
+            ));
+        }
+        rows.push((target.clone(), execs, field("cov:"), field("ft:"), field("corp:")));
+    }
+    println!(
+        "\nfuzz: {seconds} s per target\n{:<22} {:>12} {:>8} {:>8} {:>14}",
+        "target", "executions", "cov", "ft", "corpus"
+    );
+    for (target, execs, cov, ft, corp) in rows {
+        println!("{target:<22} {execs:>12} {cov:>8} {ft:>8} {corp:>14}");
     }
     Ok(())
 }

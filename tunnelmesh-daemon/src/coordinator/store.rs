@@ -139,7 +139,7 @@ impl SqliteStore {
     }
 
     /// An in-memory store.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn in_memory() -> Result<Self, StoreError> {
         let conn = Connection::open_in_memory()?;
         for migration in MIGRATIONS {
@@ -150,7 +150,7 @@ impl SqliteStore {
 
     /// An in-memory store as the hub and API tests start from: a mesh key and the token `token`
     /// (10,000 uses, 10 minutes, tag `t`).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn for_tests(token: &str) -> Self {
         let store = Self::in_memory().unwrap();
         store

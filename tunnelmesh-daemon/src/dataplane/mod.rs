@@ -6,7 +6,7 @@
 //! lock, no channel on that path: keys, endpoints and the index table are read through `ArcSwap`
 //! snapshots. Handshake messages and "need a session" go to the slow path.
 
-mod receive;
+pub(crate) mod receive;
 mod send;
 mod worker;
 

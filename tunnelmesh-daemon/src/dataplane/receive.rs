@@ -14,7 +14,7 @@ use crate::{
 /// Open one data message; the length of its inner packet if that may be delivered (its source
 /// belongs to the sender and the policy lets it in).
 #[inline]
-pub(super) fn open_inbound(
+pub(crate) fn open_inbound(
     dev: &Device,
     worker: usize,
     table: &PeerTable,

@@ -129,24 +129,23 @@ impl IndexMirror for SharedShield {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    //! The shield run on crafted frames through BPF_PROG_TEST_RUN. Needs root (CAP_BPF); under
-    //! CI these tests fail rather than skip when the kernel refuses.
-    use super::*;
-    use aya::programs::{TestRun, TestRunOptions};
-    use tunnelmesh_common::wire;
+/// The shield run on frames through BPF_PROG_TEST_RUN (root, CAP_BPF), for the tests and the
+/// differential fuzz target that holds it against the userspace classifier.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testing {
+    use aya::{
+        Ebpf,
+        programs::{TestRun, TestRunOptions},
+    };
 
-    const PORT: u16 = 51820;
+    use super::shield_program;
+
     /// `enum xdp_action` values.
-    const XDP_DROP: u32 = 1;
-    const XDP_PASS: u32 = 2;
+    pub const XDP_DROP: u32 = 1;
+    pub const XDP_PASS: u32 = 2;
 
-    fn frame_v4(dst_port: u16, payload: &[u8]) -> Vec<u8> {
-        frame_v4_from([198, 18, 0, 1], dst_port, payload)
-    }
-
-    fn frame_v4_from(src: [u8; 4], dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    /// A UDP/IPv4 frame from `src` to port `dst_port` carrying `payload`.
+    pub fn frame_v4_from(src: [u8; 4], dst_port: u16, payload: &[u8]) -> Vec<u8> {
         let mut f = vec![0u8; 14];
         f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
         let total = 20 + 8 + payload.len();
@@ -166,11 +165,8 @@ mod tests {
         f
     }
 
-    fn frame_v6(dst_port: u16, payload: &[u8]) -> Vec<u8> {
-        frame_v6_from([0; 16], dst_port, payload)
-    }
-
-    fn frame_v6_from(src: [u8; 16], dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    /// A UDP/IPv6 frame from `src` to port `dst_port` carrying `payload`.
+    pub fn frame_v6_from(src: [u8; 16], dst_port: u16, payload: &[u8]) -> Vec<u8> {
         let mut f = vec![0u8; 14];
         f[12..14].copy_from_slice(&0x86DDu16.to_be_bytes());
         let mut ip = [0u8; 40];
@@ -186,6 +182,39 @@ mod tests {
         f.extend_from_slice(&[0, 0]);
         f.extend_from_slice(payload);
         f
+    }
+
+    /// The shield's action on `frame`.
+    pub fn run(ebpf: &mut Ebpf, frame: &[u8]) -> u32 {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        shield_program(ebpf)
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN must work (run as root)")
+            .return_value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The shield run on crafted frames through BPF_PROG_TEST_RUN. Needs root (CAP_BPF); under
+    //! CI these tests fail rather than skip when the kernel refuses.
+    use super::testing::*;
+    use super::*;
+    use tunnelmesh_common::wire;
+
+    const PORT: u16 = 51820;
+
+    fn frame_v4(dst_port: u16, payload: &[u8]) -> Vec<u8> {
+        frame_v4_from([198, 18, 0, 1], dst_port, payload)
+    }
+
+    fn frame_v6(dst_port: u16, payload: &[u8]) -> Vec<u8> {
+        frame_v6_from([0; 16], dst_port, payload)
     }
 
     fn message(msg_type: u8, len: usize) -> Vec<u8> {
@@ -278,19 +307,6 @@ mod tests {
             tunnelmesh_common::shield::budget_address(std::net::Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped().octets()),
             std::net::Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped().octets()
         );
-    }
-
-    fn run(ebpf: &mut Ebpf, frame: &[u8]) -> u32 {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        shield_program(ebpf)
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN must work (run as root)")
-            .return_value
     }
 
     #[test]

@@ -53,7 +53,7 @@ const NLMSG_HDR: usize = 16;
 const RTMSG_LEN: usize = 12;
 
 /// Whether a batch of route-netlink notifications is about an interface other than `mesh`.
-fn concerns_other_interfaces(mut batch: &[u8], mesh: u32) -> bool {
+pub(crate) fn concerns_other_interfaces(mut batch: &[u8], mesh: u32) -> bool {
     let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|v| u16::from_ne_bytes([v[0], v[1]]));
     let u32_at = |b: &[u8], i: usize| b.get(i..i + 4).map(|v| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]));
     while let (Some(len), Some(kind)) = (u32_at(batch, 0), u16_at(batch, 4)) {

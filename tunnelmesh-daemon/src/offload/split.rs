@@ -141,10 +141,11 @@ fn finish_checksum(packet: &mut [u8], hdr: VnetHeader) -> Result<(), OffloadErro
     Ok(())
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// Packets as the kernel hands them over, for the tests and the fuzz targets.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod testing {
     use super::*;
-    use crate::offload::{F_NEEDS_CSUM, checksum::transport_valid};
+    use crate::offload::F_NEEDS_CSUM;
 
     /// A TCP/IP packet: `v6`, IPv4 options (`ip_opts` bytes), TCP options, flags, payload.
     pub(crate) fn tcp_packet(
@@ -217,6 +218,13 @@ pub(crate) mod tests {
     pub(crate) fn payload(n: usize, salt: u8) -> Vec<u8> {
         (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt)).collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::offload::{F_NEEDS_CSUM, checksum::transport_valid};
 
     fn split_all(hdr: VnetHeader, mut p: Vec<u8>, mtu: usize) -> Result<Vec<Vec<u8>>, OffloadError> {
         let segs = Segments::new(hdr, &mut p, mtu)?;

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::{
     device::{Counters, Device, Peer, Via},
     identity::PublicIdentity,
+    protocol::framing::Deframer,
 };
 
 /// User name the client logs in as (the key is what counts).
@@ -66,11 +67,16 @@ where
     info!(peer = %peer.name, "SSH transport up");
     let (mut reader, writer) = tokio::io::split(channel.into_stream());
     let reading = async {
-        let mut buf = vec![0u8; u16::MAX as usize];
+        let mut frames = Deframer::default();
         loop {
-            let len = reader.read_u16().await? as usize;
-            reader.read_exact(&mut buf[..len]).await?;
-            dev.deliver_overlay(Via::Ssh(key), &buf[..len]);
+            let n = reader.read(frames.spare()).await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+            frames.filled(n);
+            while let Some(msg) = frames.next_message() {
+                dev.deliver_overlay(Via::Ssh(key), msg);
+            }
         }
         #[allow(unreachable_code)]
         Ok::<(), std::io::Error>(())

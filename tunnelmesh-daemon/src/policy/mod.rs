@@ -11,7 +11,7 @@
 
 #![forbid(unsafe_code)]
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod cases;
 pub mod compile;
 pub mod conntrack;

@@ -13,10 +13,12 @@
 //! - [`path`]: choosing the path to each peer (UDP, SSH, relay) and when to probe.
 //! - [`punch`]: planning hole punches (targets, rounds, backoff).
 //! - [`probe`]: the path probe carried inside a data message.
+//! - [`framing`]: wire messages over a byte stream (the SSH transport).
 
 #![forbid(unsafe_code)]
 
 pub mod discovery;
+pub mod framing;
 pub mod ip;
 pub mod noise;
 pub mod path;

@@ -31,6 +31,8 @@ mod paths;
 mod ping;
 mod punch;
 mod send;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testbed;
 #[cfg(test)]
 mod tests;
 pub mod thread;

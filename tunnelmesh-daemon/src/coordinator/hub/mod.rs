@@ -234,6 +234,14 @@ impl Hub {
         }
     }
 
+    /// The operator revokes `fingerprint` (in the store) and the hub notices, for the fuzz
+    /// targets (the store is the hub's own).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn revoke_now(&mut self, fingerprint: &str) -> Result<(), StoreError> {
+        self.store.revoke(fingerprint)?;
+        self.reconcile()
+    }
+
     /// Pick up changes made by the CLI (revocations, mesh-key rotation) and the end of a
     /// mesh-key overlap, and push them.
     pub fn reconcile(&mut self) -> Result<(), StoreError> {

@@ -324,5 +324,79 @@ pub fn flow_addr(addr: [u8; 16]) -> IpAddr {
     v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
 }
 
+/// The programs run on a packet through BPF_PROG_TEST_RUN (root, CAP_BPF), for the tests and
+/// the differential fuzz target that holds them against the userspace matcher.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testing {
+    use aya::programs::{TestRun, TestRunOptions};
+
+    use super::{ACL_INGRESS_PROGRAM, AclReason, KernelAcl, StdHashMap, classifier};
+    use crate::policy::Verdict;
+
+    pub const TC_ACT_OK: u32 = 0;
+    pub const TC_ACT_SHOT: u32 = 2;
+    /// Offset of `gso_segs` in the uapi `struct __sk_buff` (192 bytes), the context a test run
+    /// may set for a TC program.
+    const SKB_GSO_SEGS: usize = 164;
+    const SKB_SIZE: usize = 192;
+
+    /// `packet` behind an Ethernet header (BPF_PROG_TEST_RUN feeds TC programs L2 frames).
+    fn frame(packet: &[u8]) -> Vec<u8> {
+        let ether_type: u16 = if packet.first().map(|b| b >> 4) == Some(6) {
+            0x86DD
+        } else {
+            0x0800
+        };
+        [&[0u8; 12][..], &ether_type.to_be_bytes(), packet].concat()
+    }
+
+    impl KernelAcl {
+        /// Run `program` on `packet`, as a GSO super-packet of `segments` segments (0: none).
+        pub fn test_run(&mut self, program: &str, packet: &[u8], segments: u32) -> u32 {
+            let frame = frame(packet);
+            let mut out = vec![0u8; frame.len() + 256];
+            let mut ctx = [0u8; SKB_SIZE];
+            ctx[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&segments.to_ne_bytes());
+            let opts = TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ctx_in: (segments > 0).then_some(&ctx[..]),
+                ..Default::default()
+            };
+            classifier(&mut self.ebpf, program)
+                .test_run(opts)
+                .expect("BPF_PROG_TEST_RUN must work (run as root)")
+                .return_value
+        }
+
+        /// The reason counters, summed over CPUs.
+        pub fn reasons(&self) -> StdHashMap<AclReason, u64> {
+            self.counters().expect("the counters read").into_iter().collect()
+        }
+
+        /// The ingress program's verdict on `packet`, told apart by which counter moved (and,
+        /// for an allowed packet, which rule's hit counter).
+        pub fn ingress_verdict(&mut self, packet: &[u8]) -> Verdict {
+            let before = self.reasons();
+            let hits_before = self.rule_hits().expect("the rule hits read");
+            let action = self.test_run(ACL_INGRESS_PROGRAM, packet, 0);
+            let after = self.reasons();
+            let moved = |r: AclReason| after[&r] - before[&r];
+            match action {
+                TC_ACT_OK if moved(AclReason::Reply) == 1 => Verdict::Reply,
+                TC_ACT_OK if moved(AclReason::Allowed) == 1 => {
+                    let hits = self.rule_hits().expect("the rule hits read");
+                    let slot = (0..hits.len())
+                        .find(|&i| hits[i].1 > hits_before[i].1)
+                        .expect("an allowed packet counts a rule hit");
+                    Verdict::Allow(hits[slot].0)
+                }
+                TC_ACT_SHOT if moved(AclReason::Denied) + moved(AclReason::Malformed) == 1 => Verdict::Deny,
+                other => panic!("action {other} with counters {before:?} → {after:?} on {packet:02x?}"),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

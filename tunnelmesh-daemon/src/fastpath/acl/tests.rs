@@ -2,56 +2,20 @@
 //! BPF_PROG_TEST_RUN; the userspace matcher runs the same table in `policy::matcher`.
 //! Needs root (CAP_BPF); under CI these tests fail rather than skip when the kernel refuses.
 
-use aya::programs::{TestRun, TestRunOptions};
-
 use super::*;
 use crate::policy::{
     CompiledRule, PortRange, Verdict,
     cases::{self, Case},
 };
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-
-/// `packet` behind an Ethernet header (BPF_PROG_TEST_RUN feeds TC programs L2 frames).
-fn frame(packet: &[u8]) -> Vec<u8> {
-    let ether_type: u16 = if packet.first().map(|b| b >> 4) == Some(6) {
-        0x86DD
-    } else {
-        0x0800
-    };
-    [&[0u8; 12][..], &ether_type.to_be_bytes(), packet].concat()
-}
+use super::testing::{TC_ACT_OK, TC_ACT_SHOT};
 
 fn run(acl: &mut KernelAcl, program: &str, packet: &[u8]) -> u32 {
-    run_segments(acl, program, packet, 0)
+    acl.test_run(program, packet, 0)
 }
 
-/// Offset of `gso_segs` in the uapi `struct __sk_buff` (192 bytes), the context a test run
-/// may set for a TC program.
-const SKB_GSO_SEGS: usize = 164;
-const SKB_SIZE: usize = 192;
-
-/// Run `program` on `packet` as a GSO super-packet of `segments` segments (0: none).
 fn run_segments(acl: &mut KernelAcl, program: &str, packet: &[u8], segments: u32) -> u32 {
-    let frame = frame(packet);
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut ctx = [0u8; SKB_SIZE];
-    ctx[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&segments.to_ne_bytes());
-    let opts = TestRunOptions {
-        data_in: Some(&frame),
-        data_out: Some(&mut out),
-        ctx_in: (segments > 0).then_some(&ctx[..]),
-        ..Default::default()
-    };
-    classifier(&mut acl.ebpf, program)
-        .test_run(opts)
-        .expect("BPF_PROG_TEST_RUN must work (run as root)")
-        .return_value
-}
-
-fn counts(acl: &KernelAcl) -> StdHashMap<AclReason, u64> {
-    acl.counters().unwrap().into_iter().collect()
+    acl.test_run(program, packet, segments)
 }
 
 /// Move every flow's last-seen time `secs` into the past.
@@ -89,23 +53,7 @@ fn kernel_verdict(acl: &mut KernelAcl, case: &Case) -> Verdict {
     if !cases::source_belongs_to_sender(case) {
         return Verdict::Deny;
     }
-    let before = counts(acl);
-    let hits_before = acl.rule_hits().unwrap();
-    let action = run(acl, ACL_INGRESS_PROGRAM, &case.inbound);
-    let after = counts(acl);
-    let moved = |r: AclReason| after[&r] - before[&r];
-    match action {
-        TC_ACT_OK if moved(AclReason::Reply) == 1 => Verdict::Reply,
-        TC_ACT_OK if moved(AclReason::Allowed) == 1 => {
-            let hits = acl.rule_hits().unwrap();
-            let slot = (0..hits.len())
-                .find(|&i| hits[i].1 > hits_before[i].1)
-                .expect("an allowed packet counts a rule hit");
-            Verdict::Allow(hits[slot].0)
-        }
-        TC_ACT_SHOT if moved(AclReason::Denied) + moved(AclReason::Malformed) == 1 => Verdict::Deny,
-        other => panic!("{}: action {other} with counters {before:?} → {after:?}", case.name),
-    }
+    acl.ingress_verdict(&case.inbound)
 }
 
 fn web_acl() -> KernelAcl {
@@ -134,12 +82,12 @@ fn super_packets_count_as_their_segments() {
     let mut acl = web_acl();
     let https = https_from_laptop();
     let opened = dns_from_web();
-    let before = counts(&acl);
+    let before = acl.reasons();
     let hits_before: u64 = acl.rule_hits().unwrap().iter().map(|h| h.1).sum();
     assert_eq!(run_segments(&mut acl, ACL_INGRESS_PROGRAM, &https, 5), TC_ACT_OK);
     assert_eq!(run_segments(&mut acl, ACL_EGRESS_PROGRAM, &opened, 3), TC_ACT_OK);
     assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &https), TC_ACT_OK);
-    let after = counts(&acl);
+    let after = acl.reasons();
     let moved = |r: AclReason| after[&r] - before[&r];
     assert_eq!(moved(AclReason::Allowed), 5 + 1);
     assert_eq!(moved(AclReason::Tracked), 3);

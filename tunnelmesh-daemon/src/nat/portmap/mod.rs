@@ -22,8 +22,8 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-mod natpmp;
-mod pcp;
+pub(crate) mod natpmp;
+pub(crate) mod pcp;
 pub(crate) mod upnp;
 
 /// UDP port of PCP servers, and of NAT-PMP (its predecessor) servers.

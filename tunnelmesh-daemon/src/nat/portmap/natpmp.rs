@@ -16,7 +16,7 @@ pub(super) fn map_request(internal: u16, external: u16, lifetime: u32) -> [u8; 1
 }
 
 /// (external port, lifetime) from a NAT-PMP map response to `internal`.
-pub(super) fn parse_map(m: &[u8], internal: u16) -> Result<(u16, u32), MapError> {
+pub(crate) fn parse_map(m: &[u8], internal: u16) -> Result<(u16, u32), MapError> {
     if m.len() < 16 || m[0] != 0 || m[1] != 129 {
         return Err(MapError::Unexpected(Protocol::NatPmp, "not a map response"));
     }
@@ -34,7 +34,7 @@ pub(super) fn parse_map(m: &[u8], internal: u16) -> Result<(u16, u32), MapError>
 }
 
 /// The external address from a NAT-PMP opcode-0 response.
-pub(super) fn parse_address(m: &[u8]) -> Result<Ipv4Addr, MapError> {
+pub(crate) fn parse_address(m: &[u8]) -> Result<Ipv4Addr, MapError> {
     if m.len() < 12 || m[0] != 0 || m[1] != 128 {
         return Err(MapError::Unexpected(Protocol::NatPmp, "not an address response"));
     }

@@ -20,7 +20,7 @@ pub(super) fn map_request(client: Ipv4Addr, nonce: [u8; 12], internal: u16, exte
 }
 
 /// (external address, lifetime) from a PCP MAP response to our `nonce`.
-pub(super) fn parse_map(m: &[u8], nonce: &[u8; 12]) -> Result<(SocketAddr, u32), MapError> {
+pub(crate) fn parse_map(m: &[u8], nonce: &[u8; 12]) -> Result<(SocketAddr, u32), MapError> {
     if m.len() < 60 || m[0] != 2 || m[1] != 0x81 {
         return Err(MapError::Unexpected(Protocol::Pcp, "not a MAP response"));
     }

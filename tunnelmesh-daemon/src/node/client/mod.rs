@@ -9,7 +9,7 @@
 mod follow;
 mod join;
 pub(crate) mod pinning;
-mod state;
+pub(crate) mod state;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 

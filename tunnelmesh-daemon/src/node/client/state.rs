@@ -34,7 +34,7 @@ pub struct MeshState {
 }
 
 impl MeshState {
-    pub(super) fn apply(&mut self, msg: ServerMsg) -> Result<bool> {
+    pub(crate) fn apply(&mut self, msg: ServerMsg) -> Result<bool> {
         match msg {
             ServerMsg::PeerUpsert { peer } => {
                 self.peers.insert(peer.fingerprint.clone(), peer);
@@ -54,7 +54,7 @@ impl MeshState {
         Ok(true)
     }
 
-    pub(super) fn mesh_keys(&self) -> Result<Vec<MeshKey>> {
+    pub(crate) fn mesh_keys(&self) -> Result<Vec<MeshKey>> {
         self.mesh
             .mesh_keys
             .iter()
@@ -70,7 +70,7 @@ impl MeshState {
             .collect()
     }
 
-    pub(super) fn peer_specs(&self) -> Vec<PeerSpec> {
+    pub(crate) fn peer_specs(&self) -> Vec<PeerSpec> {
         self.peers
             .values()
             .filter_map(|p| {
@@ -101,7 +101,7 @@ impl MeshState {
             .collect()
     }
 
-    pub(super) fn addresses(&self) -> Result<Vec<IpNet>> {
+    pub(crate) fn addresses(&self) -> Result<Vec<IpNet>> {
         let v4_len = self.mesh.ipv4_prefix.parse::<IpNet>()?.prefix_len();
         let v6_len = self.mesh.ipv6_prefix.parse::<IpNet>()?.prefix_len();
         Ok(vec![
@@ -134,7 +134,7 @@ impl MeshState {
 }
 
 /// The `ip:port` entries of a peer's endpoint list.
-pub(super) fn udp_endpoints(endpoints: &[String]) -> Vec<SocketAddr> {
+pub(crate) fn udp_endpoints(endpoints: &[String]) -> Vec<SocketAddr> {
     endpoints.iter().filter_map(|e| e.parse::<SocketAddr>().ok()).collect()
 }
 

@@ -268,8 +268,31 @@ fn rewrite_head(head: &mut [u8], l: &Layout, payload: usize, psh: bool) {
     head[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
 }
 
+/// Lay `packets` out in one buffer (slots of 2,000 bytes), push them all, flush: what the
+/// TUN device is written (for tests and fuzzing).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn coalesce(packets: &[Vec<u8>]) -> Vec<(VnetHeader, Vec<u8>)> {
+    let mut buf = vec![0u8; packets.len() * 2000];
+    let mut c = Coalescer::new(64, true);
+    for (i, p) in packets.iter().enumerate() {
+        buf[i * 2000..i * 2000 + p.len()].copy_from_slice(p);
+    }
+    for (i, p) in packets.iter().enumerate() {
+        c.push(
+            &buf,
+            Span {
+                start: i * 2000,
+                len: p.len(),
+            },
+        );
+    }
+    let mut out = Vec::new();
+    c.flush(&mut buf, |iov| out.push(concat(iov)));
+    out
+}
+
 /// The bytes one `writev` of `iov` puts on the TUN device (for tests and fuzzing).
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn concat(iov: &[IoSlice<'_>]) -> (VnetHeader, Vec<u8>) {
     let all: Vec<u8> = iov.iter().flat_map(|s| s.iter().copied()).collect();
     (VnetHeader::parse(&all).unwrap(), all[super::VNET_HDR_LEN..].to_vec())

@@ -5,30 +5,9 @@ use crate::offload::{
     GSO_NONE,
     split::{
         Segments,
-        tests::{as_super, payload, tcp_packet},
+        testing::{as_super, payload, tcp_packet},
     },
 };
-
-/// Lay `packets` out in one buffer (slots of 2,000 bytes), push them all, flush.
-fn coalesce(packets: &[Vec<u8>]) -> Vec<(VnetHeader, Vec<u8>)> {
-    let mut buf = vec![0u8; packets.len() * 2000];
-    let mut c = Coalescer::new(64, true);
-    for (i, p) in packets.iter().enumerate() {
-        buf[i * 2000..i * 2000 + p.len()].copy_from_slice(p);
-    }
-    for (i, p) in packets.iter().enumerate() {
-        c.push(
-            &buf,
-            Span {
-                start: i * 2000,
-                len: p.len(),
-            },
-        );
-    }
-    let mut out = Vec::new();
-    c.flush(&mut buf, |iov| out.push(concat(iov)));
-    out
-}
 
 fn segs(v6: bool, seq: u32, sizes: &[usize], last_flags: u8) -> Vec<Vec<u8>> {
     let mut seq = seq;
