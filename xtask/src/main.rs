@@ -375,6 +375,7 @@ fn test(extra: &[String]) -> Result {
         .args(["--", "--test-threads=1"])
         .env("TUNNELMESH_BIN", &bin)
         .stdout(Stdio::piped());
+    loopback_direct(&mut cmd);
     eprintln!("xtask: running {cmd:?}");
     let mut child = cmd.spawn().map_err(|e| format!("cannot start cargo test: {e}"))?;
     // Echo the output and add up every test binary's "test result:" line.
@@ -405,6 +406,13 @@ fn test(extra: &[String]) -> Result {
 }
 
 // ---------------------------------------------------------------------------------------- fuzz
+
+/// Loopback HTTP (the UPnP fuzz target's fake gateway) never goes through a proxy the
+/// environment may name.
+fn loopback_direct(cmd: &mut Command) {
+    cmd.env("no_proxy", "127.0.0.1,localhost")
+        .env("NO_PROXY", "127.0.0.1,localhost");
+}
 
 fn parse_fuzz_args(args: &[String]) -> Result<(Option<String>, u32)> {
     let (mut target, mut seconds) = (None, 60);
@@ -445,6 +453,7 @@ fn cargo_fuzz() -> Result<Command> {
     .map_err(|e| e.to_string())?;
     let mut c = cargo(NIGHTLY);
     c.current_dir(root().join("tunnelmesh-daemon")).env("PATH", path);
+    loopback_direct(&mut c);
     Ok(c)
 }
 

@@ -96,15 +96,30 @@ enum FromPeer {
     Revoke { who: u8 },
 }
 
-fn hello_of(id: &Identity, signed: bool, token: Option<String>) -> ClientMsg {
-    let transcript = join_transcript(NONCE, COORDINATOR, CERTIFICATE);
+/// Each fixed identity's signature of this coordinator's transcript, and of another's
+/// (computed once: signing is most of a fresh hub's cost).
+fn signatures() -> &'static [(String, String)] {
+    static SIGS: OnceLock<Vec<(String, String)>> = OnceLock::new();
+    SIGS.get_or_init(|| {
+        let transcript = join_transcript(NONCE, COORDINATOR, CERTIFICATE);
+        identities()
+            .iter()
+            .map(|id| {
+                (
+                    id.sign(JOIN_NAMESPACE, &transcript),
+                    id.sign(JOIN_NAMESPACE, b"another coordinator's transcript"),
+                )
+            })
+            .collect()
+    })
+}
+
+fn hello_of(who: usize, signed: bool, token: Option<String>) -> ClientMsg {
+    let id = &identities()[who];
+    let (right, wrong) = &signatures()[who];
     ClientMsg::Hello {
         ssh_key: id.public().ssh_line_with_comment(),
-        signature: if signed {
-            id.sign(JOIN_NAMESPACE, &transcript)
-        } else {
-            id.sign(JOIN_NAMESPACE, b"another coordinator's transcript")
-        },
+        signature: if signed { right.clone() } else { wrong.clone() },
         token,
         name: None,
         listen_port: 51820,
@@ -128,9 +143,8 @@ pub fn coordinator(data: &[u8]) {
     let relay = Relay::new(64 * 1024);
     let ids = identities();
     let remote: IpAddr = "198.18.0.9".parse().expect("an address");
-    let mut connected: Vec<Admitted> = ids[..2]
-        .iter()
-        .map(|id| hub.admit(hello_of(id, true, Some(TOKEN.into())), NONCE, remote).expect("admitted"))
+    let mut connected: Vec<Admitted> = (0..2)
+        .map(|who| hub.admit(hello_of(who, true, Some(TOKEN.into())), NONCE, remote).expect("admitted"))
         .collect();
     let mut budgets: Vec<Budget> = (0..ids.len()).map(|_| Budget::new(relay.rate)).collect();
     let _routes: Vec<_> = ids.iter().map(|id| relay.register(*id.public().noise_public(), 0)).collect();
@@ -150,9 +164,9 @@ pub fn coordinator(data: &[u8]) {
                         ssh_port,
                         nat: n,
                     } => {
-                        let id = &ids[usize::from(who) % ids.len()];
                         let token = token.unwrap_or(Some(TOKEN.into()));
-                        let ClientMsg::Hello { ssh_key, signature, .. } = hello_of(id, signed, None) else {
+                        let ClientMsg::Hello { ssh_key, signature, .. } = hello_of(usize::from(who) % ids.len(), signed, None)
+                        else {
                             unreachable!("hello_of makes hellos")
                         };
                         ClientMsg::Hello {

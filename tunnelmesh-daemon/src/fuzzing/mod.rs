@@ -22,7 +22,7 @@ mod files;
 mod noise;
 pub mod seeds;
 
-pub use bytes::{netlink, portmap, ssh_framing, stun, wire};
+pub use bytes::{netlink, portmap, ssh_framing, stun, upnp, wire};
 pub use control::{coordinator, node};
 pub use enforcers::{acl_vs_matcher, inner_ip, offload, shield_vs_classifier};
 pub use files::{authorized_keys, config, policy};
@@ -36,6 +36,7 @@ pub const TARGETS: &[(&str, Entry)] = &[
     ("wire", wire),
     ("stun", stun),
     ("portmap", portmap),
+    ("upnp", upnp),
     ("netlink", netlink),
     ("ssh_framing", ssh_framing),
     ("handshake", handshake),

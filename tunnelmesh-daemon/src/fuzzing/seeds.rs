@@ -106,6 +106,21 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     add("portmap", "natpmp-map", [&nonce[..], &natpmp].concat());
     add("portmap", "natpmp-address", [&nonce[..], &[0, 128, 0, 0, 0, 0, 0, 1, 198, 18, 0, 7]].concat());
 
+    let soap = |name: &str, inner: &str| {
+        format!(
+            "<?xml version=\"1.0\"?><s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Body>\
+             <u:{name} xmlns:u=\"urn:schemas-upnp-org:service:WANIPConnection:1\">{inner}</u:{name}></s:Body></s:Envelope>"
+        )
+    };
+    let added = soap("AddPortMappingResponse", "");
+    let external = soap(
+        "GetExternalIPAddressResponse",
+        "<NewExternalIPAddress>198.18.0.7</NewExternalIPAddress>",
+    );
+    let cut = added.len().div_ceil(8);
+    let padded = format!("{added:<width$}", width = cut * 8);
+    add("upnp", "add-then-address", [&[cut as u8][..], padded.as_bytes(), external.as_bytes()].concat());
+
     let addr_on = |index: u32| nlmsg(20, &[&[2, 24, 0, 0][..], &index.to_ne_bytes()].concat());
     let mut route = vec![2, 32, 0, 0, 254, 4, 0, 1, 0, 0, 0, 0];
     route.extend_from_slice(&8u16.to_ne_bytes());

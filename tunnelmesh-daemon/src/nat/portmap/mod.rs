@@ -34,7 +34,7 @@ const WAIT: Duration = Duration::from_millis(300);
 const RETRY: Duration = Duration::from_secs(60);
 /// Default lifetime asked for.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
-const DESCRIPTION: &str = "tunnelmesh";
+pub(crate) const DESCRIPTION: &str = "tunnelmesh";
 
 /// Which protocol to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +151,26 @@ pub enum MapError {
     Every(Vec<(Protocol, MapError)>),
 }
 
+/// A gateway's word for our external address is published to every peer as a candidate: refuse
+/// one nobody outside could send to (a broken or hostile gateway saying loopback, link-local,
+/// multicast, broadcast or unspecified — NAT-PMP's 0.0.0.0 means "no external address yet").
+pub(crate) fn reachable_from_outside(protocol: Protocol, ip: IpAddr) -> Result<(), MapError> {
+    let unreachable = ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || match ip {
+            IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+    if unreachable {
+        return Err(MapError::Unexpected(
+            protocol,
+            "the gateway reported an external address nobody outside can reach",
+        ));
+    }
+    Ok(())
+}
+
 /// Keeps one mapping of our tunnel port alive.
 pub struct PortMapper {
     mode: Mode,
@@ -213,6 +233,7 @@ impl PortMapper {
                 );
                 let answer = ask_5351(gateway, &pcp::map_request(local, nonce, self.port, suggested, lifetime))?;
                 let (external, lifetime_secs) = pcp::parse_map(&answer, &nonce)?;
+                reachable_from_outside(protocol, external.ip())?;
                 Ok(Mapping {
                     protocol,
                     external,
@@ -223,6 +244,7 @@ impl PortMapper {
             }
             Protocol::NatPmp => {
                 let address = natpmp::parse_address(&ask_5351(gateway, &[0, 0])?)?;
+                reachable_from_outside(protocol, address.into())?;
                 let answer = ask_5351(gateway, &natpmp::map_request(self.port, suggested, lifetime))?;
                 let (port, lifetime_secs) = natpmp::parse_map(&answer, self.port)?;
                 Ok(Mapping {
@@ -238,19 +260,10 @@ impl PortMapper {
                     self.igd = Some(upnp::find_gateway()?);
                 }
                 let igd = self.igd.as_ref().expect("just found");
-                let internal = SocketAddr::V4(SocketAddrV4::new(local, self.port));
-                igd.add_port(
-                    igd_next::PortMappingProtocol::UDP,
-                    suggested,
-                    internal,
-                    lifetime,
-                    DESCRIPTION,
-                )
-                .map_err(|e| MapError::Upnp(e.to_string()))?;
-                let ip = igd.get_external_ip().map_err(|e| MapError::Upnp(e.to_string()))?;
+                let external = upnp::map(igd, SocketAddrV4::new(local, self.port), suggested, lifetime)?;
                 Ok(Mapping {
                     protocol,
-                    external: SocketAddr::new(ip, suggested),
+                    external,
                     lifetime_secs: lifetime,
                     renewals: 0,
                     pcp_nonce: [0; 12],
@@ -388,4 +401,19 @@ mod tests {
                 .contains("auto, pcp, nat-pmp, upnp or off")
         );
     }
+
+    /// A gateway that says our external address is loopback (or link-local, multicast,
+    /// broadcast, unspecified) would have every peer aim at itself: refused, for all three.
+    #[test]
+    fn an_external_address_nobody_outside_can_reach_is_refused() {
+        for bad in ["127.0.0.1", "0.0.0.0", "169.254.1.1", "224.0.0.1", "255.255.255.255", "::1", "fe80::1", "::"] {
+            for p in Protocol::ALL {
+                assert!(reachable_from_outside(p, bad.parse().unwrap()).is_err(), "{bad} via {}", p.name());
+            }
+        }
+        for good in ["198.18.0.7", "203.0.113.9", "2001:db8::7", "100.64.1.1"] {
+            assert!(reachable_from_outside(Protocol::Upnp, good.parse().unwrap()).is_ok(), "{good}");
+        }
+    }
+
 }
