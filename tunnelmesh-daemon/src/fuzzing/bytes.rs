@@ -48,7 +48,11 @@ pub fn wire(data: &[u8]) {
             Kind::CookieReply => Some(wire::COOKIE_REPLY_LEN),
             Kind::Data | Kind::Stun => None,
         };
-        assert!(expected.is_none_or(|len| len == msg.len()), "{kind:?} of {} bytes", msg.len());
+        assert!(
+            expected.is_none_or(|len| len == msg.len()),
+            "{kind:?} of {} bytes",
+            msg.len()
+        );
         // Senders pad data to 16 bytes, but receivers take any length (as WireGuard does).
         assert!(kind != Kind::Data || msg.len() >= wire::DATA_MIN_LEN);
     }
@@ -235,7 +239,9 @@ fn read_request(stream: &mut TcpStream) -> Option<()> {
     loop {
         let n = stream.read(&mut chunk).ok().filter(|&n| n > 0)?;
         buf.extend_from_slice(&chunk[..n]);
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
         let body: usize = head
             .lines()

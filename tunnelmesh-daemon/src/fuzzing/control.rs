@@ -85,15 +85,36 @@ enum Hello {
 
 #[derive(Debug, Arbitrary)]
 enum FromPeer {
-    Hello { hello: Hello, remote: [u8; 4] },
+    Hello {
+        hello: Hello,
+        remote: [u8; 4],
+    },
     /// A control message from connected node `who` on its current connection or a stale one.
-    Candidates { who: u8, stale: bool, endpoints: Vec<Endpoint>, nat: u8 },
-    Punch { who: u8, peer: u8, other: Option<String> },
-    Text { who: u8, text: String },
+    Candidates {
+        who: u8,
+        stale: bool,
+        endpoints: Vec<Endpoint>,
+        nat: u8,
+    },
+    Punch {
+        who: u8,
+        peer: u8,
+        other: Option<String>,
+    },
+    Text {
+        who: u8,
+        text: String,
+    },
     /// A binary relay frame from `who`: a destination key (a member's or not) and the message.
-    Relay { who: u8, to_member: Option<u8>, frame: Vec<u8> },
+    Relay {
+        who: u8,
+        to_member: Option<u8>,
+        frame: Vec<u8>,
+    },
     /// The operator changed the store (revoked a node, say): the hub reconciles.
-    Revoke { who: u8 },
+    Revoke {
+        who: u8,
+    },
 }
 
 /// Each fixed identity's signature of this coordinator's transcript, and of another's
@@ -144,13 +165,23 @@ pub fn coordinator(data: &[u8]) {
     let ids = identities();
     let remote: IpAddr = "198.18.0.9".parse().expect("an address");
     let mut connected: Vec<Admitted> = (0..2)
-        .map(|who| hub.admit(hello_of(who, true, Some(TOKEN.into())), NONCE, remote).expect("admitted"))
+        .map(|who| {
+            hub.admit(hello_of(who, true, Some(TOKEN.into())), NONCE, remote)
+                .expect("admitted")
+        })
         .collect();
     let mut budgets: Vec<Budget> = (0..ids.len()).map(|_| Budget::new(relay.rate)).collect();
-    let _routes: Vec<_> = ids.iter().map(|id| relay.register(*id.public().noise_public(), 0)).collect();
+    let _routes: Vec<_> = ids
+        .iter()
+        .map(|id| relay.register(*id.public().noise_public(), 0))
+        .collect();
     for _ in 0..32 {
         let Ok(step) = FromPeer::arbitrary(&mut u) else { break };
-        let pick = |who: u8, connected: &[Admitted]| connected.get(usize::from(who) % connected.len().max(1)).map(|c| (c.fingerprint.clone(), c.connection));
+        let pick = |who: u8, connected: &[Admitted]| {
+            connected
+                .get(usize::from(who) % connected.len().max(1))
+                .map(|c| (c.fingerprint.clone(), c.connection))
+        };
         match step {
             FromPeer::Hello { hello, remote } => {
                 let msg = match hello {
@@ -165,7 +196,8 @@ pub fn coordinator(data: &[u8]) {
                         nat: n,
                     } => {
                         let token = token.unwrap_or(Some(TOKEN.into()));
-                        let ClientMsg::Hello { ssh_key, signature, .. } = hello_of(usize::from(who) % ids.len(), signed, None)
+                        let ClientMsg::Hello { ssh_key, signature, .. } =
+                            hello_of(usize::from(who) % ids.len(), signed, None)
                         else {
                             unreachable!("hello_of makes hellos")
                         };
@@ -318,17 +350,28 @@ struct Rule {
 #[derive(Debug, Arbitrary)]
 enum FromCoordinator {
     Upsert(Peer),
-    Removed { who: u8 },
+    Removed {
+        who: u8,
+    },
     MeshKeys(Vec<Vec<u8>>),
     MeshKeyText(Vec<String>),
-    Policy { rules: Vec<Rule>, destinations: Vec<([u8; 4], u8)> },
-    Punch { who: u8, endpoints: Vec<Endpoint>, nat: u8 },
+    Policy {
+        rules: Vec<Rule>,
+        destinations: Vec<([u8; 4], u8)>,
+    },
+    Punch {
+        who: u8,
+        endpoints: Vec<Endpoint>,
+        nat: u8,
+    },
     Revoked(String),
     Text(String),
 }
 
 fn net((ip, len): ([u8; 4], u8)) -> ipnet::IpNet {
-    ipnet::Ipv4Net::new(Ipv4Addr::from(ip), len % 33).expect("a length of at most 32").into()
+    ipnet::Ipv4Net::new(Ipv4Addr::from(ip), len % 33)
+        .expect("a length of at most 32")
+        .into()
 }
 
 /// What the coordinator sends a node after its welcome, applied as the node's client applies
@@ -354,11 +397,15 @@ pub fn node(data: &[u8]) {
     };
     let mut table = PeerTable::default();
     for _ in 0..32 {
-        let Ok(step) = FromCoordinator::arbitrary(&mut u) else { break };
+        let Ok(step) = FromCoordinator::arbitrary(&mut u) else {
+            break;
+        };
         let msg = match step {
             FromCoordinator::Upsert(peer) => ServerMsg::PeerUpsert { peer: peer.info() },
             FromCoordinator::Removed { who } => ServerMsg::PeerRemoved {
-                fingerprint: identities()[usize::from(who) % identities().len()].public().fingerprint(),
+                fingerprint: identities()[usize::from(who) % identities().len()]
+                    .public()
+                    .fingerprint(),
             },
             FromCoordinator::MeshKeys(keys) => ServerMsg::MeshKeys {
                 mesh_keys: keys.iter().map(|k| BASE64.encode(k)).collect(),
@@ -372,14 +419,19 @@ pub fn node(data: &[u8]) {
                             id: r.id,
                             sources: r.sources.into_iter().map(net).collect(),
                             proto: [Proto::Any, Proto::Tcp, Proto::Udp, Proto::Icmp][usize::from(r.proto % 4)],
-                            ports: PortRange { low: r.low, high: r.high },
+                            ports: PortRange {
+                                low: r.low,
+                                high: r.high,
+                            },
                         })
                         .collect(),
                     destinations: destinations.into_iter().map(net).collect(),
                 },
             },
             FromCoordinator::Punch { who, endpoints, nat: n } => ServerMsg::Punch {
-                peer: identities()[usize::from(who) % identities().len()].public().fingerprint(),
+                peer: identities()[usize::from(who) % identities().len()]
+                    .public()
+                    .fingerprint(),
                 endpoints: endpoints.iter().map(Endpoint::render).collect(),
                 nat: nat(n),
             },

@@ -150,7 +150,11 @@ pub fn acl_vs_matcher(data: &[u8]) {
     for packet in input.packets.iter().take(32) {
         let bytes = packet.bytes();
         let userspace = decide(&acl.policy, &mut Conntrack::new(16), &bytes, now);
-        let kernel = acl.kernel.ingress_verdict(&bytes);
+        // Now and then the kernel refuses a test run (EINVAL) on a frame it would carry: there
+        // is no kernel verdict to compare then (see the fuzzing note of the security issue).
+        let Some(kernel) = acl.kernel.ingress_verdict(&bytes) else {
+            continue;
+        };
         assert_eq!(
             userspace, kernel,
             "the enforcers disagree on {bytes:02x?} under {:?}",
@@ -199,7 +203,10 @@ pub fn shield_vs_classifier(data: &[u8]) {
     let [reason] = moved[..] else {
         panic!("one datagram moved {moved:?}");
     };
-    if !matches!(reason, ShieldReason::Passed | ShieldReason::Stun | ShieldReason::UnknownIndex) {
+    if !matches!(
+        reason,
+        ShieldReason::Passed | ShieldReason::Stun | ShieldReason::UnknownIndex
+    ) {
         assert_eq!(action, xdp::XDP_DROP, "counted {reason:?} but not dropped");
     }
     let userspace = wire::classify(msg);
@@ -247,7 +254,9 @@ pub fn offload(data: &[u8]) {
         Offload::Raw(bytes) => {
             let Ok(hdr) = VnetHeader::parse(&bytes) else { return };
             let mut packet = bytes[VNET_HDR_LEN..].to_vec();
-            let Ok(segments) = Segments::new(hdr, &mut packet, MTU) else { return };
+            let Ok(segments) = Segments::new(hdr, &mut packet, MTU) else {
+                return;
+            };
             for i in 0..segments.count() {
                 let mut out = vec![0u8; MTU];
                 let n = segments.write(i, &mut out);

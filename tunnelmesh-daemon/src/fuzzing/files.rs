@@ -155,13 +155,18 @@ pub fn policy(data: &[u8]) {
         let compiled = compile_for(&file, &members, &me.name);
         assert_eq!(
             compiled.destinations,
-            me.addresses.iter().map(|a| ipnet::IpNet::from(a.addr())).collect::<Vec<_>>()
+            me.addresses
+                .iter()
+                .map(|a| ipnet::IpNet::from(a.addr()))
+                .collect::<Vec<_>>()
         );
         for rule in &compiled.rules {
             assert!((rule.id as usize) < file.rules.len());
             for source in &rule.sources {
                 assert!(
-                    members.iter().any(|m| m.name != me.name && m.addresses.contains(source)),
+                    members
+                        .iter()
+                        .any(|m| m.name != me.name && m.addresses.contains(source)),
                     "{source} is no other member's"
                 );
             }
@@ -209,7 +214,10 @@ pub fn authorized_keys(data: &[u8]) {
         return;
     };
     let (keys, problems) = parse_authorized_keys(text);
-    let lines = text.lines().filter(|l| !l.trim().is_empty() && !l.trim().starts_with('#')).count();
+    let lines = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.trim().starts_with('#'))
+        .count();
     assert!(keys.len() + problems.len() <= lines);
 }
 

@@ -67,7 +67,11 @@ mod tests {
             for kind in ["corpus", "regressions"] {
                 let dir = fuzz.join(kind).join(name);
                 let Ok(files) = std::fs::read_dir(&dir) else {
-                    assert!(kind != "corpus", "target {name} has no seed corpus in {}", dir.display());
+                    assert!(
+                        kind != "corpus",
+                        "target {name} has no seed corpus in {}",
+                        dir.display()
+                    );
                     continue;
                 };
                 for file in files {

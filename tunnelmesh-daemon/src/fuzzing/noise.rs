@@ -44,8 +44,13 @@ enum Step {
 #[derive(Debug, Arbitrary)]
 enum Damage {
     None,
-    Flip { at: u16, mask: u8 },
-    Truncate { to: u16 },
+    Flip {
+        at: u16,
+        mask: u8,
+    },
+    Truncate {
+        to: u16,
+    },
     /// Delivered twice (a replay).
     Twice,
 }
@@ -196,7 +201,13 @@ enum Inner {
     /// tcp/443 from A's mesh address to B's (the policy allows it).
     Https { v6: bool },
     /// A packet from the shared policy table's builder with fuzzed fields.
-    Built { src: u8, dst: u8, v6: bool, proto: u8, port: u16 },
+    Built {
+        src: u8,
+        dst: u8,
+        v6: bool,
+        proto: u8,
+        port: u16,
+    },
     /// Bytes as they come (a probe, a keepalive, anything).
     Bytes(Vec<u8>),
 }
@@ -216,16 +227,31 @@ pub fn data(input: &[u8]) {
     establish(&mut a, &mut b, t0);
     let key = a.peer(&b).keys.load().current.clone().expect("a session");
     let mut sent: Vec<Vec<u8>> = Vec::new();
-    let delivered_before = b.dev.peers.load().get(a.identity.public().noise_public()).map(|p| p.rx_bytes.load(Ordering::Relaxed));
+    let delivered_before = b
+        .dev
+        .peers
+        .load()
+        .get(a.identity.public().noise_public())
+        .map(|p| p.rx_bytes.load(Ordering::Relaxed));
     for _ in 0..64 {
         let Ok(step) = DataStep::arbitrary(&mut u) else { break };
         let msg = match step {
             DataStep::Packet { inner, damage } => {
                 let plain = match inner {
-                    Inner::Https { v6 } => {
-                        cases::packet(cases::LAPTOP, cases::WEB, v6, cases::L4::Tcp(40000, 443), cases::Frag::None)
-                    }
-                    Inner::Built { src, dst, v6, proto, port } => {
+                    Inner::Https { v6 } => cases::packet(
+                        cases::LAPTOP,
+                        cases::WEB,
+                        v6,
+                        cases::L4::Tcp(40000, 443),
+                        cases::Frag::None,
+                    ),
+                    Inner::Built {
+                        src,
+                        dst,
+                        v6,
+                        proto,
+                        port,
+                    } => {
                         let l4 = match proto % 4 {
                             0 => cases::L4::Tcp(port, port),
                             1 => cases::L4::Udp(port, port),
@@ -239,7 +265,9 @@ pub fn data(input: &[u8]) {
                 let plain = &plain[..plain.len().min(1500)];
                 let mut buf = vec![0u8; sealed_len(plain.len())];
                 buf[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + plain.len()].copy_from_slice(plain);
-                let Ok(len) = key.seal(&mut buf, plain.len(), now) else { continue };
+                let Ok(len) = key.seal(&mut buf, plain.len(), now) else {
+                    continue;
+                };
                 buf.truncate(len);
                 sent.push(buf.clone());
                 match damage {
@@ -271,6 +299,11 @@ pub fn data(input: &[u8]) {
         let _ = arrive(&mut b, a.addr, msg, now);
     }
     // Whatever was delivered was counted on the one peer it came from.
-    let delivered_after = b.dev.peers.load().get(a.identity.public().noise_public()).map(|p| p.rx_bytes.load(Ordering::Relaxed));
+    let delivered_after = b
+        .dev
+        .peers
+        .load()
+        .get(a.identity.public().noise_public())
+        .map(|p| p.rx_bytes.load(Ordering::Relaxed));
     assert!(delivered_after >= delivered_before);
 }

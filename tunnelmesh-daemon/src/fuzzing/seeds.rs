@@ -35,7 +35,8 @@ fn wire_messages() -> Vec<(&'static str, Vec<u8>)> {
     let now = Instant::now();
     let (us, them) = (local(1), local(2));
     let psk = Zeroizing::new([3u8; 32]);
-    let (_, mut initiation) = InitiatorHandshake::start(&them, &psk, &us.public, 7, Tai64n::from_unix(Default::default()));
+    let (_, mut initiation) =
+        InitiatorHandshake::start(&them, &psk, &us.public, 7, Tai64n::from_unix(Default::default()));
     CookieJar::new(&us.public).stamp(&mut initiation, now);
     let received = consume_initiation(&us, &psk, &initiation).expect("our own initiation");
     let (response, _) = received.respond(9);
@@ -82,10 +83,18 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         add("shield_vs_classifier", name, [&[0u8][..], &msg].concat());
     }
     let transaction = [0x5a; 12];
-    add("stun", "request", [&transaction[..], &stun::binding_request(transaction)].concat());
+    add(
+        "stun",
+        "request",
+        [&transaction[..], &stun::binding_request(transaction)].concat(),
+    );
     for seen in ["198.18.0.9:4000", "[2001:db8::9]:4000"] {
         let answer = stun::binding_response(transaction, seen.parse().expect("an address"));
-        add("stun", &format!("response-v{}", if seen.starts_with('[') { 6 } else { 4 }), [&transaction[..], &answer].concat());
+        add(
+            "stun",
+            &format!("response-v{}", if seen.starts_with('[') { 6 } else { 4 }),
+            [&transaction[..], &answer].concat(),
+        );
     }
 
     let nonce = [0x11u8; 12];
@@ -104,7 +113,11 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     natpmp.extend_from_slice(&40000u16.to_be_bytes());
     natpmp.extend_from_slice(&7200u32.to_be_bytes());
     add("portmap", "natpmp-map", [&nonce[..], &natpmp].concat());
-    add("portmap", "natpmp-address", [&nonce[..], &[0, 128, 0, 0, 0, 0, 0, 1, 198, 18, 0, 7]].concat());
+    add(
+        "portmap",
+        "natpmp-address",
+        [&nonce[..], &[0, 128, 0, 0, 0, 0, 0, 1, 198, 18, 0, 7]].concat(),
+    );
 
     let soap = |name: &str, inner: &str| {
         format!(
@@ -119,34 +132,57 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     );
     let cut = added.len().div_ceil(8);
     let padded = format!("{added:<width$}", width = cut * 8);
-    add("upnp", "add-then-address", [&[cut as u8][..], padded.as_bytes(), external.as_bytes()].concat());
+    add(
+        "upnp",
+        "add-then-address",
+        [&[cut as u8][..], padded.as_bytes(), external.as_bytes()].concat(),
+    );
 
     let addr_on = |index: u32| nlmsg(20, &[&[2, 24, 0, 0][..], &index.to_ne_bytes()].concat());
     let mut route = vec![2, 32, 0, 0, 254, 4, 0, 1, 0, 0, 0, 0];
     route.extend_from_slice(&8u16.to_ne_bytes());
     route.extend_from_slice(&4u16.to_ne_bytes());
     route.extend_from_slice(&3u32.to_ne_bytes());
-    add("netlink", "addr-and-route", [&7u32.to_ne_bytes()[..], &addr_on(7), &nlmsg(24, &route)].concat());
+    add(
+        "netlink",
+        "addr-and-route",
+        [&7u32.to_ne_bytes()[..], &addr_on(7), &nlmsg(24, &route)].concat(),
+    );
 
     let mut stream = Vec::new();
     for (_, msg) in wire_messages() {
         framing::frame(&msg, &mut stream).expect("a wire message fits a frame");
     }
-    add("ssh_framing", "wire-messages", [&[3u8, 1, 2, 200][..], &stream].concat());
+    add(
+        "ssh_framing",
+        "wire-messages",
+        [&[3u8, 1, 2, 200][..], &stream].concat(),
+    );
 
     for (i, case) in cases::cases().iter().enumerate() {
         add("inner_ip", &format!("case-{i:02}"), case.inbound.clone());
     }
 
     add("config", "static", STATIC_CONFIG.as_bytes().to_vec());
-    let key = Identity::from_seed([9; 32], "root@web1").public().ssh_line_with_comment();
+    let key = Identity::from_seed([9; 32], "root@web1")
+        .public()
+        .ssh_line_with_comment();
     add(
         "authorized_keys",
         "named-and-tagged",
-        format!("# the operator's list\ntunnelmesh-name=\"web1\",tunnelmesh-tags=\"web,prod\" {key}\n{key}\n").into_bytes(),
+        format!("# the operator's list\ntunnelmesh-name=\"web1\",tunnelmesh-tags=\"web,prod\" {key}\n{key}\n")
+            .into_bytes(),
     );
     // The structure-aware targets start from nothing in particular; libFuzzer grows the rest.
-    for target in ["handshake", "data", "coordinator", "node", "policy", "acl_vs_matcher", "offload"] {
+    for target in [
+        "handshake",
+        "data",
+        "coordinator",
+        "node",
+        "policy",
+        "acl_vs_matcher",
+        "offload",
+    ] {
         add(target, "zeros", vec![0; 64]);
         add(target, "counting", (0..=255u8).collect());
     }

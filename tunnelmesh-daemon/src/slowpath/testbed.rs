@@ -14,9 +14,7 @@ use zeroize::Zeroizing;
 
 use super::{Input, Output, SlowPath};
 use crate::{
-    device::{
-        Clock, Counters, Device, Event, InterfaceInfo, KeySet, Peer, PeerSpec, PeerTable, Via,
-    },
+    device::{Clock, Counters, Device, Event, InterfaceInfo, KeySet, Peer, PeerSpec, PeerTable, Via},
     identity::Identity,
     protocol::{
         discovery::NatKind,
@@ -89,7 +87,13 @@ impl Node {
     }
 
     /// `other` is this node's one peer, and owns `allowed_ips` on the mesh.
-    pub fn knows_routing(&self, other: &Node, nat: NatKind, candidates: Vec<SocketAddr>, allowed_ips: Vec<ipnet::IpNet>) {
+    pub fn knows_routing(
+        &self,
+        other: &Node,
+        nat: NatKind,
+        candidates: Vec<SocketAddr>,
+        allowed_ips: Vec<ipnet::IpNet>,
+    ) {
         let spec = PeerSpec {
             name: other.name.into(),
             identity: other.identity.public().clone(),
@@ -221,4 +225,3 @@ pub fn establish(a: &mut Node, b: &mut Node, t0: Instant) -> u32 {
     confirm_next_key(b, &peer_a, t0);
     a.peer(b).keys.load().current.as_ref().expect("a session").local_index
 }
-

@@ -406,14 +406,29 @@ mod tests {
     /// broadcast, unspecified) would have every peer aim at itself: refused, for all three.
     #[test]
     fn an_external_address_nobody_outside_can_reach_is_refused() {
-        for bad in ["127.0.0.1", "0.0.0.0", "169.254.1.1", "224.0.0.1", "255.255.255.255", "::1", "fe80::1", "::"] {
+        for bad in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "169.254.1.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "fe80::1",
+            "::",
+        ] {
             for p in Protocol::ALL {
-                assert!(reachable_from_outside(p, bad.parse().unwrap()).is_err(), "{bad} via {}", p.name());
+                assert!(
+                    reachable_from_outside(p, bad.parse().unwrap()).is_err(),
+                    "{bad} via {}",
+                    p.name()
+                );
             }
         }
         for good in ["198.18.0.7", "203.0.113.9", "2001:db8::7", "100.64.1.1"] {
-            assert!(reachable_from_outside(Protocol::Upnp, good.parse().unwrap()).is_ok(), "{good}");
+            assert!(
+                reachable_from_outside(Protocol::Upnp, good.parse().unwrap()).is_ok(),
+                "{good}"
+            );
         }
     }
-
 }

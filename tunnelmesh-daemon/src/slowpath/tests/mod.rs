@@ -18,8 +18,8 @@ use crate::{
     },
 };
 
-use super::{TICK, UNDER_LOAD_QUEUE, accept::MIN_INITIATION_INTERVAL, ping::PING_TIMEOUT};
 use super::testbed::*;
+use super::{TICK, UNDER_LOAD_QUEUE, accept::MIN_INITIATION_INTERVAL, ping::PING_TIMEOUT};
 
 mod handshakes;
 mod paths_and_discovery;
