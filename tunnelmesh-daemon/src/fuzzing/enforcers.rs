@@ -149,18 +149,26 @@ pub fn acl_vs_matcher(data: &[u8]) {
     let now = Instant::now();
     for packet in input.packets.iter().take(32) {
         let bytes = packet.bytes();
-        let userspace = decide(&acl.policy, &mut Conntrack::new(16), &bytes, now);
-        // Now and then the kernel refuses a test run (EINVAL) on a frame it would carry: there
-        // is no kernel verdict to compare then (see the fuzzing note of the security issue).
-        let Some(kernel) = acl.kernel.ingress_verdict(&bytes) else {
+        let userspace = userspace_of(&acl.policy, &bytes, now);
+        // BPF_PROG_TEST_RUN refuses (EINVAL) a frame whose EtherType says IPv4 or IPv6 but
+        // that is shorter than that header (the kernel's `empty_skb` selftest). Such a packet
+        // never reaches the TUN device: the data path drops it first (`rx_bad_inner`).
+        let v6 = bytes.first().is_some_and(|b| b >> 4 == 6);
+        if bytes.len() < if v6 { 40 } else { 20 } {
+            assert_eq!(userspace, crate::policy::Verdict::Deny);
             continue;
-        };
+        }
+        let kernel = acl.kernel.ingress_verdict(&bytes);
         assert_eq!(
             userspace, kernel,
             "the enforcers disagree on {bytes:02x?} under {:?}",
             acl.policy
         );
     }
+}
+
+fn userspace_of(policy: &NodePolicy, packet: &[u8], now: Instant) -> crate::policy::Verdict {
+    decide(policy, &mut Conntrack::new(16), packet, now)
 }
 
 const SHIELD_PORT: u16 = 51820;

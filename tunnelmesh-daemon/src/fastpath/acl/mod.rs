@@ -328,7 +328,7 @@ pub fn flow_addr(addr: [u8; 16]) -> IpAddr {
 /// the differential fuzz target that holds them against the userspace matcher.
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod testing {
-    use aya::programs::{ProgramError, TestRun, TestRunOptions};
+    use aya::programs::{TestRun, TestRunOptions};
 
     use super::{ACL_INGRESS_PROGRAM, AclReason, KernelAcl, StdHashMap, classifier};
     use crate::policy::Verdict;
@@ -353,12 +353,6 @@ pub mod testing {
     impl KernelAcl {
         /// Run `program` on `packet`, as a GSO super-packet of `segments` segments (0: none).
         pub fn test_run(&mut self, program: &str, packet: &[u8], segments: u32) -> u32 {
-            self.try_test_run(program, packet, segments)
-                .expect("BPF_PROG_TEST_RUN must work (run as root)")
-        }
-
-        /// [`KernelAcl::test_run`], or the kernel's refusal to run the program on this frame.
-        pub fn try_test_run(&mut self, program: &str, packet: &[u8], segments: u32) -> Result<u32, ProgramError> {
             let frame = frame(packet);
             let mut out = vec![0u8; frame.len() + 256];
             let mut ctx = [0u8; SKB_SIZE];
@@ -369,7 +363,10 @@ pub mod testing {
                 ctx_in: (segments > 0).then_some(&ctx[..]),
                 ..Default::default()
             };
-            Ok(classifier(&mut self.ebpf, program).test_run(opts)?.return_value)
+            classifier(&mut self.ebpf, program)
+                .test_run(opts)
+                .expect("BPF_PROG_TEST_RUN must work (run as root)")
+                .return_value
         }
 
         /// The reason counters, summed over CPUs.
@@ -378,15 +375,14 @@ pub mod testing {
         }
 
         /// The ingress program's verdict on `packet`, told apart by which counter moved (and,
-        /// for an allowed packet, which rule's hit counter); `None` if the kernel would not run
-        /// the program on it.
-        pub fn ingress_verdict(&mut self, packet: &[u8]) -> Option<Verdict> {
+        /// for an allowed packet, which rule's hit counter).
+        pub fn ingress_verdict(&mut self, packet: &[u8]) -> Verdict {
             let before = self.reasons();
             let hits_before = self.rule_hits().expect("the rule hits read");
-            let action = self.try_test_run(ACL_INGRESS_PROGRAM, packet, 0).ok()?;
+            let action = self.test_run(ACL_INGRESS_PROGRAM, packet, 0);
             let after = self.reasons();
             let moved = |r: AclReason| after[&r] - before[&r];
-            Some(match action {
+            match action {
                 TC_ACT_OK if moved(AclReason::Reply) == 1 => Verdict::Reply,
                 TC_ACT_OK if moved(AclReason::Allowed) == 1 => {
                     let hits = self.rule_hits().expect("the rule hits read");
@@ -397,7 +393,7 @@ pub mod testing {
                 }
                 TC_ACT_SHOT if moved(AclReason::Denied) + moved(AclReason::Malformed) == 1 => Verdict::Deny,
                 other => panic!("action {other} with counters {before:?} → {after:?} on {packet:02x?}"),
-            })
+            }
         }
     }
 }

@@ -180,6 +180,30 @@ fn under_load_initiations_over_ssh_need_no_cookie() {
     only(&out, Kind::Response);
 }
 
+/// The shield learns a responder's index before the response is sent; if that send fails
+/// (the response is lost, as any datagram may be), the index is not left behind: it lives with
+/// its key, which is erased 3 × REJECT_AFTER_TIME after the handshake, as WireGuard erases it.
+#[test]
+fn the_index_of_a_response_that_was_never_sent_goes_with_its_key() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    let init = only(&a.event(Event::NeedSession(a.peer(&b)), t0), Kind::Initiation);
+    let out = b.receive(&a, init, t0);
+    let response = only(&out, Kind::Response);
+    let index = wire::sender_index(&response);
+    assert_eq!(shield_changes(&out), [(index, true)]);
+    // The response never leaves B. Time passes with A silent (A's retries are not delivered).
+    let mut removed = Vec::new();
+    let mut now = t0;
+    while now < t0 + 3 * crate::protocol::session::REJECT_AFTER_TIME + TICK * 2 {
+        now += Duration::from_secs(1);
+        removed.extend(shield_changes(&b.handle(Input::Tick, now)));
+    }
+    assert_eq!(removed, [(index, false)], "the shield forgets the index with the key");
+    assert!(b.dev.sessions.load().is_empty());
+    assert!(b.peer(&a).keys.load().next.is_none());
+}
+
 #[test]
 fn a_peer_that_leaves_the_table_loses_its_keys_and_the_shield_its_index() {
     let t0 = Instant::now();
