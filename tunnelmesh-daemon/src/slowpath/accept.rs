@@ -98,6 +98,8 @@ impl SlowPath {
             next: Some(kp),
             ..ks.clone()
         });
+        // If the response is lost (or never sent), the key and its shield index still end.
+        self.peer_state(peer).timers.keys_derived(now);
         self.peer_state(peer).jar.stamp(&mut response, now);
         self.transmit(via, response.to_vec());
         if let Via::Udp(src) = via {

@@ -102,6 +102,15 @@ impl Timers {
         self.keys_erased = false;
     }
 
+    /// We derived keys as the responder (not confirmed until the initiator's first data): they
+    /// are erased 3 × REJECT_AFTER_TIME from now unless a session follows, as WireGuard starts
+    /// its zero-key-material timer whenever keys are derived. Nothing else restarts: no session
+    /// is up yet.
+    pub fn keys_derived(&mut self, now: Instant) {
+        self.last_session = Some(now);
+        self.keys_erased = false;
+    }
+
     /// Decide what to do at `now`. Call at least every few hundred milliseconds.
     pub fn poll(&mut self, now: Instant, seen: Activity, current: Option<CurrentKey>) -> Option<TimerAction> {
         let elapsed = |t: Instant| now.saturating_duration_since(t);
