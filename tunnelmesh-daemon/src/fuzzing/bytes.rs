@@ -24,7 +24,8 @@ use crate::{
     },
 };
 
-fn local(seed: u8) -> LocalStatic {
+/// The static keys the wire target and its seeds use (`seed` repeated as the secret).
+pub(super) fn local(seed: u8) -> LocalStatic {
     let secret = [seed; 32];
     LocalStatic {
         public: MontgomeryPoint::mul_base_clamped(secret).to_bytes(),

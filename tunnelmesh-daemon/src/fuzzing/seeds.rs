@@ -7,28 +7,21 @@
 
 use std::{net::SocketAddr, time::Instant};
 
-use curve25519_dalek::MontgomeryPoint;
 use zeroize::Zeroizing;
 
+use super::bytes::local;
 use crate::{
     identity::Identity,
+    node::netwatch::nlmsg,
     policy::cases,
     protocol::{
         framing,
-        noise::{CookieChecker, CookieJar, InitiatorHandshake, LocalStatic, SessionKeys, Tai64n, consume_initiation},
+        noise::{CookieChecker, CookieJar, InitiatorHandshake, SessionKeys, Tai64n, consume_initiation},
         probe,
         session::{Keypair, sealed_len},
         stun, wire,
     },
 };
-
-fn local(seed: u8) -> LocalStatic {
-    let secret = [seed; 32];
-    LocalStatic {
-        public: MontgomeryPoint::mul_base_clamped(secret).to_bytes(),
-        secret: Zeroizing::new(secret),
-    }
-}
 
 /// One valid message of each wire type, keyed as the `wire` target keys its parsers.
 fn wire_messages() -> Vec<(&'static str, Vec<u8>)> {
@@ -62,15 +55,6 @@ fn wire_messages() -> Vec<(&'static str, Vec<u8>)> {
         ("data-probe", data),
         ("stun-response", stun_answer),
     ]
-}
-
-fn nlmsg(kind: u16, body: &[u8]) -> Vec<u8> {
-    let mut m = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&[0; 10]);
-    m.extend_from_slice(body);
-    m.resize(m.len().next_multiple_of(4), 0);
-    m
 }
 
 /// Every seed: target, file name, bytes.

@@ -91,19 +91,20 @@ pub(crate) fn concerns_other_interfaces(mut batch: &[u8], mesh: u32) -> bool {
     false
 }
 
+/// One netlink message: header of `kind`, then `body`.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn nlmsg(kind: u16, body: &[u8]) -> Vec<u8> {
+    let mut m = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&[0; 10]);
+    m.extend_from_slice(body);
+    m.resize(m.len().next_multiple_of(4), 0);
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// One netlink message: header of `kind`, then `body`.
-    fn nlmsg(kind: u16, body: &[u8]) -> Vec<u8> {
-        let mut m = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&[0; 10]);
-        m.extend_from_slice(body);
-        m.resize(m.len().next_multiple_of(4), 0);
-        m
-    }
 
     #[test]
     fn netlink_changes_on_the_mesh_interface_alone_are_ignored() {
