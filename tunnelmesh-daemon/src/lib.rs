@@ -7,7 +7,7 @@
 //! - `control` — what the coordinator and the nodes share: messages, fingerprints, the clock.
 //! - `policy` — the policy file, its compiler and the userspace matcher (no I/O).
 //! - `offload` — TUN offload segmentation and coalescing (no I/O).
-//! - `sync` — the one lock helper.
+//! - `sync` — the one lock helper; `slots` — connection places bounded per source and in all.
 //! - `device` — the shared state of a running interface that workers and the slow path read.
 //! - `slowpath` — the sans-I/O slow path (handshakes, timers, index table, paths, ping,
 //!   discovery, punching) and the thread that does its I/O.
@@ -42,6 +42,7 @@ pub mod offload;
 pub mod paths;
 pub mod policy;
 pub mod protocol;
+pub mod slots;
 pub mod slowpath;
 pub mod sync;
 pub mod sys;

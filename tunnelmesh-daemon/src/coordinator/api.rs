@@ -40,6 +40,7 @@ use super::{
 };
 use crate::control::proto::{CONNECT_PATH, ClientMsg, ServerMsg};
 use crate::identity::PublicIdentity;
+use crate::slots::{Slot, Slots};
 
 /// Time a new connection has for each of its TLS handshake, its request headers, its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,52 +51,6 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections not admitted yet, per source address and in all.
 pub const MAX_PENDING_PER_SOURCE: usize = 64;
 pub const MAX_PENDING: usize = 1024;
-
-/// The pending connections, by source address.
-#[derive(Default)]
-pub struct Pending {
-    by_source: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-}
-
-/// A pending connection's place; given back when it is admitted or goes away.
-pub struct PendingSlot {
-    pending: Arc<Pending>,
-    source: std::net::IpAddr,
-}
-
-impl Pending {
-    /// A place for a connection from `source`, unless the limits are reached.
-    fn admit(self: &Arc<Self>, source: std::net::IpAddr) -> Option<PendingSlot> {
-        let mut by_source = crate::sync::lock(&self.by_source);
-        let total: usize = by_source.values().sum();
-        let here = by_source.entry(source).or_default();
-        if *here >= MAX_PENDING_PER_SOURCE || total >= MAX_PENDING {
-            return None;
-        }
-        *here += 1;
-        Some(PendingSlot {
-            pending: self.clone(),
-            source,
-        })
-    }
-
-    /// Pending connections in all (for tests and `info`).
-    pub fn count(&self) -> usize {
-        crate::sync::lock(&self.by_source).values().sum()
-    }
-}
-
-impl Drop for PendingSlot {
-    fn drop(&mut self) {
-        let mut by_source = crate::sync::lock(&self.pending.by_source);
-        if let Some(n) = by_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                by_source.remove(&self.source);
-            }
-        }
-    }
-}
 
 /// Send `msg` within [`SEND_TIMEOUT`]; false if it failed or timed out.
 async fn send(socket: &mut WebSocket, msg: Message) -> bool {
@@ -114,7 +69,7 @@ struct Remote(SocketAddr);
 
 /// The connection's pending slot, handed from the accept loop to the WebSocket handler.
 #[derive(Clone)]
-struct Slot(Arc<Mutex<Option<PendingSlot>>>);
+struct PendingPlace(Arc<Mutex<Option<Slot>>>);
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -137,7 +92,7 @@ async fn connect(
     ws: WebSocketUpgrade,
     State(state): State<ApiState>,
     Extension(Remote(remote)): Extension<Remote>,
-    Extension(Slot(slot)): Extension<Slot>,
+    Extension(PendingPlace(slot)): Extension<PendingPlace>,
 ) -> impl IntoResponse {
     let slot = crate::sync::lock(&slot).take();
     ws.max_message_size(1 << 20)
@@ -150,7 +105,7 @@ fn text(msg: &ServerMsg) -> Message {
 }
 
 /// One peer's connection: challenge, hello, welcome, then pushed updates until it goes away.
-async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr, slot: Option<PendingSlot>) {
+async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr, slot: Option<Slot>) {
     let mut nonce = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut nonce);
     let coordinator = crate::sync::lock(&state.hub).coordinator_key.clone();
@@ -265,7 +220,7 @@ async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr, 
 }
 
 /// Serve the API on `listener` with TLS until the task is dropped, within the bounds above.
-pub async fn serve(listener: TcpListener, tls: rustls::ServerConfig, app: Router, pending: Arc<Pending>) {
+pub async fn serve(listener: TcpListener, tls: rustls::ServerConfig, app: Router, pending: Arc<Slots>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     loop {
         let Ok((tcp, remote)) = listener.accept().await else {
@@ -273,14 +228,14 @@ pub async fn serve(listener: TcpListener, tls: rustls::ServerConfig, app: Router
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Some(slot) = pending.admit(remote.ip()) else {
+        let Some(slot) = pending.take(remote.ip()) else {
             debug!(%remote, "too many pending connections; closed");
             continue;
         };
         // Relayed packets are small and latency-bound: no Nagle.
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let slot = Slot(Arc::new(Mutex::new(Some(slot))));
+        let slot = PendingPlace(Arc::new(Mutex::new(Some(slot))));
         let app = app.clone().layer(Extension(Remote(remote))).layer(Extension(slot));
         tokio::spawn(async move {
             let Ok(Ok(stream)) = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await else {
@@ -309,7 +264,7 @@ mod tests {
     };
 
     /// A coordinator on loopback with one token; its URL, fingerprint and pending connections.
-    async fn coordinator(dir: &std::path::Path) -> (String, String, Arc<Pending>) {
+    async fn coordinator(dir: &std::path::Path) -> (String, String, Arc<Slots>) {
         let store = SqliteStore::for_tests("tmtok_join");
         let cert = Certificate::load_or_generate(dir).unwrap();
         let fingerprint = cert.fingerprint();
@@ -322,7 +277,7 @@ mod tests {
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("https://{}", listener.local_addr().unwrap());
-        let pending = Arc::new(Pending::default());
+        let pending = Slots::new(MAX_PENDING_PER_SOURCE, MAX_PENDING);
         tokio::spawn(serve(listener, cert.server_config().unwrap(), app, pending.clone()));
         (url, fingerprint, pending)
     }

@@ -215,7 +215,12 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
                 None => relay::Relay::new(opts.relay_rate),
             }),
         });
-        tokio::spawn(api::serve(listener, server_config, app, Arc::default()));
+        tokio::spawn(api::serve(
+            listener,
+            server_config,
+            app,
+            crate::slots::Slots::new(api::MAX_PENDING_PER_SOURCE, api::MAX_PENDING),
+        ));
         if opts.stun_port != 0 {
             for port in [opts.stun_port, opts.stun_port.wrapping_add(1)] {
                 let socket = tokio::net::UdpSocket::bind((opts.listen.ip(), port))

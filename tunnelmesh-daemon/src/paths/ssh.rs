@@ -6,6 +6,11 @@
 //! key is not the peer's known key. SSH is only a carrier: one session channel carries the
 //! unchanged, end-to-end encrypted wire messages, each prefixed with its length (u16, big
 //! endian); the Noise session is the trust anchor. SSH keepalives detect dead connections.
+//!
+//! Server bounds: a connection not yet authenticated holds a place among at most
+//! [`MAX_UNAUTHENTICATED_PER_SOURCE`] per source address and [`MAX_UNAUTHENTICATED`] in all (others
+//! are closed at once), and must authenticate within [`CONNECT_TIMEOUT`] of being accepted; an
+//! authenticated connection carries one channel, and ends when its member leaves the mesh.
 
 use std::{
     net::SocketAddr,
@@ -22,7 +27,7 @@ use russh::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, BufWriter},
     net::TcpListener,
-    sync::mpsc,
+    sync::{Notify, mpsc, oneshot},
 };
 use tracing::{debug, info, warn};
 
@@ -30,14 +35,18 @@ use crate::{
     device::{Counters, Device, Peer, Via},
     identity::PublicIdentity,
     protocol::framing::Deframer,
+    slots::{Slot, Slots},
 };
 
 /// User name the client logs in as (the key is what counts).
 const USER: &str = "tunnelmesh";
 /// Messages queued for one SSH connection before new ones are dropped.
 const QUEUE: usize = 1024;
-/// Time a client has to connect and authenticate.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to connect and authenticate (either side waits no longer).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Server connections not yet authenticated, per source address and in all.
+pub const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 8;
+pub const MAX_UNAUTHENTICATED: usize = 128;
 /// SSH keepalive interval; three unanswered close the connection.
 const KEEPALIVE: Duration = Duration::from_secs(5);
 /// First and longest wait between dial attempts to one peer.
@@ -122,6 +131,14 @@ struct ServerHandler {
     dev: Arc<Device>,
     remote: Option<SocketAddr>,
     peer: Option<Arc<Peer>>,
+    /// The connection's place among those not yet authenticated (given back on success).
+    unauthenticated: Option<Slot>,
+    /// Told once a member authenticated.
+    authenticated: Option<oneshot::Sender<()>>,
+    /// Whether the connection's one channel was opened.
+    channel_opened: bool,
+    /// Told when that channel's pump ends (the channel closed, or the member left the mesh).
+    ended: Arc<Notify>,
 }
 
 impl server::Handler for ServerHandler {
@@ -132,6 +149,10 @@ impl server::Handler for ServerHandler {
         match table.peers.iter().find(|p| same_key(key.public_key, &p.identity)) {
             Some(peer) => {
                 self.peer = Some(peer.clone());
+                self.unauthenticated = None;
+                if let Some(authenticated) = self.authenticated.take() {
+                    let _ = authenticated.send(());
+                }
                 Ok(Auth::Accept)
             }
             None => {
@@ -148,10 +169,23 @@ impl server::Handler for ServerHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some(peer) = self.peer.clone() else {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
             return Ok(());
         };
+        if self.channel_opened {
+            debug!(peer = %peer.name, "SSH transport: refused a second channel");
+            reply.reject(russh::ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        self.channel_opened = true;
         reply.accept().await;
-        tokio::spawn(pump(self.dev.clone(), peer, channel));
+        let (dev, ended) = (self.dev.clone(), self.ended.clone());
+        tokio::spawn(async move {
+            pump(dev, peer, channel).await;
+            ended.notify_one();
+        });
         Ok(())
     }
 }
@@ -167,26 +201,83 @@ pub async fn serve(dev: Arc<Device>, listener: TcpListener, host_key: PrivateKey
         nodelay: true,
         ..Default::default()
     });
+    let unauthenticated = Slots::new(MAX_UNAUTHENTICATED_PER_SOURCE, MAX_UNAUTHENTICATED);
     loop {
         let Ok((tcp, remote)) = listener.accept().await else {
             continue;
         };
+        let Some(slot) = unauthenticated.take(remote.ip()) else {
+            debug!(%remote, "SSH transport: too many connections not yet authenticated; closed");
+            continue;
+        };
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let (authenticated, authenticated_rx) = oneshot::channel();
+        let ended = Arc::new(Notify::new());
         let handler = ServerHandler {
             dev: dev.clone(),
             remote: Some(remote),
             peer: None,
+            unauthenticated: Some(slot),
+            authenticated: Some(authenticated),
+            channel_opened: false,
+            ended: ended.clone(),
         };
-        let config = config.clone();
-        tokio::spawn(async move {
-            match server::run_stream(config, tcp, handler).await {
-                Ok(session) => {
-                    if let Err(e) = session.await {
-                        debug!(%remote, "SSH session ended: {e}");
-                    }
-                }
-                Err(e) => debug!(%remote, "SSH handshake failed: {e}"),
+        tokio::spawn(connection(
+            config.clone(),
+            tcp,
+            remote,
+            handler,
+            deadline,
+            authenticated_rx,
+            ended,
+        ));
+    }
+}
+
+/// One server connection: authenticated by `deadline` or closed; then it lasts until the
+/// session ends or its channel's pump does (the member left).
+async fn connection(
+    config: Arc<server::Config>,
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    handler: ServerHandler,
+    deadline: tokio::time::Instant,
+    authenticated: oneshot::Receiver<()>,
+    ended: Arc<Notify>,
+) {
+    // A client that never sends its identification holds up `run_stream` itself.
+    let session = match tokio::time::timeout_at(deadline, server::run_stream(config, tcp, handler)).await {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => return debug!(%remote, "SSH handshake failed: {e}"),
+        Err(_) => return debug!(%remote, "SSH transport: no identification in time; closed"),
+    };
+    let handle = session.handle();
+    tokio::pin!(session);
+    let close = |why: &'static str| {
+        let handle = handle.clone();
+        async move {
+            debug!(%remote, "SSH transport: {why}; closed");
+            let bye = handle.disconnect(russh::Disconnect::ByApplication, why.into(), "en".into());
+            let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+        }
+    };
+    tokio::select! {
+        ended = &mut session => return log_end(remote, ended),
+        authenticated = tokio::time::timeout_at(deadline, authenticated) => {
+            if !matches!(authenticated, Ok(Ok(()))) {
+                return close("not authenticated in time").await;
             }
-        });
+        }
+    }
+    tokio::select! {
+        ended = &mut session => log_end(remote, ended),
+        () = ended.notified() => close("its channel ended (the member left, or closed it)").await,
+    }
+}
+
+fn log_end(remote: SocketAddr, ended: Result<(), russh::Error>) {
+    if let Err(e) = ended {
+        debug!(%remote, "SSH session ended: {e}");
     }
 }
 
@@ -305,5 +396,107 @@ pub async fn supervise(dev: Arc<Device>, client_key: PrivateKey) {
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The SSH server on loopback with a real russh client.
+
+    use std::time::Instant;
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::slowpath::testbed::Node;
+
+    /// A server for `server`'s device on loopback; its address.
+    async fn server(node: &Node) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(node.dev.clone(), listener, host_key(&node.identity).unwrap()));
+        addr
+    }
+
+    /// Bytes the server sends until it closes the connection (`None`: still open at `by`).
+    async fn until_closed(tcp: &mut tokio::net::TcpStream, by: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(by.saturating_sub(started.elapsed()), tcp.read(&mut buf)).await {
+                Err(_) => return None,
+                Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn unauthenticated_connections_are_bounded_per_source_and_closed_at_the_deadline() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let node = Node::new("sshd", "198.18.0.1:51820", Instant::now());
+        runtime.block_on(async {
+            let addr = server(&node).await;
+            let mut silent = Vec::new();
+            for _ in 0..MAX_UNAUTHENTICATED_PER_SOURCE {
+                silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            }
+            // Beyond the per-source bound: closed at once.
+            let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let closed = until_closed(&mut extra, Duration::from_secs(2)).await;
+            assert!(closed.is_some(), "a connection beyond the bound stays open");
+            // The silent ones (they never send an identification) go at the deadline.
+            for tcp in &mut silent {
+                let closed = until_closed(tcp, CONNECT_TIMEOUT + Duration::from_secs(3)).await;
+                assert!(closed.is_some(), "a silent connection outlived the deadline");
+            }
+            // Their places are free again.
+            let mut again = tokio::net::TcpStream::connect(addr).await.unwrap();
+            assert!(
+                until_closed(&mut again, Duration::from_secs(1)).await.is_none(),
+                "places come back when connections close"
+            );
+        });
+    }
+
+    struct Trusting;
+
+    impl russh::client::Handler for Trusting {
+        type Error = russh::Error;
+        async fn check_server_key(&mut self, _key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+            Ok(true)
+        }
+    }
+
+    #[test]
+    fn a_member_gets_one_channel_and_loses_the_connection_when_it_leaves() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let t0 = Instant::now();
+        let node = Node::new("sshd", "198.18.0.1:51820", t0);
+        let member = Node::new("member", "198.18.0.2:51820", t0);
+        node.knows(&member);
+        runtime.block_on(async {
+            let addr = server(&node).await;
+            let config = Arc::new(russh::client::Config::default());
+            let mut session = russh::client::connect(config, addr, Trusting).await.unwrap();
+            let key = Arc::new(host_key(&member.identity).unwrap());
+            let auth = session
+                .authenticate_publickey(USER, PrivateKeyWithHashAlg::new(key, None))
+                .await
+                .unwrap();
+            assert!(auth.success(), "a member authenticates");
+            let _channel = session.channel_open_session().await.unwrap();
+            assert!(
+                session.channel_open_session().await.is_err(),
+                "a second channel is refused"
+            );
+            // The member leaves the mesh: its connection goes (the pump checks every second).
+            node.dev.update(Vec::new(), Vec::new());
+            let started = Instant::now();
+            while !session.is_closed() && started.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(session.is_closed(), "the connection outlived the membership");
+        });
     }
 }
