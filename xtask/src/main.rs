@@ -38,6 +38,8 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "nftables",
     "tcpdump",
+    // libFuzzer (built from C++ sources by libfuzzer-sys) and the bundled SQLite.
+    "g++",
     // NAT lab: the routers' port-mapping service (NAT-PMP, PCP, UPnP-IGD), nftables backend.
     "miniupnpd",
     "miniupnpd-nftables",
@@ -329,6 +331,7 @@ const DAEMON_LAYERS: &[(&str, &[&str])] = &[
     ("offload", &["offload", "protocol"]),
     ("control", &["control", "policy", "protocol"]),
     ("sync", &["sync"]),
+    ("slots", &["slots", "sync"]),
 ];
 
 /// No module cycles in the daemon and the common crate, and the daemon's bottom rooms import

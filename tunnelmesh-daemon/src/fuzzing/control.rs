@@ -455,5 +455,4 @@ pub fn node(data: &[u8]) {
             let _ = KernelTables::build(&state.mesh.policy);
         }
     }
-    let _ = table;
 }
