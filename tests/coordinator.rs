@@ -267,6 +267,17 @@ fn rotating_the_mesh_key_drops_no_established_tunnel() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     });
     assert!(summary.contains(" 0% packet loss"), "{summary}");
+    // A handshake inside the overlap: p2 restarts, losing every session, so p1 and p2 must
+    // handshake again under the mesh keys of the overlap. A fresh process has no handshake but
+    // one made after it started.
+    lab.stop(nodes[1]);
+    lab.join(nodes[1], &c, &[]);
+    assert!(lab.ping(&p1_ns, &p2_v4, 5), "p1 reaches the restarted p2");
+    let seen = lab.peer_status(nodes[1], nodes[0]);
+    assert!(
+        seen["last_handshake_secs"].is_u64(),
+        "p2 handshook with p1 after its restart: {seen}"
+    );
     // A node that joins after the rotation reaches nodes that joined before it.
     lab.join(nodes[2], &c, &["--token", &token(&c, 1)]);
     let (p3_v4, _) = lab.mesh_addrs(nodes[2]);

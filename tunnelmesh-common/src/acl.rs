@@ -12,7 +12,9 @@
 //! - `ACL_RULES`, an array of [`AclRule`]s: slot `generation × ACL_MAX_RULES + i` is rule `i` of
 //!   that generation, in the order the policy lists them (the first match names the verdict).
 //! - `ACL_CONNTRACK`, an LRU hash of the flows this node opened ([`AclFlow`] → last packet time,
-//!   ns of `CLOCK_MONOTONIC`), written by the egress program, read by the ingress program.
+//!   ns of `CLOCK_MONOTONIC`), written by the egress program, read by the ingress program. An
+//!   outbound TCP/UDP packet whose replies a rule allows anyway (the answers of a connection a
+//!   peer opened to an allowed port) opens no flow, so such a peer cannot churn the table.
 //! - `ACL_COUNTERS` (per reason, [`AclReason`]) and `ACL_RULE_HITS` (per rule slot), per CPU.
 
 /// Rule slots per generation; a node whose compiled policy has more rules is enforced in
@@ -112,16 +114,21 @@ pub enum AclReason {
     Malformed = 3,
     /// Outbound packets that opened or refreshed a flow.
     Tracked = 4,
+    /// Inbound, a fragment after the first addressed to this node that no rule allows by
+    /// itself: passed, because the stack delivers it only reassembled with its first fragment,
+    /// which carries the ports and was judged (and Linux discards overlapping fragments).
+    Fragment = 5,
 }
 
 impl AclReason {
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
     pub const ALL: [AclReason; Self::COUNT as usize] = [
         AclReason::Reply,
         AclReason::Allowed,
         AclReason::Denied,
         AclReason::Malformed,
         AclReason::Tracked,
+        AclReason::Fragment,
     ];
 
     /// Stable lower-case name used in status output and docs.
@@ -132,6 +139,7 @@ impl AclReason {
             AclReason::Denied => "denied",
             AclReason::Malformed => "malformed",
             AclReason::Tracked => "tracked",
+            AclReason::Fragment => "fragment",
         }
     }
 }

@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod acl;
+pub mod blake2s;
 pub mod ip;
 pub mod shield;
 pub mod steer;

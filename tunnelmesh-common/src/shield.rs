@@ -22,18 +22,25 @@ pub enum ShieldReason {
     /// A data message for a receiver index no session has (beyond one sample per source per
     /// second, passed up so the daemon can notice a peer that still holds a lost session).
     UnknownIndex = 5,
-    /// A handshake initiation beyond its source's budget.
+    /// A handshake initiation from a source the daemon blocked for a while: under load it
+    /// proved its address (a cookie) and then spent its budget.
     RateLimited = 6,
     /// A STUN Binding response (the answer to a request this node sent from its tunnel socket
     /// to learn its public address); passed to the daemon within its source's budget.
     Stun = 7,
     /// A STUN response beyond its source's budget.
     StunRateLimited = 8,
+    /// A handshake initiation or response whose mac1 is not this node's: not addressed to our
+    /// public key, or forged. Never charged to any budget.
+    BadMac = 9,
+    /// A fragment of a datagram to the mesh port (IPv4 first fragment, or an IPv6 fragment
+    /// header): passed to the stack, which reassembles it before the daemon's own checks.
+    Fragment = 10,
 }
 
 impl ShieldReason {
     /// Number of counters (size of the counter array).
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 11;
     /// All reasons, in index order.
     pub const ALL: [ShieldReason; Self::COUNT as usize] = [
         ShieldReason::Passed,
@@ -45,12 +52,14 @@ impl ShieldReason {
         ShieldReason::RateLimited,
         ShieldReason::Stun,
         ShieldReason::StunRateLimited,
+        ShieldReason::BadMac,
+        ShieldReason::Fragment,
     ];
 
     /// Whether datagrams judged this way go on to the daemon.
     #[inline(always)]
     pub const fn passes(self) -> bool {
-        matches!(self, ShieldReason::Passed | ShieldReason::Stun)
+        matches!(self, ShieldReason::Passed | ShieldReason::Stun | ShieldReason::Fragment)
     }
 
     /// Stable lower-case name used in status output and docs.
@@ -65,6 +74,8 @@ impl ShieldReason {
             ShieldReason::RateLimited => "rate_limited",
             ShieldReason::Stun => "stun",
             ShieldReason::StunRateLimited => "stun_rate_limited",
+            ShieldReason::BadMac => "bad_mac",
+            ShieldReason::Fragment => "fragment",
         }
     }
 }
@@ -79,6 +90,14 @@ pub const KNOWN_INDICES_MAP: &str = "KNOWN_INDICES";
 pub const KNOWN_INDICES_MAX: u32 = 65_536;
 /// Name of the LRU map of per-source budgets.
 pub const SOURCE_BUDGETS_MAP: &str = "SOURCE_BUDGETS";
+/// Name of the LRU map of sources whose initiations are dropped until a time (key: the
+/// [`budget_address`], value: `CLOCK_MONOTONIC` ns), written by the daemon.
+pub const BLOCKED_SOURCES_MAP: &str = "BLOCKED_SOURCES";
+/// Capacity of [`BLOCKED_SOURCES_MAP`].
+pub const BLOCKED_SOURCES_MAX: u32 = 16_384;
+/// Name of the global holding the BLAKE2s state after the mac1 key block
+/// ([`crate::blake2s::keyed_midstate`] of this node's mac1 key), set at load time.
+pub const SHIELD_MAC1_GLOBAL: &str = "MAC1_MIDSTATE";
 
 /// Key of the per-source budget map: the source address (IPv4 as `::ffff:a.b.c.d`) and which
 /// budget.
@@ -117,7 +136,8 @@ pub const fn budget_address(addr: [u8; 16]) -> [u8; 16] {
     out
 }
 
-/// Budget of handshake initiations per source.
+/// Budget of handshake initiations per source (kept by the daemon, which charges only proven
+/// sources under load and tells the shield whom to block).
 pub const BUDGET_INITIATIONS: u32 = 0;
 /// Budget of unknown-index data messages passed up per source.
 pub const BUDGET_UNKNOWN_INDEX: u32 = 1;

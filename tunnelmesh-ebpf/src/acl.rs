@@ -54,6 +54,7 @@ static ACL_COUNTERS: PerCpuArray<u64, { AclReason::COUNT as usize }> = PerCpuArr
 static ACL_RULE_HITS: PerCpuArray<u64, { 2 * ACL_MAX_RULES as usize }> = PerCpuArray::new();
 
 /// The header fields policy looks at (the userspace `PacketInfo`).
+#[derive(Clone, Copy)]
 struct Packet {
     v6: bool,
     src: [u8; 16],
@@ -294,6 +295,11 @@ pub fn tunnelmesh_acl_ingress(ctx: TcContext) -> i32 {
             count(AclReason::Allowed, n);
             TC_ACT_OK as i32
         }
+        // The stack delivers it only with its first fragment, which policy judged.
+        None if p.later_fragment && addressed_to_this_node(&config, &p) => {
+            count(AclReason::Fragment, n);
+            TC_ACT_OK as i32
+        }
         None => {
             count(AclReason::Denied, n);
             TC_ACT_SHOT as i32
@@ -317,6 +323,22 @@ fn trie_key(config: &AclConfig, addr: [u8; 16]) -> Key<AclSource> {
 #[inline(always)]
 fn addressed_to_this_node(config: &AclConfig, p: &Packet) -> bool {
     ACL_DESTINATIONS.get(&trie_key(config, p.dst)).is_some()
+}
+
+/// Whether a rule would allow the replies to outbound TCP/UDP packet `p`.
+#[inline(always)]
+fn replies_allowed_by_rule(config: &AclConfig, p: &Packet) -> bool {
+    if p.proto != ACL_PROTO_TCP && p.proto != ACL_PROTO_UDP {
+        return false;
+    }
+    let reply = Packet {
+        src: p.dst,
+        dst: p.src,
+        src_port: p.dst_port,
+        dst_port: p.src_port,
+        ..*p
+    };
+    addressed_to_this_node(config, &reply) && allowing_slot(config, &reply).is_some()
 }
 
 /// The slot of the first rule (in policy order) that allows `p`.
@@ -347,15 +369,20 @@ fn allowing_slot(config: &AclConfig, p: &Packet) -> Option<u32> {
 
 #[classifier]
 pub fn tunnelmesh_acl_egress(ctx: TcContext) -> i32 {
-    if !config().is_some_and(|c| c.enforce != 0) {
+    let Some(config) = config().filter(|c| c.enforce != 0) else {
         return TC_ACT_OK as i32;
-    }
-    if let Some(flow) = parse(&ctx).as_ref().and_then(outbound_flow) {
+    };
+    let Some(p) = parse(&ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    if let Some(flow) = outbound_flow(&p) {
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
         match ACL_CONNTRACK.get_ptr_mut(&flow) {
             // SAFETY: the map value lives while the program runs.
             Some(seen) => unsafe { *seen = now },
+            // Replies a rule allows anyway need no flow (this node answering a peer).
+            None if replies_allowed_by_rule(&config, &p) => return TC_ACT_OK as i32,
             None => {
                 let _ = ACL_CONNTRACK.insert(&flow, &now, 0);
             }

@@ -27,6 +27,9 @@ pub struct Counters {
     pub cookie_replies_sent: AtomicU64,
     /// Handshake messages dropped because the handshake queue was full.
     pub handshake_queue_full: AtomicU64,
+    /// Initiations dropped under load because their proven source (an address that answered a
+    /// cookie, or the member an SSH or relay carrier authenticated) spent its budget.
+    pub handshake_rate_limited: AtomicU64,
     /// Outbound packets to an address no peer owns.
     pub tx_no_route: AtomicU64,
     /// Outbound packets dropped: peer has no endpoint, or its queue overflowed.

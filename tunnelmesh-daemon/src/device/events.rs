@@ -1,6 +1,10 @@
 //! What the workers and the control plane tell the slow path, and the names of paths.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use serde::Serialize;
 
@@ -12,6 +16,9 @@ use crate::protocol::discovery::NatKind;
 pub trait IndexMirror: Send {
     fn insert(&self, index: u32);
     fn remove(&self, index: u32);
+    /// Drop initiations from `source` (by its budget address: IPv6 by /64) for `period`: it
+    /// proved its address and spent its budget.
+    fn block(&self, source: IpAddr, period: Duration);
 }
 
 /// What workers tell the slow path.

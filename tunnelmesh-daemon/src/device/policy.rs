@@ -24,7 +24,7 @@ use tunnelmesh_common::acl::AclReason;
 
 use crate::{
     fastpath::KernelAcl,
-    policy::{Conntrack, FlowKey, NodePolicy, PacketInfo, Verdict, inbound_verdict},
+    policy::{Conntrack, FlowKey, NodePolicy, PacketInfo, Verdict, inbound_verdict, tracked_flow},
     protocol::ip::IpHeader,
 };
 
@@ -144,10 +144,14 @@ impl PolicyEnforcer {
     /// Record the flow an outbound packet opens (userspace enforcement only).
     #[inline]
     pub fn track_outbound(&self, header: &IpHeader, packet: &[u8], now: Instant) {
-        if self.in_kernel.load(Ordering::Relaxed) || self.active.load().is_none() {
+        if self.in_kernel.load(Ordering::Relaxed) {
             return;
         }
-        if let Some(flow) = PacketInfo::of(header, packet).and_then(|p| p.outbound_flow()) {
+        let active = self.active.load();
+        let Some(active) = active.as_deref() else {
+            return;
+        };
+        if let Some(flow) = PacketInfo::of(header, packet).and_then(|p| tracked_flow(&active.rules, &p)) {
             self.shard(&flow).outbound(flow, now);
             self.counters.bump(AclReason::Tracked);
         }
@@ -181,6 +185,7 @@ impl PolicyEnforcer {
                     active.hits[i].1.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            Verdict::Fragment => self.counters.bump(AclReason::Fragment),
             Verdict::Deny if info.is_none() => self.counters.bump(AclReason::Malformed),
             Verdict::Deny => self.counters.bump(AclReason::Denied),
         }

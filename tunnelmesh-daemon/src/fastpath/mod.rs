@@ -62,10 +62,11 @@ pub enum FastpathError {
 }
 
 /// The maps of each component.
-const SHIELD_MAPS: [&str; 3] = [
+const SHIELD_MAPS: [&str; 4] = [
     tunnelmesh_common::shield::SHIELD_COUNTERS_MAP,
     tunnelmesh_common::shield::KNOWN_INDICES_MAP,
     tunnelmesh_common::shield::SOURCE_BUDGETS_MAP,
+    tunnelmesh_common::shield::BLOCKED_SOURCES_MAP,
 ];
 const ACL_MAPS: [&str; 7] = [
     tunnelmesh_common::acl::ACL_CONFIG_MAP,

@@ -1,12 +1,17 @@
 //! The XDP underlay shield on the underlay interfaces.
 //!
 //! Its maps are pinned under `/sys/fs/bpf/tunnelmesh/<interface>/` (`shield_counters`,
-//! `known_indices`, `source_budgets`; BTF-described, so `bpftool map dump pinned …` prints them).
-//! The slow path keeps `known_indices` equal to the live session indices through
-//! [`IndexMirror`]. Dropping [`Shield`] detaches the program and removes the pins. If eBPF cannot
+//! `known_indices`, `source_budgets`, `blocked_sources`; BTF-described, so `bpftool map dump
+//! pinned …` prints them). The slow path keeps `known_indices` equal to the live session indices
+//! and writes `blocked_sources` through [`IndexMirror`]. The program checks handshakes' mac1
+//! under this node's key, set at load ([`load_shield`]). Dropping [`Shield`] detaches the program and removes the pins. If eBPF cannot
 //! be loaded the daemon keeps running: the same header checks run in userspace on every datagram.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use aya::{
     Ebpf,
@@ -14,18 +19,25 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use tracing::warn;
-use tunnelmesh_common::shield::{
-    KNOWN_INDICES_MAP, SHIELD_COUNTERS_MAP, SHIELD_PORT_GLOBAL, SHIELD_PROGRAM, SOURCE_BUDGETS_MAP, ShieldReason,
+use tunnelmesh_common::{
+    blake2s,
+    shield::{
+        BLOCKED_SOURCES_MAP, KNOWN_INDICES_MAP, SHIELD_COUNTERS_MAP, SHIELD_MAC1_GLOBAL, SHIELD_PORT_GLOBAL,
+        SHIELD_PROGRAM, SOURCE_BUDGETS_MAP, ShieldReason,
+    },
 };
 
 use super::{FastpathError, Pins, loader};
 use crate::device::IndexMirror;
 
-/// Load the object with the mesh port set, the shield program loaded but not attached.
-pub fn load_shield(port: u16) -> Result<Ebpf, FastpathError> {
+/// Load the object with the mesh port and the mac1 key of the node whose Noise public key is
+/// `public` set, the shield program loaded but not attached.
+pub fn load_shield(port: u16, public: &[u8; 32]) -> Result<Ebpf, FastpathError> {
     let port_be = port.to_be();
+    let midstate = blake2s::keyed_midstate(&crate::protocol::noise::mac1_key(public));
     let mut ebpf = loader(&super::SHIELD_MAPS)
         .override_global(SHIELD_PORT_GLOBAL, &port_be, true)
+        .override_global(SHIELD_MAC1_GLOBAL, &midstate, true)
         .load(super::EBPF_OBJECT)?;
     shield_program(&mut ebpf)
         .load()
@@ -59,6 +71,7 @@ pub fn shield_counters(ebpf: &Ebpf) -> Result<Vec<(ShieldReason, u64)>, Fastpath
 /// The XDP shield attached to underlay interfaces.
 pub struct Shield {
     known_indices: HashMap<MapData, u32, u8>,
+    blocked: HashMap<MapData, [u8; 16], u64>,
     pub interfaces: Vec<String>,
     pub mode: &'static str,
     // Dropped before `ebpf`: the pins go, then the program detaches with its links.
@@ -67,17 +80,23 @@ pub struct Shield {
 }
 
 /// Pinned maps, by map name and pin file name.
-const PINS: [(&str, &str); 3] = [
+const PINS: [(&str, &str); 4] = [
     (SHIELD_COUNTERS_MAP, "shield_counters"),
     (KNOWN_INDICES_MAP, "known_indices"),
     (SOURCE_BUDGETS_MAP, "source_budgets"),
+    (BLOCKED_SOURCES_MAP, "blocked_sources"),
 ];
 
 impl Shield {
-    /// Attach the shield for `port` on `interfaces`, pinning its maps under
-    /// `PIN_ROOT/<mesh_interface>/`.
-    pub fn attach(port: u16, interfaces: &[String], mesh_interface: &str) -> Result<Self, FastpathError> {
-        let mut ebpf = load_shield(port)?;
+    /// Attach the shield for `port` and the node whose Noise public key is `public` on
+    /// `interfaces`, pinning its maps under `PIN_ROOT/<mesh_interface>/`.
+    pub fn attach(
+        port: u16,
+        public: &[u8; 32],
+        interfaces: &[String],
+        mesh_interface: &str,
+    ) -> Result<Self, FastpathError> {
+        let mut ebpf = load_shield(port, public)?;
         let mut mode = "driver";
         for name in interfaces {
             let cname = std::ffi::CString::new(name.as_str()).expect("interface names have no NUL");
@@ -95,8 +114,10 @@ impl Shield {
         }
         let pins = Pins::create(&ebpf, mesh_interface, &PINS)?;
         let known_indices = HashMap::try_from(ebpf.take_map(KNOWN_INDICES_MAP).expect("the object has the index map"))?;
+        let blocked = blocked_sources(&mut ebpf)?;
         Ok(Shield {
             known_indices,
+            blocked,
             interfaces: interfaces.to_vec(),
             mode,
             _pins: pins,
@@ -108,6 +129,26 @@ impl Shield {
     pub fn counters(&self) -> Result<Vec<(ShieldReason, u64)>, FastpathError> {
         shield_counters(&self.ebpf)
     }
+}
+
+/// Take the map of blocked sources out of a loaded object.
+pub fn blocked_sources(ebpf: &mut Ebpf) -> Result<HashMap<MapData, [u8; 16], u64>, FastpathError> {
+    let map = ebpf
+        .take_map(BLOCKED_SOURCES_MAP)
+        .expect("the object has the blocked-sources map");
+    Ok(HashMap::try_from(map)?)
+}
+
+/// Block `source`'s initiations for `period` in the shield's map.
+pub fn block_source(
+    map: &mut HashMap<MapData, [u8; 16], u64>,
+    source: IpAddr,
+    period: Duration,
+) -> Result<(), FastpathError> {
+    let key = crate::protocol::ip::budget_key(source);
+    let until = crate::sys::clock::monotonic_ns() + period.as_nanos() as u64;
+    map.insert(&key, &until, 0)?;
+    Ok(())
 }
 
 /// The shield as the daemon holds it: attached, or the reason it is not.
@@ -125,6 +166,14 @@ impl IndexMirror for SharedShield {
     fn remove(&self, index: u32) {
         if let Ok(shield) = crate::sync::lock(self).as_mut() {
             let _ = shield.known_indices.remove(&index);
+        }
+    }
+
+    fn block(&self, source: IpAddr, period: Duration) {
+        if let Ok(shield) = crate::sync::lock(self).as_mut()
+            && let Err(e) = block_source(&mut shield.blocked, source, period)
+        {
+            warn!("the XDP shield could not block {source}: {e}; the daemon drops its initiations itself");
         }
     }
 }
@@ -184,6 +233,58 @@ pub mod testing {
         f
     }
 
+    /// A UDP/IPv6 frame from `src` to port `dst_port` carrying `payload` after extension
+    /// headers: each `(type, body)` becomes a header of that type whose next-header byte names
+    /// the one after it (the body is the header's bytes after the next-header byte, padded to
+    /// its length unit).
+    pub fn frame_v6_through(
+        src: [u8; 16],
+        headers: &[(u8, Vec<u8>)],
+        next: u8,
+        dst_port: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let plain = frame_v6_from(src, dst_port, payload);
+        let (eth_ip, udp) = plain.split_at(14 + 40);
+        let mut chain = Vec::new();
+        for (i, (_, body)) in headers.iter().enumerate() {
+            let following = headers.get(i + 1).map_or(next, |h| h.0);
+            chain.push(following);
+            chain.extend_from_slice(body);
+        }
+        let mut f = eth_ip.to_vec();
+        f[14 + 6] = headers.first().map_or(next, |h| h.0);
+        let payload_len = (chain.len() + udp.len()) as u16;
+        f[14 + 4..14 + 6].copy_from_slice(&payload_len.to_be_bytes());
+        f.extend_from_slice(&chain);
+        f.extend_from_slice(udp);
+        f
+    }
+
+    /// A destination-options header body (8 bytes: length 0, a PadN option).
+    pub fn dest_opts() -> Vec<u8> {
+        vec![0, 1, 4, 0, 0, 0, 0]
+    }
+
+    /// A fragment header body at fragment `offset` (8-byte units), `more` to follow.
+    pub fn fragment_header(offset: u16, more: bool) -> Vec<u8> {
+        let field = (offset << 3) | more as u16;
+        let mut h = vec![0];
+        h.extend_from_slice(&field.to_be_bytes());
+        h.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        h
+    }
+
+    /// `frame` (IPv4) as a fragment: `offset` in 8-byte units, `more` to follow, the IP length
+    /// cut to what the frame keeps after `keep` bytes of IP payload.
+    pub fn fragment_v4(mut frame: Vec<u8>, offset: u16, more: bool, keep: usize) -> Vec<u8> {
+        let field = offset | if more { 0x2000 } else { 0 };
+        frame[14 + 6..14 + 8].copy_from_slice(&field.to_be_bytes());
+        frame.truncate(14 + 20 + keep);
+        frame[14 + 2..14 + 4].copy_from_slice(&((20 + keep) as u16).to_be_bytes());
+        frame
+    }
+
     /// The shield's action on `frame`.
     pub fn run(ebpf: &mut Ebpf, frame: &[u8]) -> u32 {
         let mut out = vec![0u8; frame.len() + 256];
@@ -208,6 +309,8 @@ mod tests {
     use tunnelmesh_common::wire;
 
     const PORT: u16 = 51820;
+    /// The Noise public key of the node the shield guards (its mac1 key).
+    const LOCAL: [u8; 32] = [0x42; 32];
 
     fn frame_v4(dst_port: u16, payload: &[u8]) -> Vec<u8> {
         frame_v4_from([198, 18, 0, 1], dst_port, payload)
@@ -231,7 +334,7 @@ mod tests {
 
     /// Load the shield with receiver index 0 (the index of the crafted data messages) known.
     fn shield_knowing_index_zero() -> Ebpf {
-        let mut ebpf = load_shield(PORT).expect("the shield must load (run as root on a BPF-capable kernel)");
+        let mut ebpf = load_shield(PORT, &LOCAL).expect("the shield must load (run as root on a BPF-capable kernel)");
         let mut known: HashMap<&mut MapData, u32, u8> =
             HashMap::try_from(ebpf.map_mut(KNOWN_INDICES_MAP).expect("index map")).unwrap();
         known.insert(&0, &1, 0).unwrap();
@@ -262,51 +365,192 @@ mod tests {
         assert_eq!((c[&ShieldReason::UnknownIndex], c[&ShieldReason::Passed]), (10, 3));
     }
 
+    /// A handshake message of `msg_type` at its length with this node's mac1 (`signed`) or
+    /// another node's.
+    fn handshake(msg_type: u8, signed: bool) -> Vec<u8> {
+        let len = if msg_type == wire::MSG_INITIATION {
+            wire::INITIATION_LEN
+        } else {
+            wire::RESPONSE_LEN
+        };
+        let mut m = message(msg_type, len);
+        m[8..40].fill(0x5a);
+        let to = if signed { LOCAL } else { [0x77; 32] };
+        crate::protocol::noise::CookieJar::new(&to).stamp(&mut m, std::time::Instant::now());
+        m
+    }
+
+    /// The finding this replaces: initiations were charged before any mac1 check, so forged
+    /// ones from a peer's address spent its budget and its real handshakes were dropped.
     #[test]
-    fn initiations_beyond_a_sources_budget_are_rate_limited() {
+    fn only_handshakes_with_our_mac1_pass_and_forged_ones_charge_nobody() {
         let mut ebpf = shield_knowing_index_zero();
-        let initiation = message(wire::MSG_INITIATION, wire::INITIATION_LEN);
-        let verdicts: Vec<u32> = (0..40)
-            .map(|_| run(&mut ebpf, &frame_v4_from([198, 18, 0, 9], PORT, &initiation)))
-            .collect();
-        let passed = verdicts.iter().filter(|&&v| v == XDP_PASS).count();
-        // A burst of 20 (plus at most one more if 200 ms went by during the loop).
-        assert!((20..=21).contains(&passed), "{passed} of 40 passed");
-        assert_eq!(verdicts[39], XDP_DROP);
+        let peer = [198, 18, 0, 9];
+        for _ in 0..200 {
+            let forged = run(
+                &mut ebpf,
+                &frame_v4_from(peer, PORT, &handshake(wire::MSG_INITIATION, false)),
+            );
+            assert_eq!(forged, XDP_DROP);
+        }
         assert_eq!(
-            run(&mut ebpf, &frame_v4_from([198, 18, 0, 10], PORT, &initiation)),
-            XDP_PASS,
-            "another source"
+            run(
+                &mut ebpf,
+                &frame_v4_from(peer, PORT, &handshake(wire::MSG_RESPONSE, false))
+            ),
+            XDP_DROP,
+            "a response under another key"
         );
-        assert_eq!(counts(&ebpf)[&ShieldReason::RateLimited], 40 - passed as u64);
+        // The peer's real initiations all pass: nothing was charged, and the shield limits no
+        // source by itself (the daemon blocks proven sources that overspend under load).
+        for _ in 0..40 {
+            let real = run(
+                &mut ebpf,
+                &frame_v4_from(peer, PORT, &handshake(wire::MSG_INITIATION, true)),
+            );
+            assert_eq!(real, XDP_PASS);
+        }
+        assert_eq!(
+            run(
+                &mut ebpf,
+                &frame_v6_from([0xfd; 16], PORT, &handshake(wire::MSG_RESPONSE, true))
+            ),
+            XDP_PASS
+        );
+        let c = counts(&ebpf);
+        assert_eq!((c[&ShieldReason::BadMac], c[&ShieldReason::Passed]), (201, 41));
+        assert_eq!(c[&ShieldReason::RateLimited], 0);
     }
 
     #[test]
-    fn an_ipv6_source_is_budgeted_by_its_64_so_rotating_addresses_buys_nothing() {
+    fn a_blocked_source_loses_its_initiations_for_the_period_and_ipv6_is_blocked_by_its_64() {
         let mut ebpf = shield_knowing_index_zero();
-        let initiation = message(wire::MSG_INITIATION, wire::INITIATION_LEN);
+        let mut blocked = blocked_sources(&mut ebpf).unwrap();
+        let initiation = handshake(wire::MSG_INITIATION, true);
         let in_64 = |host: u8| {
             let mut a = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
             a[15] = host;
             a
         };
-        // 40 initiations from 40 addresses of one /64: one budget.
-        let passed = (0..40u8)
-            .filter(|&h| run(&mut ebpf, &frame_v6_from(in_64(h), PORT, &initiation)) == XDP_PASS)
-            .count();
-        assert!((20..=21).contains(&passed), "{passed} of 40 passed");
-        let mut other_64 = in_64(1);
+        block_source(
+            &mut blocked,
+            std::net::Ipv6Addr::from(in_64(5)).into(),
+            Duration::from_millis(500),
+        )
+        .unwrap();
+        block_source(
+            &mut blocked,
+            std::net::Ipv4Addr::new(198, 18, 0, 9).into(),
+            Duration::from_millis(500),
+        )
+        .unwrap();
+        for host in [5, 6, 200] {
+            assert_eq!(
+                run(&mut ebpf, &frame_v6_from(in_64(host), PORT, &initiation)),
+                XDP_DROP,
+                "host {host} of the /64"
+            );
+        }
+        assert_eq!(
+            run(&mut ebpf, &frame_v4_from([198, 18, 0, 9], PORT, &initiation)),
+            XDP_DROP
+        );
+        let mut other_64 = in_64(5);
         other_64[7] = 2;
         assert_eq!(
             run(&mut ebpf, &frame_v6_from(other_64, PORT, &initiation)),
             XDP_PASS,
             "another /64"
         );
-        // IPv4 sources stay keyed by their whole address.
         assert_eq!(
-            tunnelmesh_common::shield::budget_address(std::net::Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped().octets()),
-            std::net::Ipv4Addr::new(198, 18, 0, 9).to_ipv6_mapped().octets()
+            run(&mut ebpf, &frame_v4_from([198, 18, 0, 10], PORT, &initiation)),
+            XDP_PASS
         );
+        assert_eq!(
+            run(&mut ebpf, &frame_v4_from([198, 18, 0, 9], PORT, &data_for(0))),
+            XDP_PASS,
+            "only initiations are blocked"
+        );
+        assert_eq!(counts(&ebpf)[&ShieldReason::RateLimited], 4);
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(
+            run(&mut ebpf, &frame_v6_from(in_64(5), PORT, &initiation)),
+            XDP_PASS,
+            "the block ended"
+        );
+    }
+
+    /// IPv4 first fragments used to fail the UDP length check and be dropped (TCP in the tunnel
+    /// stalled on a path MTU below ~1480); IPv6 extension headers skipped the shield.
+    #[test]
+    fn fragments_pass_to_the_stack_and_ipv6_extension_headers_are_walked() {
+        let mut ebpf = shield_knowing_index_zero();
+        let src = [0xfd; 16];
+        let junk = message(9, 64);
+        let keepalive = message(wire::MSG_DATA, 32);
+        let big = message(wire::MSG_DATA, 32 + 1424);
+        let (pass, drop) = (XDP_PASS, XDP_DROP);
+        let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+            (
+                "v4 first fragment",
+                fragment_v4(frame_v4(PORT, &big), 0, true, 1376),
+                pass,
+            ),
+            (
+                "v4 later fragment",
+                fragment_v4(frame_v4(PORT, &big), 172, false, 88),
+                pass,
+            ),
+            ("v4 whole datagram of junk", frame_v4(PORT, &junk), drop),
+            (
+                "v6 junk behind destination options",
+                frame_v6_through(src, &[(60, dest_opts())], 17, PORT, &junk),
+                drop,
+            ),
+            (
+                "v6 keepalive behind hop-by-hop and destination options",
+                frame_v6_through(src, &[(0, dest_opts()), (60, dest_opts())], 17, PORT, &keepalive),
+                pass,
+            ),
+            (
+                "v6 first fragment",
+                frame_v6_through(src, &[(44, fragment_header(0, true))], 17, PORT, &junk),
+                pass,
+            ),
+            (
+                "v6 later fragment",
+                frame_v6_through(src, &[(44, fragment_header(100, false))], 17, PORT, &junk),
+                pass,
+            ),
+            (
+                "v6 junk in an atomic fragment (offset 0, no more)",
+                frame_v6_through(src, &[(44, fragment_header(0, false))], 17, PORT, &junk),
+                drop,
+            ),
+            (
+                "v6 more extension headers than RFC 8200 allows",
+                frame_v6_through(src, &vec![(60, dest_opts()); 9], 17, PORT, &keepalive),
+                drop,
+            ),
+            (
+                "v6 TCP behind destination options is not ours",
+                frame_v6_through(src, &[(60, dest_opts())], 6, PORT, &junk),
+                pass,
+            ),
+            (
+                "v6 junk to another port behind destination options",
+                frame_v6_through(src, &[(60, dest_opts())], 17, 53, &junk),
+                pass,
+            ),
+        ];
+        for (name, frame, expected) in &cases {
+            assert_eq!(run(&mut ebpf, frame), *expected, "{name}");
+        }
+        let c = counts(&ebpf);
+        assert_eq!(c[&ShieldReason::Fragment], 2, "the two first fragments");
+        assert_eq!(c[&ShieldReason::BadType], 3);
+        assert_eq!(c[&ShieldReason::Malformed], 1);
+        assert_eq!(c[&ShieldReason::Passed], 1);
     }
 
     #[test]
@@ -316,13 +560,18 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>, u32)> = vec![
             (
                 "initiation v4",
-                frame_v4(PORT, &message(wire::MSG_INITIATION, wire::INITIATION_LEN)),
+                frame_v4(PORT, &handshake(wire::MSG_INITIATION, true)),
                 pass,
             ),
             (
                 "response v6",
-                frame_v6(PORT, &message(wire::MSG_RESPONSE, wire::RESPONSE_LEN)),
+                frame_v6(PORT, &handshake(wire::MSG_RESPONSE, true)),
                 pass,
+            ),
+            (
+                "initiation for another node",
+                frame_v4(PORT, &handshake(wire::MSG_INITIATION, false)),
+                drop,
             ),
             (
                 "cookie reply",
@@ -378,6 +627,7 @@ mod tests {
         assert_eq!(counters[&ShieldReason::BadType], 2);
         assert_eq!(counters[&ShieldReason::BadLength], 2);
         assert_eq!(counters[&ShieldReason::Malformed], 1);
+        assert_eq!(counters[&ShieldReason::BadMac], 1);
     }
 
     #[test]
@@ -420,7 +670,15 @@ mod tests {
         let mut ebpf = shield_knowing_index_zero();
         for msg_type in 0..=5u8 {
             for len in (0..200).chain([1436, 1452, 1456]) {
-                let msg = message(msg_type, len);
+                let mut msg = message(msg_type, len);
+                let handshake = matches!(
+                    crate::protocol::wire::classify(&msg),
+                    Ok(crate::protocol::wire::Kind::Initiation | crate::protocol::wire::Kind::Response)
+                );
+                if handshake {
+                    // Userspace checks the mac after classifying; sign so both judge the size.
+                    crate::protocol::noise::CookieJar::new(&LOCAL).stamp(&mut msg, std::time::Instant::now());
+                }
                 let kernel_passes = run(&mut ebpf, &frame_v4(PORT, &msg)) == XDP_PASS;
                 assert_eq!(
                     kernel_passes,

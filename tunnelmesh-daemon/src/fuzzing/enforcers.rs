@@ -172,11 +172,14 @@ fn userspace_of(policy: &NodePolicy, packet: &[u8], now: Instant) -> crate::poli
 }
 
 const SHIELD_PORT: u16 = 51820;
+/// The Noise public key of the node the fuzzed shield guards.
+const SHIELD_LOCAL: [u8; 32] = [0x42; 32];
 
 fn shield() -> &'static Mutex<Ebpf> {
     static SHIELD: OnceLock<Mutex<Ebpf>> = OnceLock::new();
     SHIELD.get_or_init(|| {
-        let mut ebpf = load_shield(SHIELD_PORT).expect("the shield must load (run as root on a BPF-capable kernel)");
+        let mut ebpf = load_shield(SHIELD_PORT, &SHIELD_LOCAL)
+            .expect("the shield must load (run as root on a BPF-capable kernel)");
         let mut known: HashMap<&mut MapData, u32, u8> =
             HashMap::try_from(ebpf.map_mut(KNOWN_INDICES_MAP).expect("the index map")).expect("a hash map");
         known.insert(&1, &1, 0).expect("the index map takes an entry");
@@ -186,17 +189,27 @@ fn shield() -> &'static Mutex<Ebpf> {
 
 /// The XDP shield and the userspace classifier agree on every datagram: the shield drops for
 /// a malformation exactly what the classifier refuses for it, and what the classifier accepts
-/// the shield passes or holds back only for a budget or an unknown session.
+/// the shield passes or holds back only for a budget or an unknown session; a handshake passes
+/// exactly when userspace finds this node's mac1 on it. The selector's top bit signs a
+/// handshake with that mac1, so both sides of the check are reached.
 pub fn shield_vs_classifier(data: &[u8]) {
     let Some((&selector, msg)) = data.split_first() else {
         return;
     };
+    let now = Instant::now();
+    let mut msg = msg.to_vec();
+    let handshake = matches!(wire::classify(&msg), Ok(Kind::Initiation | Kind::Response));
+    if selector & 0x80 != 0 && handshake {
+        crate::protocol::noise::CookieJar::new(&SHIELD_LOCAL).stamp(&mut msg, now);
+    }
+    let msg = &msg[..];
+    let host = (selector >> 1) & 0x3f;
     let mut ebpf = crate::sync::lock(shield());
     let frame = if selector & 1 == 0 {
-        xdp::frame_v4_from([198, 18, 1, selector >> 1], SHIELD_PORT, msg)
+        xdp::frame_v4_from([198, 18, 1, host], SHIELD_PORT, msg)
     } else {
         let mut src = [0xfd; 16];
-        src[15] = selector >> 1;
+        src[15] = host;
         xdp::frame_v6_from(src, SHIELD_PORT, msg)
     };
     let before = shield_counters(&ebpf).expect("the counters read");
@@ -218,11 +231,17 @@ pub fn shield_vs_classifier(data: &[u8]) {
         assert_eq!(action, xdp::XDP_DROP, "counted {reason:?} but not dropped");
     }
     let userspace = wire::classify(msg);
+    let any_source = std::net::SocketAddr::from(([198, 18, 1, host], 40000));
+    let mac_ok = handshake
+        && crate::protocol::noise::CookieChecker::new(&SHIELD_LOCAL, now).verify(msg, any_source, false, now)
+            == crate::protocol::noise::MacVerdict::Accept;
     let expected: &[ShieldReason] = match userspace {
+        Ok(Kind::Initiation | Kind::Response) if !mac_ok => &[ShieldReason::BadMac],
         Err(HeaderError::TooShort) => &[ShieldReason::TooShort],
         Err(HeaderError::BadType) => &[ShieldReason::BadType],
         Err(HeaderError::BadLength) => &[ShieldReason::BadLength],
-        Ok(Kind::Initiation) => &[ShieldReason::Passed, ShieldReason::RateLimited],
+        // Nothing blocks a source here (only the daemon writes blocks).
+        Ok(Kind::Initiation) => &[ShieldReason::Passed],
         Ok(Kind::Response | Kind::CookieReply) => &[ShieldReason::Passed],
         Ok(Kind::Data) if wire::receiver_index(msg) == 1 => &[ShieldReason::Passed],
         // Dropped, or passed as the source's one sample a second.

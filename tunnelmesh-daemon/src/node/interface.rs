@@ -193,7 +193,9 @@ impl Interface {
             } else {
                 Ok(plan.xdp_interfaces.clone())
             };
-            targets.and_then(|t: Vec<String>| Shield::attach(listen_port, &t, &plan.name).map_err(|e| e.to_string()))
+            targets.and_then(|t: Vec<String>| {
+                Shield::attach(listen_port, identity.public().noise_public(), &t, &plan.name).map_err(|e| e.to_string())
+            })
         };
         match &shield {
             Ok(s) => info!(interfaces = ?s.interfaces, mode = s.mode, "XDP shield attached"),

@@ -230,17 +230,27 @@ pub fn serve(dev: Arc<Device>, listener: UnixListener, fastpath: Box<dyn Fn() ->
                         let dev = dev.clone();
                         std::thread::spawn(move || {
                             let doc = serde_json::to_vec(&ping(&dev, peer)).unwrap_or_default();
-                            let _ = stream.write_all(&doc);
+                            answer(&mut stream, &doc);
                         });
                         continue;
                     }
                     _ => serde_json::to_vec(&snapshot(&dev, &*fastpath)).unwrap_or_default(),
                 };
-                let _ = stream.write_all(&doc);
+                answer(&mut stream, &doc);
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// How long a client may take to read its answer before the daemon gives up on it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Write `doc` to a client within [`WRITE_TIMEOUT`]: one that never reads cannot hold the
+/// status thread (and with it shutdown).
+fn answer(stream: &mut UnixStream, doc: &[u8]) {
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let _ = stream.write_all(doc);
 }
 
 fn ping(dev: &Device, peer: String) -> PingAnswer {
@@ -334,5 +344,25 @@ impl Counters {
             .ok()
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Security item 22: a client that asks and never reads used to block the status thread
+    /// (and shutdown, which waits for it) for good once the socket buffer filled.
+    #[test]
+    fn a_client_that_never_reads_holds_the_status_thread_no_longer_than_the_write_timeout() {
+        let (mut daemon_side, _client_side) = UnixStream::pair().unwrap();
+        let doc = vec![b'x'; 8 << 20];
+        let started = std::time::Instant::now();
+        answer(&mut daemon_side, &doc);
+        let took = started.elapsed();
+        assert!(
+            took >= WRITE_TIMEOUT && took < WRITE_TIMEOUT + Duration::from_secs(2),
+            "took {took:?}"
+        );
     }
 }

@@ -190,6 +190,42 @@ impl server::Handler for ServerHandler {
     }
 }
 
+/// The SSH server on a runtime (one thread) of its own: the key exchanges of connections not
+/// yet authenticated (bounded by their places, but each a Diffie-Hellman and a signature) must
+/// not delay the coordinator client, which carries revocations and policy on the daemon's main
+/// runtime. Dropping it stops the server.
+pub struct SshServer {
+    runtime: Option<tokio::runtime::Runtime>,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+}
+
+impl SshServer {
+    /// Listen on `bind` and serve `dev`'s members.
+    pub fn start(dev: Arc<Device>, bind: SocketAddr, host_key: PrivateKey) -> std::io::Result<SshServer> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tunnelmesh-ssh")
+            .enable_all()
+            .build()?;
+        let listener = runtime.block_on(TcpListener::bind(bind))?;
+        let addr = listener.local_addr()?;
+        runtime.spawn(serve(dev, listener, host_key));
+        Ok(SshServer {
+            runtime: Some(runtime),
+            addr,
+        })
+    }
+}
+
+impl Drop for SshServer {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
 /// Accept SSH connections on `listener` until the device shuts down.
 pub async fn serve(dev: Arc<Device>, listener: TcpListener, host_key: PrivateKey) {
     let config = Arc::new(server::Config {
@@ -416,6 +452,54 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve(node.dev.clone(), listener, host_key(&node.identity).unwrap()));
         addr
+    }
+
+    /// Security item 12: the server keeps answering while the daemon's main runtime (one
+    /// worker, the coordinator client's) is busy — its key exchanges run on a thread of their
+    /// own, so a burst of them cannot hold up coordinator pushes, nor the reverse.
+    #[test]
+    fn the_server_authenticates_a_member_while_the_main_runtime_is_busy() {
+        let t0 = Instant::now();
+        let node = Node::new("sshd", "198.18.0.1:51820", t0);
+        let member = Node::new("member", "198.18.0.2:51820", t0);
+        node.knows(&member);
+        let main = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = SshServer::start(
+            node.dev.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            host_key(&node.identity).unwrap(),
+        )
+        .unwrap();
+        let (busy_tx, busy_rx) = std::sync::mpsc::channel();
+        main.spawn(async move {
+            busy_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_secs(4));
+        });
+        busy_rx.recv().unwrap();
+        let client = tokio::runtime::Runtime::new().unwrap();
+        let authenticated = client.block_on(async {
+            tokio::time::timeout(Duration::from_secs(2), async {
+                let config = Arc::new(russh::client::Config::default());
+                let mut session = russh::client::connect(config, server.addr, Trusting).await.unwrap();
+                let key = Arc::new(host_key(&member.identity).unwrap());
+                session
+                    .authenticate_publickey(USER, PrivateKeyWithHashAlg::new(key, None))
+                    .await
+                    .unwrap()
+                    .success()
+            })
+            .await
+        });
+        assert_eq!(
+            authenticated,
+            Ok(true),
+            "authenticated within 2 s while the main runtime was busy"
+        );
+        main.shutdown_background();
     }
 
     /// Bytes the server sends until it closes the connection (`None`: still open at `by`).

@@ -332,14 +332,33 @@ pub fn cases() -> Vec<Case> {
             p(LAPTOP, WEB, false, Tcp(1, 22), First),
             Deny,
         ),
+        // A later fragment carries no ports: the stack delivers it only reassembled with its
+        // first fragment, which was judged; so one addressed to web passes (security item 15:
+        // large UDP answers, e.g. DNSSEC, to a query web sent).
         Case::new(
             "later fragment from laptop",
             p(LAPTOP, WEB, false, Tcp(1, 443), Later),
-            Deny,
+            Fragment,
         ),
         Case::new(
             "later IPv6 fragment from laptop",
             p(LAPTOP, WEB, true, Tcp(1, 443), Later),
+            Fragment,
+        ),
+        Case::new(
+            "later fragment of a DNS answer to web's query",
+            p(LAPTOP, WEB, false, Udp(53, 5353), Later),
+            Fragment,
+        )
+        .after(p(WEB, LAPTOP, false, Udp(5353, 53), None), 0, 1),
+        Case::new(
+            "later fragment to web's LAN address",
+            to(p(LAPTOP, WEB, false, Udp(53, 5353), Later), [192, 168, 1, 5]),
+            Deny,
+        ),
+        Case::new(
+            "later IPv6 fragment to an address web does not own",
+            p(LAPTOP, 77, true, Udp(53, 5353), Later),
             Deny,
         ),
         Case::new(

@@ -136,6 +136,11 @@ pub enum Verdict {
     Reply,
     /// Allowed by the `[[allow]]` rule with this index.
     Allow(u32),
+    /// A fragment after the first, addressed to this node, that no rule allows by itself: it
+    /// passes because the stack delivers it only reassembled with its first fragment, which
+    /// carries the ports and was judged (Linux discards overlapping fragments, so a later one
+    /// cannot rewrite those ports).
+    Fragment,
     /// No rule allows it.
     Deny,
 }
@@ -146,9 +151,43 @@ pub fn inbound_verdict(policy: &NodePolicy, conntrack: &mut Conntrack, packet: &
         return Verdict::Reply;
     }
     // Rules allow packets to this node, never through it.
-    if !policy.destinations.iter().any(|d| d.contains(&packet.dst)) {
+    if !addressed_to(policy, packet) {
         return Verdict::Deny;
     }
+    match allowing_rule(policy, packet) {
+        Some(id) => Verdict::Allow(id),
+        None if packet.later_fragment => Verdict::Fragment,
+        None => Verdict::Deny,
+    }
+}
+
+/// The flow an outbound packet is tracked under: none when a rule allows its replies anyway
+/// (this node answering a connection a peer opened to an allowed port), so a peer allowed one
+/// port cannot fill the flow table with this node's answers and evict the flows it opened.
+pub fn tracked_flow(policy: &NodePolicy, packet: &PacketInfo) -> Option<FlowKey> {
+    let flow = packet.outbound_flow()?;
+    if matches!(packet.proto, Proto::Tcp | Proto::Udp) {
+        let reply = PacketInfo {
+            src: packet.dst,
+            dst: packet.src,
+            src_port: packet.dst_port,
+            dst_port: packet.src_port,
+            ..*packet
+        };
+        if addressed_to(policy, &reply) && allowing_rule(policy, &reply).is_some() {
+            return None;
+        }
+    }
+    Some(flow)
+}
+
+/// Whether `packet` goes to an address rules may allow (one of this node's own).
+fn addressed_to(policy: &NodePolicy, packet: &PacketInfo) -> bool {
+    policy.destinations.iter().any(|d| d.contains(&packet.dst))
+}
+
+/// The id of the first rule that allows `packet` by its source, protocol and port.
+fn allowing_rule(policy: &NodePolicy, packet: &PacketInfo) -> Option<u32> {
     let allowed = policy.rules.iter().find(|rule| {
         let proto_ok = match (rule.proto, packet.proto) {
             (Proto::Any, _) => true,
@@ -162,7 +201,7 @@ pub fn inbound_verdict(policy: &NodePolicy, conntrack: &mut Conntrack, packet: &
         };
         proto_ok && rule.sources.iter().any(|net| net.contains(&packet.src))
     });
-    allowed.map_or(Verdict::Deny, |rule| Verdict::Allow(rule.id))
+    allowed.map(|rule| rule.id)
 }
 
 /// Decide the bytes of a decrypted inbound packet: unparsable packets are denied.

@@ -84,6 +84,16 @@ impl IpHeader {
     }
 }
 
+/// The key an underlay source's handshake budget is kept under, in the kernel and in
+/// userspace alike: IPv4 as `::ffff:a.b.c.d`, IPv6 by its /64.
+pub fn budget_key(source: IpAddr) -> [u8; 16] {
+    let octets = match source.to_canonical() {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    tunnelmesh_common::shield::budget_address(octets)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,9 @@
 //!    public key's MAC costs a hash. Under load (a long event queue) an initiation from UDP
 //!    without a valid cookie gets a cookie reply instead of DH. SSH and relay messages come from
 //!    authenticated members over TCP: no cookies there.
+//!    Under load, too, an initiation is charged to its proven source ([`super::limit`]): the
+//!    address that answered the cookie, or the member an SSH or relay carrier authenticated; a
+//!    source beyond its budget is dropped before DH (and blocked in the XDP shield a while).
 //! 2. The initiation is decrypted; a key that is not a member's is dropped silently.
 //! 3. Its TAI64N timestamp must be newer than the greatest accepted from that peer (replays),
 //!    and at most one initiation per peer is accepted per [`MIN_INITIATION_INTERVAL`].
@@ -20,7 +23,10 @@ use std::{
 
 use tracing::{debug, info};
 
-use super::{Output, SlowPath, UNDER_LOAD_QUEUE};
+use super::{
+    Output, SlowPath, UNDER_LOAD_QUEUE,
+    limit::{self, Source},
+};
 use crate::{
     device::{ActivityStamps, Counters, KeySet, Peer, Via},
     protocol::{
@@ -61,6 +67,16 @@ impl SlowPath {
 
     pub(super) fn on_initiation(&mut self, msg: &[u8], via: Via, now: Instant) {
         if !self.macs_ok(msg, via, now) {
+            return;
+        }
+        if self.backlog >= UNDER_LOAD_QUEUE && !self.limiter.charge(Source::of(via), now) {
+            Counters::bump(&self.dev.counters.handshake_rate_limited);
+            if let Via::Udp(src) = via {
+                self.out.push(Output::ShieldBlock {
+                    source: src.ip(),
+                    period: limit::BLOCK_FOR,
+                });
+            }
             return;
         }
         let dev = self.dev.clone();

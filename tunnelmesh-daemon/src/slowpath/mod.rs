@@ -18,7 +18,7 @@
 //! dropped here, so its sessions end at once.
 //!
 //! One file per concern: [`accept`] (mac gate, cookies under load, accepting initiations and
-//! responses), [`index`] (keys and the index table), [`timers`] (starting handshakes when the
+//! responses), [`limit`] (budgets of proven sources under load), [`index`] (keys and the index table), [`timers`] (starting handshakes when the
 //! session timers say so), [`send`] (sealed sends on the current key), [`paths`], [`ping`],
 //! [`discovery`] (STUN on the tunnel socket, publishing candidates), [`punch`].
 
@@ -27,6 +27,7 @@
 mod accept;
 mod discovery;
 mod index;
+mod limit;
 mod paths;
 mod ping;
 mod punch;
@@ -81,6 +82,9 @@ pub enum Output {
     /// The XDP shield must know (`live`) or forget a receiver index. An index is always shown
     /// before any message naming it can be sent.
     ShieldIndex { index: u32, live: bool },
+    /// The XDP shield must drop initiations from `source` for `period` (it overspent its
+    /// budget after proving its address).
+    ShieldBlock { source: std::net::IpAddr, period: Duration },
     /// Hand a request to the coordinator client (dropped when not connected).
     Coordinator(CoordinatorRequest),
     /// Answer a `tunnelmesh ping`.
@@ -136,6 +140,7 @@ pub struct SlowPath {
     workers: u32,
     local: LocalStatic,
     checker: CookieChecker,
+    limiter: limit::Limiter,
     peers: HashMap<[u8; 32], PeerState>,
     /// Plaintext of a sealed send at `[16..]`, sealed in place.
     scratch: Vec<u8>,
@@ -164,6 +169,7 @@ impl SlowPath {
             dev,
             local,
             checker,
+            limiter: limit::Limiter::new(now),
             peers: HashMap::new(),
             scratch,
             pings: ping::Pings::default(),

@@ -189,6 +189,20 @@ pub fn shield_changes(out: &[Output]) -> Vec<(u32, bool)> {
 
 /// An initiation from `from` to `to` with an explicit timestamp, stamped with mac1.
 pub fn crafted_initiation(from: &Node, to: &Node, psk: &[u8; 32], index: u32, at: Duration, now: Instant) -> Vec<u8> {
+    let mut jar = CookieJar::new(to.identity.public().noise_public());
+    crafted_initiation_stamped(from, to, psk, index, at, &mut jar, now)
+}
+
+/// [`crafted_initiation`], its macs stamped by `jar` (which may hold a cookie from `to`).
+pub fn crafted_initiation_stamped(
+    from: &Node,
+    to: &Node,
+    psk: &[u8; 32],
+    index: u32,
+    at: Duration,
+    jar: &mut CookieJar,
+    now: Instant,
+) -> Vec<u8> {
     let (_, mut msg) = InitiatorHandshake::start(
         &local_static(&from.identity),
         &Zeroizing::new(*psk),
@@ -196,7 +210,7 @@ pub fn crafted_initiation(from: &Node, to: &Node, psk: &[u8; 32], index: u32, at
         index,
         Tai64n::from_unix(at),
     );
-    CookieJar::new(to.identity.public().noise_public()).stamp(&mut msg, now);
+    jar.stamp(&mut msg, now);
     msg.to_vec()
 }
 

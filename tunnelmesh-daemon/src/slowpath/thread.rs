@@ -67,6 +67,7 @@ impl SlowPathIo {
                 Output::Transmit { via, msg } => self.send_via(via, &msg),
                 Output::ShieldIndex { index, live: true } => self.mirror.insert(index),
                 Output::ShieldIndex { index, live: false } => self.mirror.remove(index),
+                Output::ShieldBlock { source, period } => self.mirror.block(source, period),
                 Output::Coordinator(request) => {
                     let sent = self
                         .dev

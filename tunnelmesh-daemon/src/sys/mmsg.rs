@@ -266,8 +266,15 @@ impl Batch {
                     continue;
                 }
                 let (first, count) = self.runs[next];
-                if count > 1 && matches!(err.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) {
-                    // The kernel or the device cannot segment: send one datagram per message.
+                // The kernel or the device cannot segment (EIO, EINVAL, ENOPROTOOPT), or the
+                // segment size exceeds the path MTU (EMSGSIZE since Linux 6.x; the kernel then
+                // fragments single datagrams): send one datagram per message.
+                if count > 1
+                    && matches!(
+                        err.raw_os_error(),
+                        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EMSGSIZE)
+                    )
+                {
                     self.gso = false;
                     outcome.gso_refused = Some(err);
                     from = first;

@@ -6,6 +6,7 @@
 #![allow(unsafe_code)]
 
 pub mod bpffs;
+pub mod clock;
 pub mod mmsg;
 pub mod netlink;
 pub mod poll;

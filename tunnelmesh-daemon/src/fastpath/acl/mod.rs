@@ -391,6 +391,7 @@ pub mod testing {
                         .expect("an allowed packet counts a rule hit");
                     Verdict::Allow(hits[slot].0)
                 }
+                TC_ACT_OK if moved(AclReason::Fragment) == 1 => Verdict::Fragment,
                 TC_ACT_SHOT if moved(AclReason::Denied) + moved(AclReason::Malformed) == 1 => Verdict::Deny,
                 other => panic!("action {other} with counters {before:?} → {after:?} on {packet:02x?}"),
             }

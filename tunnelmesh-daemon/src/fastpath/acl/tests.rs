@@ -71,9 +71,15 @@ fn https_from_laptop() -> Vec<u8> {
     )
 }
 
-/// web → db udp/53 (a flow web opens).
+/// web → laptop udp/53 (a flow web opens: no rule allows laptop's answers by themselves).
 fn dns_from_web() -> Vec<u8> {
-    cases::packet(cases::WEB, cases::DB, false, cases::L4::Udp(7, 53), cases::Frag::None)
+    cases::packet(
+        cases::WEB,
+        cases::LAPTOP,
+        false,
+        cases::L4::Udp(7, 53),
+        cases::Frag::None,
+    )
 }
 
 /// A super-packet (the daemon's GRO writes, the kernel's TSO) counts as its segments.
@@ -119,7 +125,13 @@ fn a_new_policy_replaces_the_old_one_whole_and_keeps_flows() {
     );
     let https = https_from_laptop();
     let opened = dns_from_web();
-    let answer = cases::packet(cases::DB, cases::WEB, false, cases::L4::Udp(53, 7), cases::Frag::None);
+    let answer = cases::packet(
+        cases::LAPTOP,
+        cases::WEB,
+        false,
+        cases::L4::Udp(53, 7),
+        cases::Frag::None,
+    );
     run(&mut acl, ACL_EGRESS_PROGRAM, &opened);
     assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &ssh_from_laptop), TC_ACT_SHOT);
     assert_eq!(run(&mut acl, ACL_INGRESS_PROGRAM, &https), TC_ACT_OK);
@@ -159,7 +171,7 @@ fn a_new_policy_replaces_the_old_one_whole_and_keeps_flows() {
     let (flow, _) = acl.flows().unwrap()[0];
     assert_eq!(
         (flow_addr(flow.local), flow_addr(flow.remote)),
-        ("100.64.0.2".parse().unwrap(), "100.64.0.3".parse().unwrap())
+        ("100.64.0.2".parse().unwrap(), "100.64.0.1".parse().unwrap())
     );
 }
 
@@ -206,4 +218,80 @@ fn a_policy_beyond_the_slots_is_refused_before_any_write() {
     })
     .unwrap_err();
     assert!(err.to_string().contains("257 rules"), "{err}");
+}
+
+/// Security item 14, run against both enforcers. A peer allowed one port opens connections
+/// from 70,000 source ports: web's answers (SYN-ACKs) used to open a flow each and churn the
+/// 65,536-flow table, evicting the flow web itself opened. Now an answer whose replies a rule
+/// allows anyway opens no flow. Then web opens 70,000 flows of its own while it keeps using
+/// one: both tables evict the least recently used (the userspace one evicted by first
+/// insertion), so the flow in use survives in both and an idle one goes in both.
+#[test]
+fn under_pressure_both_enforcers_keep_the_flow_in_use_and_answers_open_no_flow() {
+    use crate::policy::{Conntrack, PacketInfo, decide, tracked_flow};
+    use cases::{Frag, L4, LAPTOP, WEB, packet};
+    use tunnelmesh_common::acl::ACL_MAX_FLOWS;
+
+    let policy = cases::web_policy();
+    let mut acl = web_acl();
+    let mut ct = Conntrack::new(ACL_MAX_FLOWS as usize);
+    let now = std::time::Instant::now();
+    let outbound = |acl: &mut KernelAcl, ct: &mut Conntrack, p: &[u8]| {
+        assert_eq!(run(acl, ACL_EGRESS_PROGRAM, p), TC_ACT_OK);
+        if let Some(flow) = PacketInfo::parse(p).and_then(|i| tracked_flow(&policy, &i)) {
+            ct.outbound(flow, now);
+        }
+    };
+    let ssh = packet(WEB, LAPTOP, false, L4::Tcp(40000, 22), Frag::None);
+    let ssh_reply = packet(LAPTOP, WEB, false, L4::Tcp(22, 40000), Frag::None);
+    let both =
+        |acl: &mut KernelAcl, ct: &mut Conntrack, p: &[u8]| (acl.ingress_verdict(p), decide(&policy, ct, p, now));
+    outbound(&mut acl, &mut ct, &ssh);
+    let tracked = acl.reasons()[&AclReason::Tracked];
+
+    for port in 0..70_000u32 {
+        let answer = packet(
+            WEB,
+            LAPTOP,
+            false,
+            L4::Tcp(443, 1024 + (port % 64_000) as u16),
+            Frag::None,
+        );
+        outbound(&mut acl, &mut ct, &answer);
+    }
+    assert_eq!(
+        acl.reasons()[&AclReason::Tracked],
+        tracked,
+        "the answers opened no flow"
+    );
+    assert_eq!(ct.len(), 1);
+    assert_eq!(both(&mut acl, &mut ct, &ssh_reply), (Verdict::Reply, Verdict::Reply));
+
+    let idle = packet(WEB, LAPTOP, false, L4::Udp(1, 9), Frag::None);
+    let idle_reply = packet(LAPTOP, WEB, false, L4::Udp(9, 1), Frag::None);
+    outbound(&mut acl, &mut ct, &idle);
+    for i in 0..70_000u32 {
+        let flow = packet(
+            WEB,
+            LAPTOP,
+            false,
+            L4::Udp(2 + (i / 60_000) as u16, (i % 60_000) as u16),
+            Frag::None,
+        );
+        outbound(&mut acl, &mut ct, &flow);
+        if i % 1000 == 0 {
+            // The ssh session keeps talking.
+            outbound(&mut acl, &mut ct, &ssh);
+        }
+    }
+    assert_eq!(
+        both(&mut acl, &mut ct, &ssh_reply),
+        (Verdict::Reply, Verdict::Reply),
+        "the flow in use survives"
+    );
+    assert_eq!(
+        both(&mut acl, &mut ct, &idle_reply),
+        (Verdict::Deny, Verdict::Deny),
+        "the idle one was evicted"
+    );
 }

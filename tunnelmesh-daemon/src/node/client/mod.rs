@@ -161,25 +161,24 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
         None,
         socket.is_some(),
     );
-    if opts.ssh_port != 0 {
+    let ssh_server = if opts.ssh_port != 0 {
         let dev = interface.dev.clone();
         let key = crate::paths::ssh::host_key(&identity)?;
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind((
-                std::net::Ipv6Addr::UNSPECIFIED,
-                opts.ssh_port,
-            )))
-            .with_context(|| {
-                format!(
-                    "cannot listen on TCP port {} for the SSH transport; choose another --ssh-port (0 turns it off)",
-                    opts.ssh_port
-                )
-            })?;
-        runtime.spawn(crate::paths::ssh::serve(dev.clone(), listener, key.clone()));
+        let bind = std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, opts.ssh_port));
+        let server = crate::paths::ssh::SshServer::start(dev.clone(), bind, key.clone()).with_context(|| {
+            format!(
+                "cannot listen on TCP port {} for the SSH transport; choose another --ssh-port (0 turns it off)",
+                opts.ssh_port
+            )
+        })?;
         runtime.spawn(crate::paths::ssh::supervise(dev, key));
-    }
+        Some(server)
+    } else {
+        None
+    };
     runtime.spawn(follow(client, interface.dev.clone(), state, socket, cache));
     let result = interface.wait_for_signal();
+    drop(ssh_server);
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
 }

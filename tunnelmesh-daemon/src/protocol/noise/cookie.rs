@@ -29,6 +29,11 @@ pub const COOKIE_LIFETIME: Duration = Duration::from_secs(120);
 
 type Mac16 = Blake2sMac<U16>;
 
+/// The key of mac1 on messages to the node whose Noise public key is `public`.
+pub fn mac1_key(public: &[u8; 32]) -> [u8; 32] {
+    hash(LABEL_MAC1, public)
+}
+
 fn hash(label: &[u8], key: &[u8; 32]) -> [u8; 32] {
     let mut h = Blake2s256::new();
     h.update(label);
@@ -193,6 +198,27 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    /// The XDP shield's BLAKE2s (shared with the kernel program) gives the mac the `blake2`
+    /// crate gives, for every length it may be asked (a response covers 60 bytes, an
+    /// initiation 116) and keys of many nodes.
+    #[test]
+    fn the_kernels_blake2s_computes_the_same_mac1() {
+        use rand::Rng;
+        use tunnelmesh_common::blake2s;
+        let mut rng = rand::thread_rng();
+        for len in 1..=128 {
+            let public: [u8; 32] = rng.r#gen();
+            let key = mac1_key(&public);
+            let mut padded = [0u8; 128];
+            rng.fill(&mut padded[..len]);
+            let want = mac(&key, &padded[..len]);
+            let mut state = blake2s::State::new(blake2s::keyed_midstate(&key));
+            blake2s::mac16(&mut state, &padded, len);
+            let got: Vec<u8> = state.h[..4].iter().flat_map(|w| w.to_le_bytes()).collect();
+            assert_eq!(got, want, "length {len}");
+        }
     }
 
     #[test]

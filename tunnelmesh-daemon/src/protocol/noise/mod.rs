@@ -9,6 +9,6 @@ pub mod cookie;
 pub mod handshake;
 pub mod tai64n;
 
-pub use cookie::{CookieChecker, CookieJar, MacVerdict};
+pub use cookie::{CookieChecker, CookieJar, MacVerdict, mac1_key};
 pub use handshake::{InitiatorHandshake, LocalStatic, MeshKey, SessionKeys, consume_initiation};
 pub use tai64n::Tai64n;

@@ -168,6 +168,93 @@ fn under_load_udp_initiations_get_a_cookie_reply_and_pass_once_they_carry_the_co
     assert_eq!(b.counter(|c| &c.cookie_replies_sent), 1);
 }
 
+fn blocks(out: &[Output]) -> Vec<(std::net::IpAddr, Duration)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::ShieldBlock { source, period } => Some((*source, *period)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Security item 8: what fails mac1, what comes without a cookie under load, and anything
+/// while the queue is short is never charged, so a spoofer cannot spend a peer's budget;
+/// under load a source that proved its address (the cookie) is charged, and beyond its budget
+/// it is dropped before any DH and blocked in the XDP shield.
+#[test]
+fn under_load_only_a_proven_source_is_charged_and_beyond_its_budget_it_is_dropped_and_blocked() {
+    let t0 = Instant::now();
+    let (a, mut b) = pair(t0);
+    let wall = Duration::from_secs(1_800_000_000);
+    let at = |i: u32| wall + Duration::from_secs(i as u64);
+    for i in 0..40 {
+        b.receive(&a, crafted_initiation(&a, &b, &KEY_1, i, at(i), t0), t0);
+    }
+    assert_eq!(b.counter(|c| &c.handshake_rate_limited), 0, "not under load: no budget");
+
+    b.sp.set_backlog(UNDER_LOAD_QUEUE);
+    for i in 0..100 {
+        let mut forged = crafted_initiation(&a, &b, &KEY_1, 100 + i, at(100 + i), t0);
+        forged[20] ^= 1; // mac1 no longer matches
+        assert!(blocks(&b.receive(&a, forged, t0)).is_empty());
+    }
+    let mut jar = CookieJar::new(b.identity.public().noise_public());
+    for i in 0..30 {
+        let unproven = crafted_initiation(&a, &b, &KEY_1, 200 + i, at(200 + i), t0);
+        only(&b.receive(&a, unproven, t0), Kind::CookieReply);
+    }
+    let first = crafted_initiation_stamped(&a, &b, &KEY_1, 300, at(300), &mut jar, t0);
+    let reply = only(&b.receive(&a, first, t0), Kind::CookieReply);
+    assert!(jar.consume_reply(&reply, t0));
+    assert_eq!(
+        b.counter(|c| &c.handshake_rate_limited),
+        0,
+        "nothing unproven was charged"
+    );
+
+    let mut blocked = Vec::new();
+    for i in 0..30 {
+        let proven = crafted_initiation_stamped(&a, &b, &KEY_1, 400 + i, at(400 + i), &mut jar, t0);
+        blocked.extend(blocks(&b.receive(&a, proven, t0)));
+    }
+    assert_eq!(b.counter(|c| &c.handshake_rate_limited), 10, "a burst of 20 of the 30");
+    assert_eq!(blocked, vec![(a.addr.ip(), super::super::limit::BLOCK_FOR); 10]);
+}
+
+/// Security item 13: initiations over SSH or the relay need no cookie (the carrier
+/// authenticated the member), and under load they are charged to that member whatever the
+/// carrier; the shield is not involved (they never crossed it).
+#[test]
+fn under_load_initiations_over_ssh_and_the_relay_are_budgeted_per_member() {
+    let t0 = Instant::now();
+    let (a, mut b) = pair(t0);
+    b.sp.set_backlog(UNDER_LOAD_QUEUE * 10);
+    let wall = Duration::from_secs(1_800_000_000);
+    let member = *a.identity.public().noise_public();
+    let mut out = Vec::new();
+    for i in 0..40u32 {
+        let via = if i % 2 == 0 {
+            Via::Ssh(member)
+        } else {
+            Via::Relay(member)
+        };
+        let msg = crafted_initiation(&a, &b, &KEY_1, i, wall + Duration::from_secs(i as u64), t0);
+        out.extend(b.event(Event::Handshake { msg, via }, t0));
+    }
+    assert_eq!(b.counter(|c| &c.handshake_rate_limited), 20);
+    assert!(blocks(&out).is_empty());
+    // Another carrier key has a budget of its own.
+    let msg = crafted_initiation(&a, &b, &KEY_1, 99, wall + Duration::from_secs(99), t0);
+    b.event(
+        Event::Handshake {
+            msg,
+            via: Via::Relay([9; 32]),
+        },
+        t0,
+    );
+    assert_eq!(b.counter(|c| &c.handshake_rate_limited), 20);
+}
+
 #[test]
 fn under_load_initiations_over_ssh_need_no_cookie() {
     let t0 = Instant::now();
