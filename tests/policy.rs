@@ -27,6 +27,53 @@ fn formatted(pin: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Detach the TC programs of the node whose mesh interface is `iface` the way another tool
+/// would: its programs are those using its pinned `acl_config` map; their links are detached
+/// with bpftool.
+fn detach_acl(iface: &str) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let bpftool = |args: &[&str]| -> Value { serde_json::from_slice(&run(args)).expect("bpftool prints JSON") };
+    let config = bpftool(&[
+        "map",
+        "show",
+        "pinned",
+        &format!("/sys/fs/bpf/tunnelmesh/{iface}/acl_config"),
+    ]);
+    let config_id = config["id"].as_u64().expect("a map id");
+    let ours: Vec<u64> = bpftool(&["prog", "show"])
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter(|p| {
+            p["map_ids"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|id| id.as_u64() == Some(config_id)))
+        })
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    assert_eq!(ours.len(), 2, "ingress and egress use the node's acl_config");
+    let mut detached = 0;
+    for link in bpftool(&["link", "show"]).as_array().expect("an array") {
+        if link["prog_id"].as_u64().is_some_and(|id| ours.contains(&id)) {
+            run(&["link", "detach", "id", &link["id"].to_string()]);
+            detached += 1;
+        }
+    }
+    assert_eq!(detached, 2, "both links detached");
+}
+
 fn web_db_laptop(net: u8, no_ebpf: bool) {
     let mut lab = Lab::new();
     let hosts = lab.switched(net, &["c", "laptop", "web", "db"]);
@@ -135,7 +182,24 @@ fn web_db_laptop(net: u8, no_ebpf: bool) {
             .collect();
         assert_eq!(in_force.len(), 2, "laptop's IPv4 and IPv6 address: {in_force:?}");
         let flows = formatted(&format!("{pins}/acl_conntrack"));
-        assert!(!flows.is_empty(), "web's replies opened flows");
+        assert!(!flows.is_empty(), "web's connection to db opened flows");
+
+        // Security item 22: programs detached behind the daemon's back (here with bpftool)
+        // left the node open. Now the daemon notices within about a second and enforces the
+        // policy itself: still default deny.
+        detach_acl(&lab.nodes[web].iface);
+        eventually("web notices its TC programs went", Duration::from_secs(5), || {
+            lab.status(web)["policy"]["enforcement"] == "userspace"
+        });
+        assert!(
+            !lab.tcp_reaches(&ns(laptop), &ns(web), &v4(web), 22),
+            "laptop → web tcp/22 still denied"
+        );
+        assert!(
+            lab.tcp_reaches(&ns(laptop), &ns(web), &v4(web), 443),
+            "laptop → web tcp/443 still allowed"
+        );
+        assert!(lab.log(web).contains("TC programs were detached"));
     }
 
     // A policy change takes effect within 2 s, without a restart and without breaking allowed

@@ -180,7 +180,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         default.exists().then_some(default)
     });
     if let Some(path) = &authorized_path {
-        hub.set_authorized(load_authorized(path)?);
+        hub.set_authorized(load_authorized(path)?)?;
     }
     match &opts.policy {
         Some(path) => hub.set_policy(load_policy(path)?),
@@ -309,7 +309,11 @@ async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>, policy: Option
             && file.due(forced)
         {
             match load_authorized(&file.path) {
-                Ok(keys) => crate::sync::lock(&hub).set_authorized(keys),
+                Ok(keys) => {
+                    if let Err(e) = crate::sync::lock(&hub).set_authorized(keys) {
+                        warn!("authorized_keys reloaded, but the store refused a change: {e}");
+                    }
+                }
                 Err(e) => warn!("keeping the previous authorized keys: {e:#}"),
             }
         }
@@ -390,7 +394,13 @@ pub fn revoke(data_dir: &Path, who: &str) -> Result<()> {
     let store = open_existing_store(data_dir)?;
     match store.revoke(who)? {
         Some(n) => {
-            println!("revoked {} ({}); peers drop it within seconds", n.name, n.fingerprint);
+            println!(
+                "revoked {} ({}); peers drop it within seconds. A new mesh key was issued: peers accept the \
+                 previous one for {} more minutes, so no tunnel drops",
+                n.name,
+                n.fingerprint,
+                hub::MESH_KEY_OVERLAP_SECS / 60
+            );
             Ok(())
         }
         None => bail!("no node is named or has the fingerprint {who:?}"),

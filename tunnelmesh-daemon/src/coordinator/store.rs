@@ -35,6 +35,39 @@ pub struct NodeRecord {
     pub removed: bool,
     /// Endpoints last reported (`ip:port`, best first).
     pub endpoints: Vec<String>,
+    /// What admitted it, re-checked on every connect.
+    pub admitted_by: Admission,
+}
+
+/// What admitted a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Its line in `authorized_keys`: it stays a member only while the line does, with the
+    /// line's tags.
+    Key,
+    /// An enrollment token (with the token's tags): a member until revoked or removed.
+    Token,
+    /// Admitted by a coordinator before this was recorded: re-checked as a key while
+    /// `authorized_keys` lists it, else kept as it is.
+    Unknown,
+}
+
+impl Admission {
+    fn column(self) -> &'static str {
+        match self {
+            Admission::Key => "key",
+            Admission::Token => "token",
+            Admission::Unknown => "",
+        }
+    }
+
+    fn from_column(s: &str) -> Self {
+        match s {
+            "key" => Admission::Key,
+            "token" => Admission::Token,
+            _ => Admission::Unknown,
+        }
+    }
 }
 
 /// An enrollment token (only its hash is stored).
@@ -62,6 +95,8 @@ pub trait Store: Send {
     /// Insert a new node; fails with [`StoreError::NameTaken`] if the name belongs to another key.
     fn insert_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
     fn set_endpoints(&self, fingerprint: &str, endpoints: &[String]) -> Result<(), StoreError>;
+    /// Record what admits the node now, and the tags that gives it.
+    fn set_admission(&self, fingerprint: &str, admitted_by: Admission, tags: &[String]) -> Result<(), StoreError>;
     /// Mark the node with this name or fingerprint revoked; the record, or None if unknown.
     fn revoke(&self, name_or_fingerprint: &str) -> Result<Option<NodeRecord>, StoreError>;
     /// Set or clear the node's `removed` mark; the record as it was, or None if unknown.
@@ -81,7 +116,7 @@ pub struct SqliteStore {
     conn: Connection,
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATIONS: &[&str] = &[
     // 1: initial schema.
@@ -100,6 +135,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE mesh_keys (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, created INTEGER NOT NULL);",
     // 2: nodes can be removed (not a member now, may rejoin with authorization, keeps its address).
     "ALTER TABLE nodes ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;",
+    // 3: what admitted each node (`key`, `token`; empty for nodes admitted before).
+    "ALTER TABLE nodes ADD COLUMN admitted_by TEXT NOT NULL DEFAULT '';",
 ];
 
 fn split(list: String) -> Vec<String> {
@@ -181,11 +218,13 @@ impl SqliteStore {
             revoked: r.get::<_, i64>(6)? != 0,
             endpoints: split(r.get(7)?),
             removed: r.get::<_, i64>(8)? != 0,
+            admitted_by: Admission::from_column(&r.get::<_, String>(9)?),
         })
     }
 }
 
-const NODE_COLUMNS: &str = "fingerprint, public_key, name, tags, host, created, revoked, endpoints, removed";
+const NODE_COLUMNS: &str =
+    "fingerprint, public_key, name, tags, host, created, revoked, endpoints, removed, admitted_by";
 
 impl Store for SqliteStore {
     fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -225,7 +264,7 @@ impl Store for SqliteStore {
             return Err(StoreError::NameTaken(n.name.clone()));
         }
         tx.execute(
-            &format!("INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+            &format!("INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
             params![
                 n.fingerprint,
                 n.public_key,
@@ -235,7 +274,8 @@ impl Store for SqliteStore {
                 n.created,
                 n.revoked as i64,
                 n.endpoints.join(","),
-                n.removed as i64
+                n.removed as i64,
+                n.admitted_by.column()
             ],
         )?;
         tx.commit()?;
@@ -250,12 +290,26 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn set_admission(&self, fingerprint: &str, admitted_by: Admission, tags: &[String]) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE nodes SET admitted_by = ?2, tags = ?3 WHERE fingerprint = ?1",
+            params![fingerprint, admitted_by.column(), tags.join(",")],
+        )?;
+        Ok(())
+    }
+
     fn revoke(&self, who: &str) -> Result<Option<NodeRecord>, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
         let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1 OR fingerprint = ?1");
         let node = tx.query_row(&sql, [who], Self::row_to_node).optional()?;
-        if let Some(n) = &node {
+        if let Some(n) = node.as_ref().filter(|n| !n.revoked) {
             tx.execute("UPDATE nodes SET revoked = 1 WHERE fingerprint = ?1", [&n.fingerprint])?;
+            // The revoked node knows the mesh key: a new one, in the same transaction (peers
+            // still accept the old one through the overlap, so no tunnel drops).
+            tx.execute(
+                "INSERT INTO mesh_keys (key, created) VALUES (?1, ?2)",
+                params![new_mesh_key(), crate::control::unix_now()],
+            )?;
         }
         tx.commit()?;
         Ok(node)
@@ -347,6 +401,22 @@ mod tests {
         assert_eq!(level, 2, "synchronous = FULL");
     }
 
+    /// Security item 22: a revoked node kept the mesh key for good.
+    #[test]
+    fn revoking_a_node_issues_a_new_mesh_key_with_the_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
+        store.insert_node(&node("SHA256:a", "a", 1)).unwrap();
+        let before = store.mesh_keys().unwrap();
+        assert!(store.revoke("a").unwrap().is_some());
+        let after = store.mesh_keys().unwrap();
+        assert_eq!(after.len(), before.len() + 1);
+        assert!(!before.iter().any(|k| k.key == after[0].key), "the newest key is new");
+        // Revoking it again changes nothing.
+        store.revoke("a").unwrap();
+        assert_eq!(store.mesh_keys().unwrap().len(), after.len());
+    }
+
     fn node(fp: &str, name: &str, host: u32) -> NodeRecord {
         NodeRecord {
             fingerprint: fp.into(),
@@ -358,6 +428,7 @@ mod tests {
             revoked: false,
             removed: false,
             endpoints: vec!["198.18.0.1:51820".into()],
+            admitted_by: Admission::Token,
         }
     }
 

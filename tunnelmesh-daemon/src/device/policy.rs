@@ -141,6 +141,24 @@ impl PolicyEnforcer {
         }
     }
 
+    /// Fail closed if the kernel programs were detached behind our back: the daemon enforces
+    /// the policy itself from then on (the flows the kernel tracked are lost, so connections
+    /// this node opened must reopen). Called every second by the slow-path thread.
+    pub fn check_kernel(&self) {
+        if !self.in_kernel.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut kernel = crate::sync::lock(&self.kernel);
+        if kernel.as_mut().and_then(KernelAcl::attached) != Some(false) {
+            return;
+        }
+        let reason = "the TC programs were detached from the interface by something else";
+        warn!("{reason}; the daemon enforces the policy itself from now on");
+        *crate::sync::lock(&self.userspace_reason) = Some(reason.to_string());
+        self.in_kernel.store(false, Ordering::SeqCst);
+        *kernel = None;
+    }
+
     /// Record the flow an outbound packet opens (userspace enforcement only).
     #[inline]
     pub fn track_outbound(&self, header: &IpHeader, packet: &[u8], now: Instant) {

@@ -249,8 +249,21 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Write `doc` to a client within [`WRITE_TIMEOUT`]: one that never reads cannot hold the
 /// status thread (and with it shutdown).
 fn answer(stream: &mut UnixStream, doc: &[u8]) {
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    let _ = stream.write_all(doc);
+    let deadline = std::time::Instant::now() + WRITE_TIMEOUT;
+    let mut rest = doc;
+    while !rest.is_empty() {
+        // The socket's timeout bounds each write; the deadline bounds them all.
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.write(rest) {
+            Ok(0) => return,
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
 }
 
 fn ping(dev: &Device, peer: String) -> PingAnswer {

@@ -39,6 +39,7 @@ impl SlowPathIo {
     /// Run `machine` until the device shuts down.
     pub fn run(self, mut machine: SlowPath) {
         let mut next_tick = Instant::now();
+        let mut ticks = 0u64;
         while !self.dev.shutdown.load(Ordering::Relaxed) {
             match self
                 .events
@@ -55,6 +56,10 @@ impl SlowPathIo {
             if now >= next_tick {
                 self.step(&mut machine, Input::Tick, now);
                 next_tick = now + TICK;
+                ticks += 1;
+                if ticks.is_multiple_of(10) {
+                    self.dev.policy.check_kernel();
+                }
             }
         }
     }

@@ -1,6 +1,11 @@
 //! Admission: a hello is checked (signature over the challenge, name, candidates), the node is
 //! found or enrolled (authorized key or token; revoked keys never, removed ones only with a new
 //! authorization), and gets its welcome and a queue of updates.
+//!
+//! What admitted a node is checked again on every connect: a node admitted by its
+//! `authorized_keys` line is refused once the line is gone and takes the line's tags as they are
+//! now; a node admitted by a token stays a member (with the token's tags) until it is revoked or
+//! removed. A line added for a token-admitted node makes it key-admitted from then on.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -16,7 +21,10 @@ use crate::{
         proto::{ClientMsg, JOIN_NAMESPACE, NodeInfo, ServerMsg, join_transcript},
         unix_now,
     },
-    coordinator::{admission, store::NodeRecord},
+    coordinator::{
+        admission,
+        store::{Admission, NodeRecord},
+    },
     identity::{PublicIdentity, verify_signature},
     policy::NodePolicy,
 };
@@ -64,18 +72,25 @@ impl Hub {
         let node = match self.nodes.get(&fingerprint).cloned() {
             Some(n) if n.revoked => return Err(Refusal::Revoked(fingerprint)),
             Some(n) if n.removed => {
-                // Rejoining after removal needs authorization again; the address is kept.
-                let authorized = self.authorized.contains_key(&fingerprint)
-                    || match &token {
-                        Some(t) => self
-                            .store
-                            .consume_token(&admission::token_hash(t), unix_now())?
-                            .is_some(),
-                        None => false,
+                // Rejoining after removal needs authorization again (which then admits it); the
+                // address is kept.
+                let n = if self.authorized.contains_key(&fingerprint) {
+                    self.recheck(n)?
+                } else {
+                    let token = match &token {
+                        Some(t) => self.store.consume_token(&admission::token_hash(t), unix_now())?,
+                        None => None,
                     };
-                if !authorized {
-                    return Err(Refusal::NotAuthorized(fingerprint));
-                }
+                    let Some(token) = token else {
+                        return Err(Refusal::NotAuthorized(fingerprint));
+                    };
+                    self.store.set_admission(&fingerprint, Admission::Token, &token.tags)?;
+                    NodeRecord {
+                        tags: token.tags,
+                        admitted_by: Admission::Token,
+                        ..n
+                    }
+                };
                 self.store.set_removed(&fingerprint, false)?;
                 self.store.set_endpoints(&fingerprint, &reported)?;
                 self.gone.remove(&fingerprint);
@@ -86,6 +101,7 @@ impl Hub {
                 }
             }
             Some(n) => {
+                let n = self.recheck(n)?;
                 if n.endpoints != reported {
                     self.store.set_endpoints(&fingerprint, &reported)?;
                 }
@@ -110,14 +126,14 @@ impl Hub {
                 {
                     return Err(Refusal::NameTaken(n.clone()));
                 }
-                let (name_hint, tags) = match (self.authorized.get(&fingerprint), &token) {
-                    (Some(a), _) => (a.name.clone().or(name), a.tags.clone()),
+                let (name_hint, tags, admitted_by) = match (self.authorized.get(&fingerprint), &token) {
+                    (Some(a), _) => (a.name.clone().or(name), a.tags.clone(), Admission::Key),
                     (None, Some(t)) => {
                         let record = self
                             .store
                             .consume_token(&admission::token_hash(t), unix_now())?
                             .ok_or(Refusal::BadToken)?;
-                        (name, record.tags)
+                        (name, record.tags, Admission::Token)
                     }
                     (None, None) => return Err(Refusal::NotAuthorized(fingerprint)),
                 };
@@ -139,6 +155,7 @@ impl Hub {
                     revoked: false,
                     removed: false,
                     endpoints: reported,
+                    admitted_by,
                 };
                 self.store.insert_node(&record)?;
                 // Only a committed allocation takes the number.
@@ -187,6 +204,26 @@ impl Hub {
             welcome,
             updates: rx,
         })
+    }
+
+    /// Check again what admitted a known node `n`: its `authorized_keys` line must still be
+    /// there (its tags are the line's now); a token-admitted node stays as it is.
+    fn recheck(&mut self, n: NodeRecord) -> Result<NodeRecord, Refusal> {
+        match (self.authorized.get(&n.fingerprint), n.admitted_by) {
+            (Some(a), by) => {
+                if a.tags != n.tags || by != Admission::Key {
+                    self.store.set_admission(&n.fingerprint, Admission::Key, &a.tags)?;
+                    info!(name = %n.name, tags = ?a.tags, "tags follow the node's authorized_keys line");
+                }
+                Ok(NodeRecord {
+                    tags: a.tags.clone(),
+                    admitted_by: Admission::Key,
+                    ..n
+                })
+            }
+            (None, Admission::Key) => Err(Refusal::NotAuthorized(n.fingerprint)),
+            (None, Admission::Token | Admission::Unknown) => Ok(n),
+        }
     }
 
     /// `base`, or `base-2`, `base-3`, … whichever no node has.

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use super::{
     admission::AuthorizedKey,
     ipam::Ipam,
-    store::{NodeRecord, Store, StoreError},
+    store::{Admission, NodeRecord, Store, StoreError},
 };
 use crate::{
     control::{
@@ -166,8 +166,51 @@ impl Hub {
         Ok(hub)
     }
 
-    pub fn set_authorized(&mut self, keys: HashMap<String, AuthorizedKey>) {
+    /// Put the `authorized_keys` entries `keys` in force. A member admitted by its line that is
+    /// no longer listed is removed from the mesh at once (its peers drop it; it may rejoin with
+    /// a token); a member whose line's tags changed takes them (peers and policies follow).
+    pub fn set_authorized(&mut self, keys: HashMap<String, AuthorizedKey>) -> Result<(), StoreError> {
         self.authorized = keys;
+        let mut changed = false;
+        let members: Vec<NodeRecord> = self
+            .nodes
+            .values()
+            .filter(|n| !n.revoked && !n.removed)
+            .cloned()
+            .collect();
+        for node in members {
+            match (self.authorized.get(&node.fingerprint), node.admitted_by) {
+                (None, Admission::Key) => {
+                    self.store.set_removed(&node.fingerprint, true)?;
+                    let node = NodeRecord { removed: true, ..node };
+                    self.remember(node.clone());
+                    self.drop_member(node, "removed from the mesh (its authorized_keys line is gone)");
+                    changed = true;
+                }
+                (Some(a), by) if a.tags != node.tags || by != Admission::Key => {
+                    self.store.set_admission(&node.fingerprint, Admission::Key, &a.tags)?;
+                    let node = NodeRecord {
+                        tags: a.tags.clone(),
+                        admitted_by: Admission::Key,
+                        ..node
+                    };
+                    info!(name = %node.name, tags = ?node.tags, "tags follow the node's authorized_keys line");
+                    self.remember(node.clone());
+                    self.broadcast(
+                        Some(&node.fingerprint),
+                        ServerMsg::PeerUpsert {
+                            peer: self.peer_info(&node),
+                        },
+                    );
+                    changed = true;
+                }
+                _ => {}
+            }
+        }
+        if changed {
+            self.push_policies();
+        }
+        Ok(())
     }
 
     pub fn connected(&self) -> usize {
@@ -261,28 +304,34 @@ impl Hub {
             self.remember(record.clone());
         }
         for node in records.into_iter().filter(|n| n.revoked || n.removed) {
-            if self.gone.insert(node.fingerprint.clone()) {
-                let what = if node.revoked {
-                    "revoked"
-                } else {
-                    "removed from the mesh"
-                };
-                info!(name = %node.name, fingerprint = %node.fingerprint, "node {what}; telling every peer");
-                if let Some(s) = self.connections.remove(&node.fingerprint) {
-                    let _ = s.tx.try_send(Arc::new(ServerMsg::Revoked {
-                        message: format!("key {} was {what} by the coordinator operator", node.fingerprint),
-                    }));
-                }
-                self.broadcast(
-                    None,
-                    ServerMsg::PeerRemoved {
-                        fingerprint: node.fingerprint,
-                    },
-                );
-            }
+            let what = if node.revoked {
+                "revoked"
+            } else {
+                "removed from the mesh"
+            };
+            self.drop_member(node, what);
         }
         self.push_policies();
         Ok(())
+    }
+
+    /// Tell `node`'s connection why it ends and every peer that it is gone (once).
+    fn drop_member(&mut self, node: NodeRecord, what: &str) {
+        if !self.gone.insert(node.fingerprint.clone()) {
+            return;
+        }
+        info!(name = %node.name, fingerprint = %node.fingerprint, "node {what}; telling every peer");
+        if let Some(s) = self.connections.remove(&node.fingerprint) {
+            let _ = s.tx.try_send(Arc::new(ServerMsg::Revoked {
+                message: format!("key {} was {what} by the coordinator operator", node.fingerprint),
+            }));
+        }
+        self.broadcast(
+            None,
+            ServerMsg::PeerRemoved {
+                fingerprint: node.fingerprint,
+            },
+        );
     }
 }
 

@@ -95,8 +95,10 @@ fn a_revoked_or_replaced_connection_is_heard_no_more_and_nothing_it_sent_is_push
     hub.data_version = -1;
     hub.reconcile().unwrap();
     let told = drain(&mut b_conn.updates);
+    // The revocation issued a new mesh key (security item 22), pushed with the removal.
     assert!(
-        matches!(told.as_slice(), [ServerMsg::PeerRemoved { fingerprint }] if *fingerprint == a_again.fingerprint),
+        matches!(told.as_slice(), [ServerMsg::MeshKeys { mesh_keys }, ServerMsg::PeerRemoved { fingerprint }]
+            if mesh_keys.len() == 2 && *fingerprint == a_again.fingerprint),
         "{told:?}"
     );
     for late in [candidates, punch] {
@@ -333,4 +335,64 @@ fn admission_checks_the_signature_the_token_and_revocation() {
         .err()
         .unwrap();
     assert!(matches!(err, Refusal::Revoked(_)), "{err}");
+}
+
+/// Security item 7: what admitted a node is checked again. A line's new tags reach a
+/// key-admitted node's record; once its line is gone it is removed at once (its peers told)
+/// and refused when it reconnects; a token-admitted node is not affected by `authorized_keys`.
+/// Before, an admitted node rejoined with its stored tags whatever the file said.
+#[test]
+fn admission_and_tags_follow_authorized_keys_on_reload_and_on_every_connect() {
+    use crate::coordinator::admission::AuthorizedKey;
+    let mut hub = hub();
+    let remote: IpAddr = "198.18.0.9".parse().unwrap();
+    let (keyed, _) = crate::identity::Identity::generate("root@keyed");
+    let (tokened, _) = crate::identity::Identity::generate("root@tokened");
+    let fingerprint = keyed.public().fingerprint();
+    let line = |tags: &[&str]| {
+        HashMap::from([(
+            fingerprint.clone(),
+            AuthorizedKey {
+                name: Some("keyed".into()),
+                tags: tags.iter().map(|s| s.to_string()).collect(),
+            },
+        )])
+    };
+    hub.set_authorized(line(&["web"])).unwrap();
+    hub.admit(hello(&keyed, b"n1", None), b"n1", remote).unwrap();
+    hub.admit(hello(&tokened, b"n2", Some("tmtok_test")), b"n2", remote)
+        .unwrap();
+    assert_eq!(hub.nodes[&fingerprint].tags, ["web"]);
+
+    hub.set_authorized(line(&["db"])).unwrap();
+    assert_eq!(
+        hub.nodes[&fingerprint].tags,
+        ["db"],
+        "the line's new tags, without a reconnect"
+    );
+    let stored = hub.store.node(&fingerprint).unwrap().unwrap();
+    assert_eq!(
+        (stored.tags, stored.admitted_by),
+        (vec!["db".to_string()], Admission::Key)
+    );
+
+    hub.set_authorized(HashMap::new()).unwrap();
+    assert!(hub.nodes[&fingerprint].removed, "removed once its line is gone");
+    assert!(
+        !hub.connections.contains_key(&fingerprint),
+        "its connection was told and dropped"
+    );
+    assert!(matches!(
+        hub.admit(hello(&keyed, b"n3", None), b"n3", remote),
+        Err(Refusal::NotAuthorized(_))
+    ));
+    assert!(
+        hub.admit(hello(&tokened, b"n4", None), b"n4", remote).is_ok(),
+        "a token-admitted node stays a member"
+    );
+    // The removed node may come back with a token, taking the token's tags.
+    hub.admit(hello(&keyed, b"n5", Some("tmtok_test")), b"n5", remote)
+        .unwrap();
+    assert_eq!(hub.nodes[&fingerprint].tags, ["t"]);
+    assert_eq!(hub.nodes[&fingerprint].admitted_by, Admission::Token);
 }

@@ -146,6 +146,8 @@ pub struct KernelAcl {
     installed_destinations: [Vec<Key<AclSource>>; 2],
     /// Rule id of each slot of the generation in force.
     slot_ids: Vec<u32>,
+    /// The interface the programs were attached to.
+    interface: Option<CString>,
     // Dropped before `ebpf`: the pins go, then the programs detach with their links.
     pins: Option<Pins>,
     ebpf: Ebpf,
@@ -176,6 +178,7 @@ impl KernelAcl {
             installed: Default::default(),
             installed_destinations: Default::default(),
             slot_ids: Vec::new(),
+            interface: None,
             pins: None,
             ebpf,
         };
@@ -205,7 +208,26 @@ impl KernelAcl {
             }
         }
         self.pins = Some(Pins::create(&self.ebpf, interface, &PINS)?);
+        self.interface = Some(cname);
         Ok(())
+    }
+
+    /// Whether both programs are still attached (something else — `tc`, `bpftool`, another
+    /// loader — may detach them, and the node would fail open). `None` when the kernel cannot
+    /// say (no TCX: the programs went through a clsact qdisc).
+    pub fn attached(&mut self) -> Option<bool> {
+        let interface = self.interface.clone()?;
+        for (name, hook) in [
+            (ACL_INGRESS_PROGRAM, TcAttachType::Ingress),
+            (ACL_EGRESS_PROGRAM, TcAttachType::Egress),
+        ] {
+            let ours = classifier(&mut self.ebpf, name).info().ok()?.id();
+            let (_, attached) = SchedClassifier::query_tcx(interface.as_c_str(), hook).ok()?;
+            if !attached.iter().any(|p| p.id() == ours) {
+                return Some(false);
+            }
+        }
+        Some(true)
     }
 
     /// Put `policy` in force. On error the policy in force is unchanged.
