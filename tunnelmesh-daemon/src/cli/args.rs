@@ -220,6 +220,10 @@ pub enum TokenCommand {
         /// Tags given to nodes that join with it (comma-separated).
         #[arg(long, value_delimiter = ',')]
         tags: Vec<String>,
+        /// Names its holders may take: `*` (any free name that no policy rule names and no
+        /// authorized_keys line reserves), `prefix*`, or one exact name.
+        #[arg(long, default_value = "*")]
+        names: String,
     },
 }
 

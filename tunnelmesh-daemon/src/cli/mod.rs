@@ -67,8 +67,8 @@ fn coordinator_command(args: CoordinatorArgs) -> Result<()> {
         }),
         Some(CoordinatorCommand::Info) => coordinator::info(&args.data_dir),
         Some(CoordinatorCommand::Token {
-            command: TokenCommand::Create { ttl, uses, tags },
-        }) => coordinator::token_create(&args.data_dir, coordinator::parse_duration(&ttl)?, uses, tags),
+            command: TokenCommand::Create { ttl, uses, tags, names },
+        }) => coordinator::token_create(&args.data_dir, coordinator::parse_duration(&ttl)?, uses, tags, &names),
         Some(CoordinatorCommand::Revoke { node }) => coordinator::revoke(&args.data_dir, &node),
         Some(CoordinatorCommand::Remove { node }) => coordinator::remove(&args.data_dir, &node),
         Some(CoordinatorCommand::RotateMeshKey) => coordinator::rotate_mesh_key(&args.data_dir),

@@ -108,6 +108,60 @@ pub fn name_from(hint: &str) -> Option<String> {
     check_name(&cleaned).ok().map(|_| cleaned)
 }
 
+/// Which names the holders of a token may take: `*` (any free name no policy rule names and no
+/// `authorized_keys` line reserves), `prefix*` (names starting with it), or one exact name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenNames {
+    Any,
+    Prefix(String),
+    Exactly(String),
+}
+
+impl TokenNames {
+    /// Parse `--names`: `*`, `prefix*` or a name.
+    pub fn parse(pattern: &str) -> Result<Self, String> {
+        let bad = |e: BadName| format!("--names {pattern:?}: {e} (use `*`, `prefix*` or one name)");
+        match pattern.strip_suffix('*') {
+            Some("") => Ok(TokenNames::Any),
+            Some(prefix) => {
+                // The prefix with one more letter must be a valid name.
+                check_name(&format!("{prefix}a")).map_err(bad)?;
+                Ok(TokenNames::Prefix(prefix.to_string()))
+            }
+            None => {
+                check_name(pattern).map_err(bad)?;
+                Ok(TokenNames::Exactly(pattern.to_string()))
+            }
+        }
+    }
+
+    /// The stored form (what [`TokenNames::parse`] reads back).
+    pub fn pattern(&self) -> String {
+        match self {
+            TokenNames::Any => "*".into(),
+            TokenNames::Prefix(p) => format!("{p}*"),
+            TokenNames::Exactly(n) => n.clone(),
+        }
+    }
+
+    /// The name a holder takes: the one it asked for, else the token's exact name, else `derived`
+    /// (from its key comment) under the token's prefix. `None` if the token forbids it.
+    pub fn name_for(&self, asked: Option<&str>, derived: &str) -> Result<String, String> {
+        match (self, asked) {
+            (TokenNames::Exactly(n), None) => Ok(n.clone()),
+            (TokenNames::Exactly(n), Some(a)) if a == n => Ok(n.clone()),
+            (TokenNames::Exactly(n), Some(a)) => Err(format!("this token admits only the name {n:?}, not {a:?}")),
+            (TokenNames::Prefix(p), Some(a)) if a.starts_with(p.as_str()) => Ok(a.to_string()),
+            (TokenNames::Prefix(p), Some(a)) => {
+                Err(format!("this token admits only names starting with {p:?}, not {a:?}"))
+            }
+            (TokenNames::Prefix(p), None) if derived.starts_with(p.as_str()) => Ok(derived.to_string()),
+            (TokenNames::Prefix(p), None) => Ok(format!("{p}{derived}").chars().take(63).collect()),
+            (TokenNames::Any, a) => Ok(a.unwrap_or(derived).to_string()),
+        }
+    }
+}
+
 /// A new enrollment token and its stored hash.
 pub fn new_token() -> (String, String) {
     let mut bytes = [0u8; 24];
@@ -154,5 +208,30 @@ mod tests {
         assert!(t.starts_with("tmtok_"));
         assert_eq!(token_hash(&t), h);
         assert_ne!(new_token().0, t);
+    }
+
+    #[test]
+    fn a_token_decides_the_names_its_holders_take() {
+        let any = TokenNames::parse("*").unwrap();
+        let ci = TokenNames::parse("ci-*").unwrap();
+        let laptop = TokenNames::parse("laptop").unwrap();
+        assert_eq!(
+            (any.pattern(), ci.pattern(), laptop.pattern()),
+            ("*".into(), "ci-*".into(), "laptop".into())
+        );
+        assert_eq!(any.name_for(Some("db"), "host"), Ok("db".into()));
+        assert_eq!(any.name_for(None, "host"), Ok("host".into()));
+        assert_eq!(ci.name_for(Some("ci-7"), "host"), Ok("ci-7".into()));
+        assert!(
+            ci.name_for(Some("db"), "host")
+                .unwrap_err()
+                .contains("starting with \"ci-\"")
+        );
+        assert_eq!(ci.name_for(None, "runner3"), Ok("ci-runner3".into()));
+        assert_eq!(laptop.name_for(None, "host"), Ok("laptop".into()));
+        assert!(laptop.name_for(Some("db"), "host").is_err());
+        for bad in ["Web*", "-*", "a b", ""] {
+            assert!(TokenNames::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

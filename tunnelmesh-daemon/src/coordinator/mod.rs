@@ -373,10 +373,11 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
 }
 
 /// `tunnelmesh coordinator token create`.
-pub fn token_create(data_dir: &Path, ttl: Duration, uses: u32, tags: Vec<String>) -> Result<()> {
+pub fn token_create(data_dir: &Path, ttl: Duration, uses: u32, tags: Vec<String>, names: &str) -> Result<()> {
     if uses == 0 {
         bail!("--uses must be at least 1");
     }
+    let names = admission::TokenNames::parse(names).map_err(anyhow::Error::msg)?;
     let store = open_existing_store(data_dir)?;
     let (token, hash) = admission::new_token();
     store.insert_token(&TokenRecord {
@@ -384,6 +385,7 @@ pub fn token_create(data_dir: &Path, ttl: Duration, uses: u32, tags: Vec<String>
         uses_left: uses,
         expires: unix_now() + ttl.as_secs() as i64,
         tags,
+        names: names.pattern(),
     })?;
     println!("{token}");
     Ok(())

@@ -77,6 +77,8 @@ pub struct TokenRecord {
     pub uses_left: u32,
     pub expires: i64,
     pub tags: Vec<String>,
+    /// Which names its holders may take ([`super::admission::TokenNames`] pattern).
+    pub names: String,
 }
 
 /// A mesh key and when it became current.
@@ -102,9 +104,10 @@ pub trait Store: Send {
     /// Set or clear the node's `removed` mark; the record as it was, or None if unknown.
     fn set_removed(&self, name_or_fingerprint: &str, removed: bool) -> Result<Option<NodeRecord>, StoreError>;
     fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// The token if it is valid at `now` (nothing is spent).
+    fn token(&self, hash: &str, now: i64) -> Result<Option<TokenRecord>, StoreError>;
     /// Use one of the token's uses if it is valid at `now`; its record as it was, or None.
     fn consume_token(&self, hash: &str, now: i64) -> Result<Option<TokenRecord>, StoreError>;
-    /// Mesh keys, newest first.
     fn mesh_keys(&self) -> Result<Vec<MeshKeyRecord>, StoreError>;
     fn add_mesh_key(&self, key: &MeshKeyRecord) -> Result<(), StoreError>;
     /// Changes whenever another connection (the CLI) commits: the running coordinator polls it.
@@ -116,7 +119,7 @@ pub struct SqliteStore {
     conn: Connection,
 }
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATIONS: &[&str] = &[
     // 1: initial schema.
@@ -137,6 +140,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE nodes ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;",
     // 3: what admitted each node (`key`, `token`; empty for nodes admitted before).
     "ALTER TABLE nodes ADD COLUMN admitted_by TEXT NOT NULL DEFAULT '';",
+    // 4: which names a token's holders may take (tokens made before: any name policy does not
+    // name and no authorized_keys line reserves).
+    "ALTER TABLE tokens ADD COLUMN names TEXT NOT NULL DEFAULT '*';",
 ];
 
 fn split(list: String) -> Vec<String> {
@@ -202,6 +208,7 @@ impl SqliteStore {
                 uses_left: 10_000,
                 expires: crate::control::unix_now() + 600,
                 tags: vec!["t".into()],
+                names: "*".into(),
             })
             .unwrap();
         store
@@ -331,17 +338,17 @@ impl Store for SqliteStore {
 
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT INTO tokens (hash, uses_left, expires, tags) VALUES (?1, ?2, ?3, ?4)",
-            params![t.hash, t.uses_left, t.expires, t.tags.join(",")],
+            "INSERT INTO tokens (hash, uses_left, expires, tags, names) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![t.hash, t.uses_left, t.expires, t.tags.join(","), t.names],
         )?;
         Ok(())
     }
 
-    fn consume_token(&self, hash: &str, now: i64) -> Result<Option<TokenRecord>, StoreError> {
-        let tx = self.conn.unchecked_transaction()?;
-        let token = tx
+    fn token(&self, hash: &str, now: i64) -> Result<Option<TokenRecord>, StoreError> {
+        Ok(self
+            .conn
             .query_row(
-                "SELECT hash, uses_left, expires, tags FROM tokens WHERE hash = ?1 AND uses_left > 0 AND expires > ?2",
+                "SELECT hash, uses_left, expires, tags, names FROM tokens WHERE hash = ?1 AND uses_left > 0 AND expires > ?2",
                 params![hash, now],
                 |r| {
                     Ok(TokenRecord {
@@ -349,10 +356,16 @@ impl Store for SqliteStore {
                         uses_left: r.get(1)?,
                         expires: r.get(2)?,
                         tags: split(r.get(3)?),
+                        names: r.get(4)?,
                     })
                 },
             )
-            .optional()?;
+            .optional()?)
+    }
+
+    fn consume_token(&self, hash: &str, now: i64) -> Result<Option<TokenRecord>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let token = self.token(hash, now)?;
         if token.is_some() {
             tx.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1", [hash])?;
         }
@@ -456,6 +469,7 @@ mod tests {
             uses_left: 2,
             expires: 100,
             tags: vec![],
+            names: "*".into(),
         })
         .unwrap();
         assert!(s.consume_token("h", 50).unwrap().is_some());
@@ -466,6 +480,7 @@ mod tests {
             uses_left: 5,
             expires: 10,
             tags: vec![],
+            names: "*".into(),
         })
         .unwrap();
         assert!(s.consume_token("old", 50).unwrap().is_none(), "expired");

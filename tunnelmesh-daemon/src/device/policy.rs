@@ -24,7 +24,7 @@ use tunnelmesh_common::acl::AclReason;
 
 use crate::{
     fastpath::KernelAcl,
-    policy::{Conntrack, FlowKey, NodePolicy, PacketInfo, Verdict, inbound_verdict, tracked_flow},
+    policy::{Conntrack, FlowKey, NodePolicy, PacketInfo, Verdict, inbound_verdict, track_outbound},
     protocol::ip::IpHeader,
 };
 
@@ -169,8 +169,13 @@ impl PolicyEnforcer {
         let Some(active) = active.as_deref() else {
             return;
         };
-        if let Some(flow) = PacketInfo::of(header, packet).and_then(|p| tracked_flow(&active.rules, &p)) {
-            self.shard(&flow).outbound(flow, now);
+        let Some(info) = PacketInfo::of(header, packet) else {
+            return;
+        };
+        let Some(flow) = info.outbound_flow() else {
+            return;
+        };
+        if track_outbound(&active.rules, &mut self.shard(&flow), &info, now) {
             self.counters.bump(AclReason::Tracked);
         }
     }

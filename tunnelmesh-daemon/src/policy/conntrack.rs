@@ -68,6 +68,15 @@ impl Conntrack {
         }
     }
 
+    /// Refresh `flow` if the table holds it (live or not yet evicted); whether it did.
+    pub fn refresh(&mut self, flow: FlowKey, now: Instant) -> bool {
+        if !self.flows.contains_key(&flow) {
+            return false;
+        }
+        self.used(flow, now);
+        true
+    }
+
     /// `flow` was used at `now`: stamp it and move it to the back of the eviction order.
     fn used(&mut self, flow: FlowKey, now: Instant) {
         self.uses += 1;

@@ -161,11 +161,18 @@ pub fn inbound_verdict(policy: &NodePolicy, conntrack: &mut Conntrack, packet: &
     }
 }
 
-/// The flow an outbound packet is tracked under: none when a rule allows its replies anyway
-/// (this node answering a connection a peer opened to an allowed port), so a peer allowed one
-/// port cannot fill the flow table with this node's answers and evict the flows it opened.
-pub fn tracked_flow(policy: &NodePolicy, packet: &PacketInfo) -> Option<FlowKey> {
-    let flow = packet.outbound_flow()?;
+/// Record outbound `packet` in `conntrack`: a flow it belongs to is refreshed; a new one is
+/// opened unless a rule allows its replies anyway (this node answering a connection a peer
+/// opened to an allowed port), so a peer allowed one port cannot fill the table with this
+/// node's answers and evict the flows it opened. Whether the packet opened or refreshed a flow.
+/// The rules are consulted only for a packet of no known flow, as in the egress program.
+pub fn track_outbound(policy: &NodePolicy, conntrack: &mut Conntrack, packet: &PacketInfo, now: Instant) -> bool {
+    let Some(flow) = packet.outbound_flow() else {
+        return false;
+    };
+    if conntrack.refresh(flow, now) {
+        return true;
+    }
     if matches!(packet.proto, Proto::Tcp | Proto::Udp) {
         let reply = PacketInfo {
             src: packet.dst,
@@ -175,10 +182,11 @@ pub fn tracked_flow(policy: &NodePolicy, packet: &PacketInfo) -> Option<FlowKey>
             ..*packet
         };
         if addressed_to(policy, &reply) && allowing_rule(policy, &reply).is_some() {
-            return None;
+            return false;
         }
     }
-    Some(flow)
+    conntrack.outbound(flow, now);
+    true
 }
 
 /// Whether `packet` goes to an address rules may allow (one of this node's own).

@@ -21,6 +21,6 @@ pub mod ports;
 
 pub use compile::{CompiledRule, NodePolicy, compile_for};
 pub use conntrack::{Conntrack, FlowKey};
-pub use matcher::{PacketInfo, Verdict, decide, inbound_verdict, tracked_flow};
+pub use matcher::{PacketInfo, Verdict, decide, inbound_verdict, track_outbound};
 pub use model::{Member, PolicyError, PolicyFile};
 pub use ports::{PortRange, Proto};

@@ -199,6 +199,23 @@ impl PolicyFile {
         Ok(done)
     }
 
+    /// Every node name a rule selects by name (directly or through a group): names a token
+    /// holder may not take for itself.
+    pub fn named_nodes(&self) -> std::collections::BTreeSet<String> {
+        let leaves = |selector: &str| -> Vec<String> {
+            match selector.strip_prefix("group:") {
+                Some(group) => self.resolved.get(group).cloned().unwrap_or_default(),
+                None => vec![selector.to_string()],
+            }
+        };
+        self.rules
+            .iter()
+            .flat_map(|r| r.from.iter().chain(&r.to))
+            .flat_map(|s| leaves(s.get_ref()))
+            .filter(|leaf| leaf != "*" && !leaf.starts_with("tag:"))
+            .collect()
+    }
+
     /// Whether `member` is selected by `selector`.
     pub fn selects(&self, selector: &str, member: &Member) -> bool {
         match selector.strip_prefix("group:") {

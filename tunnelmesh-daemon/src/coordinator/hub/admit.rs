@@ -6,8 +6,13 @@
 //! `authorized_keys` line is refused once the line is gone and takes the line's tags as they are
 //! now; a node admitted by a token stays a member (with the token's tags) until it is revoked or
 //! removed. A line added for a token-admitted node makes it key-admitted from then on.
+//!
+//! A token decides which names its holders may take ([`TokenNames`]).
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+};
 
 use tokio::sync::mpsc;
 use tracing::info;
@@ -22,7 +27,7 @@ use crate::{
         unix_now,
     },
     coordinator::{
-        admission,
+        admission::{self, TokenNames},
         store::{Admission, NodeRecord},
     },
     identity::{PublicIdentity, verify_signature},
@@ -111,24 +116,20 @@ impl Hub {
                 }
             }
             None => {
-                // A name asked for must be free before a token is spent on it (a refusal must
-                // not use up a single-use token).
-                let asked = self
-                    .authorized
-                    .get(&fingerprint)
-                    .and_then(|a| a.name.clone())
-                    .or(name.clone());
-                if let Some(n) = &asked
-                    && self
-                        .nodes
-                        .values()
-                        .any(|r| r.name == *n && r.fingerprint != fingerprint)
-                {
-                    return Err(Refusal::NameTaken(n.clone()));
-                }
-                let (name_hint, tags, admitted_by) = match (self.authorized.get(&fingerprint), &token) {
-                    (Some(a), _) => (a.name.clone().or(name), a.tags.clone(), Admission::Key),
+                let derived = admission::name_from(identity.comment()).unwrap_or_else(|| "node".into());
+                let (name, tags, admitted_by) = match (self.authorized.get(&fingerprint).cloned(), &token) {
+                    (Some(a), _) => {
+                        let name = match a.name.or(name) {
+                            // An asked-for name must be free (the store refuses it otherwise).
+                            Some(n) => n,
+                            None => self.free_name(derived, &Default::default()),
+                        };
+                        (name, a.tags, Admission::Key)
+                    }
                     (None, Some(t)) => {
+                        let name = self.name_for_token_holder(t, name, derived)?;
+                        // Spent only now that the name is known to be free (a refusal must not
+                        // use up a single-use token).
                         let record = self
                             .store
                             .consume_token(&admission::token_hash(t), unix_now())?
@@ -136,12 +137,6 @@ impl Hub {
                         (name, record.tags, Admission::Token)
                     }
                     (None, None) => return Err(Refusal::NotAuthorized(fingerprint)),
-                };
-                let name = match name_hint {
-                    // An asked-for name must be free (the store refuses it otherwise).
-                    Some(n) => n,
-                    // A derived one gets a suffix until it is.
-                    None => self.free_name(admission::name_from(identity.comment()).unwrap_or_else(|| "node".into())),
                 };
                 let mut ipam = self.ipam.clone();
                 let host = ipam.allocate().map_err(|e| Refusal::Internal(e.to_string()))?;
@@ -226,12 +221,51 @@ impl Hub {
         }
     }
 
-    /// `base`, or `base-2`, `base-3`, … whichever no node has.
-    fn free_name(&self, base: String) -> String {
+    /// `base`, or `base-2`, `base-3`, … whichever no node has and `reserved` does not hold.
+    fn free_name(&self, base: String, reserved: &BTreeSet<String>) -> String {
         let taken: std::collections::HashSet<&str> = self.nodes.values().map(|n| n.name.as_str()).collect();
         std::iter::once(base.clone())
             .chain((2..).map(|i| format!("{base}-{i}")))
-            .find(|n| !taken.contains(n.as_str()))
+            .find(|n| !taken.contains(n.as_str()) && !reserved.contains(n))
             .expect("an unbounded sequence has a free name")
+    }
+
+    /// The name a token holder takes, as its token's name rule decides: the token must be valid,
+    /// the name must fit the rule and be free, and — unless the token names it exactly — not one
+    /// the policy names or an `authorized_keys` line reserves (a holder must not pick up rights
+    /// meant for a node that has not joined yet). A name derived from the key comment moves on
+    /// to a free one (`base-2`, …); an asked-for name does not.
+    fn name_for_token_holder(&self, token: &str, asked: Option<String>, derived: String) -> Result<String, Refusal> {
+        let record = self
+            .store
+            .token(&admission::token_hash(token), unix_now())?
+            .ok_or(Refusal::BadToken)?;
+        let rule = TokenNames::parse(&record.names).map_err(Refusal::Internal)?;
+        let reserved: BTreeSet<String> = match rule {
+            TokenNames::Exactly(_) => BTreeSet::new(),
+            _ => self
+                .policy
+                .iter()
+                .flat_map(|p| p.named_nodes())
+                .chain(self.authorized.values().filter_map(|a| a.name.clone()))
+                .collect(),
+        };
+        let wanted = rule
+            .name_for(asked.as_deref(), &derived)
+            .map_err(Refusal::NameNotAllowed)?;
+        admission::check_name(&wanted).map_err(|e| Refusal::Invalid(e.to_string()))?;
+        if asked.is_none() && !matches!(rule, TokenNames::Exactly(_)) {
+            return Ok(self.free_name(wanted, &reserved));
+        }
+        if self.nodes.values().any(|r| r.name == wanted) {
+            return Err(Refusal::NameTaken(wanted));
+        }
+        if reserved.contains(&wanted) {
+            return Err(Refusal::NameNotAllowed(format!(
+                "the name {wanted:?} is named by the policy or reserved in authorized_keys; a token admits \
+                 it only if made for it (`tunnelmesh coordinator token create --names {wanted}`)"
+            )));
+        }
+        Ok(wanted)
     }
 }

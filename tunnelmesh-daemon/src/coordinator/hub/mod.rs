@@ -60,6 +60,8 @@ pub enum Refusal {
     NameTaken(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    NameNotAllowed(String),
     #[error("coordinator error: {0}")]
     Internal(String),
 }

@@ -140,6 +140,7 @@ fn a_hello_refused_for_a_taken_name_does_not_spend_a_single_use_token() {
             uses_left: 1,
             expires: unix_now() + 60,
             tags: vec![],
+            names: "*".into(),
         })
         .unwrap();
     let remote: IpAddr = "198.18.0.9".parse().unwrap();
@@ -395,4 +396,62 @@ fn admission_and_tags_follow_authorized_keys_on_reload_and_on_every_connect() {
         .unwrap();
     assert_eq!(hub.nodes[&fingerprint].tags, ["t"]);
     assert_eq!(hub.nodes[&fingerprint].admitted_by, Admission::Token);
+}
+
+/// Security item 7: a token holder picked any free name — also one the policy grants rights
+/// to before that node first joins. Now the token decides: `*` (any name the policy does not
+/// name and no authorized_keys line reserves), `prefix*`, or one exact name; a refusal spends
+/// nothing.
+#[test]
+fn a_token_decides_which_names_its_holders_take_and_a_refusal_spends_nothing() {
+    use crate::coordinator::admission::AuthorizedKey;
+    let mut hub = hub();
+    hub.set_policy(
+        crate::policy::PolicyFile::parse("[[allow]]\nfrom = [\"admin\"]\nto = [\"*\"]\nports = [\"any\"]\n").unwrap(),
+    );
+    let (reserved, _) = crate::identity::Identity::generate("root@db");
+    hub.set_authorized(HashMap::from([(
+        reserved.public().fingerprint(),
+        AuthorizedKey {
+            name: Some("db".into()),
+            tags: vec![],
+        },
+    )]))
+    .unwrap();
+    for (token, names) in [("tmtok_ci", "ci-*"), ("tmtok_admin", "admin")] {
+        hub.store
+            .insert_token(&TokenRecord {
+                hash: admission::token_hash(token),
+                uses_left: 1,
+                expires: unix_now() + 60,
+                tags: vec![],
+                names: names.into(),
+            })
+            .unwrap();
+    }
+    let remote: IpAddr = "198.18.0.9".parse().unwrap();
+    let join = |hub: &mut Hub, who: &str, token: &str, name: Option<&str>| {
+        let (id, _) = crate::identity::Identity::generate(&format!("root@{who}"));
+        let mut h = hello(&id, b"n", Some(token));
+        if let ClientMsg::Hello { name: n, .. } = &mut h {
+            *n = name.map(str::to_string);
+        }
+        hub.admit(h, b"n", remote)
+            .map(|a| hub.nodes[&a.fingerprint].name.clone())
+    };
+    let not_allowed = |r: Result<String, Refusal>| matches!(r, Err(Refusal::NameNotAllowed(_)));
+    // The any-name token: not the policy's "admin", not authorized_keys' "db".
+    assert!(not_allowed(join(&mut hub, "x", "tmtok_test", Some("admin"))));
+    assert!(not_allowed(join(&mut hub, "y", "tmtok_test", Some("db"))));
+    assert_eq!(
+        join(&mut hub, "admin", "tmtok_test", None).unwrap(),
+        "admin-2",
+        "a derived name moves on"
+    );
+    // The prefix token refuses other names without spending its one use, then admits one.
+    assert!(not_allowed(join(&mut hub, "z", "tmtok_ci", Some("web"))));
+    assert_eq!(join(&mut hub, "runner", "tmtok_ci", None).unwrap(), "ci-runner");
+    // The token made for "admin" gives exactly that name.
+    assert!(not_allowed(join(&mut hub, "w", "tmtok_admin", Some("other"))));
+    assert_eq!(join(&mut hub, "w", "tmtok_admin", None).unwrap(), "admin");
 }

@@ -228,7 +228,7 @@ fn a_policy_beyond_the_slots_is_refused_before_any_write() {
 /// insertion), so the flow in use survives in both and an idle one goes in both.
 #[test]
 fn under_pressure_both_enforcers_keep_the_flow_in_use_and_answers_open_no_flow() {
-    use crate::policy::{Conntrack, PacketInfo, decide, tracked_flow};
+    use crate::policy::{Conntrack, PacketInfo, decide, track_outbound};
     use cases::{Frag, L4, LAPTOP, WEB, packet};
     use tunnelmesh_common::acl::ACL_MAX_FLOWS;
 
@@ -238,9 +238,7 @@ fn under_pressure_both_enforcers_keep_the_flow_in_use_and_answers_open_no_flow()
     let now = std::time::Instant::now();
     let outbound = |acl: &mut KernelAcl, ct: &mut Conntrack, p: &[u8]| {
         assert_eq!(run(acl, ACL_EGRESS_PROGRAM, p), TC_ACT_OK);
-        if let Some(flow) = PacketInfo::parse(p).and_then(|i| tracked_flow(&policy, &i)) {
-            ct.outbound(flow, now);
-        }
+        track_outbound(&policy, ct, &PacketInfo::parse(p).unwrap(), now);
     };
     let ssh = packet(WEB, LAPTOP, false, L4::Tcp(40000, 22), Frag::None);
     let ssh_reply = packet(LAPTOP, WEB, false, L4::Tcp(22, 40000), Frag::None);
