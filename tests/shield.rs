@@ -1,11 +1,8 @@
 //! The XDP underlay shield attached for real on a veth inside a network namespace.
 
-use std::{
-    net::{Ipv4Addr, UdpSocket},
-    time::Duration,
-};
+use std::{net::UdpSocket, time::Duration};
 
-use tunnelmesh_tests::{Lab, NodeOptions, PORT, bpftool_dump, percpu_sums};
+use tunnelmesh_tests::{Lab, NodeOptions, bpftool_dump, percpu_sums};
 
 /// Sum of each per-CPU counter in the pinned shield map, by reason.
 fn shield_counters(iface: &str) -> Vec<u64> {
@@ -137,22 +134,16 @@ fn without_ebpf_the_daemon_drops_the_same_junk_itself() {
 /// reassembles them, and 100 MiB of TCP arrive intact with the shield attached.
 #[test]
 fn over_an_underlay_whose_path_mtu_is_1400_fragmented_datagrams_pass_the_shield() {
-    let mut lab = Lab::new();
-    let (na, nb) = (lab.netns("a"), lab.netns("b"));
-    let (ua, ub) = (Ipv4Addr::new(198, 18, 23, 1), Ipv4Addr::new(198, 18, 23, 2));
-    let (ia, ib) = lab.link(&na, ua, &nb, ub);
-    lab.sh(&na, &format!("ip link set {ia} mtu 1400"));
-    lab.sh(&nb, &format!("ip link set {ib} mtu 1400"));
-    let a = lab.node("a", &na, ua, 1, PORT);
-    let b = lab.node("b", &nb, ub, 2, PORT);
-    lab.configure(a, &[b], &NodeOptions::default());
-    lab.configure(b, &[a], &NodeOptions::default());
-    lab.start(a);
-    lab.start(b);
+    let defaults = NodeOptions::default();
+    let (lab, a, b) = Lab::pair_prepared(23, &defaults, &defaults, |lab, ends| {
+        for (ns, veth) in ends {
+            lab.sh(ns, &format!("ip link set {veth} mtu 1400"));
+        }
+    });
     for i in [a, b] {
         assert_eq!(lab.status(i)["fastpath"]["enforcement"], "ebpf");
     }
-    assert!(lab.ping(&na, &lab.nodes[b].mesh4.to_string(), 2));
+    assert!(lab.ping(&lab.nodes[a].ns, &lab.nodes[b].mesh4.to_string(), 2));
     let (sent, received, secs) = lab.tcp_transfer(a, b, 100 << 20);
     assert_eq!(sent, received, "SHA-256 of what was sent and what arrived");
     eprintln!("100 MiB over a 1400-byte path in {secs:.2} s");

@@ -1,7 +1,7 @@
 //! The first encrypted tunnel, end to end: two real daemons in network namespaces over veth.
 
 use std::{
-    net::{Ipv4Addr, UdpSocket},
+    net::UdpSocket,
     time::{Duration, Instant},
 };
 
@@ -333,21 +333,14 @@ fn udp_bursts_arrive_datagram_by_datagram_intact_and_in_order() {
 /// only, says so in its log and in `status`, and carries traffic.
 #[test]
 fn a_node_on_a_host_with_ipv6_disabled_comes_up_over_ipv4_only() {
-    let mut lab = Lab::new();
-    let (na, nb) = (lab.netns("a"), lab.netns("b"));
-    let (ua, ub) = (Ipv4Addr::new(198, 18, 31, 1), Ipv4Addr::new(198, 18, 31, 2));
-    lab.link(&na, ua, &nb, ub);
-    let off = lab.sh(
-        &na,
-        "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1",
-    );
-    assert!(off.status.success(), "{}", String::from_utf8_lossy(&off.stderr));
-    let a = lab.node("a", &na, ua, 1, PORT);
-    let b = lab.node("b", &nb, ub, 2, PORT);
-    lab.configure(a, &[b], &NodeOptions::default());
-    lab.configure(b, &[a], &NodeOptions::default());
-    lab.start(a);
-    lab.start(b);
+    let defaults = NodeOptions::default();
+    let (lab, a, b) = Lab::pair_prepared(31, &defaults, &defaults, |lab, [(na, _), _]| {
+        let off = lab.sh(
+            na,
+            "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1",
+        );
+        assert!(off.status.success(), "{}", String::from_utf8_lossy(&off.stderr));
+    });
     let (ma, mb) = (lab.nodes[a].mesh4.to_string(), lab.nodes[b].mesh4.to_string());
     assert!(lab.ping(&lab.nodes[a].ns, &mb, 3), "a → b IPv4");
     assert!(lab.ping(&lab.nodes[b].ns, &ma, 3), "b → a IPv4");

@@ -257,10 +257,22 @@ impl Lab {
     /// Two namespaces `a` and `b` on one veth (198.18.`net`.1 / .2), a node in each, configured
     /// as each other's peer and started.
     pub fn pair(net: u8, opts_a: &NodeOptions, opts_b: &NodeOptions) -> (Lab, usize, usize) {
+        Lab::pair_prepared(net, opts_a, opts_b, |_, _| {})
+    }
+
+    /// [`Lab::pair`], with `prepare` run on both ends — `[(namespace, veth)]` of a, then b —
+    /// before the nodes are made and started (an underlay MTU, a sysctl).
+    pub fn pair_prepared(
+        net: u8,
+        opts_a: &NodeOptions,
+        opts_b: &NodeOptions,
+        prepare: impl FnOnce(&Lab, [(&str, &str); 2]),
+    ) -> (Lab, usize, usize) {
         let mut lab = Lab::new();
         let (na, nb) = (lab.netns("a"), lab.netns("b"));
         let (ua, ub) = (Ipv4Addr::new(198, 18, net, 1), Ipv4Addr::new(198, 18, net, 2));
-        lab.link(&na, ua, &nb, ub);
+        let (ia, ib) = lab.link(&na, ua, &nb, ub);
+        prepare(&lab, [(&na, &ia), (&nb, &ib)]);
         let a = lab.node("a", &na, ua, 1, PORT);
         let b = lab.node("b", &nb, ub, 2, PORT);
         lab.configure(a, &[b], opts_a);
