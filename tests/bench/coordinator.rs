@@ -1,7 +1,8 @@
-//! `cargo xtask bench coordinator`: registration rate and memory with 10,000 simulated peers, and
-//! the time one change takes to reach 1,000 connected WebSockets. The coordinator is the real
-//! binary on loopback; the peers are in-process clients speaking the real protocol (TLS with a
-//! pinned fingerprint, SSHSIG proof), without TUN devices.
+//! `cargo xtask bench coordinator`: registration rate and memory with 10,000 simulated peers, the
+//! time one change takes to reach 1,000 connected WebSockets, and what one member alternating its
+//! endpoints 1,000 times a second costs the others (pushes per peer per second, coordinator
+//! CPU). The coordinator is the real binary on loopback; the peers are in-process clients
+//! speaking the real protocol (TLS with a pinned fingerprint, SSHSIG proof), without TUN devices.
 
 use std::{
     process::{Command, Stdio},
@@ -11,14 +12,33 @@ use std::{
 
 use serde_json::json;
 use tunnelmesh_daemon::{
+    control::proto::ClientMsg,
     identity::Identity,
-    node::client::{Client, JoinOptions, next_text},
+    node::client::{Client, JoinOptions, next_text, send_msg},
+    protocol::discovery::NatKind,
 };
 
 const PEERS: usize = 10_000;
 const CONNECTED: usize = 1_000;
 const CONCURRENCY: usize = 32;
 const LISTEN: &str = "127.0.0.1:18443";
+/// Phase 4: endpoint changes one member sends per second, for this long.
+const CHURN_PER_SECOND: u64 = 1_000;
+const CHURN: Duration = Duration::from_secs(5);
+
+/// CPU seconds `pid` has used (user + system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at its closing parenthesis.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, f)| f.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) as f64 / hz
+}
 
 fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -135,19 +155,22 @@ pub fn run() {
 
         // Phase 3: one node joins; how long until all 1,000 hear of it?
         let (tx, mut rx) = tokio::sync::mpsc::channel(CONNECTED);
-        for mut ws in sockets {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                loop {
-                    let text = next_text(&mut ws).await.expect("update");
-                    if text.contains("peer_upsert") {
-                        let _ = tx.send(Instant::now()).await;
-                        break;
+        let listeners: Vec<_> = sockets
+            .into_iter()
+            .map(|mut ws| {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let text = next_text(&mut ws).await.expect("update");
+                        if text.contains("peer_upsert") {
+                            let _ = tx.send(Instant::now()).await;
+                            break;
+                        }
                     }
-                }
-                ws
-            });
-        }
+                    ws
+                })
+            })
+            .collect();
         let change = Instant::now();
         let newcomer = identities[PEERS].clone();
         let _kept = client(&url, &fingerprint, &token, newcomer)
@@ -159,6 +182,54 @@ pub fn run() {
             arrivals.push(rx.recv().await.expect("arrival").duration_since(change).as_secs_f64() * 1000.0);
         }
         arrivals.sort_by(f64::total_cmp);
+        let mut sockets = Vec::new();
+        for l in listeners {
+            sockets.push(l.await.unwrap());
+        }
+
+        // Phase 4: the first of them alternates its endpoints CHURN_PER_SECOND times a second;
+        // every other counts the pushes about it, until a second after the churn ends.
+        let churner = identities[0].public().fingerprint();
+        let mut sender = sockets.remove(0);
+        let counters: Vec<_> = sockets
+            .into_iter()
+            .map(|mut ws| {
+                let churner = churner.clone();
+                tokio::spawn(async move {
+                    let end = Instant::now() + CHURN + Duration::from_secs(2);
+                    let mut pushes = 0u64;
+                    while let Ok(Ok(text)) = tokio::time::timeout_at(end.into(), next_text(&mut ws)).await {
+                        if text.contains("peer_upsert") && text.contains(&churner) {
+                            pushes += 1;
+                        }
+                    }
+                    (pushes, ws)
+                })
+            })
+            .collect();
+        let cpu_before = cpu_seconds(pid);
+        let churn_start = Instant::now();
+        let mut sent = 0u64;
+        let mut pace = tokio::time::interval(Duration::from_millis(10));
+        while churn_start.elapsed() < CHURN {
+            pace.tick().await;
+            for _ in 0..CHURN_PER_SECOND / 100 {
+                let msg = ClientMsg::Candidates {
+                    endpoints: vec![format!("198.18.0.9:{}", 40000 + sent % 2)],
+                    nat: NatKind::Easy,
+                };
+                send_msg(&mut sender, &msg).await.expect("send candidates");
+                sent += 1;
+            }
+        }
+        let churn_secs = churn_start.elapsed().as_secs_f64();
+        let mut per_peer = Vec::new();
+        for c in counters {
+            per_peer.push(c.await.unwrap().0);
+        }
+        let coordinator_cpu = cpu_seconds(pid) - cpu_before;
+        per_peer.sort_unstable();
+        let window = churn_secs + 2.0;
         json!({
             "peers": PEERS,
             "registration_seconds": register_secs,
@@ -171,6 +242,11 @@ pub fn run() {
             "connect_1000_seconds": connect_secs,
             "change_to_1000_ms_p50": arrivals[CONNECTED / 2],
             "change_to_1000_ms_max": arrivals[CONNECTED - 1],
+            "churn_changes_per_second": sent as f64 / churn_secs,
+            "churn_pushes_per_peer_max": per_peer[per_peer.len() - 1],
+            "churn_pushes_per_peer_per_second_max": per_peer[per_peer.len() - 1] as f64 / window,
+            "churn_pushes_per_peer_min": per_peer[0],
+            "churn_coordinator_cpu_seconds": coordinator_cpu,
         })
     });
     let _ = child.kill();

@@ -232,6 +232,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             }
             info!(ports = ?[opts.stun_port, opts.stun_port.wrapping_add(1)], "STUN targets up");
         }
+        tokio::spawn(hub::push_policies(hub.clone()));
         tokio::spawn(watch(hub.clone(), authorized_path, opts.policy.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -289,7 +290,8 @@ impl WatchedFile {
     }
 }
 
-/// Reload authorized_keys and the policy on change or SIGHUP; reconcile the store twice a second.
+/// Reload authorized_keys and the policy on change or SIGHUP; reconcile the store and take held
+/// candidates twice a second.
 async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>, policy: Option<PathBuf>) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let (mut authorized, mut policy) = (WatchedFile::new(authorized), WatchedFile::new(policy));
@@ -325,9 +327,11 @@ async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>, policy: Option
                 Err(e) => warn!("keeping the policy in force: {e:#}"),
             }
         }
-        if let Err(e) = crate::sync::lock(&hub).reconcile() {
+        let mut state = crate::sync::lock(&hub);
+        if let Err(e) = state.reconcile() {
             warn!("reconciling with the store failed: {e}");
         }
+        state.flush_paced(std::time::Instant::now());
     }
 }
 

@@ -23,7 +23,7 @@ use crate::{
     device::PeerTable,
     fastpath::acl::KernelTables,
     identity::Identity,
-    node::client::state::{MeshState, udp_endpoints},
+    node::client::state::{Change, MeshState, udp_endpoints},
     policy::{CompiledRule, NodePolicy, PortRange, Proto},
     protocol::discovery::NatKind,
 };
@@ -262,6 +262,9 @@ pub fn coordinator(data: &[u8]) {
                 }
             }
         }
+        // The coordinator's pusher and ticker: compile what changed, take what was held.
+        hub.settle_policies();
+        hub.flush_paced(std::time::Instant::now() + crate::coordinator::hub::CANDIDATES_INTERVAL);
         // The API drains every connection's pushes; a push is a message a node can read.
         for c in &mut connected {
             while let Ok(msg) = c.updates.try_recv() {
@@ -447,8 +450,8 @@ pub fn node(data: &[u8]) {
         if let ServerMsg::Punch { endpoints, .. } = &msg {
             let _ = udp_endpoints(endpoints);
         }
-        let Ok(changed) = state.apply(msg) else { continue };
-        if changed {
+        let Ok(change) = state.apply(msg) else { continue };
+        if change != Change::Nothing {
             table = PeerTable::build(state.peer_specs(), &table);
             let _ = state.mesh_keys();
             let _ = state.addresses();

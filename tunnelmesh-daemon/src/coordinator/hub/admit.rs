@@ -12,6 +12,7 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
+    time::Instant,
 };
 
 use tokio::sync::mpsc;
@@ -23,7 +24,7 @@ use super::{
 };
 use crate::{
     control::{
-        proto::{ClientMsg, JOIN_NAMESPACE, NodeInfo, ServerMsg, join_transcript},
+        proto::{ClientMsg, JOIN_NAMESPACE, NodeInfo, join_transcript},
         unix_now,
     },
     coordinator::{
@@ -160,9 +161,16 @@ impl Hub {
             }
         };
 
+        // What policy sees of a node (a newcomer, a rejoin after removal, a name or tags that
+        // changed) decides whether the others' rules are recompiled; what peers see of it
+        // (endpoints, NAT kind) whether its entry is pushed.
+        let as_member = |n: &NodeRecord| (n.name.clone(), n.tags.clone(), n.host, n.revoked || n.removed);
+        let membership_changed = self.nodes.get(&fingerprint).map(as_member) != Some(as_member(&node));
+        let entry_before = self.peer_json.get(&fingerprint).cloned();
         self.nat.insert(fingerprint.clone(), nat);
         self.observed.insert(fingerprint.clone(), observed);
         self.remember(node.clone());
+        self.drop_held(&fingerprint);
         let (v4, v6) = self.ipam.addresses(node.host);
         let node_info = NodeInfo {
             name: node.name.clone(),
@@ -179,12 +187,9 @@ impl Hub {
             NodePolicy::default()
         };
         let welcome = self.render_welcome(&fingerprint, &node_info, &node_policy);
-        self.broadcast(
-            Some(&fingerprint),
-            ServerMsg::PeerUpsert {
-                peer: self.peer_info(&node),
-            },
-        );
+        if self.peer_json.get(&fingerprint) != entry_before.as_ref() {
+            self.announce(&fingerprint, Instant::now());
+        }
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         self.next_connection += 1;
         let id = self.next_connection;
@@ -192,7 +197,9 @@ impl Hub {
         self.connections.insert(fingerprint.clone(), Connection { id, tx });
         self.pushed_policy.insert(fingerprint.clone(), node_policy);
         // The others' rules may name the newcomer.
-        self.push_policies();
+        if membership_changed {
+            self.policies_changed();
+        }
         Ok(Admitted {
             fingerprint,
             connection: id,

@@ -14,12 +14,12 @@ mod policy;
 mod rendezvous;
 mod welcome;
 
-pub use policy::members;
-pub use rendezvous::{MessageError, PUNCH_INTERVAL};
+pub use policy::{CompiledPolicies, PolicyJob, members, push_policies};
+pub use rendezvous::{CANDIDATES_INTERVAL, MessageError, PUNCH_INTERVAL};
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
 use super::{
@@ -108,9 +108,15 @@ pub struct Hub {
     /// Mesh keys as last pushed (base64, current first).
     pushed_mesh_keys: Vec<String>,
     /// The policy file in force (`None`: no file given, nothing is allowed).
-    policy: Option<PolicyFile>,
+    policy: Option<Arc<PolicyFile>>,
     /// Compiled policy as last sent to each connected node.
     pushed_policy: HashMap<String, NodePolicy>,
+    /// Bumped by every change the connected nodes' rules may depend on; the generation last
+    /// taken into a compile job and the newest one whose result was pushed.
+    policy_generation: u64,
+    policy_taken: u64,
+    policy_applied: u64,
+    policy_wake: Arc<Notify>,
     /// Revoked or removed fingerprints as last seen in the store.
     gone: std::collections::HashSet<String>,
     data_version: i64,
@@ -124,6 +130,8 @@ pub struct Hub {
     last_punch: HashMap<(String, String), Instant>,
     /// Per node: when its punch-budget window started, and the requests charged in it.
     punch_budget: HashMap<String, (Instant, u32)>,
+    /// Per node: the pace of its peer entry's pushes (see [`rendezvous`]).
+    paced: HashMap<String, rendezvous::Paced>,
 }
 
 impl Hub {
@@ -153,6 +161,10 @@ impl Hub {
             pushed_mesh_keys: Vec::new(),
             policy: None,
             pushed_policy: HashMap::new(),
+            policy_generation: 0,
+            policy_taken: 0,
+            policy_applied: 0,
+            policy_wake: Arc::new(Notify::new()),
             gone,
             data_version,
             stun_port: 0,
@@ -160,6 +172,7 @@ impl Hub {
             observed: HashMap::new(),
             last_punch: HashMap::new(),
             punch_budget: HashMap::new(),
+            paced: HashMap::new(),
         };
         hub.pushed_mesh_keys = hub.effective_mesh_keys()?;
         for record in records {
@@ -210,7 +223,7 @@ impl Hub {
             }
         }
         if changed {
-            self.push_policies();
+            self.policies_changed();
         }
         Ok(())
     }
@@ -313,7 +326,7 @@ impl Hub {
             };
             self.drop_member(node, what);
         }
-        self.push_policies();
+        self.policies_changed();
         Ok(())
     }
 
@@ -323,6 +336,7 @@ impl Hub {
             return;
         }
         info!(name = %node.name, fingerprint = %node.fingerprint, "node {what}; telling every peer");
+        self.paced.remove(&node.fingerprint);
         if let Some(s) = self.connections.remove(&node.fingerprint) {
             let _ = s.tx.try_send(Arc::new(ServerMsg::Revoked {
                 message: format!("key {} was {what} by the coordinator operator", node.fingerprint),

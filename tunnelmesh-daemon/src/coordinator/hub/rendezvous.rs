@@ -1,6 +1,12 @@
 //! Rendezvous: nodes report their UDP candidates and NAT kind; the coordinator checks and keeps
 //! them, pushes them to the others, and when a node asks to punch towards another, tells both
 //! at once (each then sends to the other's candidates).
+//!
+//! A node's entry reaches its peers at most once per [`CANDIDATES_INTERVAL`] on average, after a
+//! burst of [`CANDIDATES_BURST`]: a change beyond that is held (the newest replaces an older
+//! one) and taken when the pace allows ([`Hub::flush_paced`], every tick of the coordinator). A
+//! member alternating its endpoints a thousand times a second costs every peer one update a
+//! second, and the store one write.
 
 use std::{
     net::SocketAddr,
@@ -8,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::Hub;
 use crate::{
@@ -56,6 +62,39 @@ pub const PUNCH_INTERVAL: Duration = Duration::from_millis(500);
 /// peer per backoff, 2 s at the least: this is far above what a real node needs).
 pub const PUNCH_BUDGET: u32 = 128;
 pub const PUNCH_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+/// A node's peer entry is pushed to its peers at most this often on average…
+pub const CANDIDATES_INTERVAL: Duration = Duration::from_secs(1);
+/// …after a burst of this many (a join, its STUN answer and a roam in quick succession).
+pub const CANDIDATES_BURST: f64 = 4.0;
+
+/// The pace of one node's peer-entry pushes: a token bucket.
+pub(super) struct Paced {
+    tokens: f64,
+    refilled: Instant,
+    /// Candidates it reported while out of tokens, the newest (checked, not yet taken).
+    held: Option<(Vec<SocketAddr>, NatKind)>,
+    /// Its entry changed while out of tokens (at a rejoin) and is to be pushed.
+    due: bool,
+}
+
+impl Paced {
+    fn new(now: Instant) -> Self {
+        Paced {
+            tokens: CANDIDATES_BURST,
+            refilled: now,
+            held: None,
+            due: false,
+        }
+    }
+
+    /// Whether a push now must wait for the bucket to refill.
+    fn waiting(&mut self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.refilled).as_secs_f64() / CANDIDATES_INTERVAL.as_secs_f64();
+        self.tokens = (self.tokens + earned).min(CANDIDATES_BURST);
+        self.refilled = now;
+        self.tokens < 1.0
+    }
+}
 
 impl Hub {
     /// A message that `connection` of node `fingerprint` sent after its welcome. It is judged
@@ -78,38 +117,117 @@ impl Hub {
         }
     }
 
-    /// New UDP candidates of `fingerprint`: keep them (and its SSH endpoint) and tell everyone.
+    /// New UDP candidates of `fingerprint`: checked now, taken now or, beyond its pace, held.
     fn candidates(&mut self, fingerprint: &str, endpoints: &[String], nat: NatKind) -> Result<(), MessageError> {
         let candidates = parse_endpoints(endpoints)?;
+        let now = Instant::now();
+        let paced = self
+            .paced
+            .entry(fingerprint.to_string())
+            .or_insert_with(|| Paced::new(now));
+        if paced.waiting(now) {
+            paced.held = Some((candidates, nat));
+            return Ok(());
+        }
+        paced.held = None;
+        if self.take_candidates(fingerprint, &candidates, nat)? {
+            self.push_entry(fingerprint, now);
+        }
+        Ok(())
+    }
+
+    /// Keep `candidates` (and the SSH endpoint it had) as `fingerprint`'s; whether its entry changed.
+    fn take_candidates(
+        &mut self,
+        fingerprint: &str,
+        candidates: &[SocketAddr],
+        nat: NatKind,
+    ) -> Result<bool, MessageError> {
         let Some(record) = self.nodes.get(fingerprint).cloned() else {
             return Err(MessageError::UnknownNode);
         };
         let Some(observed) = self.observed.get(fingerprint).copied() else {
             return Err(MessageError::UnknownNode);
         };
-        let nat = nat_of(nat, &candidates, observed);
-        let mut reported = published_endpoints(&candidates, observed, nat);
+        let nat = nat_of(nat, candidates, observed);
+        let mut reported = published_endpoints(candidates, observed, nat);
         reported.extend(record.endpoints.iter().filter(|e| e.starts_with("ssh://")).cloned());
         if reported == record.endpoints && self.nat.get(fingerprint) == Some(&nat) {
-            return Ok(());
+            return Ok(false);
         }
         if reported != record.endpoints {
             self.store.set_endpoints(fingerprint, &reported)?;
         }
         self.nat.insert(fingerprint.to_string(), nat);
-        let record = NodeRecord {
+        debug!(%fingerprint, endpoints = ?reported, nat = nat.name(), "candidates changed");
+        self.remember(NodeRecord {
             endpoints: reported,
             ..record
+        });
+        Ok(true)
+    }
+
+    /// A rejoin's hello carries `fingerprint`'s candidates, newer than any its old connection
+    /// had held.
+    pub(super) fn drop_held(&mut self, fingerprint: &str) {
+        if let Some(paced) = self.paced.get_mut(fingerprint) {
+            paced.held = None;
+        }
+    }
+
+    /// `fingerprint`'s entry changed: push it to every peer now, or once its pace allows.
+    pub(super) fn announce(&mut self, fingerprint: &str, now: Instant) {
+        let paced = self
+            .paced
+            .entry(fingerprint.to_string())
+            .or_insert_with(|| Paced::new(now));
+        if paced.waiting(now) {
+            paced.due = true;
+        } else {
+            self.push_entry(fingerprint, now);
+        }
+    }
+
+    fn push_entry(&mut self, fingerprint: &str, now: Instant) {
+        let Some(record) = self.nodes.get(fingerprint) else {
+            return;
         };
-        debug!(%fingerprint, endpoints = ?record.endpoints, nat = nat.name(), "candidates changed");
-        self.remember(record.clone());
-        self.broadcast(
-            Some(fingerprint),
-            ServerMsg::PeerUpsert {
-                peer: self.peer_info(&record),
-            },
-        );
-        Ok(())
+        let peer = self.peer_info(record);
+        let paced = self
+            .paced
+            .entry(fingerprint.to_string())
+            .or_insert_with(|| Paced::new(now));
+        paced.tokens -= 1.0;
+        paced.due = false;
+        self.broadcast(Some(fingerprint), ServerMsg::PeerUpsert { peer });
+    }
+
+    /// Take what was held for nodes whose pace allows a push now, and push their entries. A node
+    /// revoked or removed meanwhile has nothing taken.
+    pub fn flush_paced(&mut self, now: Instant) {
+        let ready: Vec<String> = self
+            .paced
+            .iter_mut()
+            .filter(|(_, p)| p.held.is_some() || p.due)
+            .filter_map(|(fp, p)| (!p.waiting(now)).then(|| fp.clone()))
+            .collect();
+        for fp in ready {
+            let Some(paced) = self.paced.get_mut(&fp) else { continue };
+            let (held, due) = (paced.held.take(), std::mem::take(&mut paced.due));
+            if !self.nodes.get(&fp).is_some_and(|n| !n.revoked && !n.removed) {
+                continue;
+            }
+            let changed = match held {
+                Some((candidates, nat)) => self.take_candidates(&fp, &candidates, nat).unwrap_or_else(|e| {
+                    warn!(fingerprint = %fp, "held candidates not taken: {e}");
+                    false
+                }),
+                None => false,
+            };
+            if changed || due {
+                self.push_entry(&fp, now);
+            }
+        }
     }
 
     /// `from` wants a direct path to `to`: tell both, at once, to send to each other.

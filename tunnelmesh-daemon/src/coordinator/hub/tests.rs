@@ -1,6 +1,6 @@
 //! The hub driven directly: admission, welcomes in parts, candidates and punches.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Instant};
 
 use super::*;
 use crate::coordinator::store::{SqliteStore, TokenRecord};
@@ -242,6 +242,7 @@ fn candidates_are_checked_kept_and_pushed_and_a_punch_reaches_both_sides_at_once
     let refused = hub.on_message(&a_conn.fingerprint, a_conn.connection, punch_b.clone());
     assert!(matches!(refused, Err(MessageError::PunchNotAllowed(_))), "{refused:?}");
     hub.set_policy(PolicyFile::parse("[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n").unwrap());
+    hub.settle_policies();
 
     // A punch: both sides hear about the other, with its candidates, in one go.
     drain(&mut a_conn.updates);
@@ -454,4 +455,142 @@ fn a_token_decides_which_names_its_holders_take_and_a_refusal_spends_nothing() {
     // The token made for "admin" gives exactly that name.
     assert!(not_allowed(join(&mut hub, "w", "tmtok_admin", Some("other"))));
     assert_eq!(join(&mut hub, "w", "tmtok_admin", None).unwrap(), "admin");
+}
+
+/// Security item 6: every `candidates` message was pushed to every peer at once (and written
+/// to the store), so a member alternating its endpoints 1,000 times a second had every node
+/// rewrite its peer table and its cache 1,000 times a second. Now a node's entry is pushed at
+/// a bounded pace; what it sent meanwhile is held, and only its newest change is pushed.
+#[test]
+fn a_node_alternating_its_endpoints_reaches_its_peers_at_a_bounded_pace_with_its_newest_change() {
+    let mut hub = hub();
+    let remote: IpAddr = "198.18.0.9".parse().unwrap();
+    let (a, _) = crate::identity::Identity::generate("root@a");
+    let (b, _) = crate::identity::Identity::generate("root@b");
+    let a_conn = hub.admit(hello(&a, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+    let mut b_conn = hub.admit(hello(&b, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+    drain(&mut b_conn.updates);
+    let start = Instant::now();
+    let alternate = |i: usize| ClientMsg::Candidates {
+        endpoints: vec![format!("198.18.0.9:{}", 40000 + i % 2)],
+        nat: NatKind::Easy,
+    };
+    for i in 0..1_000 {
+        hub.on_message(&a_conn.fingerprint, a_conn.connection, alternate(i))
+            .unwrap();
+    }
+    let burst = drain(&mut b_conn.updates);
+    assert!(
+        (1..=rendezvous::CANDIDATES_BURST as usize).contains(&burst.len()),
+        "1,000 changes reach b as {} pushes",
+        burst.len()
+    );
+    // What came since is held: the next pushes wait for the pace, then carry the newest only.
+    hub.flush_paced(start);
+    assert!(drain(&mut b_conn.updates).is_empty(), "nothing before the pace allows");
+    let newest = vec!["198.18.0.9:40001".to_string()];
+    let mut pushed = Vec::new();
+    for tick in 1..=10 {
+        hub.flush_paced(start + CANDIDATES_INTERVAL * tick);
+        pushed.extend(drain(&mut b_conn.updates));
+    }
+    assert!(
+        matches!(pushed.as_slice(), [ServerMsg::PeerUpsert { peer }] if peer.endpoints == newest),
+        "{pushed:?}"
+    );
+    assert_eq!(
+        hub.store
+            .nodes()
+            .unwrap()
+            .iter()
+            .find(|n| n.fingerprint == a_conn.fingerprint)
+            .unwrap()
+            .endpoints,
+        newest
+    );
+
+    // A node revoked while a change of it is held: the change is never pushed.
+    for i in 0..100 {
+        hub.on_message(&a_conn.fingerprint, a_conn.connection, alternate(i))
+            .unwrap();
+    }
+    drain(&mut b_conn.updates);
+    hub.revoke_now(&a_conn.fingerprint).unwrap();
+    drain(&mut b_conn.updates);
+    hub.flush_paced(start + CANDIDATES_INTERVAL * 100);
+    assert!(
+        drain(&mut b_conn.updates).is_empty(),
+        "nothing of a revoked node is pushed"
+    );
+}
+
+/// Security item 6: every join or reconnect recompiled every connected node's policy under
+/// the hub lock, and was pushed to every peer even when nothing about the node changed. Now a
+/// rejoin that changes nothing pushes nothing and compiles nothing; a real change is compiled
+/// from a snapshot outside the lock, and a result older than one applied is dropped.
+#[test]
+fn a_rejoin_that_changes_nothing_pushes_and_compiles_nothing_and_stale_compiles_are_dropped() {
+    let mut hub = hub();
+    hub.set_policy(PolicyFile::parse("[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"any\"]\n").unwrap());
+    hub.settle_policies();
+    let remote: IpAddr = "198.18.0.9".parse().unwrap();
+    let ids: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| crate::identity::Identity::generate(&format!("root@{n}")).0)
+        .collect();
+    let mut a = hub
+        .admit(hello(&ids[0], b"n", Some("tmtok_test")), b"n", remote)
+        .unwrap();
+    let _b = hub
+        .admit(hello(&ids[1], b"n", Some("tmtok_test")), b"n", remote)
+        .unwrap();
+    hub.settle_policies();
+    assert!(
+        drain(&mut a.updates)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Policy { .. })),
+        "a newcomer changes a's rules"
+    );
+
+    // b reconnects as it was: a hears nothing and nothing is recompiled.
+    let b = hub.admit(hello(&ids[1], b"m", None), b"m", remote).unwrap();
+    assert!(hub.policy_job().is_none(), "an unchanged membership compiles nothing");
+    assert!(drain(&mut a.updates).is_empty(), "an unchanged entry is not pushed");
+
+    // Two changes; their compiles finish out of order: the older result is dropped.
+    let _c = hub
+        .admit(hello(&ids[2], b"n", Some("tmtok_test")), b"n", remote)
+        .unwrap();
+    let older = hub.policy_job().expect("c's join is compiled");
+    hub.set_policy(PolicyFile::parse("[[allow]]\nfrom = [\"c\"]\nto = [\"*\"]\nports = [\"any\"]\n").unwrap());
+    let newer = hub.policy_job().expect("the new policy is compiled");
+    assert!(hub.policy_job().is_none(), "a change is compiled once");
+    drain(&mut a.updates);
+    hub.apply_policies(newer.compile());
+    let only_from_c = |m: &ServerMsg| matches!(m, ServerMsg::Policy { policy } if policy.rules.len() == 1);
+    assert!(matches!(drain(&mut a.updates).as_slice(), [m] if only_from_c(m)));
+    hub.apply_policies(older.compile());
+    assert!(drain(&mut a.updates).is_empty(), "a stale compile pushes nothing");
+
+    // A part compiled for a connection since replaced is not pushed: its welcome had newer rules.
+    let allow_from = |who: &str| {
+        PolicyFile::parse(&format!(
+            "[[allow]]\nfrom = [\"{who}\"]\nto = [\"*\"]\nports = [\"any\"]\n"
+        ))
+        .unwrap()
+    };
+    hub.set_policy(allow_from("a"));
+    let job = hub.policy_job().unwrap();
+    hub.set_policy(allow_from("c"));
+    let mut b_again = hub.admit(hello(&ids[1], b"o", None), b"o", remote).unwrap();
+    drop(b);
+    hub.apply_policies(job.compile());
+    assert!(
+        drain(&mut b_again.updates)
+            .iter()
+            .all(|m| !matches!(m, ServerMsg::Policy { .. })),
+        "b keeps its welcome's rules"
+    );
+    hub.settle_policies();
+    assert!(drain(&mut b_again.updates).is_empty(), "and they are the newest");
 }

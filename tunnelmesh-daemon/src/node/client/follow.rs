@@ -14,7 +14,10 @@ use rand::Rng;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{info, warn};
 
-use super::{BACKOFF_MAX, BACKOFF_MIN, Client, MeshState, RELAY_QUEUE, Refusal, SILENCE, Socket, state::udp_endpoints};
+use super::{
+    BACKOFF_MAX, BACKOFF_MIN, Client, MeshState, RELAY_QUEUE, Refusal, SILENCE, Socket,
+    state::{CacheFile, Change, udp_endpoints},
+};
 use crate::{
     control::proto::{ClientMsg, ServerMsg},
     device::{ConnectionState, ControlState, CoordinatorRequest, Device, Event, Via},
@@ -58,6 +61,17 @@ pub(super) fn apply_to_device(dev: &Device, state: &MeshState) -> Result<()> {
     Ok(())
 }
 
+/// Apply what one pushed message changed: the rules, or the peer table and keys; nothing for
+/// a message that changed nothing (a repeated update rebuilds no table).
+fn apply_change(dev: &Device, state: &MeshState, change: Change) -> Result<()> {
+    match change {
+        Change::Nothing => {}
+        Change::Policy => dev.policy.set(state.mesh.policy.clone()),
+        Change::Peer | Change::PeerRemoved | Change::MeshKeys => dev.update(state.peer_specs(), state.mesh_keys()?),
+    }
+    Ok(())
+}
+
 /// Follow the coordinator until shutdown: apply pushes, cache them, reconnect on loss.
 pub(super) async fn follow(
     client: Client,
@@ -66,6 +80,7 @@ pub(super) async fn follow(
     mut socket: Option<Socket>,
     cache: PathBuf,
 ) {
+    let mut cache = CacheFile::new(cache);
     let mut backoff = BACKOFF_MIN;
     while !dev.shutdown.load(Ordering::Relaxed) {
         // A rejoin's hello carries what the device learned since.
@@ -82,7 +97,7 @@ pub(super) async fn follow(
                     }
                     state = fresh;
                     set_stun_targets(&dev, &client.url, &state);
-                    if let Err(e) = apply_to_device(&dev, &state).and_then(|_| state.save(&cache)) {
+                    if let Err(e) = apply_to_device(&dev, &state).and_then(|_| cache.write(&state)) {
                         warn!("applying the coordinator's state failed: {e:#}");
                     }
                     ws
@@ -119,6 +134,10 @@ pub(super) async fn follow(
         let (to_coordinator, mut outbox) = tokio::sync::mpsc::channel::<CoordinatorRequest>(RELAY_QUEUE);
         dev.coordinator.requests.store(Some(Arc::new(to_coordinator)));
         let mut last_heard = tokio::time::Instant::now();
+        // One timer for the whole connection (a sleep made per message never fires while
+        // messages keep coming).
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let reason = loop {
             let incoming = tokio::select! {
                 m = stream.next() => m,
@@ -138,10 +157,16 @@ pub(super) async fn follow(
                     }
                     continue;
                 }
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                _ = tick.tick() => {
+                    if let Err(e) = cache.flush(&state, false) {
+                        warn!("cannot write the state cache {}: {e:#}", cache.path().display());
+                    }
                     if dev.shutdown.load(Ordering::Relaxed) {
                         dev.coordinator.relay.store(None);
                         dev.coordinator.requests.store(None);
+                        if let Err(e) = cache.flush(&state, true) {
+                            warn!("cannot write the state cache {}: {e:#}", cache.path().display());
+                        }
                         return;
                     }
                     if last_heard.elapsed() > SILENCE {
@@ -178,20 +203,20 @@ pub(super) async fn follow(
                 Some(Ok(_)) => continue,
             };
             match msg.and_then(|m| state.apply(m)) {
-                Ok(true) => {
-                    if let Err(e) = apply_to_device(&dev, &state).and_then(|_| state.save(&cache)) {
+                Ok(Change::Nothing) => {}
+                Ok(change) => {
+                    if let Err(e) = apply_change(&dev, &state, change).and_then(|_| cache.changed(&state, change)) {
                         warn!("applying an update failed: {e:#}");
                     }
                     set_control(&dev, &client.url, ConnectionState::Connected, None, true);
                 }
-                Ok(false) => {}
                 Err(e) if e.downcast_ref::<Refusal>().is_some() => {
                     warn!("{e:#}; dropping every peer");
                     dev.coordinator.relay.store(None);
                     dev.coordinator.requests.store(None);
                     state.peers.clear();
                     let _ = apply_to_device(&dev, &state);
-                    let _ = fs::remove_file(&cache);
+                    let _ = fs::remove_file(cache.path());
                     set_control(
                         &dev,
                         &client.url,
@@ -206,6 +231,9 @@ pub(super) async fn follow(
         };
         dev.coordinator.relay.store(None);
         dev.coordinator.requests.store(None);
+        if let Err(e) = cache.flush(&state, true) {
+            warn!("cannot write the state cache {}: {e:#}", cache.path().display());
+        }
         warn!("lost the coordinator ({reason:#}); tunnels keep running, reconnecting");
         set_control(
             &dev,

@@ -176,6 +176,14 @@ pub async fn next_text(ws: &mut Socket) -> Result<String> {
     }
 }
 
+/// Send `msg` to the coordinator.
+pub async fn send_msg(ws: &mut Socket, msg: &ClientMsg) -> Result<()> {
+    let text = serde_json::to_string(msg).expect("client messages serialize");
+    ws.send(Message::Text(text.into()))
+        .await
+        .context("writing to the coordinator failed")
+}
+
 async fn next_msg(ws: &mut Socket) -> Result<ServerMsg> {
     serde_json::from_str(&next_text(ws).await?).context("unreadable message from the coordinator")
 }

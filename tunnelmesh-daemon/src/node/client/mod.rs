@@ -24,7 +24,7 @@ use crate::{
 };
 
 use follow::{follow, set_control, set_stun_targets};
-pub use join::{Client, Socket, next_text};
+pub use join::{Client, Socket, next_text, send_msg};
 pub use state::MeshState;
 
 /// Default directory of the peer's cached state.

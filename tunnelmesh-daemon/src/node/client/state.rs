@@ -33,25 +33,57 @@ pub struct MeshState {
     pub peers: BTreeMap<String, PeerInfo>,
 }
 
+/// What a pushed message changed in the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// Nothing (a repeated update, a removal of a peer we do not know, …).
+    Nothing,
+    /// A peer's entry was added or changed.
+    Peer,
+    PeerRemoved,
+    MeshKeys,
+    Policy,
+}
+
+impl Change {
+    /// Whether the cache must be written now: a removal, keys or rules must survive a restart;
+    /// a peer's new endpoints may wait for the next write (a rejoin brings them again).
+    pub(crate) fn urgent(self) -> bool {
+        !matches!(self, Change::Nothing | Change::Peer)
+    }
+}
+
 impl MeshState {
-    pub(crate) fn apply(&mut self, msg: ServerMsg) -> Result<bool> {
-        match msg {
+    pub(crate) fn apply(&mut self, msg: ServerMsg) -> Result<Change> {
+        let changed = |yes: bool, change: Change| if yes { change } else { Change::Nothing };
+        Ok(match msg {
             ServerMsg::PeerUpsert { peer } => {
-                self.peers.insert(peer.fingerprint.clone(), peer);
+                let same = self.peers.get(&peer.fingerprint) == Some(&peer);
+                if !same {
+                    self.peers.insert(peer.fingerprint.clone(), peer);
+                }
+                changed(!same, Change::Peer)
             }
             ServerMsg::PeerRemoved { fingerprint } => {
-                self.peers.remove(&fingerprint);
+                changed(self.peers.remove(&fingerprint).is_some(), Change::PeerRemoved)
             }
-            ServerMsg::MeshKeys { mesh_keys } => self.mesh.mesh_keys = mesh_keys,
-            ServerMsg::Policy { policy } => self.mesh.policy = policy,
+            ServerMsg::MeshKeys { mesh_keys } => {
+                let new = self.mesh.mesh_keys != mesh_keys;
+                self.mesh.mesh_keys = mesh_keys;
+                changed(new, Change::MeshKeys)
+            }
+            ServerMsg::Policy { policy } => {
+                let new = self.mesh.policy != policy;
+                self.mesh.policy = policy;
+                changed(new, Change::Policy)
+            }
             ServerMsg::Revoked { message } => return Err(Refusal::Revoked(message).into()),
             ServerMsg::Error { message } => bail!("coordinator error: {message}"),
             ServerMsg::Challenge { .. }
             | ServerMsg::Welcome { .. }
             | ServerMsg::Peers { .. }
-            | ServerMsg::Punch { .. } => return Ok(false),
-        }
-        Ok(true)
+            | ServerMsg::Punch { .. } => Change::Nothing,
+        })
     }
 
     pub(crate) fn mesh_keys(&self) -> Result<Vec<MeshKey>> {
@@ -133,6 +165,58 @@ impl MeshState {
     }
 }
 
+/// The on-disk cache of a [`MeshState`], written at most every [`CacheFile::PACE`] unless a
+/// change is [urgent](Change::urgent): a peer alternating its endpoints does not keep this node
+/// fsyncing.
+pub(crate) struct CacheFile {
+    path: std::path::PathBuf,
+    dirty: bool,
+    written: Option<std::time::Instant>,
+}
+
+impl CacheFile {
+    pub(crate) const PACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+    pub(crate) fn new(path: std::path::PathBuf) -> Self {
+        CacheFile {
+            path,
+            dirty: false,
+            written: None,
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `state` changed by `change`: write it now, or mark it for [`CacheFile::flush`].
+    pub(crate) fn changed(&mut self, state: &MeshState, change: Change) -> Result<()> {
+        if change == Change::Nothing {
+            return Ok(());
+        }
+        self.dirty = true;
+        let due = self.written.is_none_or(|t| t.elapsed() >= Self::PACE);
+        if change.urgent() || due {
+            self.write(state)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Write what is marked, once the pace allows (`now`: also before it).
+    pub(crate) fn flush(&mut self, state: &MeshState, now: bool) -> Result<()> {
+        let due = now || self.written.is_none_or(|t| t.elapsed() >= Self::PACE);
+        if self.dirty && due { self.write(state) } else { Ok(()) }
+    }
+
+    pub(crate) fn write(&mut self, state: &MeshState) -> Result<()> {
+        state.save(&self.path)?;
+        self.dirty = false;
+        self.written = Some(std::time::Instant::now());
+        Ok(())
+    }
+}
+
 /// The `ip:port` entries of a peer's endpoint list.
 pub(crate) fn udp_endpoints(endpoints: &[String]) -> Vec<SocketAddr> {
     endpoints.iter().filter_map(|e| e.parse::<SocketAddr>().ok()).collect()
@@ -154,5 +238,81 @@ mod tests {
         // Policies now also carry their destinations (security issue); nothing else changed.
         before["policy"]["destinations"] = serde_json::json!([]);
         assert_eq!(again, before, "the same document, field for field");
+    }
+
+    /// Security item 6: every push made this node rebuild its peer table and fsync its cache,
+    /// also when it changed nothing; a peer alternating endpoints kept every node fsyncing.
+    /// Now a repeated update changes nothing, and a peer's new endpoints are written at most
+    /// every `CacheFile::PACE` (a removal, keys or rules at once).
+    #[test]
+    fn a_repeated_update_changes_nothing_and_endpoint_changes_are_written_at_a_pace() {
+        let old = r#"{"node":{"name":"web","fingerprint":"SHA256:x","ipv4":"100.64.0.2","ipv6":"fd7a::2","tags":[]},
+            "mesh_keys":["AAAA"],"ipv4_prefix":"100.64.0.0/10","ipv6_prefix":"fd7a::/48","peers":{},
+            "policy":{"rules":[]},"stun_port":3478}"#;
+        let mut state: MeshState = serde_json::from_str(old).unwrap();
+        let peer = |port: u16| PeerInfo {
+            name: "db".into(),
+            fingerprint: "SHA256:db".into(),
+            ssh_key: "ssh-ed25519 AAAA db".into(),
+            ipv4: "100.64.0.3".into(),
+            ipv6: "fd7a::3".into(),
+            endpoints: vec![format!("198.18.0.3:{port}")],
+            tags: vec![],
+            nat: NatKind::None,
+        };
+        let upsert = |port| ServerMsg::PeerUpsert { peer: peer(port) };
+        assert_eq!(state.apply(upsert(1)).unwrap(), Change::Peer);
+        assert_eq!(state.apply(upsert(1)).unwrap(), Change::Nothing, "the same entry again");
+        let gone = ServerMsg::PeerRemoved {
+            fingerprint: "SHA256:nobody".into(),
+        };
+        assert_eq!(state.apply(gone).unwrap(), Change::Nothing);
+        let keys = ServerMsg::MeshKeys {
+            mesh_keys: vec!["AAAA".into()],
+        };
+        assert_eq!(state.apply(keys).unwrap(), Change::Nothing);
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut cache = CacheFile::new(dir.path().join("state.json"));
+        let on_disk =
+            || MeshState::load(&dir.path().join("state.json")).map(|s| s.peers["SHA256:db"].endpoints.clone());
+        cache.changed(&state, Change::Peer).unwrap();
+        assert_eq!(on_disk().unwrap(), ["198.18.0.3:1"], "the first change is written");
+        for port in 2..1_000 {
+            let change = state.apply(upsert(port)).unwrap();
+            cache.changed(&state, change).unwrap();
+        }
+        assert_eq!(
+            on_disk().unwrap(),
+            ["198.18.0.3:1"],
+            "998 endpoint changes wait for the pace"
+        );
+        cache.flush(&state, false).unwrap();
+        assert_eq!(
+            on_disk().unwrap(),
+            ["198.18.0.3:1"],
+            "a tick inside the pace writes nothing"
+        );
+        let removed = state
+            .apply(ServerMsg::PeerRemoved {
+                fingerprint: "SHA256:db".into(),
+            })
+            .unwrap();
+        cache.changed(&state, removed).unwrap();
+        assert!(
+            MeshState::load(&dir.path().join("state.json"))
+                .unwrap()
+                .peers
+                .is_empty(),
+            "a removal is written at once"
+        );
+        state.apply(upsert(7)).unwrap();
+        cache.changed(&state, Change::Peer).unwrap();
+        cache.flush(&state, true).unwrap();
+        assert_eq!(
+            on_disk().unwrap(),
+            ["198.18.0.3:7"],
+            "what waits is written when the connection ends"
+        );
     }
 }
