@@ -111,3 +111,72 @@ fn policy_check_reports_the_line_and_reason_or_ok() {
         "{stderr}"
     );
 }
+
+/// Starts a coordinator with `args` before the subcommand, stderr to a file, until "coordinator
+/// up" is logged; returns what it logged.
+fn coordinator_log(global: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr");
+    let mut child = Command::new(bin())
+        .args(global)
+        .args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--stun-port",
+            "0",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        // Inherited from a test run under systemd, it must not send our stderr to the journal.
+        .env("JOURNAL_STREAM", "0:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start the coordinator");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let text = loop {
+        let text = fs::read_to_string(&log).unwrap();
+        if text.contains("coordinator up") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        text.contains("coordinator up"),
+        "the coordinator did not come up:\n{text}"
+    );
+    text
+}
+
+#[test]
+fn logs_carry_no_colour_codes_off_a_terminal_and_json_is_one_object_per_line() {
+    let text = coordinator_log(&[]);
+    assert!(
+        !text.contains('\u{1b}'),
+        "ANSI escapes in a log that is not a terminal:\n{text}"
+    );
+    assert!(text.contains("WARN") && text.contains("no --policy"), "{text}");
+
+    let json = coordinator_log(&["--log-format", "json"]);
+    let mut warned = false;
+    for line in json.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let message = v["fields"]["message"].as_str().expect("fields.message");
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+        warned |= v["level"] == "WARN" && message.contains("no --policy");
+    }
+    assert!(warned, "the default-deny warning is missing:\n{json}");
+
+    let (ok, _, stderr) = tunnelmesh(&["--log-format", "xml", "status"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("invalid value 'xml'") && stderr.contains("text, json"),
+        "{stderr}"
+    );
+}

@@ -59,7 +59,7 @@ fn join_all(lab: &mut Lab, c: &Coordinator, nodes: &[usize]) {
         if k < 2 {
             lab.join(n, c, &[])
         } else {
-            lab.join(n, c, &["--token", &t])
+            lab.join(n, c, &["--token-file", &lab.token_file(&t)])
         }
     }
 }
@@ -97,7 +97,7 @@ fn four_peers_join_every_pair_pings_and_joins_and_leaves_propagate() {
     assert!(all.iter().all(|a| a.starts_with("100.")), "{all:?}");
 
     // A fifth node joins: everyone learns it and can reach it.
-    lab.join(fifth, &c, &["--token", &token(&c, 1)]);
+    lab.join(fifth, &c, &["--token-file", &lab.token_file(&token(&c, 1))]);
     let (v4_5, _) = lab.mesh_addrs(fifth);
     eventually("p1 learns p5", Duration::from_secs(5), || {
         peer_names(&lab, nodes[0]).contains(&"p5".to_string())
@@ -178,7 +178,7 @@ fn a_revoked_peer_is_dropped_everywhere_within_5_s_and_cannot_rejoin() {
     assert_eq!(lab.status(victim)["coordinator"]["state"], "revoked");
     // It cannot come back, even with a fresh token.
     lab.kill(victim);
-    lab.spawn_joining(victim, &c, &["--token", &token(&c, 1)]);
+    lab.spawn_joining(victim, &c, &["--token-file", &lab.token_file(&token(&c, 1))]);
     let (ok, log) = lab.wait_exit(victim, Duration::from_secs(15));
     assert!(!ok && log.contains("revoked"), "{log}");
 }
@@ -198,15 +198,19 @@ fn refusals_are_clear_wrong_fingerprint_unknown_key_bad_token_taken_name() {
     lab.spawn_joining(nodes[2], &c, &[]);
     let (ok, log) = lab.wait_exit(nodes[2], Duration::from_secs(15));
     assert!(
-        !ok && log.contains("is not authorized") && log.contains("--token"),
+        !ok && log.contains("is not authorized") && log.contains("--token-file"),
         "{log}"
     );
 
-    lab.spawn_joining(nodes[2], &c, &["--token", "tmtok_forged"]);
+    lab.spawn_joining(nodes[2], &c, &["--token-file", &lab.token_file("tmtok_forged")]);
     let (ok, log) = lab.wait_exit(nodes[2], Duration::from_secs(15));
     assert!(!ok && log.contains("token is invalid"), "{log}");
 
-    lab.spawn_joining(nodes[2], &c, &["--token", &token(&c, 1), "--name", "p1"]);
+    lab.spawn_joining(
+        nodes[2],
+        &c,
+        &["--token-file", &lab.token_file(&token(&c, 1)), "--name", "p1"],
+    );
     let (ok, log) = lab.wait_exit(nodes[2], Duration::from_secs(15));
     assert!(!ok && log.contains("belongs to another key"), "{log}");
     // The refused join did not use up the token's only use... and the store stayed consistent.
@@ -279,7 +283,7 @@ fn rotating_the_mesh_key_drops_no_established_tunnel() {
         "p2 handshook with p1 after its restart: {seen}"
     );
     // A node that joins after the rotation reaches nodes that joined before it.
-    lab.join(nodes[2], &c, &["--token", &token(&c, 1)]);
+    lab.join(nodes[2], &c, &["--token-file", &lab.token_file(&token(&c, 1))]);
     let (p3_v4, _) = lab.mesh_addrs(nodes[2]);
     assert!(lab.ping(&p1_ns, &p3_v4, 3));
     assert!(lab.ping(&lab.nodes[nodes[2]].ns, &p2_v4, 3));

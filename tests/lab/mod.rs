@@ -320,7 +320,7 @@ impl Drop for Lab {
             // A killed daemon leaves every pin (shield, ACL, steering): remove the directory whole.
             let iface = &self.nodes[i].iface;
             let _ = fs::remove_dir_all(format!("/sys/fs/bpf/tunnelmesh/{iface}"));
-            let _ = fs::remove_file(format!("/run/tunnelmesh/{iface}.sock"));
+            let _ = fs::remove_dir_all(format!("/run/tunnelmesh/{iface}"));
         }
         // The pin root goes with its last interface (it stays while another daemon uses it).
         let _ = fs::remove_dir("/sys/fs/bpf/tunnelmesh");

@@ -146,6 +146,21 @@ impl Lab {
         self.spawn_node(i, args);
     }
 
+    /// A fresh 0600 file in the lab's folder holding `token`, for `--token-file`.
+    pub fn token_file(&self, token: &str) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let path = tempfile::Builder::new()
+            .prefix("token")
+            .tempfile_in(self.dir.path())
+            .expect("a token file")
+            .into_temp_path()
+            .keep()
+            .expect("keep the token file");
+        fs::write(&path, token).expect("write the token");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod 600");
+        path.display().to_string()
+    }
+
     /// Start node `i` joining the coordinator `c` and wait until it is up.
     pub fn join(&mut self, i: usize, c: &Coordinator, extra: &[&str]) {
         self.spawn_joining(i, c, extra);

@@ -7,6 +7,7 @@
 //! - `control` — what the coordinator and the nodes share: messages, fingerprints, the clock.
 //! - `policy` — the policy file, its compiler and the userspace matcher (no I/O).
 //! - `offload` — TUN offload segmentation and coalescing (no I/O).
+//! - `service` — the systemd notify protocol and the heartbeats its watchdog reads.
 //! - `sync` — the one lock helper; `slots` — connection places bounded per source and in all.
 //! - `device` — the shared state of a running interface that workers and the slow path read.
 //! - `slowpath` — the sans-I/O slow path (handshakes, timers, index table, paths, ping,
@@ -42,6 +43,7 @@ pub mod offload;
 pub mod paths;
 pub mod policy;
 pub mod protocol;
+pub mod service;
 pub mod slots;
 pub mod slowpath;
 pub mod sync;

@@ -78,6 +78,30 @@ pub fn configure(name: &str, mtu: usize, addresses: &[IpNet], routes: &[IpNet]) 
     Ok(families)
 }
 
+/// Route `add` into `name` and take `remove` off it (a reload's peer changes). All or nothing: if
+/// a route cannot be added, the ones added before it are taken off again and nothing is removed.
+/// IPv6 routes are skipped where the device carries no IPv6.
+pub fn change_routes(name: &str, ipv6: bool, add: &[IpNet], remove: &[IpNet]) -> Result<(), NetconfError> {
+    let family = |r: &IpNet| if r.addr().is_ipv4() { "-4" } else { "-6" };
+    let carried = |r: &&IpNet| r.addr().is_ipv4() || ipv6;
+    let mut added: Vec<IpNet> = Vec::new();
+    for route in add.iter().filter(carried) {
+        let r = route.trunc().to_string();
+        if let Err(e) = ip(&[family(route), "route", "replace", &r, "dev", name]) {
+            for done in &added {
+                let _ = ip(&[family(done), "route", "del", &done.trunc().to_string(), "dev", name]);
+            }
+            return Err(e);
+        }
+        added.push(*route);
+    }
+    for route in remove.iter().filter(carried) {
+        // Already gone (an operator removed it) is what we wanted.
+        let _ = ip(&[family(route), "route", "del", &route.trunc().to_string(), "dev", name]);
+    }
+    Ok(())
+}
+
 /// What [`configure`] could set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Families {

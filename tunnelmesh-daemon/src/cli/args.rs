@@ -15,6 +15,17 @@ use crate::{coordinator, identity::DEFAULT_IDENTITY};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines on stderr: text (journald fields under systemd, colour only on a terminal) or
+    /// json (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -73,10 +84,12 @@ pub enum Command {
     },
 }
 
+/// `tunnelmesh up`: a config file, flags, or both (flags win over the file).
 #[derive(clap::Args)]
 pub struct UpArgs {
-    /// TOML config with [interface] and [[peer]] tables (static mode; see README).
-    #[arg(long, conflicts_with_all = ["coordinator", "fingerprint", "token"], required_unless_present = "coordinator")]
+    /// TOML config: [interface] with [[peer]] tables (static) or a [coordinator] table (see
+    /// README). SIGHUP reloads it.
+    #[arg(long, required_unless_present = "coordinator")]
     pub config: Option<PathBuf>,
     /// Coordinator URL, https://HOST:PORT.
     #[arg(long, requires = "fingerprint")]
@@ -84,27 +97,29 @@ pub struct UpArgs {
     /// The coordinator's TLS fingerprint (SHA256:…), as `tunnelmesh coordinator` prints it.
     #[arg(long)]
     pub fingerprint: Option<String>,
-    /// Enrollment token, for a key not in the coordinator's authorized_keys.
+    /// File holding an enrollment token, for a key not in the coordinator's authorized_keys
+    /// (mode 0600; `-`: read it from stdin). Tokens never go on the command line.
     #[arg(long)]
-    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
     /// Node name to ask for (default: from authorized_keys, else the key comment).
     #[arg(long)]
     pub name: Option<String>,
-    /// Mesh interface name.
-    #[arg(long, default_value = "tunnelmesh0")]
-    pub interface: String,
-    /// UDP port for tunnel traffic.
-    #[arg(long, default_value_t = crate::node::config::DEFAULT_PORT)]
-    pub listen_port: u16,
-    /// MTU of the mesh interface.
-    #[arg(long, default_value_t = crate::node::config::DEFAULT_MTU, value_parser = clap::value_parser!(u16).range(1280..=65000))]
-    pub mtu: u16,
-    /// Worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    pub workers: usize,
-    /// Where the last coordinator state is cached.
-    #[arg(long, default_value = crate::node::client::DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
+    /// Mesh interface name [default: tunnelmesh0].
+    #[arg(long)]
+    pub interface: Option<String>,
+    /// UDP port for tunnel traffic [default: 51820].
+    #[arg(long)]
+    pub listen_port: Option<u16>,
+    /// MTU of the mesh interface [default: 1420].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1280..=65000))]
+    pub mtu: Option<u16>,
+    /// Worker threads (0: one per core) [default: 0].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Where the last coordinator state is cached [default: $STATE_DIRECTORY under systemd,
+    /// else /var/lib/tunnelmesh/INTERFACE].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// Do not load the eBPF fast path.
     #[arg(long)]
     pub no_ebpf: bool,
@@ -116,14 +131,15 @@ pub struct UpArgs {
     #[arg(long)]
     pub ssh_port: Option<u16>,
     /// Ask the gateway to forward a public UDP port to --listen-port: auto (PCP, then NAT-PMP,
-    /// then UPnP-IGD), pcp, nat-pmp, upnp, or off. The mapping is renewed at half its lifetime
-    /// and removed on exit.
-    #[arg(long, default_value = "auto")]
-    pub port_mapping: crate::nat::portmap::Mode,
-    /// Lifetime to ask for a port mapping, in seconds.
-    #[arg(long, default_value_t = crate::nat::portmap::DEFAULT_LIFETIME.as_secs(), value_parser = clap::value_parser!(u64).range(2..=86400))]
-    pub port_mapping_lifetime: u64,
-    /// OpenSSH ed25519 private key (default: the config's identity, else /etc/ssh/ssh_host_ed25519_key).
+    /// then UPnP-IGD), pcp, nat-pmp, upnp, or off [default: auto]. The mapping is renewed at
+    /// half its lifetime and removed on exit.
+    #[arg(long)]
+    pub port_mapping: Option<crate::nat::portmap::Mode>,
+    /// Lifetime to ask for a port mapping, in seconds [default: 3600].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..=86400))]
+    pub port_mapping_lifetime: Option<u64>,
+    /// OpenSSH ed25519 private key (default: the systemd credential `identity`, else the
+    /// config's identity, else /etc/ssh/ssh_host_ed25519_key).
     #[arg(long)]
     pub identity: Option<PathBuf>,
 }
@@ -133,40 +149,12 @@ pub struct UpArgs {
 pub struct CoordinatorArgs {
     #[command(subcommand)]
     pub command: Option<CoordinatorCommand>,
-    /// State directory: SQLite store, TLS certificate, coordinator key.
-    #[arg(long, global = true, default_value = coordinator::DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
-    /// Address to serve HTTPS on.
-    #[arg(long, default_value = "0.0.0.0:8443")]
-    pub listen: std::net::SocketAddr,
-    /// PEM certificate chain (default: self-signed, generated on first start).
-    #[arg(long, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert.
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// OpenSSH authorized_keys of admitted peers (default: DATA_DIR/authorized_keys if present).
-    #[arg(long)]
-    pub authorized_keys: Option<PathBuf>,
-    /// IPv4 mesh prefix, fixed at first start.
-    #[arg(long)]
-    pub ipv4_prefix: Option<ipnet::Ipv4Net>,
-    /// IPv6 (ULA) mesh prefix, fixed at first start (default: a random fdXX:…::/64).
-    #[arg(long)]
-    pub ipv6_prefix: Option<ipnet::Ipv6Net>,
-    /// Policy file; reloaded when it changes or on SIGHUP. Without one nothing is allowed.
-    #[arg(long)]
-    pub policy: Option<PathBuf>,
-    /// What each peer may send through the relay, in Mbit/s (excess frames are dropped).
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    pub relay_limit_mbit: u64,
-    /// Append every relayed message, exactly as the coordinator sees it, to FILE (an audit:
-    /// it is ciphertext).
-    #[arg(long)]
-    pub relay_dump: Option<PathBuf>,
-    /// UDP port of the first STUN target; the second is the next port (0: no STUN).
-    #[arg(long, default_value_t = crate::protocol::stun::DEFAULT_PORT)]
-    pub stun_port: u16,
+    /// TOML settings (/etc/tunnelmesh/coordinator.toml under systemd): the flags below, with
+    /// `_` for `-`. Flags win over the file.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: coordinator::config::Settings,
 }
 
 #[derive(Subcommand)]

@@ -4,75 +4,53 @@
 mod args;
 mod render;
 
-pub use args::Cli;
 use args::*;
+pub use args::{Cli, LogFormat};
 
 use anyhow::{Result, bail};
 
 use crate::{
     coordinator,
-    identity::{DEFAULT_IDENTITY, Identity},
-    node::client,
-    node::status,
+    identity::Identity,
+    node::{status, up::Overrides},
 };
 
 fn up(args: UpArgs) -> Result<()> {
-    if let Some(config) = &args.config {
-        return crate::node::interface::up_static(config, args.identity.as_deref());
-    }
-    let (Some(url), Some(fingerprint)) = (args.coordinator, args.fingerprint) else {
-        bail!("give --config FILE, or --coordinator URL with --fingerprint SHA256:…");
-    };
-    if args.listen_port == 0 {
-        bail!("--listen-port must be 1-65535");
-    }
-    let identity = Identity::load(
-        args.identity
-            .as_deref()
-            .unwrap_or(std::path::Path::new(DEFAULT_IDENTITY)),
-    )?;
-    let opts = client::JoinOptions {
-        url,
-        fingerprint,
-        token: args.token,
-        name: args.name,
+    let overrides = Overrides {
         interface: args.interface,
         listen_port: args.listen_port,
-        mtu: args.mtu as usize,
+        mtu: args.mtu,
         workers: args.workers,
-        state_dir: args.state_dir,
         no_ebpf: args.no_ebpf,
         no_offload: args.no_offload,
-        ssh_port: args.ssh_port.unwrap_or(args.listen_port),
+        identity: args.identity,
+        coordinator: args.coordinator,
+        fingerprint: args.fingerprint,
+        token_file: args.token_file,
+        name: args.name,
+        ssh_port: args.ssh_port,
         port_mapping: args.port_mapping,
-        port_mapping_lifetime: std::time::Duration::from_secs(args.port_mapping_lifetime),
+        port_mapping_lifetime: args.port_mapping_lifetime,
+        state_dir: args.state_dir,
     };
-    client::up(opts, identity)
+    crate::node::up::up(args.config.as_deref(), overrides)
 }
 
 fn coordinator_command(args: CoordinatorArgs) -> Result<()> {
+    let settings = args
+        .settings
+        .over(coordinator::config::Settings::load(args.config.as_deref())?);
+    let data_dir = settings.data_dir();
     match args.command {
-        None => coordinator::serve(coordinator::ServeOptions {
-            data_dir: args.data_dir,
-            listen: args.listen,
-            tls_cert: args.tls_cert,
-            tls_key: args.tls_key,
-            authorized_keys: args.authorized_keys,
-            ipv4_prefix: args.ipv4_prefix,
-            ipv6_prefix: args.ipv6_prefix,
-            policy: args.policy,
-            relay_rate: args.relay_limit_mbit * 1_000_000 / 8,
-            relay_dump: args.relay_dump,
-            stun_port: args.stun_port,
-        }),
-        Some(CoordinatorCommand::Info) => coordinator::info(&args.data_dir),
+        None => coordinator::serve(settings.serve_options()?),
+        Some(CoordinatorCommand::Info) => coordinator::info(&data_dir),
         Some(CoordinatorCommand::Token {
             command: TokenCommand::Create { ttl, uses, tags, names },
-        }) => coordinator::token_create(&args.data_dir, coordinator::parse_duration(&ttl)?, uses, tags, &names),
-        Some(CoordinatorCommand::Revoke { node }) => coordinator::revoke(&args.data_dir, &node),
-        Some(CoordinatorCommand::Remove { node }) => coordinator::remove(&args.data_dir, &node),
-        Some(CoordinatorCommand::RotateMeshKey) => coordinator::rotate_mesh_key(&args.data_dir),
-        Some(CoordinatorCommand::Policy { command }) => policy_command(&args.data_dir, command),
+        }) => coordinator::token_create(&data_dir, coordinator::parse_duration(&ttl)?, uses, tags, &names),
+        Some(CoordinatorCommand::Revoke { node }) => coordinator::revoke(&data_dir, &node),
+        Some(CoordinatorCommand::Remove { node }) => coordinator::remove(&data_dir, &node),
+        Some(CoordinatorCommand::RotateMeshKey) => coordinator::rotate_mesh_key(&data_dir),
+        Some(CoordinatorCommand::Policy { command }) => policy_command(&data_dir, command),
     }
 }
 

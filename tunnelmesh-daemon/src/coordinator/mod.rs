@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod config;
 pub mod hub;
 pub mod ipam;
 pub mod relay;
@@ -235,10 +236,12 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         tokio::spawn(hub::push_policies(hub.clone()));
         tokio::spawn(watch(hub.clone(), authorized_path, opts.policy.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        crate::service::ready("serving; 0 nodes connected");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
+        crate::service::stopping();
         info!("coordinator shutting down");
         anyhow::Ok(())
     })?;
@@ -296,6 +299,11 @@ async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>, policy: Option
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let (mut authorized, mut policy) = (WatchedFile::new(authorized), WatchedFile::new(policy));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // The watchdog is pinged from this loop, which takes the hub lock each round: a wedged hub
+    // or runtime stops the pings.
+    let watchdog = crate::service::watchdog_period();
+    let mut last_ping = std::time::Instant::now();
+    let mut shown = None;
     loop {
         let hangup = async {
             match hup.as_mut() {
@@ -331,7 +339,20 @@ async fn watch(hub: Arc<Mutex<Hub>>, authorized: Option<PathBuf>, policy: Option
         if let Err(e) = state.reconcile() {
             warn!("reconciling with the store failed: {e}");
         }
-        state.flush_paced(std::time::Instant::now());
+        let now = std::time::Instant::now();
+        state.flush_paced(now);
+        let connected = state.connected();
+        drop(state);
+        if let Some(period) = watchdog
+            && now.duration_since(last_ping) >= period
+        {
+            crate::service::watchdog();
+            last_ping = now;
+        }
+        if shown != Some(connected) {
+            crate::service::status(&format!("serving; {connected} nodes connected"));
+            shown = Some(connected);
+        }
     }
 }
 

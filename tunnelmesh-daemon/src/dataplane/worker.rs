@@ -118,6 +118,7 @@ impl Worker {
 
     pub fn run(mut self) {
         while !self.dispatcher.dev.shutdown.load(Ordering::Relaxed) {
+            self.dispatcher.dev.heartbeats.beat(1 + self.dispatcher.id);
             let fds = [self.dispatcher.tun.as_fd(), self.udp.as_fd(), self.inbox.as_fd()];
             let ready = match poll::readable(fds, POLL_TIMEOUT) {
                 Ok(r) => r,

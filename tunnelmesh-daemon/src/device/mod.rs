@@ -77,7 +77,13 @@ pub struct Device {
     pub reach: Reachability,
     /// Messages received on SSH or relay paths go to the data plane through here.
     pub overlay_inbox: std::os::unix::net::UnixDatagram,
+    /// The slow path's loop ([`HEARTBEAT_SLOW_PATH`]) and each worker's (`1 + id`): the service
+    /// watchdog pings only while they all move.
+    pub heartbeats: crate::service::Heartbeats,
 }
+
+/// The slow path's slot in [`Device::heartbeats`]; worker `id` has `1 + id`.
+pub const HEARTBEAT_SLOW_PATH: usize = 0;
 
 /// What a running interface is, fixed when it comes up (read by everyone, written by no one).
 pub struct InterfaceInfo {

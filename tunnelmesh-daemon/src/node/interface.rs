@@ -18,10 +18,10 @@ use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use signal_hook::{
-    consts::{SIGINT, SIGTERM},
+    consts::{SIGHUP, SIGINT, SIGTERM},
     iterator::Signals,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use zeroize::Zeroizing;
 
 use crate::{
@@ -31,12 +31,16 @@ use crate::{
         policy::{Enforcement, PolicyEnforcer},
     },
     fastpath::{SharedShield, Shield, Steering},
-    identity::{DEFAULT_IDENTITY, Identity},
+    identity::{Identity, PublicIdentity},
     netconf,
-    node::config::Config,
+    node::config::{Config, StaticMesh},
     node::status::{self, FastpathStatus, SteeringMode},
     policy::NodePolicy,
-    protocol::noise::{LocalStatic, MeshKey},
+    protocol::{
+        noise::{LocalStatic, MeshKey},
+        path::PathKind,
+    },
+    service,
     slowpath::{SlowPath, thread::SlowPathIo},
     sys::tun,
 };
@@ -66,61 +70,89 @@ pub struct InterfacePlan {
     pub port_mapping: (crate::nat::portmap::Mode, Duration),
 }
 
-/// `tunnelmesh up --config FILE`.
-pub fn up_static(config_path: &Path, identity_override: Option<&Path>) -> Result<()> {
-    let config = Config::load(config_path)?;
-    let identity_path = identity_override
-        .map(Path::to_path_buf)
-        .or_else(|| config.interface.identity.clone())
-        .unwrap_or_else(|| DEFAULT_IDENTITY.into());
-    let identity = Identity::load(&identity_path)?;
-    let mut peers = Vec::new();
-    for pc in &config.peers {
-        let key = &pc.public_key.get_ref().0;
-        if key == identity.public() {
-            bail!(
-                "config {}: [[peer]] {} is this node's own key; remove it",
-                config_path.display(),
-                key.fingerprint()
-            );
-        }
-        peers.push(PeerSpec {
-            name: pc.name.clone().unwrap_or_else(|| match key.comment() {
-                "" => key.fingerprint(),
-                c => c.to_string(),
-            }),
-            identity: key.clone(),
-            allowed_ips: pc.allowed_ips.clone(),
-            endpoint: pc.endpoint,
-            candidates: pc.endpoint.into_iter().collect(),
-            nat: crate::protocol::discovery::NatKind::None,
-            ssh_endpoint: None,
-            persistent_keepalive: (pc.persistent_keepalive > 0)
-                .then(|| Duration::from_secs(pc.persistent_keepalive.into())),
-        });
-    }
+/// A static interface: its peers are listed in `config`. `reload` runs on each SIGHUP.
+pub fn up_static(
+    config: &Config,
+    mesh: &StaticMesh,
+    path: Option<&Path>,
+    identity: Identity,
+    reload: impl FnMut(&Interface) -> Result<()>,
+) -> Result<()> {
     let iface = &config.interface;
     let plan = InterfacePlan {
         name: iface.name.clone(),
         mtu: config.mtu() as usize,
         listen_port: iface.listen_port,
         workers: iface.workers,
-        addresses: iface.addresses.clone(),
-        routes: config
-            .peers
-            .iter()
-            .flat_map(|p| p.allowed_ips.iter().copied())
-            .collect(),
+        addresses: mesh.addresses.clone(),
+        routes: static_routes(mesh),
         xdp_interfaces: iface.xdp_interfaces.clone(),
         no_ebpf: iface.no_ebpf,
         no_offload: iface.no_offload,
-        peers,
-        mesh_keys: vec![iface.mesh_key.0.clone()],
+        peers: static_peers(mesh, identity.public(), path)?,
+        mesh_keys: vec![mesh.mesh_key.0.clone()],
         policy: None,
         port_mapping: (crate::nat::portmap::Mode::Off, crate::nat::portmap::DEFAULT_LIFETIME),
     };
-    let running = Interface::start(&identity, plan)?;
-    running.wait_for_signal()
+    Interface::start(&identity, plan)?.run(reload)
+}
+
+/// Apply a reloaded static file's peers and mesh key to a running interface: peers that stay
+/// keep their sessions, routes follow the allowed IPs. Nothing is applied if a route cannot be.
+pub fn reload_static(iface: &Interface, old: &StaticMesh, new: &StaticMesh, path: &Path) -> Result<()> {
+    let dev = &iface.dev;
+    let peers = static_peers(new, &dev.info.local, Some(path))?;
+    let (old_routes, new_routes) = (static_routes(old), static_routes(new));
+    let add: Vec<IpNet> = new_routes.iter().filter(|r| !old_routes.contains(r)).copied().collect();
+    let remove: Vec<IpNet> = old_routes.iter().filter(|r| !new_routes.contains(r)).copied().collect();
+    netconf::change_routes(&dev.info.interface, dev.info.ipv6, &add, &remove)?;
+    let count = peers.len();
+    dev.update(peers, vec![new.mesh_key.0.clone()]);
+    info!(
+        peers = count,
+        routes_added = add.len(),
+        routes_removed = remove.len(),
+        "config reloaded"
+    );
+    Ok(())
+}
+
+/// Every peer's allowed IPs, once each: the routes a static interface adds.
+fn static_routes(mesh: &StaticMesh) -> Vec<IpNet> {
+    let mut routes: Vec<IpNet> = mesh.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()).collect();
+    routes.sort_unstable();
+    routes.dedup();
+    routes
+}
+
+fn static_peers(mesh: &StaticMesh, own: &PublicIdentity, path: Option<&Path>) -> Result<Vec<PeerSpec>> {
+    mesh.peers
+        .iter()
+        .map(|pc| {
+            let key = &pc.public_key.get_ref().0;
+            if key == own {
+                bail!(
+                    "config {}: [[peer]] {} is this node's own key; remove it",
+                    path.map_or("".into(), |p| p.display().to_string()),
+                    key.fingerprint()
+                );
+            }
+            Ok(PeerSpec {
+                name: pc.name.clone().unwrap_or_else(|| match key.comment() {
+                    "" => key.fingerprint(),
+                    c => c.to_string(),
+                }),
+                identity: key.clone(),
+                allowed_ips: pc.allowed_ips.clone(),
+                endpoint: pc.endpoint,
+                candidates: pc.endpoint.into_iter().collect(),
+                nat: crate::protocol::discovery::NatKind::None,
+                ssh_endpoint: None,
+                persistent_keepalive: (pc.persistent_keepalive > 0)
+                    .then(|| Duration::from_secs(pc.persistent_keepalive.into())),
+            })
+        })
+        .collect()
 }
 
 /// A running mesh interface: its device, threads and fast path.
@@ -128,6 +160,7 @@ pub struct Interface {
     pub dev: Arc<Device>,
     threads: Vec<JoinHandle<()>>,
     shield: SharedShield,
+    status_socket: std::path::PathBuf,
     /// Held for the interface's life (the program stays with the sockets anyway).
     _steering: Option<Steering>,
 }
@@ -227,13 +260,14 @@ impl Interface {
             coordinator: Default::default(),
             reach: Default::default(),
             overlay_inbox: inbox_tx,
+            heartbeats: crate::service::Heartbeats::new(1 + workers),
         });
         let local = LocalStatic {
             secret: Zeroizing::new(*identity.noise_secret()),
             public: *identity.public().noise_public(),
         };
         let handshake_socket = sockets[0].try_clone()?;
-        let status_listener =
+        let (status_listener, status_socket) =
             status::bind(&plan.name).context("cannot create the status socket under /run/tunnelmesh")?;
 
         let mut threads = dataplane::start(dev.clone(), queues, sockets, inbox_rx, !plan.no_offload)?;
@@ -269,6 +303,9 @@ impl Interface {
                     .spawn(move || crate::nat::portmap::run(handle, mode, lifetime))?,
             );
         }
+        if let Some(thread) = supervise(dev.clone())? {
+            threads.push(thread);
+        }
         let shield_for_status = shield.clone();
         let fastpath_status = Box::new(move || fastpath_status(&crate::sync::lock(&shield_for_status), steered));
         let status_dev = dev.clone();
@@ -290,15 +327,28 @@ impl Interface {
             dev,
             threads,
             shield,
+            status_socket,
             _steering: steering.ok(),
         })
     }
 
-    /// Run until SIGINT or SIGTERM, then shut down cleanly.
-    pub fn wait_for_signal(self) -> Result<()> {
-        let mut signals = Signals::new([SIGINT, SIGTERM])?;
-        let signal = signals.forever().next();
-        info!(?signal, "shutting down");
+    /// Tell the service manager the node is ready (the caller has finished starting), then run
+    /// until SIGINT or SIGTERM and shut down cleanly. Each SIGHUP calls `reload`; a reload that
+    /// fails is logged and changes nothing, and the interface runs on as it was.
+    pub fn run(self, mut reload: impl FnMut(&Interface) -> Result<()>) -> Result<()> {
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+        service::ready(&status_line(&self.dev));
+        for signal in signals.forever() {
+            if signal != SIGHUP {
+                info!(signal, "shutting down");
+                break;
+            }
+            match reload(&self) {
+                Ok(()) => service::status(&status_line(&self.dev)),
+                Err(e) => error!("reload refused, still running the previous config: {e:#}"),
+            }
+        }
+        service::stopping();
         self.shutdown();
         Ok(())
     }
@@ -311,8 +361,95 @@ impl Interface {
         }
         // The status thread is gone, so this is the last reference: detach XDP, remove the pins.
         drop(self.shield);
-        let _ = std::fs::remove_file(status::socket_path(&self.dev.info.interface));
+        let _ = std::fs::remove_file(&self.status_socket);
+        // Ours to remove unless systemd made it (then it is not writable here and systemd does).
+        if let Some(dir) = self.status_socket.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
+}
+
+/// How often `systemctl status` gets a fresh line.
+const STATUS_PERIOD: Duration = Duration::from_secs(5);
+/// A peer counts as up while its last handshake is younger than this (a session's lifetime).
+const PEER_UP: Duration = Duration::from_secs(180);
+
+/// Under systemd (`NOTIFY_SOCKET` set): a thread that pings the watchdog while the slow path
+/// and every worker go round, and refreshes the status line.
+fn supervise(dev: Arc<Device>) -> Result<Option<JoinHandle<()>>> {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return Ok(None);
+    }
+    let watchdog = service::watchdog_period();
+    let period = watchdog.map_or(STATUS_PERIOD, |w| w.min(STATUS_PERIOD));
+    let thread = std::thread::Builder::new().name("tm-service".into()).spawn(move || {
+        let mut beats = dev.heartbeats.snapshot();
+        let mut shown = String::new();
+        let mut next = Instant::now() + period;
+        while !dev.shutdown.load(Ordering::Relaxed) {
+            std::thread::sleep(
+                next.saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100)),
+            );
+            if Instant::now() < next {
+                continue;
+            }
+            next += period;
+            let now = dev.heartbeats.snapshot();
+            let stalled = service::stalled(&beats, &now);
+            beats = now;
+            if watchdog.is_some() {
+                if stalled.is_empty() {
+                    service::watchdog();
+                } else {
+                    let names: Vec<String> = stalled
+                        .iter()
+                        .map(|&i| match i {
+                            crate::device::HEARTBEAT_SLOW_PATH => "the slow path".to_string(),
+                            w => format!("worker {}", w - 1),
+                        })
+                        .collect();
+                    error!(stalled = ?names, "a thread stopped going round; not pinging the watchdog");
+                }
+            }
+            let line = status_line(&dev);
+            if line != shown {
+                service::status(&line);
+                shown = line;
+            }
+        }
+    })?;
+    Ok(Some(thread))
+}
+
+/// One line for `systemctl status`: how many peers are up and on which paths, and the
+/// coordinator connection.
+fn status_line(dev: &Device) -> String {
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let table = dev.peers.load();
+    let mut on = [0usize; 3];
+    for peer in &table.peers {
+        let hs = peer.last_handshake_unix.load(Ordering::Relaxed);
+        if hs != 0 && unix_now.saturating_sub(hs) < PEER_UP.as_secs() {
+            on[peer.path() as usize] += 1;
+        }
+    }
+    let up: usize = on.iter().sum();
+    let mut line = format!("{}: {up} of {} peers up", dev.info.interface, table.peers.len());
+    if up > 0 {
+        let paths: Vec<String> = PathKind::ALL
+            .iter()
+            .filter(|k| on[**k as usize] > 0)
+            .map(|k| format!("{} {}", on[*k as usize], k.name()))
+            .collect();
+        line += &format!(" ({})", paths.join(", "));
+    }
+    if let Some(c) = dev.coordinator.state.load().as_deref() {
+        line += &format!("; coordinator {}", c.state);
+    }
+    line
 }
 
 fn fastpath_status(shield: &Result<Shield, String>, steered: bool) -> FastpathStatus {

@@ -4,7 +4,8 @@
 //! - [`interface`]: `tunnelmesh up` — open the TUN queues, bind sockets, configure the kernel,
 //!   start the slow path, the data-plane workers and the eBPF fast path, stop them in order.
 //! - [`client`]: the coordinator client (join, follow updates, the relay channel).
-//! - [`config`]: the static configuration file.
+//! - [`up`]: `tunnelmesh up` — the config file and the flags over it, reloads.
+//! - [`config`]: the configuration file of an interface (static or coordinated).
 //! - [`status`]: the status socket and what `tunnelmesh status` shows.
 //! - [`netwatch`]: route netlink → "the network changed".
 
@@ -13,3 +14,4 @@ pub mod config;
 pub mod interface;
 pub mod netwatch;
 pub mod status;
+pub mod up;

@@ -27,9 +27,13 @@ use crate::sys::tun::Offloads;
 /// Directory of the status sockets.
 pub const RUN_DIR: &str = "/run/tunnelmesh";
 
+/// The status socket of `interface`: `RUN_DIR/INTERFACE/status.sock` (the folder is the unit's
+/// per-instance `RuntimeDirectory=` under systemd).
 pub fn socket_path(interface: &str) -> PathBuf {
-    Path::new(RUN_DIR).join(format!("{interface}.sock"))
+    Path::new(RUN_DIR).join(interface).join(SOCKET)
 }
+
+const SOCKET: &str = "status.sock";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PeerStatus {
@@ -276,14 +280,30 @@ fn ping(dev: &Device, peer: String) -> PingAnswer {
         .map_err(|_| "no answer from the daemon".to_string())?
 }
 
-/// Bind the status socket for `interface` (root-only permissions).
-pub fn bind(interface: &str) -> std::io::Result<UnixListener> {
-    std::fs::create_dir_all(RUN_DIR)?;
-    let path = socket_path(interface);
+/// Bind the status socket for `interface`, readable by the owner and the group (the
+/// `tunnelmesh` group under systemd). Where systemd gives a `$RUNTIME_DIRECTORY`, it goes there.
+pub fn bind(interface: &str) -> std::io::Result<(UnixListener, PathBuf)> {
+    let path = match std::env::var_os("RUNTIME_DIRECTORY") {
+        Some(dirs) => {
+            let dir = PathBuf::from(dirs.to_string_lossy().split(':').next().unwrap_or_default());
+            if dir.join(SOCKET) != socket_path(interface) {
+                tracing::warn!(
+                    runtime_directory = %dir.display(),
+                    "the status socket is not under {RUN_DIR}/{interface}, so `tunnelmesh status` will not find it; \
+                     name the unit's instance after the interface"
+                );
+            }
+            dir.join(SOCKET)
+        }
+        None => socket_path(interface),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+    Ok((listener, path))
 }
 
 /// Why `tunnelmesh status` or `ping` got no answer.
@@ -338,12 +358,11 @@ pub fn running_interfaces() -> Vec<String> {
         .into_iter()
         .flatten()
         .filter_map(|e| {
-            e.ok()?
-                .file_name()
-                .into_string()
-                .ok()?
-                .strip_suffix(".sock")
-                .map(str::to_string)
+            let e = e.ok()?;
+            e.path()
+                .join(SOCKET)
+                .exists()
+                .then(|| e.file_name().into_string().ok())?
         })
         .collect();
     names.sort();

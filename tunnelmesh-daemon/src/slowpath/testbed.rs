@@ -66,6 +66,7 @@ impl Node {
             coordinator: Default::default(),
             reach: Default::default(),
             overlay_inbox: inbox,
+            heartbeats: crate::service::Heartbeats::new(1),
         });
         let sp = SlowPath::new(dev.clone(), local_static(&identity), 2, t0);
         Node {

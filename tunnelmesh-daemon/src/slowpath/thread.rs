@@ -41,6 +41,7 @@ impl SlowPathIo {
         let mut next_tick = Instant::now();
         let mut ticks = 0u64;
         while !self.dev.shutdown.load(Ordering::Relaxed) {
+            self.dev.heartbeats.beat(crate::device::HEARTBEAT_SLOW_PATH);
             match self
                 .events
                 .recv_timeout(next_tick.saturating_duration_since(Instant::now()))

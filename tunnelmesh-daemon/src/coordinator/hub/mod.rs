@@ -50,7 +50,9 @@ pub enum Refusal {
     BadSignature(String),
     #[error("key {0} was revoked by the coordinator operator; it cannot rejoin")]
     Revoked(String),
-    #[error("key {0} is not authorized: add it to the coordinator's authorized_keys, or join with --token")]
+    #[error(
+        "key {0} is not authorized: add it to the coordinator's authorized_keys, or join with a token (token_file in [coordinator], or --token-file)"
+    )]
     NotAuthorized(String),
     #[error(
         "the enrollment token is invalid, used up or expired; create one with `tunnelmesh coordinator token create`"

@@ -58,7 +58,8 @@ impl Protocol {
 }
 
 /// `--port-mapping`: `auto` (try each), one protocol, or `off`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum Mode {
     Off,
     Auto,
@@ -82,6 +83,13 @@ impl FromStr for Mode {
                 .map(Mode::Only)
                 .ok_or_else(|| BadMode(other.into())),
         }
+    }
+}
+
+impl TryFrom<String> for Mode {
+    type Error = BadMode;
+    fn try_from(s: String) -> Result<Self, BadMode> {
+        s.parse()
     }
 }
 

@@ -27,14 +27,14 @@ use follow::{follow, set_control, set_stun_targets};
 pub use join::{Client, Socket, next_text, send_msg};
 pub use state::MeshState;
 
-/// Default directory of the peer's cached state.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/tunnelmesh";
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Messages queued for the relay before new ones are dropped.
 const RELAY_QUEUE: usize = 1024;
 /// The coordinator pings every 15 s; this long without a word means the connection is dead.
 const SILENCE: Duration = Duration::from_secs(45);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How much longer a first start may take, told to the service manager before each join attempt.
+const JOIN_GRACE: Duration = Duration::from_secs(60);
 
 /// Options of `tunnelmesh up --coordinator`.
 pub struct JoinOptions {
@@ -46,7 +46,8 @@ pub struct JoinOptions {
     pub listen_port: u16,
     pub mtu: usize,
     pub workers: usize,
-    pub state_dir: PathBuf,
+    /// Where the last coordinator state is cached.
+    pub cache: PathBuf,
     pub no_ebpf: bool,
     /// Turn off TUN offloads.
     pub no_offload: bool,
@@ -69,7 +70,7 @@ impl JoinOptions {
             listen_port: 51820,
             mtu: 1420,
             workers: 1,
-            state_dir: Default::default(),
+            cache: Default::default(),
             no_ebpf: true,
             no_offload: false,
             ssh_port: 0,
@@ -93,15 +94,16 @@ pub enum Refusal {
     Revoked(String),
 }
 
-/// `tunnelmesh up --coordinator URL --fingerprint FP`.
-pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
+/// A coordinated interface: join (or start from the cache) and follow the coordinator.
+/// `reload` runs on each SIGHUP.
+pub fn up(opts: JoinOptions, identity: Identity, reload: impl FnMut(&Interface) -> Result<()>) -> Result<()> {
     let identity = Arc::new(identity);
     let client = Client::new(&opts, identity.clone())?;
     client.candidates.store(Arc::new(Candidates {
         host: crate::nat::host_candidates(&opts.interface, opts.listen_port),
         ..Candidates::default()
     }));
-    let cache = opts.state_dir.join(&opts.interface).join("state.json");
+    let cache = opts.cache.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -114,12 +116,19 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
         None => {
             let (state, ws) = runtime.block_on(async {
                 let mut backoff = BACKOFF_MIN;
+                crate::service::extend_timeout(JOIN_GRACE, &format!("joining {} (no cached state yet)", opts.url));
                 loop {
                     match client.join().await {
                         Ok(joined) => break Ok(joined),
                         Err(e) if e.downcast_ref::<Refusal>().is_some() => break Err(e),
                         Err(e) => {
                             warn!("cannot join yet ({e:#}); retrying in {backoff:?}");
+                            // A first start waits for the coordinator as long as it takes; the
+                            // service manager is told so rather than timing the start out.
+                            crate::service::extend_timeout(
+                                backoff + JOIN_GRACE,
+                                &format!("waiting for the coordinator {}: {e:#}", opts.url),
+                            );
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(BACKOFF_MAX);
                         }
@@ -177,7 +186,7 @@ pub fn up(opts: JoinOptions, identity: Identity) -> Result<()> {
         None
     };
     runtime.spawn(follow(client, interface.dev.clone(), state, socket, cache));
-    let result = interface.wait_for_signal();
+    let result = interface.run(reload);
     drop(ssh_server);
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
