@@ -64,7 +64,7 @@ pub fn host(args: &[&str]) -> Output {
 }
 
 /// Start `tunnelmesh ARGS` in namespace `ns`, appending its output to `log`.
-fn spawn_in(ns: &str, args: &[String], log: &Path) -> Child {
+fn spawn_in(ns: &str, args: &[String], log: &Path, env: &[(&str, &str)]) -> Child {
     let log = File::options().create(true).append(true).open(log).expect("log file");
     Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))
@@ -72,6 +72,7 @@ fn spawn_in(ns: &str, args: &[String], log: &Path) -> Child {
         .arg(bin())
         .args(args)
         .env("RUST_LOG", "info,tunnelmesh=debug")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log file"))
         .stderr(log)
@@ -147,10 +148,14 @@ impl Lab {
         c
     }
 
-    fn spawn_node(&mut self, i: usize, mut args: Vec<String>) {
+    fn spawn_node(&mut self, i: usize, args: Vec<String>) {
+        self.spawn_node_with(i, args, &[]);
+    }
+
+    fn spawn_node_with(&mut self, i: usize, mut args: Vec<String>, env: &[(&str, &str)]) {
         let n = &self.nodes[i];
         args.extend(["--identity".to_string(), n.key.display().to_string()]);
-        let child = spawn_in(&n.ns, &args, &n.log);
+        let child = spawn_in(&n.ns, &args, &n.log, env);
         self.nodes[i].process = Some(child);
     }
 

@@ -125,6 +125,17 @@ impl Lab {
         self.wait_up(i);
     }
 
+    /// Start node `i` from its static config with `env` added (systemd's variables); does not
+    /// wait.
+    pub fn spawn_with_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        let args = vec![
+            "up".to_string(),
+            "--config".into(),
+            self.nodes[i].config.display().to_string(),
+        ];
+        self.spawn_node_with(i, args, env);
+    }
+
     /// Start node `i` joining the coordinator `c`, with `extra` arguments; does not wait.
     pub fn spawn_joining(&mut self, i: usize, c: &Coordinator, extra: &[&str]) {
         let n = &self.nodes[i];

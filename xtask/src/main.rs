@@ -43,6 +43,8 @@ const APT_PACKAGES: &[&str] = &[
     // NAT lab: the routers' port-mapping service (NAT-PMP, PCP, UPnP-IGD), nftables backend.
     "miniupnpd",
     "miniupnpd-nftables",
+    // The units' checks (systemd-analyze verify / security).
+    "systemd",
 ];
 
 type Result<T = ()> = std::result::Result<T, String>;

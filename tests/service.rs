@@ -1,0 +1,280 @@
+//! TunnelMesh as a system service: the systemd units as shipped, the notify protocol against a
+//! real `NOTIFY_SOCKET` listener, and SIGHUP reloads of a running interface.
+
+use std::{
+    fs,
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use tunnelmesh_tests::{Lab, NodeOptions, PORT, bin, eventually};
+
+const UNITS: [&str; 2] = ["tunnelmesh@.service", "tunnelmesh-coordinator.service"];
+
+/// The unit as shipped, with ExecStart pointing at the binary under test (verify checks that
+/// the command exists and is executable), in `dir`.
+fn unit_under_test(name: &str, dir: &Path) -> PathBuf {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/systemd").join(name);
+    let text = fs::read_to_string(&shipped).unwrap_or_else(|e| panic!("{}: {e}", shipped.display()));
+    assert!(
+        text.contains("ExecStart=/usr/bin/tunnelmesh "),
+        "{name} runs the packaged binary"
+    );
+    let path = dir.join(name);
+    fs::write(&path, text.replace("/usr/bin/tunnelmesh", bin().to_str().unwrap())).unwrap();
+    path
+}
+
+#[test]
+fn both_units_verify_without_a_word_and_score_at_most_2_5_in_systemd_analyze_security() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in UNITS {
+        let unit = unit_under_test(name, dir.path());
+        let out = Command::new("systemd-analyze")
+            .args(["verify"])
+            .arg(&unit)
+            .output()
+            .expect("systemd-analyze (Debian's systemd package) runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && stderr.trim().is_empty(), "{name}: {stderr}");
+
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(&unit)
+            .output()
+            .expect("systemd-analyze runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let score: f64 = text
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|rest| rest.split(": ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name}: no exposure level in:\n{text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        println!("{name}: systemd-analyze security exposure {score}");
+        assert!(score <= 2.5, "{name}: exposure {score} > 2.5:\n{text}");
+    }
+}
+
+/// What a service manager heard on its notify socket, each datagram with when it came.
+struct Listener {
+    socket: UnixDatagram,
+    path: PathBuf,
+    heard: Vec<(Instant, String)>,
+}
+
+impl Listener {
+    fn bind(dir: &Path, name: &str) -> Listener {
+        let path = dir.join(name);
+        let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        Listener {
+            socket,
+            path,
+            heard: Vec::new(),
+        }
+    }
+
+    /// Listen until a datagram satisfies `what`, or `timeout`; that datagram.
+    fn until(&mut self, timeout: Duration, what: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                self.heard.push((Instant::now(), text.clone()));
+                if what(&text) {
+                    return Some(text);
+                }
+            }
+        }
+        None
+    }
+
+    fn count(&self, field: &str) -> usize {
+        self.heard.iter().filter(|(_, m)| m.lines().any(|l| l == field)).count()
+    }
+}
+
+/// Two namespaces on one veth with a node each, configured as each other's peer; b started.
+fn pair_with_b_running(net: u8) -> (Lab, usize, usize) {
+    let mut lab = Lab::new();
+    let (na, nb) = (lab.netns("a"), lab.netns("b"));
+    let (ua, ub) = (
+        std::net::Ipv4Addr::new(198, 18, net, 1),
+        std::net::Ipv4Addr::new(198, 18, net, 2),
+    );
+    lab.link(&na, ua, &nb, ub);
+    let a = lab.node("a", &na, ua, 1, PORT);
+    let b = lab.node("b", &nb, ub, 2, PORT);
+    lab.configure(a, &[b], &NodeOptions::default());
+    lab.configure(b, &[a], &NodeOptions::default());
+    lab.start(b);
+    (lab, a, b)
+}
+
+#[test]
+fn notify_says_ready_once_pings_pass_pings_the_watchdog_and_says_stopping_and_never_ready_on_failure() {
+    let (mut lab, a, b) = pair_with_b_running(60);
+    let dir = tempfile::tempdir().unwrap();
+    let mut manager = Listener::bind(dir.path(), "notify");
+    let socket = manager.path.display().to_string();
+    // WatchdogSec=1: the daemon checks its threads and pings every 500 ms.
+    lab.spawn_with_env(a, &[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")]);
+    let ready = manager
+        .until(Duration::from_secs(20), |m| m.lines().any(|l| l == "READY=1"))
+        .unwrap_or_else(|| panic!("no READY=1; heard {:?}\n{}", manager.heard, lab.log(a)));
+    assert!(
+        ready.contains("STATUS=") && ready.contains("0 of 1 peers up"),
+        "{ready}"
+    );
+    let (ns, peer) = (lab.nodes[a].ns.clone(), lab.nodes[b].mesh4.to_string());
+    assert!(
+        lab.ping(&ns, &peer, 1),
+        "READY came before the interface carried a ping"
+    );
+
+    let since = Instant::now();
+    manager
+        .until(Duration::from_secs(5), |m| {
+            m.contains("STATUS=") && m.contains("1 of 1 peers up (1 udp)")
+        })
+        .unwrap_or_else(|| panic!("no status with the peer up; heard {:?}", manager.heard));
+    manager.until(Duration::from_secs(3), |_| false);
+    let pings: Vec<Instant> = manager
+        .heard
+        .iter()
+        .filter(|(at, m)| *at >= since && m.lines().any(|l| l == "WATCHDOG=1"))
+        .map(|(at, _)| *at)
+        .collect();
+    assert!(
+        pings.len() >= 4,
+        "{} watchdog pings in over 3 s: {:?}",
+        pings.len(),
+        manager.heard
+    );
+    for gap in pings.windows(2).map(|w| w[1] - w[0]) {
+        assert!(
+            gap < Duration::from_millis(900),
+            "a watchdog gap of {gap:?} (timeout 1 s)"
+        );
+    }
+
+    let pid = lab.pid(a).expect("a runs");
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    manager
+        .until(Duration::from_secs(5), |m| m.lines().any(|l| l == "STOPPING=1"))
+        .unwrap_or_else(|| panic!("no STOPPING=1 on SIGTERM; heard {:?}", manager.heard));
+    let (ok, log) = lab.wait_exit(a, Duration::from_secs(10));
+    assert!(ok, "a clean stop exits 0:\n{log}");
+    assert_eq!(manager.count("READY=1"), 1);
+
+    // A start that fails half-way (its interface name is taken by another kind of device)
+    // never says READY.
+    let mut failing = Listener::bind(dir.path(), "notify-failing");
+    let socket = failing.path.display().to_string();
+    lab.sh(&ns, &format!("ip link add {} type bridge", lab.nodes[a].iface));
+    lab.spawn_with_env(a, &[("NOTIFY_SOCKET", &socket)]);
+    let (ok, log) = lab.wait_exit(a, Duration::from_secs(20));
+    assert!(!ok && log.contains("cannot create TUN device"), "{log}");
+    failing.until(Duration::from_millis(300), |_| false);
+    assert_eq!(
+        failing.count("READY=1"),
+        0,
+        "READY from a failed start: {:?}",
+        failing.heard
+    );
+}
+
+#[test]
+fn sighup_reloads_peers_live_keeps_sessions_and_refuses_what_needs_a_restart() {
+    let mut lab = Lab::new();
+    let hosts = lab.switched(61, &["a", "b", "c"]);
+    let nodes: Vec<usize> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, (ns, addr))| lab.node(["a", "b", "c"][i], ns, *addr, i as u8 + 1, PORT))
+        .collect();
+    let (a, b, c) = (nodes[0], nodes[1], nodes[2]);
+    let opts = NodeOptions::default();
+    lab.configure(a, &[b], &opts);
+    lab.configure(b, &[a], &opts);
+    lab.configure(c, &[a], &opts);
+    for &n in &nodes {
+        lab.start(n);
+    }
+    let (ns_a, to_b, to_c) = (
+        lab.nodes[a].ns.clone(),
+        lab.nodes[b].mesh4.to_string(),
+        lab.nodes[c].mesh4.to_string(),
+    );
+    assert!(lab.ping(&ns_a, &to_b, 2));
+    assert!(!lab.ping(&ns_a, &to_c, 1), "c is not a's peer yet");
+    let before = lab.peer_status(a, b);
+    let hup = |lab: &Lab| {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(lab.pid(a).expect("a runs") as i32, libc::SIGHUP) };
+    };
+
+    // c added to a's file; SIGHUP while a ping to b runs: nothing lost, b's session kept.
+    lab.configure(a, &[b, c], &opts);
+    let summary = lab.ping_while(&ns_a, &to_b, || hup(&lab));
+    assert!(summary.contains(" 0% packet loss"), "{summary}\n{}", lab.log(a));
+    eventually("a logs the reload", Duration::from_secs(5), || {
+        lab.log(a).contains("config reloaded")
+    });
+    assert!(
+        lab.ping(&ns_a, &to_c, 3),
+        "c reachable after the reload:\n{}",
+        lab.log(a)
+    );
+    // b's peer entry and session were kept: its byte counters and handshake time carry on.
+    let after = lab.peer_status(a, b);
+    assert!(
+        after["rx_bytes"].as_u64() > before["rx_bytes"].as_u64(),
+        "{before} → {after}"
+    );
+    assert!(
+        after["last_handshake_secs"].as_u64() >= before["last_handshake_secs"].as_u64(),
+        "no new handshake with b: {before} → {after}"
+    );
+
+    // A broken file: refused with its line and field, the running config stays.
+    let config = lab.nodes[a].config.clone();
+    let good = fs::read_to_string(&config).unwrap();
+    fs::write(&config, good.replace("listen_port", "listen_prot")).unwrap();
+    hup(&lab);
+    eventually("the broken file is refused", Duration::from_secs(5), || {
+        let log = lab.log(a);
+        log.contains("reload refused") && log.contains("listen_prot") && log.contains("line ")
+    });
+    // A change that takes a restart: named, nothing applied (c stays a peer).
+    fs::write(
+        &config,
+        good.replace(&format!("listen_port = {PORT}"), "listen_port = 51999"),
+    )
+    .unwrap();
+    hup(&lab);
+    eventually("the port change is refused", Duration::from_secs(5), || {
+        lab.log(a).contains("listen_port changed, which takes a restart")
+    });
+    assert!(lab.ping(&ns_a, &to_b, 2) && lab.ping(&ns_a, &to_c, 2));
+
+    // c taken out again: its route goes, b stays.
+    lab.configure(a, &[b], &opts);
+    hup(&lab);
+    eventually("c's route is gone", Duration::from_secs(5), || {
+        let routes = lab.sh(&ns_a, "ip -4 route show");
+        !String::from_utf8_lossy(&routes.stdout).contains(&to_c)
+    });
+    assert!(lab.ping(&ns_a, &to_b, 2));
+    assert!(lab.pid(a).is_some() && lab.status(a)["peers"].as_array().unwrap().len() == 1);
+}
