@@ -127,7 +127,11 @@ fn notify_says_ready_once_pings_pass_pings_the_watchdog_and_says_stopping_and_ne
     let mut manager = Listener::bind(dir.path(), "notify");
     let socket = manager.path.display().to_string();
     // WatchdogSec=1: the daemon checks its threads and pings every 500 ms.
-    lab.spawn_with_env(a, &[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")]);
+    lab.nodes[a].env = vec![
+        ("NOTIFY_SOCKET".into(), socket),
+        ("WATCHDOG_USEC".into(), "1000000".into()),
+    ];
+    lab.spawn(a);
     let ready = manager
         .until(Duration::from_secs(20), |m| m.lines().any(|l| l == "READY=1"))
         .unwrap_or_else(|| panic!("no READY=1; heard {:?}\n{}", manager.heard, lab.log(a)));
@@ -182,7 +186,8 @@ fn notify_says_ready_once_pings_pass_pings_the_watchdog_and_says_stopping_and_ne
     let mut failing = Listener::bind(dir.path(), "notify-failing");
     let socket = failing.path.display().to_string();
     lab.sh(&ns, &format!("ip link add {} type bridge", lab.nodes[a].iface));
-    lab.spawn_with_env(a, &[("NOTIFY_SOCKET", &socket)]);
+    lab.nodes[a].env = vec![("NOTIFY_SOCKET".into(), socket)];
+    lab.spawn(a);
     let (ok, log) = lab.wait_exit(a, Duration::from_secs(20));
     assert!(!ok && log.contains("cannot create TUN device"), "{log}");
     failing.until(Duration::from_millis(300), |_| false);
@@ -277,4 +282,183 @@ fn sighup_reloads_peers_live_keeps_sessions_and_refuses_what_needs_a_restart() {
     });
     assert!(lab.ping(&ns_a, &to_b, 2));
     assert!(lab.pid(a).is_some() && lab.status(a)["peers"].as_array().unwrap().len() == 1);
+}
+
+/// The uid and gid the unprivileged daemon runs as (`nobody`/`nogroup`).
+const NOBODY: u32 = 65534;
+
+/// What the package's tmpfiles snippet and the unit prepare for an unprivileged daemon, undone
+/// on drop: bpffs traversable by all (0711, not listable) with the pin root writable by the
+/// daemon's group, and the per-instance runtime directory.
+struct Prepared {
+    bpffs_mode: u32,
+    tun_mode: u32,
+    runtime: PathBuf,
+}
+
+impl Prepared {
+    fn new(lab: &Lab, i: usize) -> Prepared {
+        use std::os::unix::fs::PermissionsExt;
+        let sh = |script: &str| {
+            let out = Command::new("sh").args(["-c", script]).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        sh("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf");
+        let mode = |p: &str| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let (bpffs_mode, tun_mode) = (mode("/sys/fs/bpf"), mode("/dev/net/tun"));
+        // As udev leaves it on a stock Debian host (this VM has it 0600): opening it grants
+        // nothing, TUNSETIFF needs CAP_NET_ADMIN.
+        sh("chmod 0666 /dev/net/tun");
+        sh(&format!(
+            "chmod 0711 /sys/fs/bpf && install -d -o root -g {NOBODY} -m 0770 /sys/fs/bpf/tunnelmesh"
+        ));
+        let n = &lab.nodes[i];
+        let runtime = PathBuf::from(format!("/run/tunnelmesh/{}", n.iface));
+        // The lab's folder is root's: let the daemon through to its own key and cache.
+        let state = lab.dir.path().join("state").join(&n.iface);
+        sh(&format!(
+            "chmod 0711 {dir} && chown {NOBODY}:{NOBODY} {key} && install -d -o {NOBODY} -g {NOBODY} -m 0750 {runtime} && install -d -m 0711 {dir}/state && install -d -o {NOBODY} -g {NOBODY} -m 0700 {state}",
+            dir = lab.dir.path().display(),
+            key = n.key.display(),
+            runtime = runtime.display(),
+            state = state.display(),
+        ));
+        Prepared {
+            bpffs_mode,
+            tun_mode,
+            runtime,
+        }
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::remove_dir_all(&self.runtime);
+        let _ = fs::set_permissions("/sys/fs/bpf", fs::Permissions::from_mode(self.bpffs_mode));
+        let _ = fs::set_permissions("/dev/net/tun", fs::Permissions::from_mode(self.tun_mode));
+    }
+}
+
+/// `setpriv` as a unit with `User=`, `AmbientCapabilities=` and `CapabilityBoundingSet=` of
+/// exactly `caps` would start the daemon.
+fn unprivileged(caps: &str) -> Vec<String> {
+    let set = format!("-all,{caps}");
+    [
+        "setpriv",
+        &format!("--reuid={NOBODY}"),
+        &format!("--regid={NOBODY}"),
+        "--clear-groups",
+        &format!("--inh-caps={set}"),
+        &format!("--ambient-caps={set}"),
+        &format!("--bounding-set={set}"),
+        "--no-new-privs",
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn as_nobody_with_only_net_admin_bpf_and_perfmon_the_tunnel_shield_and_kernel_acl_work_and_with_less_it_says_userspace()
+{
+    let mut lab = Lab::new();
+    let hosts = lab.switched(62, &["c", "laptop", "web"]);
+    let laptop = lab.node("laptop", &hosts[1].0, hosts[1].1, 1, PORT);
+    let web = lab.node("web", &hosts[2].0, hosts[2].1, 2, PORT);
+    let authorized = lab.dir.path().join("authorized_keys");
+    let lines = format!("{}\n{}\n", lab.nodes[laptop].public_line, lab.nodes[web].public_line);
+    fs::write(&authorized, lines).unwrap();
+    let policy = "[[allow]]\nfrom = [\"laptop\"]\nto = [\"web\"]\nports = [\"tcp/443\"]\n";
+    let c = lab.coordinator_with_policy(&hosts[0], &authorized, policy, &[]);
+    lab.join(laptop, &c, &[]);
+    let _prepared = Prepared::new(&lab, web);
+    lab.nodes[web].wrapper = unprivileged("+net_admin,+bpf,+perfmon");
+    lab.nodes[web].env = vec![(
+        "RUNTIME_DIRECTORY".into(),
+        format!("/run/tunnelmesh/{}", lab.nodes[web].iface),
+    )];
+    lab.join(web, &c, &[]);
+
+    let pid = lab.pid(web).unwrap();
+    let proc_status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    assert!(field("Uid:").starts_with(&NOBODY.to_string()), "{proc_status}");
+    // CAP_NET_ADMIN (12), CAP_PERFMON (38) and CAP_BPF (39), nothing else.
+    let only = format!("{:016x}", (1u64 << 12) | (1u64 << 38) | (1u64 << 39));
+    assert_eq!(field("CapEff:"), only, "{proc_status}");
+    assert_eq!(field("CapBnd:"), only, "{proc_status}");
+
+    let decide = |lab: &Lab| {
+        let (lns, wns) = (lab.nodes[laptop].ns.clone(), lab.nodes[web].ns.clone());
+        let wv4 = lab.mesh_addrs(web).0;
+        assert!(lab.tcp_reaches(&lns, &wns, &wv4, 443), "laptop → web tcp/443 allowed");
+        assert!(!lab.tcp_reaches(&lns, &wns, &wv4, 22), "laptop → web tcp/22 denied");
+    };
+    decide(&lab);
+    let st = lab.status(web);
+    assert_eq!(st["policy"]["enforcement"], "ebpf", "{}", st["policy"]);
+    assert!(
+        st["policy"]["counters"]["denied"].as_u64() > Some(0),
+        "{}",
+        st["policy"]
+    );
+    let fastpath = &st["fastpath"];
+    assert_eq!(
+        fastpath["enforcement"], "ebpf",
+        "the XDP shield is attached: {fastpath}"
+    );
+    assert!(
+        fastpath["shield"]["passed"].as_u64() > Some(0),
+        "the shield sees traffic: {fastpath}"
+    );
+    let pins = format!("/sys/fs/bpf/tunnelmesh/{}", lab.nodes[web].iface);
+    assert!(
+        Path::new(&format!("{pins}/acl_rules")).exists(),
+        "the ACL maps are pinned for bpftool"
+    );
+    let socket = format!("/run/tunnelmesh/{}/status.sock", lab.nodes[web].iface);
+    let meta = fs::metadata(&socket).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (NOBODY, 0o660));
+
+    // Without CAP_PERFMON the verifier refuses the programs (its Spectre v1 rules for loaders
+    // that are not perfmon-capable): the same decisions, in userspace, and status says why.
+    lab.stop(web);
+    lab.nodes[web].wrapper = unprivileged("+net_admin,+bpf");
+    lab.join(web, &c, &[]);
+    decide(&lab);
+    let st = lab.status(web);
+    assert_eq!(st["policy"]["enforcement"], "userspace", "{}", st["policy"]);
+    let reason = st["policy"]["userspace_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("CAP_PERFMON"), "{reason}");
+    let fastpath = &st["fastpath"];
+    assert_eq!(fastpath["enforcement"], "userspace", "{fastpath}");
+    assert!(
+        fastpath["error"].as_str().unwrap_or_default().contains("CAP_PERFMON"),
+        "{fastpath}"
+    );
+
+    // Without CAP_BPF: the same decisions, in userspace, and status says so.
+    lab.stop(web);
+    lab.nodes[web].wrapper = unprivileged("+net_admin");
+    lab.join(web, &c, &[]);
+    decide(&lab);
+    let st = lab.status(web);
+    assert_eq!(st["policy"]["enforcement"], "userspace", "{}", st["policy"]);
+    assert_eq!(st["fastpath"]["enforcement"], "userspace", "{}", st["fastpath"]);
+    let log = lab.log(web);
+    assert!(log.contains("CAP_BPF"), "the log says what is missing:\n{log}");
 }

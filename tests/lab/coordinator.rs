@@ -30,7 +30,7 @@ impl Coordinator {
         args.extend(self.extra.iter().cloned());
         // Only what this start logs counts (a restart appends to the same file).
         let skip = fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
-        let child = spawn_in(&self.ns, &args, &self.log, &[]);
+        let child = spawn_in(&self.ns, &[], &args, &self.log, &[]);
         self.process = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {

@@ -64,15 +64,16 @@ pub fn host(args: &[&str]) -> Output {
 }
 
 /// Start `tunnelmesh ARGS` in namespace `ns`, appending its output to `log`.
-fn spawn_in(ns: &str, args: &[String], log: &Path, env: &[(&str, &str)]) -> Child {
+fn spawn_in(ns: &str, wrapper: &[String], args: &[String], log: &Path, env: &[(String, String)]) -> Child {
     let log = File::options().create(true).append(true).open(log).expect("log file");
     Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))
         .arg("--")
+        .args(wrapper)
         .arg(bin())
         .args(args)
         .env("RUST_LOG", "info,tunnelmesh=debug")
-        .envs(env.iter().copied())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log file"))
         .stderr(log)
@@ -148,14 +149,10 @@ impl Lab {
         c
     }
 
-    fn spawn_node(&mut self, i: usize, args: Vec<String>) {
-        self.spawn_node_with(i, args, &[]);
-    }
-
-    fn spawn_node_with(&mut self, i: usize, mut args: Vec<String>, env: &[(&str, &str)]) {
+    fn spawn_node(&mut self, i: usize, mut args: Vec<String>) {
         let n = &self.nodes[i];
         args.extend(["--identity".to_string(), n.key.display().to_string()]);
-        let child = spawn_in(&n.ns, &args, &n.log, env);
+        let child = spawn_in(&n.ns, &n.wrapper, &args, &n.log, &n.env);
         self.nodes[i].process = Some(child);
     }
 

@@ -17,6 +17,10 @@ pub struct Node {
     pub config: PathBuf,
     pub(crate) log: PathBuf,
     pub(crate) process: Option<Child>,
+    /// A command the daemon runs under (`setpriv …`), and variables added to its environment
+    /// (systemd's); empty unless a test sets them.
+    pub wrapper: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -79,6 +83,8 @@ impl Lab {
             log: self.dir.path().join(format!("{name}.log")),
             key,
             process: None,
+            wrapper: Vec::new(),
+            env: Vec::new(),
         };
         self.nodes.push(node);
         self.nodes.len() - 1
@@ -116,24 +122,18 @@ impl Lab {
 
     /// Start node `i` from its static config and wait until its status socket answers.
     pub fn start(&mut self, i: usize) {
+        self.spawn(i);
+        self.wait_up(i);
+    }
+
+    /// Start node `i` from its static config; does not wait.
+    pub fn spawn(&mut self, i: usize) {
         let args = vec![
             "up".to_string(),
             "--config".into(),
             self.nodes[i].config.display().to_string(),
         ];
         self.spawn_node(i, args);
-        self.wait_up(i);
-    }
-
-    /// Start node `i` from its static config with `env` added (systemd's variables); does not
-    /// wait.
-    pub fn spawn_with_env(&mut self, i: usize, env: &[(&str, &str)]) {
-        let args = vec![
-            "up".to_string(),
-            "--config".into(),
-            self.nodes[i].config.display().to_string(),
-        ];
-        self.spawn_node_with(i, args, env);
     }
 
     /// Start node `i` joining the coordinator `c`, with `extra` arguments; does not wait.

@@ -33,9 +33,13 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/tunnelmesh";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FastpathError {
-    #[error("loading the eBPF object failed: {0} (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF)")]
+    #[error(
+        "loading the eBPF object failed: {0} (needs root or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, and a kernel with BTF)"
+    )]
     Load(#[from] aya::EbpfError),
-    #[error("the {program} program failed to load or attach on {interface}: {source}")]
+    #[error(
+        "the {program} program failed to load or attach on {interface} (loading needs CAP_BPF and CAP_PERFMON, attaching CAP_NET_ADMIN): {source}"
+    )]
     Program {
         program: &'static str,
         interface: String,
