@@ -462,3 +462,70 @@ fn as_nobody_with_only_net_admin_bpf_and_perfmon_the_tunnel_shield_and_kernel_ac
     let log = lab.log(web);
     assert!(log.contains("CAP_BPF"), "the log says what is missing:\n{log}");
 }
+
+/// Samples of a Prometheus text document, parsed by a Prometheus text-format parser.
+fn scrape(text: &str) -> Vec<prometheus_parse::Sample> {
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("not the Prometheus text format ({e}):\n{text}"))
+        .samples
+}
+
+fn value(samples: &[prometheus_parse::Sample], metric: &str, label: Option<(&str, &str)>) -> f64 {
+    let sample = samples
+        .iter()
+        .find(|s| s.metric == metric && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+        .unwrap_or_else(|| panic!("no {metric} {label:?}"));
+    match sample.value {
+        prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+        _ => panic!("{metric} is not a number"),
+    }
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_from_the_cli_and_from_metrics_listen() {
+    let served = NodeOptions {
+        extra: "metrics_listen = \"127.0.0.1:9464\"".into(),
+        ..NodeOptions::default()
+    };
+    let (lab, a, b) = Lab::pair(63, &served, &NodeOptions::default());
+    let (ns, peer) = (lab.nodes[a].ns.clone(), lab.nodes[b].mesh4.to_string());
+    assert!(lab.ping(&ns, &peer, 3));
+    let b_name = lab.peer_status(a, b)["name"].as_str().unwrap().to_string();
+
+    let out = Command::new(bin())
+        .args(["metrics", "--interface", &lab.nodes[a].iface])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cli = String::from_utf8(out.stdout).unwrap();
+    let curl = lab.sh(&ns, "curl -sS --fail -D /dev/stderr http://127.0.0.1:9464/metrics");
+    let headers = String::from_utf8_lossy(&curl.stderr).to_lowercase();
+    assert!(headers.contains("content-type: application/openmetrics-text"), "{headers}");
+    let http = String::from_utf8(curl.stdout).unwrap();
+    for text in [&cli, &http] {
+        let samples = scrape(text);
+        assert_eq!(value(&samples, "tunnelmesh_peers", None), 1.0);
+        assert_eq!(value(&samples, "tunnelmesh_peers_up", None), 1.0);
+        let peer = Some(("peer", b_name.as_str()));
+        assert!(value(&samples, "tunnelmesh_peer_received_bytes_total", peer) > 0.0, "{text}");
+        assert!(value(&samples, "tunnelmesh_peer_sent_bytes_total", peer) > 0.0);
+        assert_eq!(
+            value(&samples, "tunnelmesh_peer_path", Some(("path", "udp"))),
+            1.0,
+            "{text}"
+        );
+        assert!(value(&samples, "tunnelmesh_shield_packets_total", Some(("reason", "passed"))) > 0.0);
+        assert_eq!(value(&samples, "tunnelmesh_node_info", Some(("shield", "ebpf"))), 1.0);
+        assert!(value(&samples, "tunnelmesh_uptime_seconds", None) >= 0.0);
+        value(&samples, "tunnelmesh_datapath_events_total", Some(("reason", "rx_malformed")));
+        // Conventions: one prefix, lower snake case, counters end in _total, units spelled out.
+        for s in &samples {
+            assert!(s.metric.starts_with("tunnelmesh_"), "{}", s.metric);
+            assert!(s.metric.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{}", s.metric);
+        }
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ") && l.ends_with(" counter")) {
+            let family = line.split(' ').nth(2).unwrap();
+            assert!(samples.iter().any(|s| s.metric == format!("{family}_total")) || !text.contains(&format!("\n{family}")), "{line}");
+        }
+    }
+}

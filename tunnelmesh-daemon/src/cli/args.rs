@@ -73,6 +73,13 @@ pub enum Command {
         #[arg(long, short = 'c', default_value_t = 3)]
         count: u32,
     },
+    /// Print a running interface's counters in the Prometheus text format (peers, bytes,
+    /// handshakes, drops by reason, shield and ACL verdicts, paths, NAT, coordinator state).
+    Metrics {
+        /// Mesh interface name (default: the only one running).
+        #[arg(long)]
+        interface: Option<String>,
+    },
     /// Show a running interface: peers, endpoints, handshakes, traffic, drop counters.
     Status {
         /// Mesh interface name (default: the only one running).

@@ -127,6 +127,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Metrics { interface } => {
+            let interface = pick_interface(interface)?;
+            print!("{}", crate::node::metrics::render(&status::query(&interface)?));
+            Ok(())
+        }
         Command::Status { interface, json } => {
             let interface = pick_interface(interface)?;
             let s = status::query(&interface)?;

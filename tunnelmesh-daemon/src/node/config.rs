@@ -173,6 +173,8 @@ pub struct InterfaceConfig {
     /// Disable TUN offloads (TSO/USO super-packets and GRO): one packet per TUN read and write.
     #[serde(default)]
     pub no_offload: bool,
+    /// Serve the node's metrics (Prometheus text) at `http://ADDR/metrics`; off by default.
+    pub metrics_listen: Option<SocketAddr>,
     /// Static mode only: the mesh key, and our mesh addresses with their prefix (the prefix also
     /// routes to the interface). A coordinator sends both.
     mesh_key: Option<Spanned<MeshKey>>,
@@ -278,6 +280,7 @@ impl Default for InterfaceConfig {
             xdp_interfaces: Vec::new(),
             no_ebpf: false,
             no_offload: false,
+            metrics_listen: None,
             mesh_key: None,
             addresses: None,
         }
@@ -416,6 +419,7 @@ impl Config {
             ("xdp_interfaces", a.xdp_interfaces != b.xdp_interfaces),
             ("no_ebpf", a.no_ebpf != b.no_ebpf),
             ("no_offload", a.no_offload != b.no_offload),
+            ("metrics_listen", a.metrics_listen != b.metrics_listen),
             ("[coordinator]", coordinator),
         ]
         .into_iter()

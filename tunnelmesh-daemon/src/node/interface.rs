@@ -68,6 +68,8 @@ pub struct InterfacePlan {
     pub policy: Option<NodePolicy>,
     /// Port mapping at the gateway, and the lifetime to ask for.
     pub port_mapping: (crate::nat::portmap::Mode, Duration),
+    /// Where to serve `/metrics`, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// A static interface: its peers are listed in `config`. `reload` runs on each SIGHUP.
@@ -93,6 +95,7 @@ pub fn up_static(
         mesh_keys: vec![mesh.mesh_key.0.clone()],
         policy: None,
         port_mapping: (crate::nat::portmap::Mode::Off, crate::nat::portmap::DEFAULT_LIFETIME),
+        metrics_listen: iface.metrics_listen,
     };
     Interface::start(&identity, plan)?.run(reload)
 }
@@ -307,7 +310,17 @@ impl Interface {
             threads.push(thread);
         }
         let shield_for_status = shield.clone();
-        let fastpath_status = Box::new(move || fastpath_status(&crate::sync::lock(&shield_for_status), steered));
+        let fastpath_status: Arc<dyn Fn() -> FastpathStatus + Send + Sync> =
+            Arc::new(move || fastpath_status(&crate::sync::lock(&shield_for_status), steered));
+        if let Some(addr) = plan.metrics_listen {
+            let (shutdown, dev, fastpath) = (dev.shutdown.clone(), dev.clone(), fastpath_status.clone());
+            let snapshot = Arc::new(move || status::snapshot(&dev, &*fastpath));
+            threads.push(
+                crate::node::metrics::serve(addr, snapshot, shutdown)
+                    .with_context(|| format!("cannot serve metrics on {addr} (metrics_listen); is the port taken?"))?,
+            );
+            info!(%addr, "metrics at http://{addr}/metrics");
+        }
         let status_dev = dev.clone();
         threads.push(
             std::thread::Builder::new()

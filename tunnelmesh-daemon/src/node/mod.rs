@@ -7,11 +7,13 @@
 //! - [`up`]: `tunnelmesh up` — the config file and the flags over it, reloads.
 //! - [`config`]: the configuration file of an interface (static or coordinated).
 //! - [`status`]: the status socket and what `tunnelmesh status` shows.
+//! - [`metrics`]: the same in the Prometheus text format (`tunnelmesh metrics`, `/metrics`).
 //! - [`netwatch`]: route netlink → "the network changed".
 
 pub mod client;
 pub mod config;
 pub mod interface;
+pub mod metrics;
 pub mod netwatch;
 pub mod status;
 pub mod up;

@@ -219,7 +219,7 @@ pub enum Request {
 }
 
 /// Serve requests until the device shuts down.
-pub fn serve(dev: Arc<Device>, listener: UnixListener, fastpath: Box<dyn Fn() -> FastpathStatus + Send>) {
+pub fn serve(dev: Arc<Device>, listener: UnixListener, fastpath: Arc<dyn Fn() -> FastpathStatus + Send + Sync>) {
     let _ = listener.set_nonblocking(true);
     while !dev.shutdown.load(Ordering::Relaxed) {
         match listener.accept() {

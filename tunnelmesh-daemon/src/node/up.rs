@@ -200,6 +200,7 @@ fn join_options(config: &Config, c: &CoordinatorConfig) -> Result<JoinOptions> {
         ssh_port: c.ssh_port.unwrap_or(i.listen_port),
         port_mapping: c.port_mapping,
         port_mapping_lifetime: Duration::from_secs(c.port_mapping_lifetime),
+        metrics_listen: i.metrics_listen,
     })
 }
 

@@ -55,6 +55,8 @@ pub struct JoinOptions {
     pub ssh_port: u16,
     pub port_mapping: crate::nat::portmap::Mode,
     pub port_mapping_lifetime: Duration,
+    /// Where to serve `/metrics`, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl JoinOptions {
@@ -76,6 +78,7 @@ impl JoinOptions {
             ssh_port: 0,
             port_mapping: crate::nat::portmap::Mode::Off,
             port_mapping_lifetime: crate::nat::portmap::DEFAULT_LIFETIME,
+            metrics_listen: None,
         }
     }
 }
@@ -156,6 +159,7 @@ pub fn up(opts: JoinOptions, identity: Identity, reload: impl FnMut(&Interface) 
         mesh_keys: state.mesh_keys()?,
         policy: Some(state.mesh.policy.clone()),
         port_mapping: (opts.port_mapping, opts.port_mapping_lifetime),
+        metrics_listen: opts.metrics_listen,
     };
     let interface = Interface::start(&identity, plan)?;
     set_stun_targets(&interface.dev, &opts.url, &state);
