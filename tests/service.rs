@@ -476,7 +476,9 @@ fn value(samples: &[prometheus_parse::Sample], metric: &str, label: Option<(&str
         .find(|s| s.metric == metric && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
         .unwrap_or_else(|| panic!("no {metric} {label:?}"));
     match sample.value {
-        prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
         _ => panic!("{metric} is not a number"),
     }
 }
@@ -500,14 +502,20 @@ fn metrics_parse_as_prometheus_text_from_the_cli_and_from_metrics_listen() {
     let cli = String::from_utf8(out.stdout).unwrap();
     let curl = lab.sh(&ns, "curl -sS --fail -D /dev/stderr http://127.0.0.1:9464/metrics");
     let headers = String::from_utf8_lossy(&curl.stderr).to_lowercase();
-    assert!(headers.contains("content-type: application/openmetrics-text"), "{headers}");
+    assert!(
+        headers.contains("content-type: application/openmetrics-text"),
+        "{headers}"
+    );
     let http = String::from_utf8(curl.stdout).unwrap();
     for text in [&cli, &http] {
         let samples = scrape(text);
         assert_eq!(value(&samples, "tunnelmesh_peers", None), 1.0);
         assert_eq!(value(&samples, "tunnelmesh_peers_up", None), 1.0);
         let peer = Some(("peer", b_name.as_str()));
-        assert!(value(&samples, "tunnelmesh_peer_received_bytes_total", peer) > 0.0, "{text}");
+        assert!(
+            value(&samples, "tunnelmesh_peer_received_bytes_total", peer) > 0.0,
+            "{text}"
+        );
         assert!(value(&samples, "tunnelmesh_peer_sent_bytes_total", peer) > 0.0);
         assert_eq!(
             value(&samples, "tunnelmesh_peer_path", Some(("path", "udp"))),
@@ -517,15 +525,99 @@ fn metrics_parse_as_prometheus_text_from_the_cli_and_from_metrics_listen() {
         assert!(value(&samples, "tunnelmesh_shield_packets_total", Some(("reason", "passed"))) > 0.0);
         assert_eq!(value(&samples, "tunnelmesh_node_info", Some(("shield", "ebpf"))), 1.0);
         assert!(value(&samples, "tunnelmesh_uptime_seconds", None) >= 0.0);
-        value(&samples, "tunnelmesh_datapath_events_total", Some(("reason", "rx_malformed")));
+        value(
+            &samples,
+            "tunnelmesh_datapath_events_total",
+            Some(("reason", "rx_malformed")),
+        );
         // Conventions: one prefix, lower snake case, counters end in _total, units spelled out.
         for s in &samples {
             assert!(s.metric.starts_with("tunnelmesh_"), "{}", s.metric);
-            assert!(s.metric.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{}", s.metric);
+            assert!(
+                s.metric.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{}",
+                s.metric
+            );
         }
-        for line in text.lines().filter(|l| l.starts_with("# TYPE ") && l.ends_with(" counter")) {
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE ") && l.ends_with(" counter"))
+        {
             let family = line.split(' ').nth(2).unwrap();
-            assert!(samples.iter().any(|s| s.metric == format!("{family}_total")) || !text.contains(&format!("\n{family}")), "{line}");
+            assert!(
+                samples.iter().any(|s| s.metric == format!("{family}_total")) || !text.contains(&format!("\n{family}")),
+                "{line}"
+            );
         }
     }
+}
+
+#[test]
+fn the_coordinator_reads_its_config_file_and_serves_metrics_of_nodes_joins_pushes_and_the_relay() {
+    let mut lab = Lab::new();
+    let hosts = lab.switched(64, &["c", "p1", "p2", "p3"]);
+    let nodes: Vec<usize> = (1..=3)
+        .map(|i| lab.node(&format!("p{i}"), &hosts[i].0, hosts[i].1, i as u8, PORT))
+        .collect();
+    let authorized = lab.dir.path().join("authorized_keys");
+    let lines = format!(
+        "{}\n{}\n",
+        lab.nodes[nodes[0]].public_line, lab.nodes[nodes[1]].public_line
+    );
+    fs::write(&authorized, lines).unwrap();
+    let config = lab.dir.path().join("coordinator.toml");
+    fs::write(
+        &config,
+        format!(
+            "metrics_listen = \"127.0.0.1:9465\"\nauthorized_keys = \"{}\"\nrelay_limit_mbit = 50\n",
+            authorized.display()
+        ),
+    )
+    .unwrap();
+    let c = lab.coordinator(&hosts[0].0, hosts[0].1, &["--config", config.to_str().unwrap()]);
+    assert!(
+        c.log().contains("metrics at http://127.0.0.1:9465/metrics"),
+        "{}",
+        c.log()
+    );
+    lab.join(nodes[0], &c, &[]);
+    lab.join(nodes[1], &c, &[]);
+    // p3 is in no authorized_keys and has no token: refused.
+    lab.spawn_joining(nodes[2], &c, &[]);
+    let (ok, _) = lab.wait_exit(nodes[2], Duration::from_secs(15));
+    assert!(!ok);
+
+    let metrics = || {
+        let out = lab.sh(&hosts[0].0, "curl -sS --fail http://127.0.0.1:9465/metrics");
+        let text = String::from_utf8(out.stdout).unwrap();
+        (scrape(&text), text)
+    };
+    eventually("both nodes connected", Duration::from_secs(10), || {
+        value(&metrics().0, "tunnelmesh_coordinator_connections", None) == 2.0
+    });
+    let (samples, text) = metrics();
+    assert_eq!(value(&samples, "tunnelmesh_coordinator_nodes", None), 2.0, "{text}");
+    let joins = |outcome| {
+        value(
+            &samples,
+            "tunnelmesh_coordinator_joins_total",
+            Some(("outcome", outcome)),
+        )
+    };
+    assert_eq!((joins("admitted"), joins("refused")), (2.0, 1.0), "{text}");
+    assert_eq!(
+        value(&samples, "tunnelmesh_coordinator_join_duration_seconds_count", None),
+        2.0,
+        "{text}"
+    );
+    assert!(
+        value(&samples, "tunnelmesh_coordinator_pushes_total", None) >= 1.0,
+        "p1 heard of p2: {text}"
+    );
+    value(&samples, "tunnelmesh_coordinator_relay_bytes_total", None);
+    value(
+        &samples,
+        "tunnelmesh_coordinator_relay_dropped_frames_total",
+        Some(("reason", "rate_limited")),
+    );
 }

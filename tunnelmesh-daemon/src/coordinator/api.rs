@@ -62,6 +62,7 @@ pub struct ApiState {
     pub hub: Arc<Mutex<Hub>>,
     pub tls_fingerprint: String,
     pub relay: Arc<Relay>,
+    pub stats: super::metrics::Stats,
 }
 
 #[derive(Clone, Copy)]
@@ -106,6 +107,7 @@ fn text(msg: &ServerMsg) -> Message {
 
 /// One peer's connection: challenge, hello, welcome, then pushed updates until it goes away.
 async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr, slot: Option<Slot>) {
+    let opened = std::time::Instant::now();
     let mut nonce = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut nonce);
     let coordinator = crate::sync::lock(&state.hub).coordinator_key.clone();
@@ -142,6 +144,7 @@ async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr, 
     } = match admitted {
         Ok(a) => a,
         Err(message) => {
+            state.stats.joined(false, opened.elapsed().as_secs_f64());
             info!(%remote, "refused a peer: {message}");
             send(&mut socket, text(&ServerMsg::Error { message })).await;
             let _ = tokio::time::timeout(SEND_TIMEOUT, socket.close()).await;
@@ -158,6 +161,7 @@ async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr, 
             break;
         }
     }
+    state.stats.joined(sent, opened.elapsed().as_secs_f64());
     let relay_key = relay_key.expect("an admitted hello has a valid key");
     let mut relayed = state.relay.register(relay_key, id);
     let mut budget = Budget::new(state.relay.rate);
@@ -174,6 +178,7 @@ async fn connection(state: ApiState, mut socket: WebSocket, remote: SocketAddr, 
                     if !send(&mut socket, text(&update)).await || last {
                         break;
                     }
+                    state.stats.pushed();
                 }
                 incoming = socket.next() => match incoming {
                     Some(Ok(Message::Pong(_))) => unanswered = 0,
@@ -274,6 +279,7 @@ mod tests {
             hub: Arc::new(Mutex::new(hub)),
             tls_fingerprint: fingerprint.clone(),
             relay: Arc::new(Relay::new(1 << 20)),
+            stats: Default::default(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("https://{}", listener.local_addr().unwrap());

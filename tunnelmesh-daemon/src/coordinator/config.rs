@@ -64,6 +64,10 @@ pub struct Settings {
     /// [default: 3478].
     #[arg(long)]
     pub stun_port: Option<u16>,
+    /// Serve the coordinator's metrics (Prometheus text, plain HTTP) at http://ADDR/metrics;
+    /// give it a private address.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// State directory: SQLite store, TLS certificate, coordinator key [default:
     /// $STATE_DIRECTORY under systemd, else /var/lib/tunnelmesh-coordinator].
     #[arg(long, global = true)]
@@ -95,6 +99,7 @@ impl Settings {
             relay_dump: self.relay_dump.or(file.relay_dump),
             stun_port: self.stun_port.or(file.stun_port),
             data_dir: self.data_dir.or(file.data_dir),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
         }
     }
 
@@ -132,6 +137,7 @@ impl Settings {
             relay_rate: mbit * 1_000_000 / 8,
             relay_dump: self.relay_dump,
             stun_port: self.stun_port.unwrap_or(crate::protocol::stun::DEFAULT_PORT),
+            metrics_listen: self.metrics_listen,
         })
     }
 }

@@ -13,6 +13,7 @@ pub mod api;
 pub mod config;
 pub mod hub;
 pub mod ipam;
+pub mod metrics;
 pub mod relay;
 pub mod store;
 pub mod tls;
@@ -61,6 +62,8 @@ pub struct ServeOptions {
     pub relay_dump: Option<PathBuf>,
     /// UDP port of the first STUN target (the second is the next port); 0: no STUN.
     pub stun_port: u16,
+    /// Where to serve `/metrics` (plain HTTP), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn open_store(data_dir: &Path) -> Result<SqliteStore> {
@@ -202,19 +205,34 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             listener.local_addr()?
         );
         info!(prefix4 = %v4, prefix6 = %v6, open_files, "coordinator up");
+        let stats = metrics::Stats::default();
+        let relay = Arc::new(match &opts.relay_dump {
+            Some(path) => relay::Relay::new(opts.relay_rate).dumping_to(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("cannot open --relay-dump {}", path.display()))?,
+            ),
+            None => relay::Relay::new(opts.relay_rate),
+        });
+        if let Some(addr) = opts.metrics_listen {
+            let metrics_listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr} (metrics_listen); is the port taken?"))?;
+            info!(%addr, "metrics at http://{addr}/metrics");
+            tokio::spawn(metrics::serve(
+                metrics_listener,
+                hub.clone(),
+                relay.clone(),
+                stats.clone(),
+            ));
+        }
         let app = api::router(api::ApiState {
             hub: hub.clone(),
             tls_fingerprint,
-            relay: Arc::new(match &opts.relay_dump {
-                Some(path) => relay::Relay::new(opts.relay_rate).dumping_to(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .with_context(|| format!("cannot open --relay-dump {}", path.display()))?,
-                ),
-                None => relay::Relay::new(opts.relay_rate),
-            }),
+            relay,
+            stats,
         });
         tokio::spawn(api::serve(
             listener,

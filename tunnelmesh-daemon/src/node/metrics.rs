@@ -86,7 +86,10 @@ pub fn render(status: &Status) -> String {
             .map_or("none".into(), |p| format!("{:?}", p.enforcement).to_lowercase()),
         shield: format!("{:?}", status.fastpath.enforcement).to_lowercase(),
         nat: format!("{:?}", status.nat.nat).to_lowercase(),
-        coordinator: status.coordinator.as_ref().map_or("none".into(), |c| c.state.to_string()),
+        coordinator: status
+            .coordinator
+            .as_ref()
+            .map_or("none".into(), |c| c.state.to_string()),
     })
     .set(1);
     r.register(
@@ -147,7 +150,11 @@ pub fn render(status: &Status) -> String {
         })
         .set(1);
     }
-    r.register("peer_path", "The path each peer's traffic takes (udp, ssh, relay)", path);
+    r.register(
+        "peer_path",
+        "The path each peer's traffic takes (udp, ssh, relay)",
+        path,
+    );
     counters(
         &mut r,
         "datapath_events",

@@ -234,6 +234,11 @@ impl Hub {
         self.connections.len()
     }
 
+    /// Member nodes: admitted, neither revoked nor removed.
+    pub fn member_count(&self) -> usize {
+        self.nodes.values().filter(|n| !n.revoked && !n.removed).count()
+    }
+
     /// Mesh keys peers should hold now: the newest, plus the previous one during the overlap.
     fn effective_mesh_keys(&self) -> Result<Vec<String>, StoreError> {
         let keys = self.store.mesh_keys()?;
