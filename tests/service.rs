@@ -621,3 +621,92 @@ fn the_coordinator_reads_its_config_file_and_serves_metrics_of_nodes_joins_pushe
         Some(("reason", "rate_limited")),
     );
 }
+
+#[test]
+fn the_debian_package_unpacks_into_a_throwaway_root_with_its_units_configs_docs_and_a_working_binary() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let debs: Vec<PathBuf> = fs::read_dir(repo.join("target/debian"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    let deb = debs
+        .iter()
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("no target/debian/*.deb: `cargo xtask dist` builds it (and `cargo xtask test` runs it first)");
+    let root = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let deb = deb.to_str().unwrap();
+    run(&["dpkg-deb", "-x", deb, root.path().to_str().unwrap()]);
+    let at = |p: &str| root.path().join(p.trim_start_matches('/'));
+    for unit in UNITS {
+        let shipped = fs::read(repo.join("dist/systemd").join(unit)).unwrap();
+        assert_eq!(
+            fs::read(at(&format!("lib/systemd/system/{unit}"))).unwrap(),
+            shipped,
+            "{unit} as tested"
+        );
+    }
+    for file in [
+        "usr/lib/sysusers.d/tunnelmesh.conf",
+        "usr/lib/tmpfiles.d/tunnelmesh.conf",
+        "usr/share/man/man1/tunnelmesh.1.gz",
+        "usr/share/man/man1/tunnelmesh-up.1.gz",
+        "usr/share/bash-completion/completions/tunnelmesh",
+        "usr/share/zsh/vendor-completions/_tunnelmesh",
+        "usr/share/fish/vendor_completions.d/tunnelmesh.fish",
+        "usr/share/doc/tunnelmesh/copyright",
+        "usr/share/doc/tunnelmesh/README.md",
+    ] {
+        assert!(
+            fs::metadata(at(file)).is_ok_and(|m| m.len() > 0),
+            "{file} is missing or empty"
+        );
+    }
+    // The examples parse as what they claim to be (placeholders aside).
+    let conffiles = run(&["dpkg-deb", "-I", deb, "conffiles"]);
+    for conf in [
+        "/etc/tunnelmesh/coordinator.toml",
+        "/etc/tunnelmesh/static.toml.example",
+        "/etc/tunnelmesh/coordinated.toml.example",
+    ] {
+        assert!(
+            conffiles.lines().any(|l| l == conf),
+            "{conf} is not a conffile: {conffiles}"
+        );
+    }
+    let version = run(&[at("usr/bin/tunnelmesh").to_str().unwrap(), "--version"]);
+    assert_eq!(version.trim(), format!("tunnelmesh {}", env!("CARGO_PKG_VERSION")));
+    let out = Command::new(at("usr/bin/tunnelmesh"))
+        .args(["coordinator", "info", "--config"])
+        .arg(at("etc/tunnelmesh/coordinator.toml"))
+        .args(["--data-dir", "/nonexistent-tunnelmesh-test"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("config") && stderr.contains("nonexistent"),
+        "the shipped coordinator.toml parses: {stderr}"
+    );
+    // Maintainer scripts never enable or start anything.
+    let control = tempfile::tempdir().unwrap();
+    run(&["dpkg-deb", "-e", deb, control.path().to_str().unwrap()]);
+    for script in ["postinst", "prerm", "postrm"] {
+        let text = fs::read_to_string(control.path().join(script)).unwrap();
+        for word in ["enable", "systemctl start", "invoke start", "restart "] {
+            assert!(
+                !text
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with('#'))
+                    .any(|l| l.contains(word) && !l.contains("try-restart")),
+                "{script} runs `{word}`:\n{text}"
+            );
+        }
+    }
+}

@@ -21,6 +21,8 @@ const STABLE: &str = "1.98.0";
 const NIGHTLY: &str = "nightly-2026-10-15";
 /// bpf-linker release.
 const BPF_LINKER: &str = "0.13.0";
+/// cargo-deb release (the Debian package of `dist`).
+const CARGO_DEB: &str = "3.8.0";
 /// cargo-fuzz release (libFuzzer driver for `fuzz`).
 const CARGO_FUZZ: &str = "0.13.2";
 /// Seconds each fuzz target runs in `test` (17 targets: about four and a half minutes).
@@ -43,8 +45,9 @@ const APT_PACKAGES: &[&str] = &[
     // NAT lab: the routers' port-mapping service (NAT-PMP, PCP, UPnP-IGD), nftables backend.
     "miniupnpd",
     "miniupnpd-nftables",
-    // The units' checks (systemd-analyze verify / security).
+    // The units' checks (systemd-analyze verify / security); the package's check.
     "systemd",
+    "lintian",
 ];
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -63,6 +66,10 @@ fn main() -> ExitCode {
             .and_then(|_| build_ebpf())
             .and_then(|_| parse_fuzz_args(&args[1..]))
             .and_then(|(target, seconds)| fuzz(target.as_deref(), seconds)),
+        Some("dist") => setup().and_then(|_| build_ebpf()).and_then(|_| {
+            run(cargo(STABLE).args(["build", "--release", "-p", "tunnelmesh-daemon"]))?;
+            dist()
+        }),
         Some("demo") => setup()
             .and_then(|_| build_ebpf())
             .and_then(|_| lab_binary("tunnelmesh-demo", &args[1..])),
@@ -71,7 +78,8 @@ fn main() -> ExitCode {
             .and_then(|_| lab_binary("tunnelmesh-bench", &args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  setup        install pinned toolchains, bpf-linker and test packages (idempotent)\n  build-ebpf   build the kernel programs into target/bpf/tunnelmesh.bpf.o\n  modules [SRC_DIR...]\n               check that the module graphs have no cycles (part of test)\n  test         run every test (fmt, clippy, unit, interop, BPF and network-namespace tests,\n               then every fuzz target briefly from its corpus)\n  fuzz [TARGET] [--seconds N]\n               run one fuzz target (default: all) from its corpus for N seconds each (default 60)\n  demo         two peers in network namespaces: ping and a TCP transfer through the tunnel\n  bench [tunnel|crypto|coordinator|shield|paths]\n               tunnel: against raw veth, wireguard-go, boringtun-cli; crypto: AEAD candidates;\n               coordinator: 10,000 peers;\n               shield: a junk flood with and without the XDP shield; paths: UDP vs SSH vs relay\n               (tables + JSON)"
+                "usage: cargo xtask <task>\n\n  setup        install pinned toolchains, bpf-linker and test packages (idempotent)\n  build-ebpf   build the kernel programs into target/bpf/tunnelmesh.bpf.o\n  modules [SRC_DIR...]\n               check that the module graphs have no cycles (part of test)\n  test         run every test (fmt, clippy, unit, interop, BPF and network-namespace tests,\n               then every fuzz target briefly from its corpus)\n  fuzz [TARGET] [--seconds N]\n               run one fuzz target (default: all) from its corpus for N seconds each (default 60)\n  dist         the release binary, man pages, shell completions and the Debian package
+               (target/debian/tunnelmesh_*.deb), checked by lintian (part of test)\n  demo         two peers in network namespaces: ping and a TCP transfer through the tunnel\n  bench [tunnel|crypto|coordinator|shield|paths]\n               tunnel: against raw veth, wireguard-go, boringtun-cli; crypto: AEAD candidates;\n               coordinator: 10,000 peers;\n               shield: a junk flood with and without the XDP shield; paths: UDP vs SSH vs relay\n               (tables + JSON)"
             );
             return ExitCode::from(2);
         }
@@ -146,6 +154,7 @@ fn setup() -> Result {
     ensure_toolchain(NIGHTLY, &["rust-src"])?;
     ensure_bpf_linker()?;
     ensure_cargo_fuzz()?;
+    ensure_cargo_deb()?;
     ensure_apt_packages()
 }
 
@@ -161,6 +170,21 @@ fn ensure_cargo_fuzz() -> Result {
     }
     run(cargo(STABLE)
         .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ, "--locked", "--root"])
+        .arg(&root))
+}
+
+/// Where cargo-deb is installed (its own root, so the version is the one pinned here).
+fn cargo_deb_root() -> PathBuf {
+    cargo_home().join("tunnelmesh").join(format!("cargo-deb-{CARGO_DEB}"))
+}
+
+fn ensure_cargo_deb() -> Result {
+    let root = cargo_deb_root();
+    if root.join("bin/cargo-deb").exists() {
+        return Ok(());
+    }
+    run(cargo(STABLE)
+        .args(["install", "cargo-deb", "--version", CARGO_DEB, "--locked", "--root"])
         .arg(&root))
 }
 
@@ -373,6 +397,8 @@ fn test(extra: &[String]) -> Result {
         "warnings",
     ]))?;
     run(cargo(STABLE).args(["build", "--release", "--workspace"]))?;
+    // The package test installs what this builds.
+    dist()?;
     let bin = root().join("target/release/tunnelmesh");
     let mut cmd = cargo(STABLE);
     cmd.args(["test", "--workspace", "--release"])
@@ -408,6 +434,40 @@ fn test(extra: &[String]) -> Result {
         return Err("cargo test ran no test".into());
     }
     fuzz(None, CI_FUZZ_SECONDS)
+}
+
+// ---------------------------------------------------------------------------------------- dist
+
+/// From the release binary already built: man pages and completions into `target/dist`, then
+/// the Debian package (cargo-deb, which strips the binary) and lintian over it (errors fail).
+fn dist() -> Result {
+    let bin = root().join("target/release/tunnelmesh");
+    let out = root().join("target/dist");
+    let _ = fs::remove_dir_all(&out);
+    let (man, completions) = (out.join("man"), out.join("completions"));
+    fs::create_dir_all(&completions).map_err(|e| format!("cannot create {}: {e}", completions.display()))?;
+    run(Command::new(&bin).arg("manpages").arg(&man))?;
+    run(Command::new("sh").args(["-c", "gzip -9n -- \"$0\"/*.1"]).arg(&man))?;
+    for (shell, file) in [
+        ("bash", "tunnelmesh.bash"),
+        ("zsh", "_tunnelmesh"),
+        ("fish", "tunnelmesh.fish"),
+    ] {
+        let script = output(Command::new(&bin).args(["completions", shell]))?;
+        fs::write(completions.join(file), script).map_err(|e| format!("cannot write {file}: {e}"))?;
+    }
+    let _ = fs::remove_dir_all(root().join("target/debian"));
+    run(Command::new(cargo_deb_root().join("bin/cargo-deb"))
+        .args(["--no-build", "--strip", "-p", "tunnelmesh-daemon"])
+        .current_dir(root()))?;
+    let deb = fs::read_dir(root().join("target/debian"))
+        .map_err(|e| format!("cargo-deb wrote no target/debian: {e}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or("cargo-deb wrote no .deb")?;
+    run(Command::new("lintian").args(["--fail-on", "error", "--info"]).arg(&deb))?;
+    eprintln!("xtask: package at {}", deb.display());
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------- fuzz

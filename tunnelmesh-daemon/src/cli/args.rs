@@ -80,6 +80,11 @@ pub enum Command {
         #[arg(long)]
         interface: Option<String>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (tunnelmesh.1 and one per subcommand) into DIR (for packaging).
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
     /// Show a running interface: peers, endpoints, handshakes, traffic, drop counters.
     Status {
         /// Mesh interface name (default: the only one running).

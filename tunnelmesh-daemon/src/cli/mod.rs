@@ -127,6 +127,12 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "tunnelmesh", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpages { dir } => manpages(&dir),
         Command::Metrics { interface } => {
             let interface = pick_interface(interface)?;
             print!("{}", crate::node::metrics::render(&status::query(&interface)?));
@@ -143,6 +149,25 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `tunnelmesh.1`, and `tunnelmesh-SUB.1` for each visible subcommand, into `dir`.
+fn manpages(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let top = <Cli as clap::CommandFactory>::command();
+    let version = top.get_version().unwrap_or_default().to_string();
+    let mut pages = vec![("tunnelmesh".to_string(), top.clone())];
+    for sub in top.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("tunnelmesh-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name).version(version.clone())));
+    }
+    for (name, cmd) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut page)?;
+        std::fs::write(&path, page).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// `--interface`, or the only one running.
