@@ -51,6 +51,14 @@ pub fn watchdog_period() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|timeout| (timeout / 2).max(Duration::from_millis(500)))
 }
 
+/// The first directory systemd gives the service in `var` (`STATE_DIRECTORY`,
+/// `RUNTIME_DIRECTORY`, `CREDENTIALS_DIRECTORY`: colon-separated when the unit names several).
+pub fn directory(var: &str) -> Option<std::path::PathBuf> {
+    let dirs = std::env::var_os(var)?;
+    let first = dirs.to_string_lossy().split(':').next().unwrap_or_default().to_string();
+    (!first.is_empty()).then(|| first.into())
+}
+
 /// One counter per long-lived loop, bumped each time round: the watchdog pings only while every
 /// one of them moves, so a thread that died, hung or deadlocked stops the pings and systemd
 /// restarts the service. Each counter sits on its own cache line (its loop is the only writer).

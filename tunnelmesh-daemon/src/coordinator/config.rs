@@ -108,10 +108,7 @@ impl Settings {
         if let Some(dir) = &self.data_dir {
             return dir.clone();
         }
-        match std::env::var_os("STATE_DIRECTORY") {
-            Some(dirs) => PathBuf::from(dirs.to_string_lossy().split(':').next().unwrap_or_default()),
-            None => DEFAULT_DATA_DIR.into(),
-        }
+        crate::service::directory("STATE_DIRECTORY").unwrap_or_else(|| DEFAULT_DATA_DIR.into())
     }
 
     /// What to serve with, defaults filled in.

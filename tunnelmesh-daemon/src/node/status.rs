@@ -283,9 +283,8 @@ fn ping(dev: &Device, peer: String) -> PingAnswer {
 /// Bind the status socket for `interface`, readable by the owner and the group (the
 /// `tunnelmesh` group under systemd). Where systemd gives a `$RUNTIME_DIRECTORY`, it goes there.
 pub fn bind(interface: &str) -> std::io::Result<(UnixListener, PathBuf)> {
-    let path = match std::env::var_os("RUNTIME_DIRECTORY") {
-        Some(dirs) => {
-            let dir = PathBuf::from(dirs.to_string_lossy().split(':').next().unwrap_or_default());
+    let path = match crate::service::directory("RUNTIME_DIRECTORY") {
+        Some(dir) => {
             if dir.join(SOCKET) != socket_path(interface) {
                 tracing::warn!(
                     runtime_directory = %dir.display(),

@@ -129,7 +129,8 @@ fn set_some<T: Clone>(slot: &mut Option<T>, value: &Option<T>) {
 /// nothing is applied.
 pub fn up(path: Option<&Path>, overrides: Overrides) -> Result<()> {
     let config = overrides.load(path)?;
-    let identity = Identity::load(&identity_path(overrides.identity.as_deref(), &config))?;
+    let credentials = crate::service::directory("CREDENTIALS_DIRECTORY");
+    let identity = Identity::load(&identity_path(overrides.identity.as_deref(), credentials, &config))?;
     let mut current = config.clone();
     let reload = move |iface: &Interface| -> Result<()> {
         let Some(file) = path else {
@@ -156,14 +157,14 @@ pub fn up(path: Option<&Path>, overrides: Overrides) -> Result<()> {
     }
 }
 
-/// `--identity`, else the unit's credential (`$CREDENTIALS_DIRECTORY/identity`), else the file's
+/// `--identity`, else the unit's credential (`CREDENTIALS_DIRECTORY/identity`), else the file's
 /// `identity`, else the host's SSH key.
-fn identity_path(flag: Option<&Path>, config: &Config) -> PathBuf {
+fn identity_path(flag: Option<&Path>, credentials: Option<PathBuf>, config: &Config) -> PathBuf {
     if let Some(p) = flag {
         return p.to_path_buf();
     }
-    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-        let credential = Path::new(&dir).join(IDENTITY_CREDENTIAL);
+    if let Some(dir) = credentials {
+        let credential = dir.join(IDENTITY_CREDENTIAL);
         if credential.exists() {
             return credential;
         }
@@ -177,12 +178,10 @@ fn identity_path(flag: Option<&Path>, config: &Config) -> PathBuf {
 
 fn join_options(config: &Config, c: &CoordinatorConfig) -> Result<JoinOptions> {
     let i = &config.interface;
-    let cache = match (&c.state_dir, std::env::var_os("STATE_DIRECTORY")) {
+    let cache = match (&c.state_dir, crate::service::directory("STATE_DIRECTORY")) {
         (Some(dir), _) => dir.join(&i.name).join("state.json"),
-        // systemd's per-instance directory (the first, if the unit names several).
-        (None, Some(dirs)) => {
-            PathBuf::from(dirs.to_string_lossy().split(':').next().unwrap_or_default()).join("state.json")
-        }
+        // systemd's per-instance directory.
+        (None, Some(dir)) => dir.join("state.json"),
         (None, None) => Path::new(DEFAULT_STATE_DIR).join(&i.name).join("state.json"),
     };
     Ok(JoinOptions {
@@ -277,6 +276,26 @@ mod tests {
         assert!(e.contains("--name") && e.contains("static mesh"), "{e}");
         let e = Overrides::default().load(None).err().unwrap().to_string();
         assert!(e.contains("--config FILE"), "{e}");
+    }
+
+    #[test]
+    fn the_identity_is_the_flag_then_the_units_credential_then_the_files_then_the_host_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::coordinated(CoordinatorConfig::new("https://c".into(), "SHA256:x".into()));
+        let creds = Some(dir.path().to_path_buf());
+        assert_eq!(
+            identity_path(None, creds.clone(), &config),
+            Path::new(DEFAULT_IDENTITY),
+            "no credential file"
+        );
+        config.interface.identity = Some("/etc/tunnelmesh/key".into());
+        assert_eq!(
+            identity_path(None, creds.clone(), &config),
+            Path::new("/etc/tunnelmesh/key")
+        );
+        std::fs::write(dir.path().join(IDENTITY_CREDENTIAL), "key").unwrap();
+        assert_eq!(identity_path(None, creds.clone(), &config), dir.path().join("identity"));
+        assert_eq!(identity_path(Some(Path::new("/k")), creds, &config), Path::new("/k"));
     }
 
     #[test]
