@@ -309,29 +309,29 @@ impl Prepared {
         };
         sh("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf");
         let mode = |p: &str| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
-        let (bpffs_mode, tun_mode) = (mode("/sys/fs/bpf"), mode("/dev/net/tun"));
+        let n = &lab.nodes[i];
+        // The guard exists before anything changes, so a failing step is undone too.
+        let prepared = Prepared {
+            bpffs_mode: mode("/sys/fs/bpf"),
+            tun_mode: mode("/dev/net/tun"),
+            runtime: PathBuf::from(format!("/run/tunnelmesh/{}", n.iface)),
+        };
         // As udev leaves it on a stock Debian host (this VM has it 0600): opening it grants
         // nothing, TUNSETIFF needs CAP_NET_ADMIN.
         sh("chmod 0666 /dev/net/tun");
         sh(&format!(
             "chmod 0711 /sys/fs/bpf && install -d -o root -g {NOBODY} -m 0770 /sys/fs/bpf/tunnelmesh"
         ));
-        let n = &lab.nodes[i];
-        let runtime = PathBuf::from(format!("/run/tunnelmesh/{}", n.iface));
         // The lab's folder is root's: let the daemon through to its own key and cache.
         let state = lab.dir.path().join("state").join(&n.iface);
         sh(&format!(
             "chmod 0711 {dir} && chown {NOBODY}:{NOBODY} {key} && install -d -o {NOBODY} -g {NOBODY} -m 0750 {runtime} && install -d -m 0711 {dir}/state && install -d -o {NOBODY} -g {NOBODY} -m 0700 {state}",
             dir = lab.dir.path().display(),
             key = n.key.display(),
-            runtime = runtime.display(),
+            runtime = prepared.runtime.display(),
             state = state.display(),
         ));
-        Prepared {
-            bpffs_mode,
-            tun_mode,
-            runtime,
-        }
+        prepared
     }
 }
 
