@@ -266,6 +266,10 @@ fn an_ssh_server_whose_host_key_is_not_the_peers_is_refused_loudly() {
             tunnelmesh_tests::PORT
         ),
     );
+    // SSH connections the peers opened at join, before these rules, would hold (conntrack keeps
+    // their mapping): restart p1 so every SSH connection it has is dialed under the rules.
+    lab.stop(p1);
+    lab.join(p1, &c, &[]);
     let v4 = lab.mesh_addrs(p2).0;
     assert!(
         lab.ping_until_reply(&lab.nodes[p1].ns, &v4, Duration::from_secs(15))
