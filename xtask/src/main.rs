@@ -153,38 +153,33 @@ fn setup() -> Result {
     ensure_toolchain(STABLE, &["clippy", "rustfmt"])?;
     ensure_toolchain(NIGHTLY, &["rust-src"])?;
     ensure_bpf_linker()?;
-    ensure_cargo_fuzz()?;
-    ensure_cargo_deb()?;
+    ensure_tool("cargo-fuzz", CARGO_FUZZ)?;
+    ensure_tool("cargo-deb", CARGO_DEB)?;
     ensure_apt_packages()
 }
 
-/// Where cargo-fuzz is installed (its own root, so the version is the one pinned here).
+/// Where a pinned cargo tool is installed: its own root per version, so the version run is the
+/// one pinned here.
+fn tool_root(tool: &str, version: &str) -> PathBuf {
+    cargo_home().join("tunnelmesh").join(format!("{tool}-{version}"))
+}
+
 fn cargo_fuzz_root() -> PathBuf {
-    cargo_home().join("tunnelmesh").join(format!("cargo-fuzz-{CARGO_FUZZ}"))
+    tool_root("cargo-fuzz", CARGO_FUZZ)
 }
 
-fn ensure_cargo_fuzz() -> Result {
-    let root = cargo_fuzz_root();
-    if root.join("bin/cargo-fuzz").exists() {
-        return Ok(());
-    }
-    run(cargo(STABLE)
-        .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ, "--locked", "--root"])
-        .arg(&root))
-}
-
-/// Where cargo-deb is installed (its own root, so the version is the one pinned here).
 fn cargo_deb_root() -> PathBuf {
-    cargo_home().join("tunnelmesh").join(format!("cargo-deb-{CARGO_DEB}"))
+    tool_root("cargo-deb", CARGO_DEB)
 }
 
-fn ensure_cargo_deb() -> Result {
-    let root = cargo_deb_root();
-    if root.join("bin/cargo-deb").exists() {
+/// `cargo install TOOL --version VERSION` into its root, unless it is there.
+fn ensure_tool(tool: &str, version: &str) -> Result {
+    let root = tool_root(tool, version);
+    if root.join("bin").join(tool).exists() {
         return Ok(());
     }
     run(cargo(STABLE)
-        .args(["install", "cargo-deb", "--version", CARGO_DEB, "--locked", "--root"])
+        .args(["install", tool, "--version", version, "--locked", "--root"])
         .arg(&root))
 }
 
