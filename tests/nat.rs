@@ -32,6 +32,13 @@ fn netcheck_behind(net: u8, router: Router) -> (Value, Ipv4Addr) {
     let (r_lan, h_addr) = (Ipv4Addr::new(198, 19, net, 1), Ipv4Addr::new(198, 19, net, 2));
     lab.link(&r_ns, r_lan, &h_ns, h_addr);
     lab.sh(&h_ns, &format!("ip route add default via {r_lan}"));
+    // An IPv6 default route too (its gateway link-local, as a router advertises it): netcheck
+    // reports it with its interface.
+    lab.sh(
+        &h_ns,
+        "dev=$(ip -o -4 addr show scope global | awk '{print $2}') && \
+         ip -6 route add default via fe80::1 dev \"$dev\" metric 1024",
+    );
     let masquerade = match router {
         Router::Symmetric => "masquerade random,fully-random",
         _ => "masquerade",
@@ -82,6 +89,12 @@ fn behind_a_cone_nat_netcheck_sees_the_routers_address_and_endpoint_independent_
     );
     assert_eq!(r["hairpinning"], false, "plain masquerade does not hairpin: {r}");
     assert_eq!(r["gateway"], "198.19.70.1");
+    assert!(
+        r["gateway6"]
+            .as_str()
+            .is_some_and(|g| g.starts_with("fe80::1%") && g.len() > 8),
+        "the IPv6 default gateway with its interface: {r}"
+    );
     assert_eq!(
         (&r["nat_pmp"], &r["pcp"], &r["upnp_igd"]),
         (&Value::Bool(false), &Value::Bool(false), &Value::Bool(false)),

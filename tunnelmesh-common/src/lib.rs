@@ -8,6 +8,7 @@
 
 pub mod acl;
 pub mod blake2s;
+pub mod events;
 pub mod ip;
 pub mod shield;
 pub mod steer;

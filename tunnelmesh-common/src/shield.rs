@@ -145,12 +145,14 @@ pub const BUDGET_UNKNOWN_INDEX: u32 = 1;
 pub const BUDGET_STUN: u32 = 2;
 
 /// A token bucket kept as time credit (GCRA): each message costs `interval` nanoseconds of
-/// credit; credit accrues with time up to `interval × burst`.
+/// credit; credit accrues with time up to `interval × burst`. `refused` counts the messages it
+/// turned away (the shield says so in its log at the first).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Budget {
     pub credit_ns: u64,
     pub last_ns: u64,
+    pub refused: u64,
 }
 
 /// (interval between messages in ns, burst) of each budget kind.
@@ -180,6 +182,7 @@ impl Budget {
             true
         } else {
             self.credit_ns = credit;
+            self.refused = self.refused.wrapping_add(1);
             false
         }
     }
@@ -190,6 +193,7 @@ impl Budget {
         Budget {
             credit_ns: interval * burst - interval,
             last_ns: now_ns,
+            refused: 0,
         }
     }
 }

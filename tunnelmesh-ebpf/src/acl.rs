@@ -22,11 +22,13 @@ use aya_ebpf::{
     macros::{btf_map, classifier},
     programs::TcContext,
 };
+use aya_log_ebpf::info;
 use tunnelmesh_common::acl::{
     ACL_FLAG_ECHO_REQUEST, ACL_MASK_WORDS, ACL_MAX_DESTINATIONS, ACL_MAX_FLOWS, ACL_MAX_RULES, ACL_MAX_SOURCES,
     ACL_PROTO_ANY, ACL_PROTO_ICMP, ACL_PROTO_TCP, ACL_PROTO_UDP, AclConfig, AclFlow, AclMask, AclReason, AclRule,
     AclSource, flow_idle_ns,
 };
+use tunnelmesh_common::events::{LOG_GENERATION_EGRESS, LOG_GENERATION_INGRESS};
 use tunnelmesh_common::ip::{
     ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6,
     PROTO_IPV6_FRAGMENT, PROTO_TCP, PROTO_UDP,
@@ -248,6 +250,22 @@ fn bump<const N: usize>(map: &PerCpuArray<u64, N>, index: u32, n: u64) {
     }
 }
 
+/// Say once that `generation` is in force, the first time `direction` runs under it.
+#[inline(always)]
+fn announce_generation(ctx: &TcContext, slot: u32, direction: &str, generation: u32) {
+    let Some(said) = crate::LOG_STATE.get_ptr_mut(slot) else {
+        return;
+    };
+    let now = u64::from(generation) + 1;
+    // SAFETY: the map value lives while the program runs; two CPUs racing at a switch can at
+    // worst both say it.
+    if unsafe { *said } != now {
+        // SAFETY: as above.
+        unsafe { *said = now };
+        info!(ctx, "ACL {}: policy generation {} in force", direction, generation);
+    }
+}
+
 #[inline(always)]
 fn config() -> Option<AclConfig> {
     ACL_CONFIG.get(0).copied()
@@ -261,6 +279,7 @@ pub fn tunnelmesh_acl_ingress(ctx: TcContext) -> i32 {
     if config.enforce == 0 {
         return TC_ACT_OK as i32;
     }
+    announce_generation(&ctx, LOG_GENERATION_INGRESS, "ingress", config.generation);
     let n = packets(&ctx);
     let Some(p) = parse(&ctx) else {
         count(AclReason::Malformed, n);
@@ -372,6 +391,7 @@ pub fn tunnelmesh_acl_egress(ctx: TcContext) -> i32 {
     let Some(config) = config().filter(|c| c.enforce != 0) else {
         return TC_ACT_OK as i32;
     };
+    announce_generation(&ctx, LOG_GENERATION_EGRESS, "egress", config.generation);
     let Some(p) = parse(&ctx) else {
         return TC_ACT_OK as i32;
     };

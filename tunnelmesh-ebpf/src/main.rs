@@ -16,6 +16,10 @@
 //! and the daemon checks the whole datagram. IPv6 extension headers are walked (at most
 //! [`MAX_EXTENSION_HEADERS`]) to find the UDP header.
 //!
+//! Rare events go to the daemon's log through aya-log, each said once ([`LOG_STATE`]): the first
+//! datagram judged after load, a source's first refusal by a budget (at most one such line a
+//! second), a policy generation coming into force (in [`acl`]). Nothing is logged per packet.
+//!
 //! Invariants: traffic that is not UDP to the mesh port is never touched (always `XDP_PASS`),
 //! except an IPv6 packet with more extension headers than RFC 8200 allows one packet, which is
 //! dropped as malformed (its port cannot be known); the program never modifies a packet; the
@@ -30,13 +34,16 @@ mod steer;
 use aya_ebpf::{
     Global,
     bindings::xdp_action,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     helpers::bpf_ktime_get_ns,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
+use aya_log_ebpf::info;
 use tunnelmesh_common::{
-    blake2s, ip,
+    blake2s,
+    events::{LOG_BUDGET_AT, LOG_BUDGET_INTERVAL_NS, LOG_FIRST_DATAGRAM, LOG_SLOTS},
+    ip,
     shield::{
         BLOCKED_SOURCES_MAX, BUDGET_STUN, BUDGET_UNKNOWN_INDEX, Budget, KNOWN_INDICES_MAX, ShieldReason, SourceKey,
         budget_address,
@@ -73,6 +80,10 @@ static MAC1_SCRATCH: PerCpuArray<Mac1Scratch, 1> = PerCpuArray::new();
 #[btf_map]
 static BLOCKED_SOURCES: LruHashMap<[u8; 16], u64, { BLOCKED_SOURCES_MAX as usize }> = LruHashMap::new();
 
+/// What the programs have said in the log, one slot per event kind (`tunnelmesh_common::events`).
+#[btf_map]
+static LOG_STATE: Array<u64, { LOG_SLOTS as usize }> = Array::new();
+
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -99,6 +110,20 @@ pub fn tunnelmesh_shield(ctx: XdpContext) -> u32 {
         Verdict::NotMesh => xdp_action::XDP_PASS,
         Verdict::Judged(reason) => {
             count(reason);
+            if let Some(said) = LOG_STATE.get_ptr_mut(LOG_FIRST_DATAGRAM)
+                // SAFETY: the map value lives while the program runs; two CPUs racing here can
+                // at worst both say it.
+                && unsafe { *said } == 0
+            {
+                // SAFETY: as above.
+                unsafe { *said = 1 };
+                info!(
+                    &ctx,
+                    "XDP shield: judging mesh datagrams (the first on ifindex {}: {})",
+                    ctx.ingress_ifindex() as u32,
+                    reason.name()
+                );
+            }
             if reason.passes() {
                 xdp_action::XDP_PASS
             } else {
@@ -227,7 +252,7 @@ fn classify(ctx: &XdpContext) -> Verdict {
         // SAFETY: `bytes` checked that the 8 bytes lie inside the packet.
         let head = unsafe { *(head as *const [u8; 8]) };
         if wire::is_stun_response(head, payload_len) {
-            if !within_budget(source, BUDGET_STUN) {
+            if !within_budget(ctx, source, BUDGET_STUN) {
                 return Verdict::Judged(ShieldReason::StunRateLimited);
             }
             return Verdict::Judged(ShieldReason::Stun);
@@ -249,7 +274,7 @@ fn classify(ctx: &XdpContext) -> Verdict {
             // SAFETY: `bytes` checked that the 4 index bytes lie inside the packet.
             let index = unsafe { u32::from_le_bytes([*index, *index.add(1), *index.add(2), *index.add(3)]) };
             // SAFETY: the value is a plain u8 and is only tested for presence.
-            if unsafe { KNOWN_INDICES.get(&index) }.is_none() && !within_budget(source, BUDGET_UNKNOWN_INDEX) {
+            if unsafe { KNOWN_INDICES.get(&index) }.is_none() && !within_budget(ctx, source, BUDGET_UNKNOWN_INDEX) {
                 return Verdict::Judged(ShieldReason::UnknownIndex);
             }
         }
@@ -365,9 +390,10 @@ fn blocked(source: [u8; 16]) -> bool {
     }
 }
 
-/// Spend one message of `source`'s budget of `kind`.
+/// Spend one message of `source`'s budget of `kind`; at its first refusal, say so (unless
+/// another source was said less than [`LOG_BUDGET_INTERVAL_NS`] ago).
 #[inline(always)]
-fn within_budget(source: [u8; 16], kind: u32) -> bool {
+fn within_budget(ctx: &XdpContext, source: [u8; 16], kind: u32) -> bool {
     let key = SourceKey {
         addr: budget_address(source),
         kind,
@@ -377,12 +403,37 @@ fn within_budget(source: [u8; 16], kind: u32) -> bool {
     match SOURCE_BUDGETS.get_ptr_mut(&key) {
         // SAFETY: the map value lives while the program runs; concurrent updates from other CPUs
         // can only make the budget approximate, never unsafe.
-        Some(budget) => unsafe { (*budget).spend(kind, now) },
+        Some(budget) => {
+            // SAFETY: as above.
+            let (allowed, refused) = unsafe { ((*budget).spend(kind, now), (*budget).refused) };
+            if !allowed && refused == 1 {
+                say_out_of_budget(ctx, source, kind, now);
+            }
+            allowed
+        }
         None => {
             let _ = SOURCE_BUDGETS.insert(&key, &Budget::fresh(kind, now), 0);
             true
         }
     }
+}
+
+#[inline(never)]
+fn say_out_of_budget(ctx: &XdpContext, source: [u8; 16], kind: u32, now: u64) {
+    let Some(at) = LOG_STATE.get_ptr_mut(LOG_BUDGET_AT) else {
+        return;
+    };
+    // SAFETY: the map value lives while the program runs; a race only lets two lines through.
+    if unsafe { *at } != 0 && now.wrapping_sub(unsafe { *at }) < LOG_BUDGET_INTERVAL_NS {
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { *at = now };
+    let what = if kind == BUDGET_STUN { "STUN" } else { "unknown-index" };
+    info!(
+        ctx,
+        "XDP shield: {:i} ran out of its {} budget; what it sends beyond it is dropped", source, what
+    );
 }
 
 #[cfg(not(test))]

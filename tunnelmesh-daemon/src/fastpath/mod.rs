@@ -12,12 +12,14 @@
 //! unpinned when the component drops.
 
 pub mod acl;
+pub mod kernel_log;
 pub mod shield;
 pub mod steer;
 
 use std::path::{Path, PathBuf};
 
 use aya::{Ebpf, EbpfLoader};
+use tunnelmesh_common::events::{LOG_RING_BYTES, LOG_RING_BYTES_UNUSED, LOG_RING_MAP};
 
 pub use acl::KernelAcl;
 pub use shield::{SharedShield, Shield};
@@ -59,20 +61,24 @@ pub enum FastpathError {
         max = tunnelmesh_common::acl::ACL_MAX_DESTINATIONS / 2
     )]
     TooManyDestinations { destinations: usize },
+    #[error("the kernel programs' log: {0}")]
+    Log(String),
     #[error("cannot count the CPUs: {0}")]
     Cpus(std::io::Error),
     #[error("steering addresses 1 to {max} workers, not {0}", max = tunnelmesh_common::steer::MAX_WORKERS)]
     Workers(usize),
 }
 
-/// The maps of each component.
-const SHIELD_MAPS: [&str; 4] = [
+/// The maps of each component (the log ring: of those that log).
+const SHIELD_MAPS: [&str; 5] = [
+    LOG_RING_MAP,
     tunnelmesh_common::shield::SHIELD_COUNTERS_MAP,
     tunnelmesh_common::shield::KNOWN_INDICES_MAP,
     tunnelmesh_common::shield::SOURCE_BUDGETS_MAP,
     tunnelmesh_common::shield::BLOCKED_SOURCES_MAP,
 ];
-const ACL_MAPS: [&str; 7] = [
+const ACL_MAPS: [&str; 8] = [
+    LOG_RING_MAP,
     tunnelmesh_common::acl::ACL_CONFIG_MAP,
     tunnelmesh_common::acl::ACL_SOURCES_MAP,
     tunnelmesh_common::acl::ACL_DESTINATIONS_MAP,
@@ -84,14 +90,20 @@ const ACL_MAPS: [&str; 7] = [
 const STEER_MAPS: [&str; 1] = [tunnelmesh_common::steer::WORKER_SOCKETS_MAP];
 
 /// A loader for the embedded object with every map but the component's `own` shrunk to one
-/// entry.
+/// entry, and the log ring to what its events need (the smallest ring if it logs nothing).
 fn loader(own: &[&'static str]) -> EbpfLoader<'static> {
     let mut loader = EbpfLoader::new();
     for map in SHIELD_MAPS.iter().chain(&ACL_MAPS).chain(&STEER_MAPS) {
-        if !own.contains(map) {
+        if !own.contains(map) && *map != LOG_RING_MAP {
             loader.map_max_entries(map, 1);
         }
     }
+    let ring = if own.contains(&LOG_RING_MAP) {
+        LOG_RING_BYTES
+    } else {
+        LOG_RING_BYTES_UNUSED
+    };
+    loader.map_max_entries(LOG_RING_MAP, ring);
     loader
 }
 

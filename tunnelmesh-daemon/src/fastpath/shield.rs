@@ -27,18 +27,29 @@ use tunnelmesh_common::{
     },
 };
 
-use super::{FastpathError, Pins, loader};
+use aya_log::EbpfLogger;
+
+use super::{
+    FastpathError, Pins,
+    kernel_log::{KernelLog, ToTracing},
+    loader,
+};
 use crate::device::IndexMirror;
 
 /// Load the object with the mesh port and the mac1 key of the node whose Noise public key is
-/// `public` set, the shield program loaded but not attached.
-pub fn load_shield(port: u16, public: &[u8; 32]) -> Result<Ebpf, FastpathError> {
+/// `public` set, the shield program loaded but not attached; its log ring read into `logger`.
+pub fn load_shield<L: log::Log>(
+    port: u16,
+    public: &[u8; 32],
+    logger: L,
+) -> Result<(Ebpf, EbpfLogger<L>), FastpathError> {
     let port_be = port.to_be();
     let midstate = blake2s::keyed_midstate(&crate::protocol::noise::mac1_key(public));
     let mut ebpf = loader(&super::SHIELD_MAPS)
         .override_global(SHIELD_PORT_GLOBAL, &port_be, true)
         .override_global(SHIELD_MAC1_GLOBAL, &midstate, true)
         .load(super::EBPF_OBJECT)?;
+    let logger = super::kernel_log::take(&mut ebpf, logger)?;
     shield_program(&mut ebpf)
         .load()
         .map_err(|source| FastpathError::Program {
@@ -46,7 +57,7 @@ pub fn load_shield(port: u16, public: &[u8; 32]) -> Result<Ebpf, FastpathError> 
             interface: "(load)".into(),
             source,
         })?;
-    Ok(ebpf)
+    Ok((ebpf, logger))
 }
 
 /// The shield program of a loaded object.
@@ -74,6 +85,7 @@ pub struct Shield {
     blocked: HashMap<MapData, [u8; 16], u64>,
     pub interfaces: Vec<String>,
     pub mode: &'static str,
+    _log: KernelLog,
     // Dropped before `ebpf`: the pins go, then the program detaches with its links.
     _pins: Pins,
     ebpf: Ebpf,
@@ -96,7 +108,7 @@ impl Shield {
         interfaces: &[String],
         mesh_interface: &str,
     ) -> Result<Self, FastpathError> {
-        let mut ebpf = load_shield(port, public)?;
+        let (mut ebpf, log) = load_shield(port, public, ToTracing("XDP shield"))?;
         let mut mode = "driver";
         for name in interfaces {
             let cname = std::ffi::CString::new(name.as_str()).expect("interface names have no NUL");
@@ -120,6 +132,7 @@ impl Shield {
             blocked,
             interfaces: interfaces.to_vec(),
             mode,
+            _log: KernelLog::drain(log)?,
             _pins: pins,
             ebpf,
         })
@@ -306,6 +319,7 @@ mod tests {
     //! CI these tests fail rather than skip when the kernel refuses.
     use super::testing::*;
     use super::*;
+    use crate::fastpath::kernel_log::Captured;
     use tunnelmesh_common::wire;
 
     const PORT: u16 = 51820;
@@ -334,11 +348,18 @@ mod tests {
 
     /// Load the shield with receiver index 0 (the index of the crafted data messages) known.
     fn shield_knowing_index_zero() -> Ebpf {
-        let mut ebpf = load_shield(PORT, &LOCAL).expect("the shield must load (run as root on a BPF-capable kernel)");
+        shield_knowing_index_zero_logging().0
+    }
+
+    /// The same, with what its program logs.
+    fn shield_knowing_index_zero_logging() -> (Ebpf, EbpfLogger<Captured>, Captured) {
+        let captured = Captured::default();
+        let (mut ebpf, logger) = load_shield(PORT, &LOCAL, captured.clone())
+            .expect("the shield must load (run as root on a BPF-capable kernel)");
         let mut known: HashMap<&mut MapData, u32, u8> =
             HashMap::try_from(ebpf.map_mut(KNOWN_INDICES_MAP).expect("index map")).unwrap();
         known.insert(&0, &1, 0).unwrap();
-        ebpf
+        (ebpf, logger, captured)
     }
 
     fn data_for(index: u32) -> Vec<u8> {
@@ -363,6 +384,39 @@ mod tests {
         assert_eq!(stranger(&mut ebpf, [198, 18, 0, 8]), XDP_PASS, "budgets are per source");
         let c = counts(&ebpf);
         assert_eq!((c[&ShieldReason::UnknownIndex], c[&ShieldReason::Passed]), (10, 3));
+    }
+
+    /// The shield says when it judges its first datagram and when a source's budget first
+    /// refuses it; never per packet, and of many sources running out at once, one a second.
+    #[test]
+    fn the_shield_logs_its_first_verdict_and_a_sources_first_refusal_once() {
+        let (mut ebpf, mut logger, captured) = shield_knowing_index_zero_logging();
+        for _ in 0..3 {
+            assert_eq!(run(&mut ebpf, &frame_v4(PORT, &data_for(0))), XDP_PASS);
+        }
+        let lines = captured.lines(&mut logger);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with("XDP shield: judging mesh datagrams (the first on ifindex ")
+                && lines[0].ends_with(": passed)"),
+            "{lines:?}"
+        );
+        let stranger = |ebpf: &mut Ebpf, src| run(ebpf, &frame_v4_from(src, PORT, &data_for(0xdead_beef)));
+        for _ in 0..20 {
+            stranger(&mut ebpf, [198, 18, 0, 7]);
+        }
+        let lines = captured.lines(&mut logger);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(
+            lines[1],
+            "XDP shield: ::ffff:198.18.0.7 ran out of its unknown-index budget; what it sends beyond it is dropped"
+        );
+        // Another source running out within the second is not said (its refusals are counted).
+        for _ in 0..5 {
+            stranger(&mut ebpf, [198, 18, 0, 8]);
+        }
+        assert_eq!(captured.lines(&mut logger).len(), 2);
+        assert_eq!(counts(&ebpf)[&ShieldReason::UnknownIndex], 19 + 4);
     }
 
     /// A handshake message of `msg_type` at its length with this node's mac1 (`signed`) or

@@ -178,8 +178,14 @@ const SHIELD_LOCAL: [u8; 32] = [0x42; 32];
 fn shield() -> &'static Mutex<Ebpf> {
     static SHIELD: OnceLock<Mutex<Ebpf>> = OnceLock::new();
     SHIELD.get_or_init(|| {
-        let mut ebpf = load_shield(SHIELD_PORT, &SHIELD_LOCAL)
-            .expect("the shield must load (run as root on a BPF-capable kernel)");
+        // The log reader goes at once: the loaded program holds its ring, whose rare lines
+        // nobody reads here.
+        let (mut ebpf, _) = load_shield(
+            SHIELD_PORT,
+            &SHIELD_LOCAL,
+            crate::fastpath::kernel_log::ToTracing("XDP shield"),
+        )
+        .expect("the shield must load (run as root on a BPF-capable kernel)");
         let mut known: HashMap<&mut MapData, u32, u8> =
             HashMap::try_from(ebpf.map_mut(KNOWN_INDICES_MAP).expect("the index map")).expect("a hash map");
         known.insert(&1, &1, 0).expect("the index map takes an entry");

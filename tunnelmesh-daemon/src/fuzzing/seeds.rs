@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 use super::bytes::local;
 use crate::{
     identity::Identity,
-    node::netwatch::nlmsg,
+    node::netwatch::address_and_route_on,
     policy::cases,
     protocol::{
         framing,
@@ -122,15 +122,12 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         [&[cut as u8][..], padded.as_bytes(), external.as_bytes()].concat(),
     );
 
-    let addr_on = |index: u32| nlmsg(20, &[&[2, 24, 0, 0][..], &index.to_ne_bytes()].concat());
-    let mut route = vec![2, 32, 0, 0, 254, 4, 0, 1, 0, 0, 0, 0];
-    route.extend_from_slice(&8u16.to_ne_bytes());
-    route.extend_from_slice(&4u16.to_ne_bytes());
-    route.extend_from_slice(&3u32.to_ne_bytes());
+    let [address, route] = address_and_route_on(7);
+    let [_, route_elsewhere] = address_and_route_on(3);
     add(
         "netlink",
         "addr-and-route",
-        [&7u32.to_ne_bytes()[..], &addr_on(7), &nlmsg(24, &route)].concat(),
+        [&7u32.to_ne_bytes()[..], &address, &route, &route_elsewhere].concat(),
     );
 
     let mut stream = Vec::new();

@@ -36,7 +36,10 @@ pub struct Report {
     pub stun_rtt_ms: Option<f64>,
     /// A datagram to our own public address came back to us.
     pub hairpinning: Option<bool>,
+    /// The IPv4 default gateway (the one NAT-PMP and PCP are asked).
     pub gateway: Option<String>,
+    /// The IPv6 default gateway, with its interface (`fe80::1%eth0`).
+    pub gateway6: Option<String>,
     pub nat_pmp: bool,
     pub pcp: bool,
     pub upnp_igd: bool,
@@ -88,7 +91,11 @@ pub fn run(targets: [SocketAddr; 2]) -> Result<Report> {
         other.is_some_and(|o| o.send_to(marker, public).is_ok())
             && socket.recv_from(&mut buf).is_ok_and(|(n, _)| &buf[..n] == marker)
     });
-    let gateway = super::default_gateway();
+    let gateways = crate::netconf::default_gateways().unwrap_or_else(|e| {
+        tracing::warn!("cannot read the default gateways: {e}");
+        Default::default()
+    });
+    let gateway = gateways.v4;
     // NAT-PMP: version 0, opcode 0 (external address). PCP: version 2, ANNOUNCE.
     let nat_pmp = gateway.is_some_and(|g| answers_on_5351(g, &[0, 0], 0));
     let mut announce = [0u8; 24];
@@ -102,6 +109,7 @@ pub fn run(targets: [SocketAddr; 2]) -> Result<Report> {
         stun_rtt_ms: answers.iter().flatten().next().map(|(_, rtt)| rtt.as_secs_f64() * 1e3),
         hairpinning,
         gateway: gateway.map(|g| g.to_string()),
+        gateway6: gateways.v6.map(|(g, interface)| format!("{g}%{interface}")),
         nat_pmp,
         pcp,
         upnp_igd: crate::nat::portmap::upnp::find_gateway().is_ok(),
@@ -159,6 +167,7 @@ impl std::fmt::Display for Report {
             None => writeln!(f, "hairpinning: unknown")?,
         }
         writeln!(f, "gateway: {}", self.gateway.as_deref().unwrap_or("none"))?;
+        writeln!(f, "IPv6 gateway: {}", self.gateway6.as_deref().unwrap_or("none"))?;
         writeln!(
             f,
             "port mapping: NAT-PMP {}, PCP {}, UPnP-IGD {}",

@@ -8,7 +8,8 @@
 pub mod bpffs;
 pub mod clock;
 pub mod mmsg;
-pub mod netlink;
+#[cfg(test)]
+pub mod netns;
 pub mod poll;
 pub mod rlimit;
 pub mod tun;

@@ -22,7 +22,13 @@ use tunnelmesh_common::acl::{
     AclFlow, AclMask, AclReason, AclRule, AclSource,
 };
 
-use super::{EBPF_OBJECT, FastpathError, Pins, loader};
+use aya_log::EbpfLogger;
+
+use super::{
+    EBPF_OBJECT, FastpathError, Pins,
+    kernel_log::{KernelLog, ToTracing},
+    loader,
+};
 use crate::policy::{NodePolicy, Proto, ports::ECHO_ONLY};
 
 /// Pinned maps, by map name and pin file name.
@@ -148,6 +154,7 @@ pub struct KernelAcl {
     slot_ids: Vec<u32>,
     /// The interface the programs were attached to.
     interface: Option<CString>,
+    _log: Option<KernelLog>,
     // Dropped before `ebpf`: the pins go, then the programs detach with their links.
     pins: Option<Pins>,
     ebpf: Ebpf,
@@ -160,10 +167,22 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
 }
 
 impl KernelAcl {
-    /// Load the programs (not attached) with `policy` in force.
+    /// Load the programs (not attached) with `policy` in force; what they log goes to the
+    /// daemon's log.
     pub fn load(policy: &NodePolicy) -> Result<Self, FastpathError> {
+        let (mut acl, logger) = Self::load_logging_to(policy, ToTracing("TC ACL"))?;
+        acl._log = Some(KernelLog::drain(logger)?);
+        Ok(acl)
+    }
+
+    /// [`KernelAcl::load`], what the programs log read into `logger`.
+    pub fn load_logging_to<L: log::Log>(
+        policy: &NodePolicy,
+        logger: L,
+    ) -> Result<(Self, EbpfLogger<L>), FastpathError> {
         let tables = KernelTables::build(policy)?;
         let mut ebpf = loader(&super::ACL_MAPS).load(EBPF_OBJECT)?;
+        let logger = super::kernel_log::take(&mut ebpf, logger)?;
         for name in [ACL_INGRESS_PROGRAM, ACL_EGRESS_PROGRAM] {
             classifier(&mut ebpf, name)
                 .load()
@@ -179,11 +198,12 @@ impl KernelAcl {
             installed_destinations: Default::default(),
             slot_ids: Vec::new(),
             interface: None,
+            _log: None,
             pins: None,
             ebpf,
         };
         acl.write(tables)?;
-        Ok(acl)
+        Ok((acl, logger))
     }
 
     /// Attach ingress and egress to `interface` and pin the maps. On error nothing stays

@@ -293,3 +293,33 @@ fn under_pressure_both_enforcers_keep_the_flow_in_use_and_answers_open_no_flow()
         "the idle one was evicted"
     );
 }
+
+/// Each program says once, at the first packet it judges under it, which policy generation is
+/// in force, and again only when another comes into force: never per packet.
+#[test]
+fn each_program_says_once_which_policy_generation_is_in_force() {
+    let captured = crate::fastpath::kernel_log::Captured::default();
+    let (mut acl, mut logger) = KernelAcl::load_logging_to(&cases::web_policy(), captured.clone())
+        .expect("the ACL must load (run as root on a BPF-capable kernel)");
+    let first = acl.generation;
+    for _ in 0..5 {
+        run(&mut acl, ACL_INGRESS_PROGRAM, &https_from_laptop());
+        run(&mut acl, ACL_EGRESS_PROGRAM, &dns_from_web());
+    }
+    assert_eq!(
+        captured.lines(&mut logger),
+        [
+            format!("ACL ingress: policy generation {first} in force"),
+            format!("ACL egress: policy generation {first} in force"),
+        ]
+    );
+    acl.install(&cases::web_policy()).unwrap();
+    let second = acl.generation;
+    assert_ne!(first, second);
+    for _ in 0..5 {
+        run(&mut acl, ACL_INGRESS_PROGRAM, &https_from_laptop());
+    }
+    let lines = captured.lines(&mut logger);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[2], format!("ACL ingress: policy generation {second} in force"));
+}
