@@ -183,6 +183,13 @@ fn web_db_laptop(net: u8, no_ebpf: bool) {
         assert_eq!(in_force.len(), 2, "laptop's IPv4 and IPv6 address: {in_force:?}");
         let flows = formatted(&format!("{pins}/acl_conntrack"));
         assert!(!flows.is_empty(), "web's connection to db opened flows");
+        // The programs said in the daemon's log (aya-log) which generation came into force.
+        let said = format!("ACL ingress: policy generation {generation} in force");
+        eventually(
+            "the kernel's log line reaches web's log",
+            Duration::from_secs(2),
+            || lab.log(web).contains(&said),
+        );
 
         // Security item 22: programs detached behind the daemon's back (here with bpftool)
         // left the node open. Now the daemon notices within about a second and enforces the

@@ -74,6 +74,15 @@ fn the_xdp_shield_drops_junk_before_the_daemon_and_counts_each_reason() {
     // The peer whose session is real is unaffected.
     assert!(lab.ping(&lab.nodes[b].ns, &lab.nodes[a].mesh4.to_string(), 2));
     assert!(lab.log(a).contains("XDP shield attached"));
+    // The program's own rare events, read from its aya-log ring into the daemon's log: its
+    // first verdict, and b's first refusal by the unknown-index budget (said once, not four times).
+    let log = lab.log(a);
+    assert!(log.contains("XDP shield: judging mesh datagrams"), "{log}");
+    let refused = format!(
+        "XDP shield: ::ffff:{} ran out of its unknown-index budget",
+        lab.nodes[b].underlay
+    );
+    assert_eq!(log.matches(&refused).count(), 1, "{log}");
     let pins = std::fs::read_dir(format!("/sys/fs/bpf/tunnelmesh/{}", lab.nodes[a].iface))
         .unwrap()
         .count();

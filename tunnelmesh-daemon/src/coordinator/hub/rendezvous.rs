@@ -121,10 +121,7 @@ impl Hub {
     fn candidates(&mut self, fingerprint: &str, endpoints: &[String], nat: NatKind) -> Result<(), MessageError> {
         let candidates = parse_endpoints(endpoints)?;
         let now = Instant::now();
-        let paced = self
-            .paced
-            .entry(fingerprint.to_string())
-            .or_insert_with(|| Paced::new(now));
+        let paced = self.pace(fingerprint, now);
         if paced.waiting(now) {
             paced.held = Some((candidates, nat));
             return Ok(());
@@ -177,10 +174,7 @@ impl Hub {
 
     /// `fingerprint`'s entry changed: push it to every peer now, or once its pace allows.
     pub(super) fn announce(&mut self, fingerprint: &str, now: Instant) {
-        let paced = self
-            .paced
-            .entry(fingerprint.to_string())
-            .or_insert_with(|| Paced::new(now));
+        let paced = self.pace(fingerprint, now);
         if paced.waiting(now) {
             paced.due = true;
         } else {
@@ -188,15 +182,19 @@ impl Hub {
         }
     }
 
+    /// `fingerprint`'s pace (a fresh one the first time).
+    fn pace(&mut self, fingerprint: &str, now: Instant) -> &mut Paced {
+        self.paced
+            .entry(fingerprint.to_string())
+            .or_insert_with(|| Paced::new(now))
+    }
+
     fn push_entry(&mut self, fingerprint: &str, now: Instant) {
         let Some(record) = self.nodes.get(fingerprint) else {
             return;
         };
         let peer = self.peer_info(record);
-        let paced = self
-            .paced
-            .entry(fingerprint.to_string())
-            .or_insert_with(|| Paced::new(now));
+        let paced = self.pace(fingerprint, now);
         paced.tokens -= 1.0;
         paced.due = false;
         self.broadcast(Some(fingerprint), ServerMsg::PeerUpsert { peer });

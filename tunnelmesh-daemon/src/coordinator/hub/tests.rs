@@ -64,15 +64,25 @@ fn a_large_welcome_comes_in_bounded_parts_that_add_up_to_every_peer() {
     assert_eq!(peers, 600);
 }
 
+/// Where [`two_members`] connect from.
+const MEMBERS_REMOTE: &str = "198.18.0.9";
+
+/// Members a and b admitted with the test token from [`MEMBERS_REMOTE`]: a's identity and both
+/// connections.
+fn two_members(hub: &mut Hub) -> (crate::identity::Identity, Admitted, Admitted) {
+    let remote: IpAddr = MEMBERS_REMOTE.parse().unwrap();
+    let (a, _) = crate::identity::Identity::generate("root@a");
+    let (b, _) = crate::identity::Identity::generate("root@b");
+    let a_conn = hub.admit(hello(&a, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+    let b_conn = hub.admit(hello(&b, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+    (a, a_conn, b_conn)
+}
+
 /// Every message queued for a connected node so far.
 #[test]
 fn a_revoked_or_replaced_connection_is_heard_no_more_and_nothing_it_sent_is_pushed() {
     let mut hub = hub();
-    let remote: IpAddr = "198.18.0.9".parse().unwrap();
-    let (a, _) = crate::identity::Identity::generate("root@a");
-    let (b, _) = crate::identity::Identity::generate("root@b");
-    let a_conn = hub.admit(hello(&a, b"n", Some("tmtok_test")), b"n", remote).unwrap();
-    let mut b_conn = hub.admit(hello(&b, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+    let (a, a_conn, mut b_conn) = two_members(&mut hub);
     let candidates = ClientMsg::Candidates {
         endpoints: vec!["198.18.0.9:40000".into()],
         nat: NatKind::Easy,
@@ -82,7 +92,13 @@ fn a_revoked_or_replaced_connection_is_heard_no_more_and_nothing_it_sent_is_push
     };
 
     // a reconnects: what its old connection still sends is not heard.
-    let a_again = hub.admit(hello(&a, b"m", Some("tmtok_test")), b"m", remote).unwrap();
+    let a_again = hub
+        .admit(
+            hello(&a, b"m", Some("tmtok_test")),
+            b"m",
+            MEMBERS_REMOTE.parse().unwrap(),
+        )
+        .unwrap();
     drain(&mut b_conn.updates);
     let stale = hub.on_message(&a_conn.fingerprint, a_conn.connection, candidates.clone());
     assert!(matches!(stale, Err(MessageError::Superseded)), "{stale:?}");
@@ -464,11 +480,7 @@ fn a_token_decides_which_names_its_holders_take_and_a_refusal_spends_nothing() {
 #[test]
 fn a_node_alternating_its_endpoints_reaches_its_peers_at_a_bounded_pace_with_its_newest_change() {
     let mut hub = hub();
-    let remote: IpAddr = "198.18.0.9".parse().unwrap();
-    let (a, _) = crate::identity::Identity::generate("root@a");
-    let (b, _) = crate::identity::Identity::generate("root@b");
-    let a_conn = hub.admit(hello(&a, b"n", Some("tmtok_test")), b"n", remote).unwrap();
-    let mut b_conn = hub.admit(hello(&b, b"n", Some("tmtok_test")), b"n", remote).unwrap();
+    let (_, a_conn, mut b_conn) = two_members(&mut hub);
     drain(&mut b_conn.updates);
     let start = Instant::now();
     let alternate = |i: usize| ClientMsg::Candidates {

@@ -158,13 +158,13 @@ pub(super) async fn follow(
                     continue;
                 }
                 _ = tick.tick() => {
-                    if let Err(e) = cache.flush(&state, false) {
+                    if let Err(e) = cache.flush_due(&state) {
                         warn!("cannot write the state cache {}: {e:#}", cache.path().display());
                     }
                     if dev.shutdown.load(Ordering::Relaxed) {
                         dev.coordinator.relay.store(None);
                         dev.coordinator.requests.store(None);
-                        if let Err(e) = cache.flush(&state, true) {
+                        if let Err(e) = cache.flush_now(&state) {
                             warn!("cannot write the state cache {}: {e:#}", cache.path().display());
                         }
                         return;
@@ -231,7 +231,7 @@ pub(super) async fn follow(
         };
         dev.coordinator.relay.store(None);
         dev.coordinator.requests.store(None);
-        if let Err(e) = cache.flush(&state, true) {
+        if let Err(e) = cache.flush_now(&state) {
             warn!("cannot write the state cache {}: {e:#}", cache.path().display());
         }
         warn!("lost the coordinator ({reason:#}); tunnels keep running, reconnecting");

@@ -203,10 +203,18 @@ impl CacheFile {
         }
     }
 
-    /// Write what is marked, once the pace allows (`now`: also before it).
-    pub(crate) fn flush(&mut self, state: &MeshState, now: bool) -> Result<()> {
-        let due = now || self.written.is_none_or(|t| t.elapsed() >= Self::PACE);
-        if self.dirty && due { self.write(state) } else { Ok(()) }
+    /// Write what is marked, once the pace allows.
+    pub(crate) fn flush_due(&mut self, state: &MeshState) -> Result<()> {
+        if self.written.is_none_or(|t| t.elapsed() >= Self::PACE) {
+            self.flush_now(state)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Write what is marked, pace or not (the connection ends, the node stops).
+    pub(crate) fn flush_now(&mut self, state: &MeshState) -> Result<()> {
+        if self.dirty { self.write(state) } else { Ok(()) }
     }
 
     pub(crate) fn write(&mut self, state: &MeshState) -> Result<()> {
@@ -287,7 +295,7 @@ mod tests {
             ["198.18.0.3:1"],
             "998 endpoint changes wait for the pace"
         );
-        cache.flush(&state, false).unwrap();
+        cache.flush_due(&state).unwrap();
         assert_eq!(
             on_disk().unwrap(),
             ["198.18.0.3:1"],
@@ -308,7 +316,7 @@ mod tests {
         );
         state.apply(upsert(7)).unwrap();
         cache.changed(&state, Change::Peer).unwrap();
-        cache.flush(&state, true).unwrap();
+        cache.flush_now(&state).unwrap();
         assert_eq!(
             on_disk().unwrap(),
             ["198.18.0.3:7"],
