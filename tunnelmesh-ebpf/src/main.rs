@@ -418,6 +418,9 @@ fn within_budget(ctx: &XdpContext, source: [u8; 16], kind: u32) -> bool {
     }
 }
 
+/// Say that `source` ran out of its budget of `kind`, unless another source was said less than
+/// [`LOG_BUDGET_INTERVAL_NS`] ago. Out of line: one copy of the log record's code for both
+/// budgets' call sites.
 #[inline(never)]
 fn say_out_of_budget(ctx: &XdpContext, source: [u8; 16], kind: u32, now: u64) {
     let Some(at) = LOG_STATE.get_ptr_mut(LOG_BUDGET_AT) else {

@@ -72,6 +72,7 @@ pub fn watch_network(dev: Arc<Device>) -> io::Result<std::thread::JoinHandle<()>
 /// A message that cannot be read (netlink-packet-route refuses it) counts as a change: a
 /// refresh too many costs a STUN round, a change missed costs the tunnel.
 pub(crate) fn concerns_other_interfaces(mut batch: &[u8], mesh: u32) -> bool {
+    // An nlmsghdr: a message claiming less could not move the walk on.
     const HEADER: usize = 16;
     while !batch.is_empty() {
         let Ok(len) = NetlinkBuffer::new_checked(batch).map(|b| b.length() as usize) else {
