@@ -3,9 +3,7 @@
 //! generation coming into force. `LOG_STATE` (an array, one slot per kind) remembers what has
 //! been said, so nothing is said per packet.
 
-/// The log state map.
-pub const LOG_STATE_MAP: &str = "LOG_STATE";
-/// Its slots.
+/// The log state map's slots.
 pub const LOG_SLOTS: u32 = 4;
 /// Slot: whether the shield has said it judged its first datagram since load.
 pub const LOG_FIRST_DATAGRAM: u32 = 0;

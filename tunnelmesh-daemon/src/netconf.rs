@@ -90,6 +90,22 @@ impl Netlink {
             .ok_or_else(|| NetconfError::NoInterface(name.to_string()))
     }
 
+    /// Every route of both families, of every table.
+    fn routes(&self) -> Result<Vec<RouteMessage>, NetconfError> {
+        let mut routes = Vec::new();
+        for family in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let dump: Vec<RouteMessage> = self.run(
+                || "list this host's routes".into(),
+                self.handle.route().get(family).execute().try_collect(),
+            )?;
+            routes.extend(dump);
+        }
+        Ok(routes)
+    }
+
     fn set_link(&self, action: impl FnOnce() -> String, message: LinkMessage) -> Result<(), NetconfError> {
         self.run(action, self.handle.link().set(message).execute())
     }
@@ -112,13 +128,9 @@ impl Netlink {
     }
 
     fn replace_route(&self, name: &str, index: u32, route: &IpNet) -> Result<(), NetconfError> {
-        let message = route_into(
-            index,
-            route,
-            RouteScope::Link,
-            RouteProtocol::Static,
-            RouteType::Unicast,
-        );
+        let mut message = route_into(index, route);
+        // A route with no gateway: the destination is on the link (as `ip route add … dev`).
+        message.header.scope = RouteScope::Link;
         self.run(
             || format!("route {} into {name}", route.trunc()),
             self.handle.route().add(message).replace().execute(),
@@ -127,13 +139,10 @@ impl Netlink {
 
     fn delete_route(&self, name: &str, index: u32, route: &IpNet) -> Result<(), NetconfError> {
         // As `ip route del`: any scope, protocol and type, as long as it leads into `name`.
-        let message = route_into(
-            index,
-            route,
-            RouteScope::NoWhere,
-            RouteProtocol::Unspec,
-            RouteType::Unspec,
-        );
+        let mut message = route_into(index, route);
+        message.header.scope = RouteScope::NoWhere;
+        message.header.protocol = RouteProtocol::Unspec;
+        message.header.kind = RouteType::Unspec;
         self.run(
             || format!("remove the route {} from {name}", route.trunc()),
             self.handle.route().del(message).execute(),
@@ -141,10 +150,10 @@ impl Netlink {
     }
 }
 
-/// A route to `route` (its network) through interface `index`, in the main table.
-fn route_into(index: u32, route: &IpNet, scope: RouteScope, protocol: RouteProtocol, kind: RouteType) -> RouteMessage {
+/// A static unicast route to `route` (its network) through interface `index`, in the main table.
+fn route_into(index: u32, route: &IpNet) -> RouteMessage {
     let net = route.trunc();
-    let mut message = match net.addr() {
+    match net.addr() {
         IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(a, net.prefix_len())
             .output_interface(index)
@@ -153,11 +162,7 @@ fn route_into(index: u32, route: &IpNet, scope: RouteScope, protocol: RouteProto
             .destination_prefix(a, net.prefix_len())
             .output_interface(index)
             .build(),
-    };
-    message.header.scope = scope;
-    message.header.protocol = protocol;
-    message.header.kind = kind;
-    message
+    }
 }
 
 /// What a link dump says of one interface.
@@ -184,6 +189,13 @@ impl From<&LinkMessage> for Link {
     }
 }
 
+impl Link {
+    /// Up, not loopback and not the mesh interface: a way the world may reach this host.
+    fn carries_underlay(&self, mesh_interface: &str) -> bool {
+        self.up && !self.loopback && self.name != mesh_interface
+    }
+}
+
 /// The index of interface `name`.
 pub fn interface_index(name: &str) -> Result<u32, NetconfError> {
     Netlink::open()?.index(name)
@@ -195,7 +207,7 @@ pub fn underlay_interfaces(mesh_interface: &str) -> Result<Vec<String>, NetconfE
     Ok(Netlink::open()?
         .links()?
         .into_iter()
-        .filter(|l| l.up && !l.loopback && l.name != mesh_interface)
+        .filter(|l| l.carries_underlay(mesh_interface))
         .map(|l| l.name)
         .collect())
 }
@@ -207,7 +219,7 @@ pub fn global_addresses(mesh_interface: &str) -> Result<Vec<IpAddr>, NetconfErro
     let usable: HashMap<u32, Link> = nl
         .links()?
         .into_iter()
-        .filter(|l| l.up && !l.loopback && l.name != mesh_interface)
+        .filter(|l| l.carries_underlay(mesh_interface))
         .map(|l| (l.index, l))
         .collect();
     let addresses: Vec<_> = nl.run(
@@ -245,14 +257,7 @@ pub struct Gateways {
 pub fn default_gateways() -> Result<Gateways, NetconfError> {
     let nl = Netlink::open()?;
     let names: HashMap<u32, String> = nl.links()?.into_iter().map(|l| (l.index, l.name)).collect();
-    let dump = |builder: RouteMessage| {
-        nl.run(
-            || "list this host's routes".into(),
-            nl.handle.route().get(builder).execute().try_collect::<Vec<_>>(),
-        )
-    };
-    let mut routes = dump(RouteMessageBuilder::<Ipv4Addr>::new().build())?;
-    routes.extend(dump(RouteMessageBuilder::<Ipv6Addr>::new().build())?);
+    let routes = nl.routes()?;
     let mut best: [Option<(u32, IpAddr, u32)>; 2] = [None, None];
     for (metric, gateway, oif) in routes.iter().filter_map(default_route) {
         let slot = &mut best[usize::from(gateway.is_ipv6())];
@@ -415,23 +420,20 @@ mod tests {
     /// The destinations of the routes into interface `index` of the main table.
     fn routes_into(nl: &Netlink, index: u32) -> Vec<IpNet> {
         let mut found = Vec::new();
-        for builder in [
-            RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        ] {
-            let dump: Vec<RouteMessage> = nl
-                .run(|| "dump".into(), nl.handle.route().get(builder).execute().try_collect())
-                .unwrap();
-            for m in dump.iter().filter(|m| m.header.table == RouteHeader::RT_TABLE_MAIN) {
-                let into = m.attributes.contains(&RouteAttribute::Oif(index));
-                let destination = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(IpAddr::V4(*d)),
-                    RouteAttribute::Destination(RouteAddress::Inet6(d)) => Some(IpAddr::V6(*d)),
-                    _ => None,
-                });
-                if let (true, Some(d)) = (into, destination) {
-                    found.push(IpNet::new(d, m.header.destination_prefix_length).unwrap());
-                }
+        for m in nl
+            .routes()
+            .unwrap()
+            .iter()
+            .filter(|m| m.header.table == RouteHeader::RT_TABLE_MAIN)
+        {
+            let into = m.attributes.contains(&RouteAttribute::Oif(index));
+            let destination = m.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(IpAddr::V4(*d)),
+                RouteAttribute::Destination(RouteAddress::Inet6(d)) => Some(IpAddr::V6(*d)),
+                _ => None,
+            });
+            if let (true, Some(d)) = (into, destination) {
+                found.push(IpNet::new(d, m.header.destination_prefix_length).unwrap());
             }
         }
         found

@@ -120,7 +120,12 @@ fn interface_of(message: &RouteNetlinkMessage) -> Option<u32> {
 /// `message` as the kernel sends it.
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn nlmsg(message: RouteNetlinkMessage) -> Vec<u8> {
-    let mut m = NetlinkMessage::from(message);
+    emit(NetlinkMessage::from(message))
+}
+
+/// `m`'s bytes, its header made to agree with its payload and padded to 4 bytes.
+#[cfg(any(test, feature = "fuzzing"))]
+fn emit(mut m: NetlinkMessage<RouteNetlinkMessage>) -> Vec<u8> {
     m.finalize();
     let mut out = vec![0; m.buffer_len()];
     m.serialize(&mut out);
@@ -186,13 +191,9 @@ mod tests {
     }
 
     fn nlmsg_done() -> Vec<u8> {
-        let mut m = NetlinkMessage::<RouteNetlinkMessage>::new(
+        emit(NetlinkMessage::new(
             Default::default(),
             NetlinkPayload::Done(rtnetlink::packet_core::DoneMessage::default()),
-        );
-        m.finalize();
-        let mut out = vec![0; m.buffer_len()];
-        m.serialize(&mut out);
-        out
+        ))
     }
 }
