@@ -9,6 +9,11 @@
 //! time (both ends) and Mbit moved per daemon-CPU-second. TunnelMesh runs with its defaults (XDP
 //! shield and offloads), without eBPF, and without offloads. Benchmarks report; they assert
 //! nothing.
+//!
+//! Two knobs for whoever is chasing a figure: `TUNNELMESH_BENCH_SYSTEMS` (a comma list of
+//! `veth`, `tunnelmesh`, `no_ebpf`, `no_offload`, `wireguard-go`, `boringtun`) measures only
+//! those, and `TUNNELMESH_BENCH_PERF=1` records the whole machine with `perf` during each
+//! one-stream a→b run (`target/bench/perf/SYSTEM-rROUND.data`) and prints where its cycles went.
 
 use std::{
     collections::BTreeMap,
@@ -40,6 +45,21 @@ enum System {
 }
 
 impl System {
+    /// The name `TUNNELMESH_BENCH_SYSTEMS` knows it by.
+    fn key(self) -> &'static str {
+        match self {
+            System::Veth => "veth",
+            System::TunnelMesh {
+                no_ebpf: false,
+                no_offload: false,
+            } => "tunnelmesh",
+            System::TunnelMesh { no_offload: true, .. } => "no_offload",
+            System::TunnelMesh { no_ebpf: true, .. } => "no_ebpf",
+            System::WireguardGo => "wireguard-go",
+            System::Boringtun => "boringtun",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             System::Veth => "raw veth",
@@ -250,15 +270,30 @@ fn install_tools() -> Tools {
     }
 }
 
-/// Measure one system once.
-fn measure(system: System, net: u8, tools: &Tools) -> BTreeMap<&'static str, f64> {
+/// Measure one system once; with `perf`, record the machine during the one-stream a→b run into
+/// that file and print where the cycles went.
+fn measure(system: System, net: u8, tools: &Tools, perf: Option<&Path>) -> BTreeMap<&'static str, f64> {
     let s = start(system, net, tools);
     let mut m = BTreeMap::new();
     let tunnel = !s.pids.is_empty();
     let tcp = |m: &mut BTreeMap<&'static str, f64>, key: &'static str, from: usize, extra: &str| {
+        let recorder = perf.filter(|_| key == "tcp_1_ab_mbit").map(|file| {
+            Command::new("perf")
+                .args(["record", "-a", "-F", "999", "-o"])
+                .arg(file)
+                .args(["--", "sleep", &(SECONDS + 1).to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("perf record (linux-perf)")
+        });
         let before = s.cpu();
         let v = iperf3(&s.lab, &s.ns[1 - from], &s.ns[from], &s.dst[from], extra);
         let cpu = s.cpu() - before;
+        if let (Some(mut recorder), Some(file)) = (recorder, perf) {
+            let _ = recorder.wait();
+            print_profile(system, file);
+        }
         let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
         m.insert(key, bps / 1e6);
         if tunnel && key == "tcp_1_ab_mbit" {
@@ -304,6 +339,36 @@ fn measure(system: System, net: u8, tools: &Tools) -> BTreeMap<&'static str, f64
     m
 }
 
+/// The symbols that took at least 1 % of the machine's samples in a `perf record -a` file.
+fn print_profile(system: System, file: &Path) {
+    let out = Command::new("perf")
+        .args([
+            "report",
+            "--no-children",
+            "--sort",
+            "dso,symbol",
+            "--stdio",
+            "--percent-limit",
+            "1",
+            "-i",
+        ])
+        .arg(file)
+        .stderr(Stdio::null())
+        .output()
+        .expect("perf report");
+    println!(
+        "\nwhere the cycles went, {} one stream a→b ({}):",
+        system.name(),
+        file.display()
+    );
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        println!("  {line}");
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
@@ -332,11 +397,33 @@ pub fn run() {
         System::WireguardGo,
         System::Boringtun,
     ];
+    let systems: Vec<System> = match std::env::var("TUNNELMESH_BENCH_SYSTEMS") {
+        Ok(list) => {
+            let wanted: Vec<&str> = list.split(',').map(str::trim).collect();
+            for w in &wanted {
+                assert!(
+                    systems.iter().any(|s| s.key() == *w),
+                    "TUNNELMESH_BENCH_SYSTEMS names `{w}`; the systems are {}",
+                    systems.map(System::key).join(", ")
+                );
+            }
+            systems.into_iter().filter(|s| wanted.contains(&s.key())).collect()
+        }
+        Err(_) => systems.to_vec(),
+    };
+    let perf_dir = std::env::var_os("TUNNELMESH_BENCH_PERF").map(|_| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/perf");
+        fs::create_dir_all(&dir).expect("target/bench/perf");
+        dir
+    });
     let mut runs: Vec<Vec<BTreeMap<&str, f64>>> = vec![Vec::new(); systems.len()];
     for round in 0..ROUNDS {
         for (i, &system) in systems.iter().enumerate() {
             eprintln!("round {}/{ROUNDS}: {}", round + 1, system.name());
-            runs[i].push(measure(system, 200 + i as u8, &tools));
+            let perf = perf_dir
+                .as_ref()
+                .map(|d| d.join(format!("{}-r{}.data", system.key(), round + 1)));
+            runs[i].push(measure(system, 200 + i as u8, &tools, perf.as_deref()));
         }
     }
     let keys = [

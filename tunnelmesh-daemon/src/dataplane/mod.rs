@@ -2,9 +2,11 @@
 //!
 //! Workers move packets between the TUN device and the network: read a batch from the TUN queue,
 //! seal each packet in place, `sendmmsg` the batch; `recvmmsg` a batch, open each in place, check
-//! the inner source against the sender's allowed IPs, write it to the TUN queue. No allocation, no
-//! lock, no channel on that path: keys, endpoints and the index table are read through `ArcSwap`
-//! snapshots. Handshake messages and "need a session" go to the slow path.
+//! the inner source against the sender's allowed IPs, write it to the TUN queue. No allocation and
+//! no channel on that path, and one lock: a session's replay window, taken once per run of its
+//! messages in a receive batch and held by nobody else while steering keeps the session on one
+//! worker. Keys, endpoints and the index table are read through `ArcSwap` snapshots. Handshake
+//! messages and "need a session" go to the slow path.
 
 pub(crate) mod receive;
 mod send;

@@ -3,12 +3,13 @@
 //! TUN → network: each read is one packet, or (with offloads) a TSO/USO super-packet that is cut
 //! into MTU-sized segments straight into the send slots, with the route, key, endpoint and
 //! counters taken once for all of them. Network → TUN: every data message of a receive batch is
-//! opened and checked on its own; what passes is handed to the [`Coalescer`] and written at the
-//! end of the batch, TCP segments (and, with USO, UDP datagrams) of one flow as one super-packet
-//! (GRO).
+//! opened and checked on its own, those of one session in a row as a [`Run`] (one lookup, one
+//! lock, the peer's bookkeeping once); what passes is handed to the [`Coalescer`] and written at
+//! the end of the batch, TCP segments (and, with USO, UDP datagrams) of one flow as one
+//! super-packet (GRO).
 
 use super::{
-    receive::open_inbound,
+    receive::Run,
     send::{seal_outbound, send_batch},
 };
 use std::{
@@ -203,6 +204,7 @@ impl Worker {
         let sessions = self.dispatcher.dev.sessions.load();
         let table = self.dispatcher.dev.peers.load();
         let coalesce = self.dispatcher.offloads.tso();
+        let mut run = None;
         for i in 0..got {
             let slot = i * self.rx.slot();
             let (len, src) = (self.rx.len(i), self.rx.source(i));
@@ -218,7 +220,7 @@ impl Worker {
                 let start = slot + offset;
                 let end = slot + len.min(offset + step);
                 let msg = &mut self.rx.storage_mut()[start..end];
-                if let Some(plain) = self.dispatcher.dispatch(&table, &sessions, msg, via, now) {
+                if let Some(plain) = self.dispatcher.dispatch(&table, &sessions, &mut run, msg, via, now) {
                     let span = Span {
                         start: start + wire::DATA_HEADER_LEN,
                         len: plain,
@@ -236,6 +238,7 @@ impl Worker {
                 }
             }
         }
+        self.dispatcher.end(run, now);
         if coalesce {
             let (dispatcher, gro) = (&self.dispatcher, &mut self.gro);
             gro.flush(self.rx.storage_mut(), |pieces| dispatcher.write_tun(pieces));
@@ -252,9 +255,13 @@ impl Worker {
 
     /// Messages from SSH connections and the relay: the same handling as UDP datagrams.
     fn receive_overlay(&mut self) {
+        let now = Instant::now();
+        let sessions = self.dispatcher.dev.sessions.load();
+        let table = self.dispatcher.dev.peers.load();
+        let mut run = None;
         for _ in 0..BATCH {
             let Ok(n) = self.inbox.recv(&mut self.inbox_buf) else {
-                return;
+                break;
             };
             if n <= INBOX_HEADER {
                 continue;
@@ -264,43 +271,54 @@ impl Worker {
                 PathKind::Ssh => Via::Ssh(key),
                 _ => Via::Relay(key),
             };
-            let now = Instant::now();
-            let sessions = self.dispatcher.dev.sessions.load();
-            let table = self.dispatcher.dev.peers.load();
             let msg = &mut self.inbox_buf[INBOX_HEADER..n];
-            if let Some(len) = self.dispatcher.dispatch(&table, &sessions, msg, via, now) {
+            if let Some(len) = self.dispatcher.dispatch(&table, &sessions, &mut run, msg, via, now) {
                 self.dispatcher
                     .deliver(&msg[wire::DATA_HEADER_LEN..wire::DATA_HEADER_LEN + len]);
             }
         }
+        self.dispatcher.end(run, now);
     }
 }
 
 impl Dispatcher {
-    /// Handle one wire message that arrived `via` a path. A data message whose inner packet may
-    /// be delivered returns that packet's length (it starts at `msg[DATA_HEADER_LEN]`).
+    /// Handle one wire message that arrived `via` a path. A data message continues `run` when
+    /// it is to the same session over the same path, or ends it and starts the next; one whose
+    /// inner packet may be delivered returns that packet's length (it starts at
+    /// `msg[DATA_HEADER_LEN]`).
     #[inline]
-    fn dispatch(
+    fn dispatch<'s>(
         &mut self,
         table: &PeerTable,
-        sessions: &std::collections::HashMap<u32, Arc<IndexEntry>>,
+        sessions: &'s std::collections::HashMap<u32, Arc<IndexEntry>>,
+        run: &mut Option<Run<'s>>,
         msg: &mut [u8],
         via: Via,
         now: Instant,
     ) -> Option<usize> {
-        let (dev, last_stale_hint) = (&*self.dev, &mut self.last_stale_hint);
+        let dev = &*self.dev;
         match wire::classify(msg) {
             Err(_) => Counters::bump(&dev.counters.rx_malformed),
-            Ok(Kind::Data) => match sessions.get(&wire::receiver_index(msg)) {
-                Some(entry) => return open_inbound(dev, self.id, table, entry, msg, via, now),
-                None => {
-                    Counters::bump(&dev.counters.rx_unknown_index);
-                    if last_stale_hint.is_none_or(|t| now.duration_since(t) >= STALE_HINT_INTERVAL) {
-                        *last_stale_hint = Some(now);
-                        let _ = dev.events.try_send(Event::StaleSession(via));
+            Ok(Kind::Data) => {
+                let index = wire::receiver_index(msg);
+                if let Some(current) = run.as_mut().filter(|r| r.continues(index, via)) {
+                    return current.open(dev, table, msg, now);
+                }
+                self.end(run.take(), now);
+                match sessions.get(&index) {
+                    Some(entry) => return run.insert(Run::new(entry, via)).open(dev, table, msg, now),
+                    None => {
+                        Counters::bump(&dev.counters.rx_unknown_index);
+                        if self
+                            .last_stale_hint
+                            .is_none_or(|t| now.duration_since(t) >= STALE_HINT_INTERVAL)
+                        {
+                            self.last_stale_hint = Some(now);
+                            let _ = dev.events.try_send(Event::StaleSession(via));
+                        }
                     }
                 }
-            },
+            }
             Ok(Kind::Stun) => {
                 // Only the slow path asks STUN questions; it matches the answers.
                 if let Via::Udp(from) = via
@@ -323,6 +341,13 @@ impl Dispatcher {
             }
         }
         None
+    }
+
+    /// End a run of data messages: record what it proved about its peer.
+    fn end(&self, run: Option<Run<'_>>, now: Instant) {
+        if let Some(run) = run {
+            run.finish(&self.dev, self.id, now);
+        }
     }
 
     /// Write one packet to the TUN device (behind an empty virtio header with offloads).

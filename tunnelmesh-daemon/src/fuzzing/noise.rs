@@ -10,7 +10,7 @@ use std::{
 use arbitrary::{Arbitrary, Unstructured};
 
 use crate::{
-    dataplane::receive::open_inbound,
+    dataplane::receive::Run,
     device::{Event, Via},
     policy::cases,
     protocol::{
@@ -85,7 +85,9 @@ fn arrive(to: &mut Node, from_addr: std::net::SocketAddr, mut msg: Vec<u8>, now:
             match sessions.get(&wire::receiver_index(&msg)) {
                 Some(entry) => {
                     let table = to.dev.peers.load();
-                    let _ = open_inbound(&to.dev, 0, &table, entry, &mut msg, via, now);
+                    let mut run = Run::new(entry, via);
+                    let _ = run.open(&to.dev, &table, &mut msg, now);
+                    run.finish(&to.dev, 0, now);
                 }
                 None => {
                     let _ = to.dev.events.try_send(Event::StaleSession(via));

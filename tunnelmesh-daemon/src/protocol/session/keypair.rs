@@ -2,10 +2,12 @@
 //!
 //! Owns the data-path cryptography: ChaCha20-Poly1305 with a 64-bit little-endian counter nonce,
 //! zero-padding to 16 bytes, and the replay window. Shared by all data-plane workers through an
-//! `Arc`: the send counter is an atomic, and the replay window sits behind a per-keypair mutex that
-//! stays uncontended while a session is handled by one worker (the reuseport hash keeps a peer's
-//! endpoint on one socket). The two sit on separate cache lines, so a worker sending to a peer
-//! does not invalidate the line another worker's receive path for the same peer is using.
+//! `Arc`: the send counter is an atomic, and the replay window sits behind a per-keypair mutex,
+//! taken once for a whole run of messages ([`Keypair::receiving`]) and uncontended while a
+//! session is handled by one worker (the steering program sends all of a session's data to the
+//! worker that owns it; without it, the reuseport hash keeps a peer's endpoint on one socket).
+//! The two sit on separate cache lines, so a worker sending to a peer does not invalidate the
+//! line another worker's receive path for the same peer is using.
 //!
 //! The AEAD is `ring`'s (BoringSSL's assembly: AVX2/SSSE3 on x86_64, NEON on aarch64), about 3×
 //! faster per MTU-sized packet than RustCrypto's portable build on our machines (`cargo xtask
@@ -13,7 +15,7 @@
 
 use std::{
     sync::{
-        Mutex,
+        Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
     time::Instant,
@@ -135,21 +137,49 @@ impl Keypair {
     /// Open a data message in place. On success the plaintext (still padded) is
     /// `msg[16..len - 16]`; returns its length and the counter.
     pub fn open(&self, msg: &mut [u8], now: Instant) -> Result<(usize, u64), DecryptError> {
+        self.receiving().open(msg, now)
+    }
+
+    /// This key's receive side with its replay window locked, for opening a run of messages
+    /// (those of one receive batch) under one lock instead of one per message.
+    pub fn receiving(&self) -> Receiving<'_> {
+        Receiving {
+            keypair: self,
+            window: crate::sync::lock(&self.replay),
+        }
+    }
+}
+
+/// A keypair's receive side, its replay window held ([`Keypair::receiving`]).
+pub struct Receiving<'k> {
+    keypair: &'k Keypair,
+    window: MutexGuard<'k, ReplayWindow>,
+}
+
+impl Receiving<'_> {
+    /// The keypair these messages are opened with.
+    pub fn keypair(&self) -> &Keypair {
+        self.keypair
+    }
+
+    /// [`Keypair::open`], with the window already held.
+    pub fn open(&mut self, msg: &mut [u8], now: Instant) -> Result<(usize, u64), DecryptError> {
+        let k = self.keypair;
         let counter = wire::le64(msg, 8);
-        if counter >= REJECT_AFTER_MESSAGES || now.duration_since(self.created) >= REJECT_AFTER_TIME {
+        if counter >= REJECT_AFTER_MESSAGES || now.duration_since(k.created) >= REJECT_AFTER_TIME {
             return Err(DecryptError::Expired);
         }
-        // Cheap pre-check so replayed floods cost no decryption.
-        if !crate::sync::lock(&self.replay).may_accept(counter) {
+        // Checked first, so that replayed floods cost no decryption; recorded only once the
+        // message authenticated, so that forgeries burn no counter.
+        if !self.window.may_accept(counter) {
             return Err(DecryptError::Replay);
         }
         let len = msg.len();
-        self.recv
+        k.recv
             .open_in_place(nonce(counter), Aad::empty(), &mut msg[wire::DATA_HEADER_LEN..])
             .map_err(|_| DecryptError::Auth)?;
-        if !crate::sync::lock(&self.replay).accept(counter) {
-            return Err(DecryptError::Replay);
-        }
+        let fresh = self.window.accept(counter);
+        debug_assert!(fresh, "the window is held: what may be accepted is");
         Ok((len - wire::DATA_MIN_LEN, counter))
     }
 }
@@ -193,6 +223,37 @@ mod tests {
         assert_eq!((plain_len, counter), (16, 0));
         assert_eq!(&buf[16..21], b"hello");
         assert_eq!(b.open(&mut copy[..n], now), Err(DecryptError::Replay));
+    }
+
+    #[test]
+    fn a_run_opens_under_one_lock_and_still_refuses_a_replay_within_it() {
+        let now = Instant::now();
+        let (a, b) = pair(now);
+        let sealed: Vec<[u8; 64]> = (0..3)
+            .map(|i| {
+                let mut buf = [0u8; 64];
+                buf[16] = i;
+                a.seal(&mut buf, 1, now).unwrap();
+                buf
+            })
+            .collect();
+        // 0, 1, 1 again, a forgery of 2, 2.
+        let mut forged = sealed[2];
+        forged[17] ^= 1;
+        let mut run = [sealed[0], sealed[1], sealed[1], forged, sealed[2]];
+        let mut rx = b.receiving();
+        let got: Vec<_> = run
+            .iter_mut()
+            .map(|m| rx.open(&mut m[..48], now).map(|(_, c)| c))
+            .collect();
+        assert_eq!(
+            got,
+            [Ok(0), Ok(1), Err(DecryptError::Replay), Err(DecryptError::Auth), Ok(2)]
+        );
+        assert_eq!(run[4][16], 2, "opened in place");
+        drop(rx);
+        let mut again = sealed[0];
+        assert_eq!(b.open(&mut again[..48], now), Err(DecryptError::Replay));
     }
 
     #[test]

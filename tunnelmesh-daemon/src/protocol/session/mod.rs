@@ -9,7 +9,7 @@ pub mod timers;
 
 use std::time::Duration;
 
-pub use keypair::{DecryptError, Keypair, sealed_len};
+pub use keypair::{DecryptError, Keypair, Receiving, sealed_len};
 pub use replay::ReplayWindow;
 pub use timers::{Activity, TimerAction, Timers};
 
