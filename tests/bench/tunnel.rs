@@ -11,8 +11,8 @@
 //! nothing.
 //!
 //! Two knobs for whoever is chasing a figure: `TUNNELMESH_BENCH_SYSTEMS` (a comma list of
-//! `veth`, `tunnelmesh`, `no_ebpf`, `no_offload`, `wireguard-go`, `boringtun`) measures only
-//! those, and `TUNNELMESH_BENCH_PERF=1` records the whole machine with `perf` during each
+//! `veth`, `tunnelmesh`, `no_ebpf`, `no_offload`, `wireguard-go`, `boringtun`, and `one_worker`,
+//! which only runs when named) measures only those, and `TUNNELMESH_BENCH_PERF=1` records the whole machine with `perf` during each
 //! one-stream a→b run (`target/bench/perf/SYSTEM-rROUND.data`) and prints where its cycles went.
 
 use std::{
@@ -39,9 +39,22 @@ const WG_PORT: u16 = 51900;
 #[derive(Clone, Copy, PartialEq)]
 enum System {
     Veth,
-    TunnelMesh { no_ebpf: bool, no_offload: bool },
+    TunnelMesh(Variant),
     WireguardGo,
     Boringtun,
+}
+
+/// How TunnelMesh is configured for a row.
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    /// The product's defaults: XDP shield, steering, offloads, one worker per core.
+    Defaults,
+    NoEbpf,
+    NoOffload,
+    /// One worker: every flow to the peer on one TUN queue and one worker, which is what a TUN
+    /// steering program choosing the queue by peer would do in this two-node bench (not measured
+    /// unless named in `TUNNELMESH_BENCH_SYSTEMS`).
+    OneWorker,
 }
 
 impl System {
@@ -49,12 +62,10 @@ impl System {
     fn key(self) -> &'static str {
         match self {
             System::Veth => "veth",
-            System::TunnelMesh {
-                no_ebpf: false,
-                no_offload: false,
-            } => "tunnelmesh",
-            System::TunnelMesh { no_offload: true, .. } => "no_offload",
-            System::TunnelMesh { no_ebpf: true, .. } => "no_ebpf",
+            System::TunnelMesh(Variant::Defaults) => "tunnelmesh",
+            System::TunnelMesh(Variant::NoEbpf) => "no_ebpf",
+            System::TunnelMesh(Variant::NoOffload) => "no_offload",
+            System::TunnelMesh(Variant::OneWorker) => "one_worker",
             System::WireguardGo => "wireguard-go",
             System::Boringtun => "boringtun",
         }
@@ -63,12 +74,10 @@ impl System {
     fn name(self) -> &'static str {
         match self {
             System::Veth => "raw veth",
-            System::TunnelMesh {
-                no_ebpf: false,
-                no_offload: false,
-            } => "tunnelmesh",
-            System::TunnelMesh { no_offload: true, .. } => "tunnelmesh (no offloads)",
-            System::TunnelMesh { no_ebpf: true, .. } => "tunnelmesh (no eBPF)",
+            System::TunnelMesh(Variant::Defaults) => "tunnelmesh",
+            System::TunnelMesh(Variant::NoEbpf) => "tunnelmesh (no eBPF)",
+            System::TunnelMesh(Variant::NoOffload) => "tunnelmesh (no offloads)",
+            System::TunnelMesh(Variant::OneWorker) => "tunnelmesh (one worker)",
             System::WireguardGo => "wireguard-go (Debian)",
             System::Boringtun => "boringtun-cli",
         }
@@ -110,10 +119,11 @@ impl Setup {
 }
 
 fn start(system: System, net: u8, tools: &Tools) -> Setup {
-    if let System::TunnelMesh { no_ebpf, no_offload } = system {
+    if let System::TunnelMesh(variant) = system {
         let opts = NodeOptions {
-            no_ebpf,
-            extra: if no_offload {
+            no_ebpf: variant == Variant::NoEbpf,
+            workers: if variant == Variant::OneWorker { 1 } else { 0 },
+            extra: if variant == Variant::NoOffload {
                 "no_offload = true".into()
             } else {
                 String::new()
@@ -339,33 +349,37 @@ fn measure(system: System, net: u8, tools: &Tools, perf: Option<&Path>) -> BTree
     m
 }
 
-/// The symbols that took at least 1 % of the machine's samples in a `perf record -a` file.
+/// Where the cycles of a `perf record -a` file went: by binary (the kernel, the daemon, each BPF
+/// program) down to 0.1 %, then the symbols that took at least 1 %.
 fn print_profile(system: System, file: &Path) {
-    let out = Command::new("perf")
-        .args([
-            "report",
-            "--no-children",
-            "--sort",
-            "dso,symbol",
-            "--stdio",
-            "--percent-limit",
-            "1",
-            "-i",
-        ])
-        .arg(file)
-        .stderr(Stdio::null())
-        .output()
-        .expect("perf report");
     println!(
         "\nwhere the cycles went, {} one stream a→b ({}):",
         system.name(),
         file.display()
     );
-    for line in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-    {
-        println!("  {line}");
+    for (fields, limit) in [("overhead,dso", "0.1"), ("overhead,dso,sym", "1")] {
+        let out = Command::new("perf")
+            .args([
+                "report",
+                "--no-children",
+                "--stdio",
+                "-F",
+                fields,
+                "--percent-limit",
+                limit,
+                "-i",
+            ])
+            .arg(file)
+            .stderr(Stdio::null())
+            .output()
+            .expect("perf report");
+        for line in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
+            println!("  {}", line.trim_end());
+        }
+        println!();
     }
 }
 
@@ -380,36 +394,31 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run() {
     let tools = install_tools();
-    let systems = [
+    let defaults = [
         System::Veth,
-        System::TunnelMesh {
-            no_ebpf: false,
-            no_offload: false,
-        },
-        System::TunnelMesh {
-            no_ebpf: true,
-            no_offload: false,
-        },
-        System::TunnelMesh {
-            no_ebpf: false,
-            no_offload: true,
-        },
+        System::TunnelMesh(Variant::Defaults),
+        System::TunnelMesh(Variant::NoEbpf),
+        System::TunnelMesh(Variant::NoOffload),
         System::WireguardGo,
         System::Boringtun,
     ];
     let systems: Vec<System> = match std::env::var("TUNNELMESH_BENCH_SYSTEMS") {
         Ok(list) => {
+            let known: Vec<System> = defaults
+                .into_iter()
+                .chain([System::TunnelMesh(Variant::OneWorker)])
+                .collect();
             let wanted: Vec<&str> = list.split(',').map(str::trim).collect();
             for w in &wanted {
                 assert!(
-                    systems.iter().any(|s| s.key() == *w),
+                    known.iter().any(|s| s.key() == *w),
                     "TUNNELMESH_BENCH_SYSTEMS names `{w}`; the systems are {}",
-                    systems.map(System::key).join(", ")
+                    known.iter().map(|s| s.key()).collect::<Vec<_>>().join(", ")
                 );
             }
-            systems.into_iter().filter(|s| wanted.contains(&s.key())).collect()
+            known.into_iter().filter(|s| wanted.contains(&s.key())).collect()
         }
-        Err(_) => systems.to_vec(),
+        Err(_) => defaults.to_vec(),
     };
     let perf_dir = std::env::var_os("TUNNELMESH_BENCH_PERF").map(|_| {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/perf");
