@@ -12,8 +12,9 @@
 //!
 //! Two knobs for whoever is chasing a figure: `TUNNELMESH_BENCH_SYSTEMS` (a comma list of
 //! `veth`, `tunnelmesh`, `no_ebpf`, `no_offload`, `wireguard-go`, `boringtun`, and `one_worker`,
-//! which only runs when named) measures only those, and `TUNNELMESH_BENCH_PERF=1` records the whole machine with `perf` during each
-//! one-stream a→b run (`target/bench/perf/SYSTEM-rROUND.data`) and prints where its cycles went.
+//! which only runs when named) measures only those, and `TUNNELMESH_BENCH_PERF=1` records the
+//! whole machine with `perf` during each one-stream a→b run
+//! (`target/bench/perf/SYSTEM-rROUND.data`) and prints where its cycles went.
 
 use std::{
     collections::BTreeMap,
@@ -295,7 +296,7 @@ fn measure(system: System, net: u8, tools: &Tools, perf: Option<&Path>) -> BTree
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .expect("perf record (linux-perf)")
+                .unwrap_or_else(|e| panic!("TUNNELMESH_BENCH_PERF needs `perf` (Debian: apt install linux-perf): {e}"))
         });
         let before = s.cpu();
         let v = iperf3(&s.lab, &s.ns[1 - from], &s.ns[from], &s.dst[from], extra);
@@ -372,7 +373,13 @@ fn print_profile(system: System, file: &Path) {
             .arg(file)
             .stderr(Stdio::null())
             .output()
-            .expect("perf report");
+            .unwrap_or_else(|e| panic!("perf report {}: {e}", file.display()));
+        if !out.status.success() {
+            println!(
+                "  perf report could not read {} (was perf record interrupted?)",
+                file.display()
+            );
+        }
         for line in String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
