@@ -54,7 +54,7 @@ impl<'a> Run<'a> {
 
     /// Whether a data message naming `index` that arrived `via` belongs to this run.
     pub fn continues(&self, index: u32, via: Via) -> bool {
-        self.rx.keypair().local_index == index && self.via == via
+        self.entry.keypair.local_index == index && self.via == via
     }
 
     /// Open one data message of the run; the length of its inner packet if that may be
@@ -117,7 +117,7 @@ impl<'a> Run<'a> {
             return;
         }
         let (entry, peer) = (self.entry, &self.entry.peer);
-        drop(self.rx);
+        drop(self.rx); // the window is not needed for what follows
         // First data on a responder key confirms it: promote it to current.
         let keys = peer.keys.load();
         if keys.next.as_ref().is_some_and(|k| Arc::ptr_eq(k, &entry.keypair)) {

@@ -157,11 +157,6 @@ pub struct Receiving<'k> {
 }
 
 impl Receiving<'_> {
-    /// The keypair these messages are opened with.
-    pub fn keypair(&self) -> &Keypair {
-        self.keypair
-    }
-
     /// [`Keypair::open`], with the window already held.
     pub fn open(&mut self, msg: &mut [u8], now: Instant) -> Result<(usize, u64), DecryptError> {
         let k = self.keypair;
