@@ -416,10 +416,7 @@ fn as_nobody_with_only_net_admin_bpf_and_perfmon_the_tunnel_shield_and_kernel_ac
         st["policy"]
     );
     let fastpath = &st["fastpath"];
-    assert_eq!(
-        fastpath["enforcement"], "ebpf",
-        "the XDP shield is attached: {fastpath}"
-    );
+    assert_eq!(fastpath["enforcement"], "ebpf", "the shield is attached: {fastpath}");
     assert!(
         fastpath["shield"]["passed"].as_u64() > Some(0),
         "the shield sees traffic: {fastpath}"

@@ -1,6 +1,7 @@
-//! The XDP underlay shield attached for real on a veth inside a network namespace.
+//! The underlay shield attached for real on a veth inside a network namespace: at TC (the
+//! default on veth) and at XDP when asked for.
 
-use std::{net::UdpSocket, time::Duration};
+use std::{net::UdpSocket, os::fd::AsRawFd, process::Command, time::Duration};
 
 use tunnelmesh_tests::{Lab, NodeOptions, bpftool_dump, percpu_sums};
 
@@ -10,11 +11,60 @@ fn shield_counters(iface: &str) -> Vec<u64> {
     (0..11).map(|reason| sums.get(&reason).copied().unwrap_or(0)).collect()
 }
 
+/// On a veth the shield runs at TC ingress unless told otherwise: driver-mode XDP there would
+/// turn off the peer's GSO and copy every skb.
 #[test]
-fn the_xdp_shield_drops_junk_before_the_daemon_and_counts_each_reason() {
-    let (mut lab, a, b) = Lab::pair(20, &NodeOptions::default(), &NodeOptions::default());
+fn on_a_veth_the_tc_shield_drops_junk_before_the_daemon_and_judges_each_segment() {
+    junk_is_dropped_in_the_kernel_and_counted(20, "", "tc");
+}
+
+#[test]
+fn the_xdp_shield_asked_for_drops_the_same_junk_and_sees_every_datagram() {
+    junk_is_dropped_in_the_kernel_and_counted(22, "shield_hook = \"xdp\"", "xdp");
+}
+
+/// Send `segments` from `ns` to `target` as one UDP GSO message of `size`-byte segments.
+fn send_super_datagram(lab: &Lab, ns: &str, target: String, segments: Vec<Vec<u8>>, size: u16) {
+    lab.in_netns(ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let size = libc::c_int::from(size);
+        // SAFETY: setsockopt reads an int of the given length from a live stack variable.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+        s.send_to(&segments.concat(), &target).unwrap();
+    })
+    .join()
+    .unwrap();
+}
+
+/// The receiver index of one of `iface`'s live sessions, from its pinned map.
+fn live_index(iface: &str) -> u32 {
+    let dump = bpftool_dump(&format!("/sys/fs/bpf/tunnelmesh/{iface}/known_indices"));
+    let entry = &dump.as_array().expect("an array of entries")[0];
+    let key = entry.get("formatted").map_or(&entry["key"], |f| &f["key"]);
+    key.as_u64().expect("a typed key") as u32
+}
+
+fn junk_is_dropped_in_the_kernel_and_counted(net: u8, extra: &str, hook: &str) {
+    let opts = NodeOptions {
+        extra: extra.into(),
+        ..NodeOptions::default()
+    };
+    let mut a_veth = String::new();
+    let (mut lab, a, b) = Lab::pair_prepared(net, &opts, &opts, |_, [(_, veth), _]| a_veth = veth.to_string());
     let status = lab.status(a);
     assert_eq!(status["fastpath"]["enforcement"], "ebpf", "{}", status["fastpath"]);
+    let on = &status["fastpath"]["shield_on"];
+    assert_eq!(on[0]["interface"], a_veth.as_str(), "{on}");
+    assert_eq!(on[0]["hook"], hook, "{on}");
     assert!(lab.ping(&lab.nodes[b].ns, &lab.nodes[a].mesh4.to_string(), 2));
     let before = shield_counters(&lab.nodes[a].iface);
     assert!(before[0] > 0, "valid messages pass and are counted: {before:?}");
@@ -73,13 +123,17 @@ fn the_xdp_shield_drops_junk_before_the_daemon_and_counts_each_reason() {
     assert_eq!(reached, 0, "{reached} forged initiations reached the daemon");
     // The peer whose session is real is unaffected.
     assert!(lab.ping(&lab.nodes[b].ns, &lab.nodes[a].mesh4.to_string(), 2));
-    assert!(lab.log(a).contains("XDP shield attached"));
+    let log = lab.log(a);
+    assert!(log.contains("shield attached"), "{log}");
     // The program's own rare events, read from its aya-log ring into the daemon's log: its
     // first verdict, and b's first refusal by the unknown-index budget (said once, not four times).
-    let log = lab.log(a);
-    assert!(log.contains("XDP shield: judging mesh datagrams"), "{log}");
+    let program = hook.to_uppercase();
+    assert!(
+        log.contains(&format!("{program} shield: judging mesh datagrams")),
+        "{log}"
+    );
     let refused = format!(
-        "XDP shield: ::ffff:{} ran out of its unknown-index budget",
+        "{program} shield: ::ffff:{} ran out of its unknown-index budget",
         lab.nodes[b].underlay
     );
     assert_eq!(log.matches(&refused).count(), 1, "{log}");
@@ -96,6 +150,53 @@ fn the_xdp_shield_drops_junk_before_the_daemon_and_counts_each_reason() {
         "the live session's index is in the kernel map"
     );
 
+    // One UDP GSO send of three 48-byte segments: data for the live session, junk, data. A
+    // veth hands it over whole unless driver-mode XDP on the receiver turned off the sender's
+    // GSO: at TC the shield judges each segment and drops the whole for the junk one; at XDP it
+    // sees three datagrams, drops the junk and lets the data (forged: it fails to decrypt) up.
+    let index = live_index(&lab.nodes[a].iface);
+    let data = || {
+        let mut m = vec![0u8; 48];
+        m[0] = 4;
+        m[4..8].copy_from_slice(&index.to_le_bytes());
+        m
+    };
+    let mut junk = vec![0u8; 48];
+    junk[0] = 9;
+    let (before, failed_before) = (shield_counters(&lab.nodes[a].iface), lab.counter(a, "rx_auth_failed"));
+    send_super_datagram(
+        &lab,
+        &lab.nodes[b].ns,
+        lab.nodes[a].endpoint(),
+        vec![data(), junk, data()],
+        48,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let after = shield_counters(&lab.nodes[a].iface);
+    let failed = lab.counter(a, "rx_auth_failed") - failed_before;
+    let (bad_type, passed) = (after[2] - before[2], after[0] - before[0]);
+    if hook == "tc" {
+        assert_eq!(
+            (bad_type, failed),
+            (3, 0),
+            "the whole super-datagram dropped: {after:?}"
+        );
+    } else {
+        assert_eq!((bad_type, failed), (1, 2), "three datagrams judged apart: {after:?}");
+        assert!(passed >= 2, "{after:?}");
+    }
+    // Three data segments pass whole and reach the daemon, which refuses each on its own.
+    let failed_before = lab.counter(a, "rx_auth_failed");
+    send_super_datagram(
+        &lab,
+        &lab.nodes[b].ns,
+        lab.nodes[a].endpoint(),
+        vec![data(), data(), data()],
+        48,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(lab.counter(a, "rx_auth_failed") - failed_before, 3);
+
     // A clean stop detaches the program and removes the pins.
     let iface = lab.nodes[a].iface.clone();
     lab.stop(a);
@@ -107,6 +208,22 @@ fn the_xdp_shield_drops_junk_before_the_daemon_and_counts_each_reason() {
     assert!(
         !String::from_utf8_lossy(&links.stdout).contains("prog/xdp"),
         "XDP detached"
+    );
+    lab.stop(b);
+    let programs = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool is installed");
+    let programs: serde_json::Value = serde_json::from_slice(&programs.stdout).expect("bpftool prints JSON");
+    let left: Vec<&serde_json::Value> = programs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("tunnelmesh_")))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "programs left loaded after both nodes stopped: {left:?}"
     );
 }
 

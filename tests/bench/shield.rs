@@ -1,5 +1,5 @@
 //! `cargo xtask bench shield`: a flood of junk to a node's mesh port from another namespace, with
-//! the XDP shield and without eBPF. Reports the flood rate, what the shield dropped, the
+//! the shield at TC (the default on veth), at XDP, and without eBPF. Reports the flood rate, what the shield dropped, the
 //! flooded daemon's CPU, and whether a peer's tunnel traffic kept flowing (TCP throughput and ping
 //! through the tunnel, each before and during the flood).
 
@@ -119,7 +119,25 @@ impl Flood {
     }
 }
 
-fn scenario(net: u8, no_ebpf: bool) -> Value {
+/// How the flooded node checks what arrives.
+#[derive(Clone, Copy)]
+enum Mode {
+    TcShield,
+    XdpShield,
+    NoEbpf,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::TcShield => "TC shield (default on veth)",
+            Mode::XdpShield => "XDP shield",
+            Mode::NoEbpf => "no eBPF (userspace checks)",
+        }
+    }
+}
+
+fn scenario(net: u8, mode: Mode) -> Value {
     let mut lab = Lab::new();
     // a—b carries the tunnel; the flooder j has its own link to a, so the junk costs no
     // bridge on the way.
@@ -131,7 +149,12 @@ fn scenario(net: u8, no_ebpf: bool) -> Value {
     let a = lab.node("a", &ns_a, ua, 1, PORT);
     let b = lab.node("b", &ns_b, ub, 2, PORT);
     let opts = NodeOptions {
-        no_ebpf,
+        no_ebpf: matches!(mode, Mode::NoEbpf),
+        extra: if matches!(mode, Mode::XdpShield) {
+            "shield_hook = \"xdp\"".into()
+        } else {
+            String::new()
+        },
         ..Default::default()
     };
     lab.configure(a, &[b], &opts);
@@ -160,7 +183,7 @@ fn scenario(net: u8, no_ebpf: bool) -> Value {
     let flood_bps = iperf(&lab, &ns_a, &ns_b, &mesh_a, "");
     let flood_pps_tcp = flood.finish();
     json!({
-        "mode": if no_ebpf { "no eBPF (userspace checks)" } else { "XDP shield" },
+        "mode": mode.name(),
         "flood_pps": flood_pps,
         "dropped_in_kernel_pps": (dropped1 - dropped0) as f64 / elapsed.as_secs_f64(),
         "daemon_cpu_share": (cpu1 - cpu0) / elapsed.as_secs_f64(),
@@ -176,9 +199,13 @@ fn scenario(net: u8, no_ebpf: bool) -> Value {
 }
 
 pub fn run() {
-    let rows = [scenario(202, false), scenario(203, true)];
+    let rows = [
+        scenario(202, Mode::TcShield),
+        scenario(205, Mode::XdpShield),
+        scenario(203, Mode::NoEbpf),
+    ];
     println!(
-        "| mode | junk sent | dropped by XDP | flooded daemon CPU | ping via tunnel quiet → flood (loss) | TCP via tunnel quiet → flood (junk meanwhile) |"
+        "| mode | junk sent | dropped in the kernel | flooded daemon CPU | ping via tunnel quiet → flood (loss) | TCP via tunnel quiet → flood (junk meanwhile) |"
     );
     println!("|---|---|---|---|---|---|");
     for r in &rows {

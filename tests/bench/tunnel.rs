@@ -6,12 +6,12 @@
 //! each system afresh in its own two namespaces, measures it alone, tears it down), and the table
 //! shows medians over the rounds. Per system: one TCP stream each way, four streams, 64-byte UDP
 //! datagrams delivered per second, ping idle and under a bulk stream, the tunnel daemons' CPU
-//! time (both ends) and Mbit moved per daemon-CPU-second. TunnelMesh runs with its defaults (XDP
-//! shield and offloads), without eBPF, and without offloads. Benchmarks report; they assert
-//! nothing.
+//! time (both ends) and Mbit moved per daemon-CPU-second. TunnelMesh runs with its defaults (the
+//! shield at TC on these veths, steering, offloads), with the shield at XDP in the driver, without
+//! eBPF, and without offloads. Benchmarks report; they assert nothing.
 //!
 //! Two knobs for whoever is chasing a figure: `TUNNELMESH_BENCH_SYSTEMS` (a comma list of
-//! `veth`, `tunnelmesh`, `no_ebpf`, `no_offload`, `wireguard-go`, `boringtun`, and `one_worker`,
+//! `veth`, `tunnelmesh`, `xdp_shield`, `no_ebpf`, `no_offload`, `wireguard-go`, `boringtun`, and `one_worker`,
 //! which only runs when named) measures only those, and `TUNNELMESH_BENCH_PERF=1` records the
 //! whole machine with `perf` during each one-stream a→b run
 //! (`target/bench/perf/SYSTEM-rROUND.data`) and prints where its cycles went.
@@ -48,8 +48,12 @@ enum System {
 /// How TunnelMesh is configured for a row.
 #[derive(Clone, Copy, PartialEq)]
 enum Variant {
-    /// The product's defaults: XDP shield, steering, offloads, one worker per core.
+    /// The product's defaults: the shield (at TC on a veth), steering, offloads, one worker per
+    /// core.
     Defaults,
+    /// The shield at XDP in the driver (`shield_hook = "xdp"`), which on a veth turns off the
+    /// peer's GSO and copies every skb.
+    XdpShield,
     NoEbpf,
     NoOffload,
     /// One worker: every flow to the peer on one TUN queue and one worker, which is what a TUN
@@ -64,6 +68,7 @@ impl System {
         match self {
             System::Veth => "veth",
             System::TunnelMesh(Variant::Defaults) => "tunnelmesh",
+            System::TunnelMesh(Variant::XdpShield) => "xdp_shield",
             System::TunnelMesh(Variant::NoEbpf) => "no_ebpf",
             System::TunnelMesh(Variant::NoOffload) => "no_offload",
             System::TunnelMesh(Variant::OneWorker) => "one_worker",
@@ -76,6 +81,7 @@ impl System {
         match self {
             System::Veth => "raw veth",
             System::TunnelMesh(Variant::Defaults) => "tunnelmesh",
+            System::TunnelMesh(Variant::XdpShield) => "tunnelmesh (XDP shield)",
             System::TunnelMesh(Variant::NoEbpf) => "tunnelmesh (no eBPF)",
             System::TunnelMesh(Variant::NoOffload) => "tunnelmesh (no offloads)",
             System::TunnelMesh(Variant::OneWorker) => "tunnelmesh (one worker)",
@@ -124,10 +130,10 @@ fn start(system: System, net: u8, tools: &Tools) -> Setup {
         let opts = NodeOptions {
             no_ebpf: variant == Variant::NoEbpf,
             workers: if variant == Variant::OneWorker { 1 } else { 0 },
-            extra: if variant == Variant::NoOffload {
-                "no_offload = true".into()
-            } else {
-                String::new()
+            extra: match variant {
+                Variant::NoOffload => "no_offload = true".into(),
+                Variant::XdpShield => "shield_hook = \"xdp\"".into(),
+                _ => String::new(),
             },
             ..NodeOptions::default()
         };
@@ -404,6 +410,7 @@ pub fn run() {
     let defaults = [
         System::Veth,
         System::TunnelMesh(Variant::Defaults),
+        System::TunnelMesh(Variant::XdpShield),
         System::TunnelMesh(Variant::NoEbpf),
         System::TunnelMesh(Variant::NoOffload),
         System::WireguardGo,

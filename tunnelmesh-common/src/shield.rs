@@ -56,6 +56,16 @@ impl ShieldReason {
         ShieldReason::Fragment,
     ];
 
+    /// The reason counted at `index`.
+    #[inline(always)]
+    pub const fn from_index(index: u32) -> Option<ShieldReason> {
+        if index < Self::COUNT {
+            Some(Self::ALL[index as usize])
+        } else {
+            None
+        }
+    }
+
     /// Whether datagrams judged this way go on to the daemon.
     #[inline(always)]
     pub const fn passes(self) -> bool {
@@ -82,6 +92,12 @@ impl ShieldReason {
 
 /// Name of the XDP program in the object file.
 pub const SHIELD_PROGRAM: &str = "tunnelmesh_shield";
+/// Name of the TC program: the same judgement at TC ingress, for interfaces where XDP costs more
+/// than it saves (veth, no native XDP), segment by segment on UDP super-datagrams.
+pub const SHIELD_TC_PROGRAM: &str = "tunnelmesh_shield_tc";
+/// The most segments a UDP super-datagram can carry (the kernel's `UDP_MAX_SEGMENTS`); the TC
+/// shield drops one that claims more as malformed.
+pub const MAX_SEGMENTS: usize = 128;
 /// Name of the per-CPU counter map (also its pin name).
 pub const SHIELD_COUNTERS_MAP: &str = "SHIELD_COUNTERS";
 /// Name of the hash map of live receiver indices (key `u32`, value unused), kept by the daemon.

@@ -18,7 +18,7 @@ use rtnetlink::{
     Handle, LinkUnspec, RouteMessageBuilder,
     packet_route::{
         address::{AddressAttribute, AddressFlags, AddressScope},
-        link::{LinkAttribute, LinkFlags, LinkMessage},
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
         route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
     },
 };
@@ -172,6 +172,8 @@ pub struct Link {
     pub name: String,
     pub up: bool,
     pub loopback: bool,
+    /// One end of a veth pair (a container's or network namespace's link).
+    pub veth: bool,
 }
 
 impl From<&LinkMessage> for Link {
@@ -180,11 +182,16 @@ impl From<&LinkMessage> for Link {
             LinkAttribute::IfName(n) => Some(n.clone()),
             _ => None,
         });
+        let veth = m.attributes.iter().any(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))),
+            _ => false,
+        });
         Link {
             index: m.header.index,
             name: name.unwrap_or_default(),
             up: m.header.flags.contains(LinkFlags::Up),
             loopback: m.header.flags.contains(LinkFlags::Loopback),
+            veth,
         }
     }
 }
@@ -202,14 +209,28 @@ pub fn interface_index(name: &str) -> Result<u32, NetconfError> {
 }
 
 /// Interfaces of this network namespace that are up, except loopback and `mesh_interface`:
-/// the default targets of the XDP shield.
-pub fn underlay_interfaces(mesh_interface: &str) -> Result<Vec<String>, NetconfError> {
+/// the default targets of the underlay shield.
+pub fn underlay_interfaces(mesh_interface: &str) -> Result<Vec<Link>, NetconfError> {
     Ok(Netlink::open()?
         .links()?
         .into_iter()
         .filter(|l| l.carries_underlay(mesh_interface))
-        .map(|l| l.name)
         .collect())
+}
+
+/// The interfaces called `names`, in that order; each must exist.
+pub fn interfaces_named(names: &[String]) -> Result<Vec<Link>, NetconfError> {
+    let links = Netlink::open()?.links()?;
+    names
+        .iter()
+        .map(|name| {
+            links
+                .iter()
+                .find(|l| &l.name == name)
+                .cloned()
+                .ok_or_else(|| NetconfError::NoInterface(name.clone()))
+        })
+        .collect()
 }
 
 /// The global (universe-scope) addresses of the interfaces that are up, except loopback and
@@ -536,15 +557,35 @@ mod tests {
     #[test]
     fn the_underlay_is_every_interface_up_but_loopback_and_the_mesh_and_gateways_come_per_family() {
         in_a_namespace_of_its_own(|nl| {
-            assert_eq!(underlay_interfaces("tm0").unwrap(), Vec::<String>::new(), "all down");
+            let names = |links: Vec<Link>| links.into_iter().map(|l| l.name).collect::<Vec<_>>();
+            assert_eq!(
+                names(underlay_interfaces("tm0").unwrap()),
+                Vec::<String>::new(),
+                "all down"
+            );
             assert_eq!(default_gateways().unwrap(), Gateways::default());
 
             configure("m0", 1500, &[net("198.18.5.2/24"), net("2001:db8:5::2/64")], &[]).unwrap();
             configure("m1", 1500, &[], &[]).unwrap();
-            assert_eq!(underlay_interfaces("m1").unwrap(), vec!["m0".to_string()]);
-            let mut both = underlay_interfaces("tm0").unwrap();
+            assert_eq!(names(underlay_interfaces("m1").unwrap()), vec!["m0".to_string()]);
+            let mut both = names(underlay_interfaces("tm0").unwrap());
             both.sort();
             assert_eq!(both, ["m0", "m1"]);
+            assert!(
+                underlay_interfaces("tm0").unwrap().iter().all(|l| l.veth),
+                "a veth pair"
+            );
+            let named = interfaces_named(&["m1".into(), "lo".into()]).unwrap();
+            assert_eq!(
+                named.iter().map(|l| (l.name.as_str(), l.veth)).collect::<Vec<_>>(),
+                [("m1", true), ("lo", false)]
+            );
+            assert_eq!(
+                interfaces_named(&["m0".into(), "tm-missing".into()])
+                    .unwrap_err()
+                    .to_string(),
+                "there is no interface named `tm-missing` in this network namespace"
+            );
 
             let m0 = interface_index("m0").unwrap();
             let default_via = |gateway: IpAddr, metric: u32| {

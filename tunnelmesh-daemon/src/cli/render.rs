@@ -75,13 +75,14 @@ impl fmt::Display for Status {
             None => writeln!(f, "  policy: none (static mesh: configured peers may connect)")?,
         }
         writeln!(f, "  shield: {}", self.fastpath.enforcement)?;
-        if !self.fastpath.xdp_interfaces.is_empty() {
-            writeln!(
-                f,
-                "  xdp shield: {} ({})",
-                self.fastpath.xdp_interfaces.join(", "),
-                self.fastpath.xdp_mode.as_deref().unwrap_or("?")
-            )?;
+        if !self.fastpath.shield_on.is_empty() {
+            let on: Vec<String> = self
+                .fastpath
+                .shield_on
+                .iter()
+                .map(|s| format!("{} ({})", s.interface, s.hook.name()))
+                .collect();
+            writeln!(f, "  shield on: {}", on.join(", "))?;
             for (reason, n) in &self.fastpath.shield {
                 writeln!(f, "    {reason}: {n}")?;
             }

@@ -1,6 +1,7 @@
 //! The eBPF fast path: loads the embedded kernel programs, attaches them, pins their maps.
 //!
-//! - [`shield`]: XDP on the underlay interfaces drops what cannot be a mesh message.
+//! - [`shield`]: XDP (or TC ingress, where XDP costs more) on the underlay interfaces drops what
+//!   cannot be a mesh message.
 //! - [`acl`]: TC ingress/egress on the mesh TUN device enforces the node's inbound policy with
 //!   connection tracking.
 //! - [`steer`]: `SK_REUSEPORT` on the workers' sockets delivers each session's data to the worker
@@ -22,7 +23,7 @@ use aya::{Ebpf, EbpfLoader};
 use tunnelmesh_common::events::{LOG_RING_BYTES, LOG_RING_BYTES_UNUSED, LOG_RING_MAP};
 
 pub use acl::KernelAcl;
-pub use shield::{SharedShield, Shield};
+pub use shield::{Hook, HookChoice, SharedShield, Shield};
 pub use steer::Steering;
 
 /// The kernel programs, built by `cargo xtask build-ebpf`.

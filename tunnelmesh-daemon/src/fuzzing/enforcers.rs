@@ -1,6 +1,6 @@
 //! Targets for what decides a packet's fate, each held against its twin: the inner-IP parsers
 //! of the policy, the userspace matcher against the TC ACL and the userspace classifier against
-//! the XDP shield (both through BPF_PROG_TEST_RUN, so they need root), and TUN offload
+//! both shield programs, XDP and TC (all through BPF_PROG_TEST_RUN, so they need root), and TUN offload
 //! splitting against coalescing.
 
 use std::{
@@ -19,7 +19,7 @@ use super::files;
 use crate::{
     fastpath::{
         acl::KernelAcl,
-        shield::{load_shield, shield_counters, testing as xdp},
+        shield::{Hook, load_shield, shield_counters, testing as shield},
     },
     offload::{
         Layout, VNET_HDR_LEN, VnetHeader,
@@ -175,29 +175,36 @@ const SHIELD_PORT: u16 = 51820;
 /// The Noise public key of the node the fuzzed shield guards.
 const SHIELD_LOCAL: [u8; 32] = [0x42; 32];
 
-fn shield() -> &'static Mutex<Ebpf> {
-    static SHIELD: OnceLock<Mutex<Ebpf>> = OnceLock::new();
-    SHIELD.get_or_init(|| {
-        // The log reader goes at once: the loaded program holds its ring, whose rare lines
-        // nobody reads here.
-        let (mut ebpf, _) = load_shield(
-            SHIELD_PORT,
-            &SHIELD_LOCAL,
-            crate::fastpath::kernel_log::ToTracing("XDP shield"),
-        )
-        .expect("the shield must load (run as root on a BPF-capable kernel)");
-        let mut known: HashMap<&mut MapData, u32, u8> =
-            HashMap::try_from(ebpf.map_mut(KNOWN_INDICES_MAP).expect("the index map")).expect("a hash map");
-        known.insert(&1, &1, 0).expect("the index map takes an entry");
-        Mutex::new(ebpf)
+/// One loaded shield per hook, each with its own maps (budgets), so the two judge alike.
+fn shields() -> &'static Mutex<Vec<(Hook, Ebpf)>> {
+    static SHIELDS: OnceLock<Mutex<Vec<(Hook, Ebpf)>>> = OnceLock::new();
+    SHIELDS.get_or_init(|| {
+        let loaded = shield::HOOKS
+            .iter()
+            .map(|&hook| {
+                // The log reader goes at once: the loaded program holds its ring, whose rare
+                // lines nobody reads here.
+                let (mut ebpf, _) = load_shield(
+                    SHIELD_PORT,
+                    &SHIELD_LOCAL,
+                    crate::fastpath::kernel_log::ToTracing("shield"),
+                )
+                .expect("the shield must load (run as root on a BPF-capable kernel)");
+                let mut known: HashMap<&mut MapData, u32, u8> =
+                    HashMap::try_from(ebpf.map_mut(KNOWN_INDICES_MAP).expect("the index map")).expect("a hash map");
+                known.insert(&1, &1, 0).expect("the index map takes an entry");
+                (hook, ebpf)
+            })
+            .collect();
+        Mutex::new(loaded)
     })
 }
 
-/// The XDP shield and the userspace classifier agree on every datagram: the shield drops for
-/// a malformation exactly what the classifier refuses for it, and what the classifier accepts
-/// the shield passes or holds back only for a budget or an unknown session; a handshake passes
-/// exactly when userspace finds this node's mac1 on it. The selector's top bit signs a
-/// handshake with that mac1, so both sides of the check are reached.
+/// Both shield programs (XDP and TC) and the userspace classifier agree on every datagram: the
+/// shield drops for a malformation exactly what the classifier refuses for it, and what the
+/// classifier accepts the shield passes or holds back only for a budget or an unknown session; a
+/// handshake passes exactly when userspace finds this node's mac1 on it. The selector's top bit
+/// signs a handshake with that mac1, so both sides of the check are reached.
 pub fn shield_vs_classifier(data: &[u8]) {
     let Some((&selector, msg)) = data.split_first() else {
         return;
@@ -210,32 +217,13 @@ pub fn shield_vs_classifier(data: &[u8]) {
     }
     let msg = &msg[..];
     let host = (selector >> 1) & 0x3f;
-    let mut ebpf = crate::sync::lock(shield());
     let frame = if selector & 1 == 0 {
-        xdp::frame_v4_from([198, 18, 1, host], SHIELD_PORT, msg)
+        shield::frame_v4_from([198, 18, 1, host], SHIELD_PORT, msg)
     } else {
         let mut src = [0xfd; 16];
         src[15] = host;
-        xdp::frame_v6_from(src, SHIELD_PORT, msg)
+        shield::frame_v6_from(src, SHIELD_PORT, msg)
     };
-    let before = shield_counters(&ebpf).expect("the counters read");
-    let action = xdp::run(&mut ebpf, &frame);
-    let after = shield_counters(&ebpf).expect("the counters read");
-    let moved: Vec<ShieldReason> = before
-        .iter()
-        .zip(&after)
-        .filter(|((_, b), (_, a))| a > b)
-        .map(|((r, _), _)| *r)
-        .collect();
-    let [reason] = moved[..] else {
-        panic!("one datagram moved {moved:?}");
-    };
-    if !matches!(
-        reason,
-        ShieldReason::Passed | ShieldReason::Stun | ShieldReason::UnknownIndex
-    ) {
-        assert_eq!(action, xdp::XDP_DROP, "counted {reason:?} but not dropped");
-    }
     let userspace = wire::classify(msg);
     let any_source = std::net::SocketAddr::from(([198, 18, 1, host], 40000));
     let mac_ok = handshake
@@ -254,10 +242,25 @@ pub fn shield_vs_classifier(data: &[u8]) {
         Ok(Kind::Data) => &[ShieldReason::UnknownIndex, ShieldReason::Passed],
         Ok(Kind::Stun) => &[ShieldReason::Stun, ShieldReason::StunRateLimited],
     };
-    assert!(
-        expected.contains(&reason),
-        "the shield says {reason:?}, userspace {userspace:?}, for {msg:02x?}"
-    );
+    for (hook, ebpf) in crate::sync::lock(shields()).iter_mut() {
+        let before = shield_counters(ebpf).expect("the counters read");
+        let action = shield::run(ebpf, *hook, &frame);
+        let after = shield_counters(ebpf).expect("the counters read");
+        let moved: Vec<ShieldReason> = before
+            .iter()
+            .zip(&after)
+            .filter(|((_, b), (_, a))| a > b)
+            .map(|((r, _), _)| *r)
+            .collect();
+        let [reason] = moved[..] else {
+            panic!("one datagram moved {moved:?} at {hook:?}");
+        };
+        assert_eq!(action == shield::PASS, reason.passes(), "{hook:?} counted {reason:?}");
+        assert!(
+            expected.contains(&reason),
+            "the {hook:?} shield says {reason:?}, userspace {userspace:?}, for {msg:02x?}"
+        );
+    }
 }
 
 #[derive(Debug, Arbitrary)]

@@ -39,7 +39,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use zeroize::Zeroizing;
 
-use crate::identity::PublicIdentity;
+use crate::{fastpath::HookChoice, identity::PublicIdentity};
 
 /// Default MTU of the mesh interface: 1500 minus the IPv6 + UDP + WireGuard overhead (80).
 pub const DEFAULT_MTU: u16 = 1420;
@@ -164,9 +164,14 @@ pub struct InterfaceConfig {
     /// Worker threads; 0 means one per core.
     #[serde(default)]
     pub workers: usize,
-    /// Underlay interfaces to attach the XDP shield to; empty means every non-loopback interface.
+    /// Underlay interfaces the shield guards; empty means every interface that is up, except
+    /// loopback.
     #[serde(default)]
     pub xdp_interfaces: Vec<String>,
+    /// Where the shield runs: `auto` (XDP in the driver; TC ingress on veth and where the driver
+    /// has no native XDP), `xdp` or `tc`.
+    #[serde(default)]
+    pub shield_hook: HookChoice,
     /// Disable the eBPF fast path (the daemon's own checks still apply).
     #[serde(default)]
     pub no_ebpf: bool,
@@ -278,6 +283,7 @@ impl Default for InterfaceConfig {
             mtu: default_mtu(),
             workers: 0,
             xdp_interfaces: Vec::new(),
+            shield_hook: HookChoice::Auto,
             no_ebpf: false,
             no_offload: false,
             metrics_listen: None,
@@ -417,6 +423,7 @@ impl Config {
             ("mtu", a.mtu.get_ref() != b.mtu.get_ref()),
             ("workers", a.workers != b.workers),
             ("xdp_interfaces", a.xdp_interfaces != b.xdp_interfaces),
+            ("shield_hook", a.shield_hook != b.shield_hook),
             ("no_ebpf", a.no_ebpf != b.no_ebpf),
             ("no_offload", a.no_offload != b.no_offload),
             ("metrics_listen", a.metrics_listen != b.metrics_listen),

@@ -30,11 +30,11 @@ use crate::{
         Clock, Counters, Device, InterfaceInfo, PeerSpec, PeerTable,
         policy::{Enforcement, PolicyEnforcer},
     },
-    fastpath::{SharedShield, Shield, Steering},
+    fastpath::{HookChoice, SharedShield, Shield, Steering},
     identity::{Identity, PublicIdentity},
     netconf,
     node::config::{Config, StaticMesh},
-    node::status::{self, FastpathStatus, SteeringMode},
+    node::status::{self, FastpathStatus, ShieldOn, SteeringMode},
     policy::NodePolicy,
     protocol::{
         noise::{LocalStatic, MeshKey},
@@ -58,7 +58,9 @@ pub struct InterfacePlan {
     pub addresses: Vec<IpNet>,
     /// Extra routes into the interface (static mode: every peer's allowed IPs).
     pub routes: Vec<IpNet>,
+    /// The underlay interfaces the shield guards (empty: every one that is up) and its hook.
     pub xdp_interfaces: Vec<String>,
+    pub shield_hook: HookChoice,
     pub no_ebpf: bool,
     /// Turn off TUN offloads (virtio headers, TSO/USO, GRO): one packet per read and write.
     pub no_offload: bool,
@@ -89,6 +91,7 @@ pub fn up_static(
         addresses: mesh.addresses.clone(),
         routes: static_routes(mesh),
         xdp_interfaces: iface.xdp_interfaces.clone(),
+        shield_hook: iface.shield_hook,
         no_ebpf: iface.no_ebpf,
         no_offload: iface.no_offload,
         peers: static_peers(mesh, identity.public(), path)?,
@@ -225,16 +228,26 @@ impl Interface {
             Err("disabled by no_ebpf".to_string())
         } else {
             let targets = if plan.xdp_interfaces.is_empty() {
-                netconf::underlay_interfaces(&plan.name).map_err(|e| e.to_string())
+                netconf::underlay_interfaces(&plan.name)
             } else {
-                Ok(plan.xdp_interfaces.clone())
+                netconf::interfaces_named(&plan.xdp_interfaces)
             };
-            targets.and_then(|t: Vec<String>| {
-                Shield::attach(listen_port, identity.public().noise_public(), &t, &plan.name).map_err(|e| e.to_string())
+            targets.map_err(|e| e.to_string()).and_then(|t| {
+                Shield::attach(
+                    listen_port,
+                    identity.public().noise_public(),
+                    &t,
+                    plan.shield_hook,
+                    &plan.name,
+                )
+                .map_err(|e| e.to_string())
             })
         };
         match &shield {
-            Ok(s) => info!(interfaces = ?s.interfaces, mode = s.mode, "XDP shield attached"),
+            Ok(s) => {
+                let hooks: Vec<String> = s.hooks.iter().map(|(i, h)| format!("{i} ({})", h.name())).collect();
+                info!(on = %hooks.join(", "), "shield attached");
+            }
             Err(e) => warn!("eBPF fast path unavailable ({e}); the daemon checks every datagram itself"),
         }
 
@@ -479,8 +492,14 @@ fn fastpath_status(shield: &Result<Shield, String>, steered: bool) -> FastpathSt
             };
             FastpathStatus {
                 enforcement: Enforcement::Ebpf,
-                xdp_interfaces: s.interfaces.clone(),
-                xdp_mode: Some(s.mode.into()),
+                shield_on: s
+                    .hooks
+                    .iter()
+                    .map(|(interface, hook)| ShieldOn {
+                        interface: interface.clone(),
+                        hook: *hook,
+                    })
+                    .collect(),
                 shield,
                 error,
                 steering,
@@ -488,8 +507,7 @@ fn fastpath_status(shield: &Result<Shield, String>, steered: bool) -> FastpathSt
         }
         Err(e) => FastpathStatus {
             enforcement: Enforcement::Userspace,
-            xdp_interfaces: Vec::new(),
-            xdp_mode: None,
+            shield_on: Vec::new(),
             shield: BTreeMap::new(),
             error: Some(e.clone()),
             steering,

@@ -76,15 +76,22 @@ pub struct PeerNat {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct FastpathStatus {
-    /// Whether the XDP shield runs (`ebpf`) or not (`userspace`).
+    /// Whether the shield runs in the kernel (`ebpf`) or not (`userspace`).
     pub enforcement: Enforcement,
-    pub xdp_interfaces: Vec<String>,
-    pub xdp_mode: Option<String>,
+    /// The interfaces the kernel shield guards, each with its hook.
+    pub shield_on: Vec<ShieldOn>,
     pub shield: std::collections::BTreeMap<String, u64>,
     pub error: Option<String>,
     /// How inbound data reaches the workers.
     #[serde(default)]
     pub steering: SteeringMode,
+}
+
+/// One interface the kernel shield guards.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ShieldOn {
+    pub interface: String,
+    pub hook: crate::fastpath::Hook,
 }
 
 /// How inbound data reaches the workers.

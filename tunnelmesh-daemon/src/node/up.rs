@@ -194,6 +194,8 @@ fn join_options(config: &Config, c: &CoordinatorConfig) -> Result<JoinOptions> {
         mtu: config.mtu() as usize,
         workers: i.workers,
         cache,
+        xdp_interfaces: i.xdp_interfaces.clone(),
+        shield_hook: i.shield_hook,
         no_ebpf: i.no_ebpf,
         no_offload: i.no_offload,
         ssh_port: c.ssh_port.unwrap_or(i.listen_port),

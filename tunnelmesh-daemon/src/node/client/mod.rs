@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::{
     device::ConnectionState,
+    fastpath::HookChoice,
     identity::Identity,
     node::interface::{Interface, InterfacePlan},
     protocol::discovery::Candidates,
@@ -48,6 +49,9 @@ pub struct JoinOptions {
     pub workers: usize,
     /// Where the last coordinator state is cached.
     pub cache: PathBuf,
+    /// The underlay interfaces the shield guards (empty: every one that is up) and its hook.
+    pub xdp_interfaces: Vec<String>,
+    pub shield_hook: HookChoice,
     pub no_ebpf: bool,
     /// Turn off TUN offloads.
     pub no_offload: bool,
@@ -73,6 +77,8 @@ impl JoinOptions {
             mtu: 1420,
             workers: 1,
             cache: Default::default(),
+            xdp_interfaces: Vec::new(),
+            shield_hook: HookChoice::Auto,
             no_ebpf: true,
             no_offload: false,
             ssh_port: 0,
@@ -152,7 +158,8 @@ pub fn up(opts: JoinOptions, identity: Identity, reload: impl FnMut(&Interface) 
         workers: opts.workers,
         addresses: state.addresses()?,
         routes: Vec::new(),
-        xdp_interfaces: Vec::new(),
+        xdp_interfaces: opts.xdp_interfaces.clone(),
+        shield_hook: opts.shield_hook,
         no_ebpf: opts.no_ebpf,
         no_offload: opts.no_offload,
         peers: state.peer_specs(),
