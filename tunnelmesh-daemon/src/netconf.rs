@@ -18,7 +18,7 @@ use rtnetlink::{
     Handle, LinkUnspec, RouteMessageBuilder,
     packet_route::{
         address::{AddressAttribute, AddressFlags, AddressScope},
-        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage},
         route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
     },
 };
@@ -172,6 +172,8 @@ pub struct Link {
     pub name: String,
     pub up: bool,
     pub loopback: bool,
+    /// Frames carry an Ethernet header (what the underlay shield parses).
+    pub ethernet: bool,
     /// One end of a veth pair (a container's or network namespace's link).
     pub veth: bool,
 }
@@ -191,6 +193,7 @@ impl From<&LinkMessage> for Link {
             name: name.unwrap_or_default(),
             up: m.header.flags.contains(LinkFlags::Up),
             loopback: m.header.flags.contains(LinkFlags::Loopback),
+            ethernet: m.header.link_layer_type == LinkLayerType::Ether,
             veth,
         }
     }
@@ -577,8 +580,11 @@ mod tests {
             );
             let named = interfaces_named(&["m1".into(), "lo".into()]).unwrap();
             assert_eq!(
-                named.iter().map(|l| (l.name.as_str(), l.veth)).collect::<Vec<_>>(),
-                [("m1", true), ("lo", false)]
+                named
+                    .iter()
+                    .map(|l| (l.name.as_str(), l.veth, l.ethernet))
+                    .collect::<Vec<_>>(),
+                [("m1", true, true), ("lo", false, false)]
             );
             assert_eq!(
                 interfaces_named(&["m0".into(), "tm-missing".into()])

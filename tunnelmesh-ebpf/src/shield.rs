@@ -35,9 +35,9 @@ use core::{ffi::c_void, ptr::NonNull};
 
 use aya_ebpf::{
     EbpfContext, Global,
-    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT, bpf_hdr_start_off::BPF_HDR_START_NET, xdp_action},
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     btf_maps::{HashMap, LruHashMap, PerCpuArray},
-    helpers::{bpf_ktime_get_ns, bpf_loop, bpf_skb_load_bytes_relative},
+    helpers::{bpf_ktime_get_ns, bpf_loop, bpf_skb_load_bytes},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -172,6 +172,10 @@ impl Frame for XdpContext {
     }
 }
 
+/// A TC frame: the skb at ingress, its data starting at the Ethernet header (the daemon attaches
+/// the shield to Ethernet links only). Read with `bpf_skb_load_bytes`, which also reaches a
+/// super-datagram's payload in page fragments (`bpf_skb_load_bytes_relative` reads the linear
+/// head only).
 impl Frame for TcContext {
     const HOOK: &'static str = "TC";
 
@@ -188,12 +192,11 @@ impl Frame for TcContext {
         // SAFETY: `buf` is writable for exactly N bytes; the helper bounds-checks against the
         // packet and fails rather than reading past it.
         let ret = unsafe {
-            bpf_skb_load_bytes_relative(
+            bpf_skb_load_bytes(
                 self.as_ptr(),
-                offset as u32,
+                (ETH_HDR_LEN + offset) as u32,
                 buf.as_mut_ptr().cast(),
                 N as u32,
-                BPF_HDR_START_NET,
             )
         };
         // SAFETY: on success the helper wrote all N bytes.
@@ -202,15 +205,13 @@ impl Frame for TcContext {
 
     #[inline(always)]
     fn copy<const N: usize>(&self, offset: usize, out: &mut [u8; N]) -> bool {
-        // SAFETY: `out` is writable for exactly N bytes; the helper bounds-checks against the
-        // packet (linear part and fragments alike) and fails rather than reading past it.
+        // SAFETY: as in `load`, into `out`, writable for exactly N bytes.
         let ret = unsafe {
-            bpf_skb_load_bytes_relative(
+            bpf_skb_load_bytes(
                 self.as_ptr(),
-                offset as u32,
+                (ETH_HDR_LEN + offset) as u32,
                 out.as_mut_ptr().cast(),
                 N as u32,
-                BPF_HDR_START_NET,
             )
         };
         ret == 0

@@ -149,8 +149,8 @@ const PINS: [(&str, &str); 4] = [
 
 impl Shield {
     /// Attach the shield for `port` and the node whose Noise public key is `public` to
-    /// `interfaces`, at the hooks `choice` picks, pinning its maps under
-    /// `PIN_ROOT/<mesh_interface>/`.
+    /// `interfaces` (those that are Ethernet links: the programs parse an Ethernet header), at
+    /// the hooks `choice` picks, pinning its maps under `PIN_ROOT/<mesh_interface>/`.
     pub fn attach(
         port: u16,
         public: &[u8; 32],
@@ -161,6 +161,13 @@ impl Shield {
         let (mut ebpf, log) = load_shield(port, public, ToTracing("shield"))?;
         let mut hooks = Vec::with_capacity(interfaces.len());
         for link in interfaces {
+            if !link.ethernet {
+                warn!(
+                    interface = %link.name,
+                    "not an Ethernet link: the shield does not guard it; the daemon checks what arrives on it itself"
+                );
+                continue;
+            }
             let hook = attach_to(&mut ebpf, link, choice).map_err(|(program, source)| FastpathError::Program {
                 program,
                 interface: link.name.clone(),
