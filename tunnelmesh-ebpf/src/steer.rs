@@ -5,8 +5,10 @@
 //! reaches a worker.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::sk_action::SK_PASS,
     btf_maps::ReusePortSockArray,
+    helpers::bpf_skb_load_bytes,
     macros::{btf_map, sk_reuseport},
     programs::SkReuseportContext,
 };
@@ -23,12 +25,17 @@ const UDP_HDR_LEN: usize = 8;
 
 #[sk_reuseport]
 pub fn tunnelmesh_steer(ctx: SkReuseportContext) -> u32 {
-    let (data, end) = (ctx.data(), ctx.data_end());
-    if data + UDP_HDR_LEN + 8 > end {
+    let mut head = core::mem::MaybeUninit::<[u8; 8]>::uninit();
+    // Read with the helper, not through `data`: a UDP GSO/GRO super-datagram's payload may lie
+    // in page fragments past the linear head, where direct access sees nothing.
+    // SAFETY: `head` is writable for exactly 8 bytes; the helper bounds-checks against the
+    // packet (whose data starts at the UDP header) and fails rather than reading past it.
+    let ret = unsafe { bpf_skb_load_bytes(ctx.as_ptr(), UDP_HDR_LEN as u32, head.as_mut_ptr().cast(), 8) };
+    if ret != 0 {
         return SK_PASS;
     }
-    // SAFETY: the 8 bytes after the UDP header are within the packet, checked just above.
-    let head = unsafe { *((data + UDP_HDR_LEN) as *const [u8; 8]) };
+    // SAFETY: on success the helper wrote all 8 bytes.
+    let head = unsafe { head.assume_init() };
     if head[0] != wire::MSG_DATA || head[1] != 0 || head[2] != 0 || head[3] != 0 {
         return SK_PASS;
     }

@@ -488,6 +488,27 @@ mod tests {
     }
 
     #[test]
+    fn the_shield_hook_is_auto_unless_chosen_and_a_wrong_one_is_named_with_its_line() {
+        let peer = format!("public_key = \"{KEY}\"\nallowed_ips = [\"10.99.0.2/32\"]");
+        assert_eq!(
+            Config::parse(&config("", &peer)).unwrap().interface.shield_hook,
+            HookChoice::Auto
+        );
+        for (written, chosen) in [("xdp", HookChoice::Xdp), ("tc", HookChoice::Tc)] {
+            let c = Config::parse(&config(&format!("shield_hook = \"{written}\""), &peer)).unwrap();
+            assert_eq!(c.interface.shield_hook, chosen);
+        }
+        let e = Config::parse(&config("shield_hook = \"generic\"", &peer))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("line 4") && e.contains("`auto`, `xdp`") && e.contains("`tc`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_coordinated_file_takes_no_peers_mesh_key_or_addresses_and_a_static_one_needs_a_key() {
         let coordinated = "[interface]\nname = \"tm0\"\n\n[coordinator]\nurl = \"https://c.example:8443\"\nfingerprint = \"SHA256:x\"\ntoken_file = \"/etc/tunnelmesh/token\"\nport_mapping = \"off\"\n";
         let c = Config::parse(coordinated).unwrap();

@@ -165,7 +165,7 @@ pub fn render(status: &Status) -> String {
     counters(
         &mut r,
         "shield_packets",
-        "Underlay datagrams the XDP shield judged, by verdict",
+        "Underlay datagrams the kernel shield judged, by verdict",
         None,
         status
             .fastpath
